@@ -1,0 +1,283 @@
+"""Agent settings: one pydantic-settings class, sources in a fixed order.
+
+Order (first wins): init arguments, environment (``CXR_AGENT__SECTION__KEY``, nested with
+``__``), the file given with ``--config`` (or ``CXR_AGENT_CONFIG``), the embedded defaults in
+``config/agent.yaml``, then the field defaults below. Relative paths are resolved against the
+current working directory. Every key is documented in docs/config.md.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, SecretStr, ValidationError, field_validator
+from pydantic_settings import BaseSettings, PydanticBaseSettingsSource, SettingsConfigDict
+
+from dicom_agent.errors import ConfigError
+
+PACKAGE_ROOT = Path(__file__).resolve().parent.parent
+EMBEDDED_CONFIG = PACKAGE_ROOT / "config" / "agent.yaml"
+EMBEDDED_PROFILES = PACKAGE_ROOT / "config" / "profiles"
+
+_AE_RE = re.compile(r"^[\x20-\x5b\x5d-\x7e]{1,16}$")  # PS3.5 AE VR: no backslash, no controls
+
+
+def _check_ae(value: str) -> str:
+    if not value.strip() or not _AE_RE.match(value):
+        raise ValueError("must be 1-16 printable characters without backslash (PS3.5 AE)")
+    return value.strip()
+
+
+class _Section(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+
+class TLSSettings(_Section):
+    enabled: bool = False
+    cert_file: Path | None = None
+    key_file: Path | None = None
+    ca_file: Path | None = Field(default=None, description="CA that signs client certificates")
+    require_client_cert: bool = True
+
+
+class SCPSettings(_Section):
+    ae_title: str = "CXRAUDIT"
+    host: str = "127.0.0.1"
+    port: int = Field(default=11112, ge=0, le=65535)
+    allowed_calling_aets: list[str] = Field(default_factory=list)
+    max_associations: int = Field(default=16, ge=1)
+    max_pdu_bytes: int = Field(default=1_048_576, ge=0)
+    acse_timeout_seconds: float = Field(default=30.0, gt=0)
+    dimse_timeout_seconds: float = Field(default=60.0, gt=0)
+    network_timeout_seconds: float = Field(default=60.0, gt=0)
+    max_instance_bytes: int = Field(default=512 * 1024 * 1024, gt=0)
+    min_free_bytes: int = Field(default=256 * 1024 * 1024, ge=0)
+    unknown_sop_class: Literal["reject", "ignore"] = "reject"
+    workers: int = Field(default=1, ge=1, description="listener processes sharing the port")
+    tls: TLSSettings = Field(default_factory=TLSSettings)
+
+    _ae = field_validator("ae_title")(classmethod(lambda cls, v: _check_ae(v)))
+
+    @field_validator("allowed_calling_aets")
+    @classmethod
+    def _aets(cls, value: list[str]) -> list[str]:
+        return [_check_ae(v) for v in value]
+
+
+class PathSettings(_Section):
+    spool: Path = Path("var/spool")
+    drafts: Path = Path("var/drafts")
+    out: Path = Path("var/out")
+    state: Path = Path("var/state/agent.sqlite3")
+    quarantine: Path = Path("var/quarantine")
+    profiles: Path | None = None
+
+
+class PairingSettings(_Section):
+    settle_seconds: float = Field(default=10.0, ge=0)
+    draft_wait_seconds: float = Field(default=300.0, ge=0)
+    study_wait_seconds: float = Field(default=3600.0, ge=0)
+    no_draft_policy: Literal["image_only", "wait"] = "image_only"
+    poll_seconds: float = Field(default=1.0, gt=0)
+
+
+class WorkerSettings(_Section):
+    batch_size: int = Field(default=8, ge=1)
+    batch_wait_seconds: float = Field(default=0.5, ge=0)
+    max_attempts: int = Field(default=5, ge=1)
+    retry_backoff_seconds: float = Field(default=30.0, ge=0)
+    retry_backoff_max_seconds: float = Field(default=3600.0, ge=0)
+    job_timeout_seconds: float = Field(default=600.0, gt=0)
+    model_retry_seconds: float = Field(default=60.0, gt=0)
+
+
+class GroundingSettings(_Section):
+    profile: str = "cxr-auditor-v2"
+    input_size: int = Field(default=896, ge=16)
+
+
+class DraftSettings(_Section):
+    parser: str = "rules"
+    max_bytes: int = Field(default=256 * 1024, gt=0)
+    stable_seconds: float = Field(default=1.0, ge=0)
+    poll_seconds: float = Field(default=1.0, gt=0)
+
+
+class AuditSettings(_Section):
+    urgent_labels: list[str] = Field(default_factory=lambda: ["pneumothorax", "nodule_mass"])
+    mode: Literal["QA", "Research"] = "Research"
+
+
+class OutputSettings(_Section):
+    json_sidecar: bool = True
+    overlay_png: bool = True
+    sr: bool = True
+    gsps: bool = True
+    secondary_capture: bool = True
+    series_number_sr: int = 9901
+    series_number_gsps: int = 9902
+    series_number_sc: int = 9903
+
+
+class Destination(_Section):
+    name: str
+    ae_title: str
+    host: str
+    port: int = Field(ge=1, le=65535)
+    research: bool = Field(
+        default=False, description="only destinations marked research receive results"
+    )
+    tls: TLSSettings = Field(default_factory=TLSSettings)
+
+    _ae = field_validator("ae_title")(classmethod(lambda cls, v: _check_ae(v)))
+
+
+class ForwardSettings(_Section):
+    enabled: bool = False
+    calling_ae_title: str = "CXRAUDIT"
+    destinations: list[Destination] = Field(default_factory=list)
+    max_attempts: int = Field(default=20, ge=1)
+    retry_backoff_seconds: float = Field(default=30.0, ge=0)
+    retry_backoff_max_seconds: float = Field(default=3600.0, ge=0)
+
+
+class HousekeepingSettings(_Section):
+    spool_retention_days: float = Field(default=30.0, ge=0)
+    results_retention_days: float = Field(default=365.0, ge=0)
+    interval_seconds: float = Field(default=3600.0, gt=0)
+
+
+class LoggingSettings(_Section):
+    level: str = "INFO"
+    json_lines: bool = False
+    log_phi: bool = False
+
+
+class HealthSettings(_Section):
+    enabled: bool = True
+    host: str = "127.0.0.1"
+    port: int = Field(default=8080, ge=0, le=65535)
+
+
+class OpenAISettings(_Section):
+    api_key: SecretStr | None = None
+
+
+class AgentSettings(BaseSettings):
+    """All agent settings. See the module docstring for the source order."""
+
+    model_config = SettingsConfigDict(
+        env_prefix="CXR_AGENT__", env_nested_delimiter="__", extra="forbid"
+    )
+
+    scp: SCPSettings = Field(default_factory=SCPSettings)
+    paths: PathSettings = Field(default_factory=PathSettings)
+    pairing: PairingSettings = Field(default_factory=PairingSettings)
+    worker: WorkerSettings = Field(default_factory=WorkerSettings)
+    grounding: GroundingSettings = Field(default_factory=GroundingSettings)
+    drafts: DraftSettings = Field(default_factory=DraftSettings)
+    audit: AuditSettings = Field(default_factory=AuditSettings)
+    outputs: OutputSettings = Field(default_factory=OutputSettings)
+    forward: ForwardSettings = Field(default_factory=ForwardSettings)
+    housekeeping: HousekeepingSettings = Field(default_factory=HousekeepingSettings)
+    logging: LoggingSettings = Field(default_factory=LoggingSettings)
+    health: HealthSettings = Field(default_factory=HealthSettings)
+
+    @classmethod
+    def settings_customise_sources(
+        cls,
+        settings_cls: type[BaseSettings],
+        init_settings: PydanticBaseSettingsSource,
+        env_settings: PydanticBaseSettingsSource,
+        dotenv_settings: PydanticBaseSettingsSource,
+        file_secret_settings: PydanticBaseSettingsSource,
+    ) -> tuple[PydanticBaseSettingsSource, ...]:
+        files = [EMBEDDED_CONFIG]
+        extra = os.environ.get("CXR_AGENT_CONFIG")
+        if extra:
+            files.append(Path(extra))
+        return (init_settings, env_settings, _YamlFiles(settings_cls, files))
+
+    def folders(self) -> dict[str, Path]:
+        """The writable folders the agent owns (state's parent included)."""
+        p = self.paths
+        return {
+            "spool": p.spool,
+            "drafts": p.drafts,
+            "out": p.out,
+            "state": p.state.parent,
+            "quarantine": p.quarantine,
+        }
+
+    def ensure_folders(self) -> None:
+        for name, folder in self.folders().items():
+            try:
+                folder.mkdir(parents=True, exist_ok=True)
+            except OSError as exc:
+                raise ConfigError(f"paths.{name}: cannot create {folder}: {exc.strerror}") from exc
+
+
+class _YamlFiles(PydanticBaseSettingsSource):
+    """YAML files merged in order; later files override earlier ones key by key."""
+
+    def __init__(self, settings_cls: type[BaseSettings], files: list[Path]) -> None:
+        super().__init__(settings_cls)
+        self.files = files
+
+    def get_field_value(self, field: Any, field_name: str) -> tuple[Any, str, bool]:
+        raise NotImplementedError  # __call__ is overridden
+
+    def __call__(self) -> dict[str, Any]:
+        merged: dict[str, Any] = {}
+        for path in self.files:
+            merged = _deep_merge(merged, _read_yaml(path))
+        return merged
+
+
+def _read_yaml(path: Path) -> dict[str, Any]:
+    try:
+        data = yaml.safe_load(path.read_text(encoding="utf-8"))
+    except FileNotFoundError as exc:
+        raise ConfigError(f"config file {path} does not exist") from exc
+    except yaml.YAMLError as exc:
+        raise ConfigError(f"config file {path} is not valid YAML: {exc}") from exc
+    if data is None:
+        return {}
+    if not isinstance(data, dict):
+        raise ConfigError(f"config file {path} must hold a mapping at its top level")
+    return data
+
+
+def _deep_merge(base: dict[str, Any], over: dict[str, Any]) -> dict[str, Any]:
+    out = dict(base)
+    for key, value in over.items():
+        if isinstance(value, dict) and isinstance(out.get(key), dict):
+            out[key] = _deep_merge(out[key], value)
+        else:
+            out[key] = value
+    return out
+
+
+def load_settings(config_file: Path | None = None, **overrides: Any) -> AgentSettings:
+    """Load settings, turning every validation problem into one ConfigError line per bad key."""
+    old = os.environ.get("CXR_AGENT_CONFIG")
+    try:
+        if config_file is not None:
+            os.environ["CXR_AGENT_CONFIG"] = str(config_file)
+        return AgentSettings(**overrides)
+    except ValidationError as exc:
+        lines = []
+        for err in exc.errors():
+            key = ".".join(str(p) for p in err["loc"])
+            lines.append(f"config key {key}: {err['msg']}")
+        raise ConfigError("\n".join(lines)) from None
+    finally:
+        if config_file is not None:
+            if old is None:
+                os.environ.pop("CXR_AGENT_CONFIG", None)
+            else:
+                os.environ["CXR_AGENT_CONFIG"] = old

@@ -1,0 +1,35 @@
+#!/usr/bin/env bash
+# Idempotent set-up on a fresh Debian machine with Python 3.11: Debian packages the agent and its
+# tests use (dcmtk, dicom3tools, Orthanc, strace), then a local virtual environment in .venv.
+# Torch is pinned to 2.13.0, the CPU wheel on these machines: never let an install pull a CUDA build.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+
+want_debs=(dcmtk dicom3tools orthanc strace)
+missing=()
+for pkg in "${want_debs[@]}"; do
+  dpkg-query -W -f='${Status}' "$pkg" 2>/dev/null | grep -q "install ok installed" || missing+=("$pkg")
+done
+if [ ${#missing[@]} -gt 0 ]; then
+  if [ "$(id -u)" -ne 0 ]; then SUDO=sudo; else SUDO=""; fi
+  echo "setup: installing Debian packages: ${missing[*]}"
+  $SUDO apt-get update -qq
+  DEBIAN_FRONTEND=noninteractive $SUDO apt-get install -y -qq --no-install-recommends "${missing[@]}" >/dev/null
+  # The Debian package starts a system Orthanc on 4242/8042; tests start their own on free ports.
+  if command -v systemctl >/dev/null 2>&1; then $SUDO systemctl stop orthanc >/dev/null 2>&1 || true; fi
+  $SUDO service orthanc stop >/dev/null 2>&1 || true
+fi
+
+python_bin=${PYTHON:-python3}
+if [ ! -x .venv/bin/python ]; then
+  "$python_bin" -m venv .venv
+fi
+stamp=.venv/.installed-$(sha256sum pyproject.toml | cut -c1-16)
+if [ ! -f "$stamp" ]; then
+  .venv/bin/pip install -q --upgrade pip >/dev/null
+  # torch first and pinned, so transformers/peft/accelerate see it satisfied and pull nothing.
+  .venv/bin/pip install -q "torch==2.13.0"
+  .venv/bin/pip install -q -e ".[models,dev]"
+  rm -f .venv/.installed-*
+  touch "$stamp"
+fi

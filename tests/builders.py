@@ -1,0 +1,143 @@
+"""Synthetic test data: realistic-looking chest radiographs as DICOM datasets, and drafts.
+
+Every dataset carries the sentinel patient identity below, so PHI-leak tests can grep for it.
+Nothing here is real patient data.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+from pydicom.dataset import Dataset, FileMetaDataset
+from pydicom.uid import (
+    ExplicitVRLittleEndian,
+    PYDICOM_IMPLEMENTATION_UID,
+    generate_uid,
+)
+
+SENTINEL_PATIENT_NAME = "SENTINEL^PHI^DONOTLOG"
+SENTINEL_PATIENT_ID = "PHI-SENTINEL-4711"
+SENTINEL_BIRTH_DATE = "19010203"
+
+DX_PRESENTATION = "1.2.840.10008.5.1.4.1.1.1.1"
+DX_PROCESSING = "1.2.840.10008.5.1.4.1.1.1.1.1"
+CR_STORAGE = "1.2.840.10008.5.1.4.1.1.1"
+SC_STORAGE = "1.2.840.10008.5.1.4.1.1.7"
+XA_STORAGE = "1.2.840.10008.5.1.4.1.1.12.1"
+CT_STORAGE = "1.2.840.10008.5.1.4.1.1.2"
+
+
+def chest_phantom(rows: int, cols: int, bits: int = 12, seed: int = 0) -> np.ndarray:
+    """A chest-like image in stored values (higher = more attenuation, MONOCHROME2 sense)."""
+    rng = np.random.default_rng(seed)
+    y, x = np.mgrid[0:rows, 0:cols].astype(np.float32)
+    yn, xn = y / rows, x / cols
+    img = np.full((rows, cols), 0.55, np.float32)  # soft tissue
+    for cx in (0.32, 0.68):  # lungs: dark
+        lung = ((xn - cx) / 0.17) ** 2 + ((yn - 0.48) / 0.33) ** 2 < 1
+        img[lung] = 0.18
+    heart = ((xn - 0.55) / 0.14) ** 2 + ((yn - 0.62) / 0.13) ** 2 < 1
+    img[heart] = 0.6
+    spine = np.abs(xn - 0.5) < 0.035
+    img[spine] = 0.8
+    for k in range(8):  # ribs
+        band = np.abs(yn - (0.22 + 0.07 * k) - 0.05 * np.abs(xn - 0.5)) < 0.008
+        img[band] = np.maximum(img[band], 0.45)
+    img[(yn > 0.95) | (xn < 0.03) | (xn > 0.97)] = 0.02  # collimation / air
+    img += rng.normal(0, 0.01, img.shape).astype(np.float32)
+    maxv = (1 << bits) - 1
+    return np.clip(img * maxv, 0, maxv).astype(np.uint16)
+
+
+def make_cxr(
+    *,
+    rows: int = 512,
+    cols: int = 512,
+    bits_stored: int = 12,
+    modality: str = "DX",
+    photometric: str = "MONOCHROME2",
+    view_position: str = "PA",
+    window: tuple[float, float] | None = None,
+    study_uid: str | None = None,
+    series_uid: str | None = None,
+    sop_uid: str | None = None,
+    accession: str = "ACC0001",
+    patient_orientation: str | None = "A\\R",
+    pixel_spacing: float | None = 0.143,
+    body_part: str = "CHEST",
+    seed: int = 0,
+) -> Dataset:
+    """A DX or CR chest radiograph with real-looking headers, ready to save or send."""
+    sop_class = {"DX": DX_PRESENTATION, "CR": CR_STORAGE}[modality]
+    arr = chest_phantom(rows, cols, bits_stored, seed)
+    if photometric == "MONOCHROME1":
+        arr = ((1 << bits_stored) - 1 - arr).astype(np.uint16)
+    ds = Dataset()
+    ds.file_meta = FileMetaDataset()
+    ds.file_meta.MediaStorageSOPClassUID = sop_class
+    ds.file_meta.MediaStorageSOPInstanceUID = sop_uid or generate_uid()
+    ds.file_meta.TransferSyntaxUID = ExplicitVRLittleEndian
+    ds.file_meta.ImplementationClassUID = PYDICOM_IMPLEMENTATION_UID
+    ds.SOPClassUID = sop_class
+    ds.SOPInstanceUID = ds.file_meta.MediaStorageSOPInstanceUID
+    ds.StudyInstanceUID = study_uid or generate_uid()
+    ds.SeriesInstanceUID = series_uid or generate_uid()
+    ds.PatientName = SENTINEL_PATIENT_NAME
+    ds.PatientID = SENTINEL_PATIENT_ID
+    ds.PatientBirthDate = SENTINEL_BIRTH_DATE
+    ds.PatientSex = "O"
+    ds.AccessionNumber = accession
+    ds.StudyDate = "20260101"
+    ds.StudyTime = "120000"
+    ds.StudyID = "1"
+    ds.ReferringPhysicianName = ""
+    ds.Modality = modality
+    ds.SeriesNumber = 1
+    ds.InstanceNumber = 1
+    ds.Manufacturer = "SyntheticTest"
+    ds.BodyPartExamined = body_part
+    ds.ViewPosition = view_position
+    if patient_orientation is not None:
+        ds.PatientOrientation = patient_orientation
+    if modality == "DX":
+        ds.PresentationIntentType = "FOR PRESENTATION"
+        ds.ImageType = ["ORIGINAL", "PRIMARY"]
+        ds.ImageLaterality = "U"
+        ds.DetectorType = "SCINTILLATOR"
+        ds.BurnedInAnnotation = "NO"
+        ds.RescaleIntercept = 0
+        ds.RescaleSlope = 1
+        ds.RescaleType = "US"
+        ds.PixelIntensityRelationship = "LOG"
+        ds.PixelIntensityRelationshipSign = 1
+        ds.LossyImageCompression = "00"
+        ds.PresentationLUTShape = "IDENTITY"
+        ds.PositionerType = ""
+        ds.AcquisitionContextSequence = []
+        region = Dataset()
+        region.CodeValue, region.CodingSchemeDesignator, region.CodeMeaning = (
+            "51185008",
+            "SCT",
+            "Chest",
+        )
+        ds.AnatomicRegionSequence = [region]
+    if pixel_spacing is not None:
+        ds.ImagerPixelSpacing = [pixel_spacing, pixel_spacing]
+    ds.SamplesPerPixel = 1
+    ds.PhotometricInterpretation = photometric
+    ds.Rows, ds.Columns = rows, cols
+    ds.BitsAllocated = 16
+    ds.BitsStored = bits_stored
+    ds.HighBit = bits_stored - 1
+    ds.PixelRepresentation = 0
+    if window is not None:
+        ds.WindowCenter, ds.WindowWidth = window
+    ds.PixelData = arr.tobytes()
+    return ds
+
+
+def save(ds: Dataset, path: Path) -> Path:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    ds.save_as(path, enforce_file_format=True)
+    return path

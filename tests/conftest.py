@@ -1,0 +1,37 @@
+"""Shared fixtures: free ports, settings pointed at a temporary folder, strict pydicom."""
+
+from __future__ import annotations
+
+import socket
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+from dicom_agent.config import AgentSettings, load_settings
+
+
+def free_port() -> int:
+    """A free TCP port on loopback (each xdist worker asks the OS, so no collisions)."""
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+@pytest.fixture
+def settings(tmp_path: Path) -> Iterator[AgentSettings]:
+    """Agent settings whose folders all live under ``tmp_path``; ports are free ones."""
+    var = tmp_path / "var"
+    s = load_settings(
+        paths={
+            "spool": var / "spool",
+            "drafts": var / "drafts",
+            "out": var / "out",
+            "state": var / "state" / "agent.sqlite3",
+            "quarantine": var / "quarantine",
+        },
+        scp={"port": free_port()},
+        health={"port": free_port()},
+    )
+    s.ensure_folders()
+    yield s
