@@ -8,8 +8,12 @@ traceback appears only with ``--debug``.
 from __future__ import annotations
 
 import importlib
+import sys
 
 import typer
+
+from cxr_auditor.errors import CxrAuditError
+from dicom_agent.errors import AgentError
 
 app = typer.Typer(
     name="cxr-agent",
@@ -18,6 +22,13 @@ app = typer.Typer(
     pretty_exceptions_show_locals=False,  # locals can hold pixels, drafts or patient names
     add_completion=False,
 )
+
+@app.callback()
+def _root(
+    debug: bool = typer.Option(False, "--debug", help="Show tracebacks of unexpected errors."),
+) -> None:
+    """Research-only chest X-ray draft-report audit agent. Not for clinical use."""
+
 
 @app.command("version")
 def version() -> None:
@@ -44,7 +55,23 @@ _register()
 
 
 def main() -> None:
-    app()
+    """Console entry point: expected failures become one line on stderr, exit code 2."""
+    debug = "--debug" in sys.argv[1:]
+    try:
+        app()
+    except (AgentError, CxrAuditError) as exc:
+        if debug:
+            raise
+        print(f"error: {exc}", file=sys.stderr)
+        sys.exit(2)
+    except Exception as exc:  # noqa: BLE001 - last-resort boundary of the CLI
+        if debug:
+            raise
+        print(
+            f"error: unexpected {type(exc).__name__}: {exc} (run with --debug for a traceback)",
+            file=sys.stderr,
+        )
+        sys.exit(1)
 
 
 if __name__ == "__main__":  # pragma: no cover
