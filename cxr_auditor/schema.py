@@ -16,7 +16,7 @@ from pydantic import BaseModel, ConfigDict, Field, field_validator, model_valida
 
 from cxr_auditor.labels import Label
 
-SCHEMA_VERSION = "1.0.0"
+SCHEMA_VERSION: Literal["1.0.0"] = "1.0.0"
 
 DISCLAIMER = (
     "RESEARCH USE ONLY. Not a medical device, not a diagnosis, not for clinical use. "
@@ -24,7 +24,7 @@ DISCLAIMER = (
     "every finding and flag must be checked by a qualified radiologist."
 )
 
-BOX_FORMAT = "normalized_y0x0y1x1"
+BOX_FORMAT: Literal["normalized_y0x0y1x1"] = "normalized_y0x0y1x1"
 
 
 class _Model(BaseModel):
