@@ -141,3 +141,68 @@ def save(ds: Dataset, path: Path) -> Path:
     path.parent.mkdir(parents=True, exist_ok=True)
     ds.save_as(path, enforce_file_format=True)
     return path
+
+
+def make_xa_run(
+    *, frames: int = 8, rows: int = 128, cols: int = 128, peak_frame: int = 5, seed: int = 0
+) -> Dataset:
+    """A single-plane XA cine run: 8-bit MONOCHROME2 frames in which a contrast-filled (dark)
+    vessel tree fills in, is fullest at ``peak_frame`` and washes out afterwards."""
+    ds = make_cxr(rows=rows, cols=cols, bits_stored=8, modality="CR", seed=seed, pixel_spacing=None)
+    ds.file_meta.MediaStorageSOPClassUID = ds.SOPClassUID = XA_STORAGE
+    ds.Modality = "XA"
+    rng = np.random.default_rng(seed)
+    y, x = np.mgrid[0:rows, 0:cols]
+    vessels = (np.abs(y - rows // 2) < 3) | (np.abs(x - cols // 3) < 2) | (np.abs(x - y) < 2)
+    stack = np.empty((frames, rows, cols), np.uint8)
+    for k in range(frames):
+        fill = max(0.0, 1.0 - abs(k - peak_frame) / max(peak_frame, frames - peak_frame, 1))
+        frame = rng.normal(160, 4, (rows, cols))
+        frame[vessels & (x < fill * cols)] = 40
+        stack[k] = np.clip(frame, 0, 255).astype(np.uint8)
+    ds.BitsAllocated, ds.BitsStored, ds.HighBit = 8, 8, 7
+    ds.NumberOfFrames = frames
+    ds.FrameIncrementPointer = 0x00181063  # Frame Time
+    ds.FrameTime = 66.7
+    ds.PixelData = stack.tobytes()
+    return ds
+
+
+def make_colour_sc(*, rows: int = 64, cols: int = 96, photometric: str = "RGB") -> Dataset:
+    """A Secondary Capture with an RGB test pattern, stored as RGB, YBR_FULL or YBR_FULL_422.
+
+    :func:`colour_pattern` gives the RGB truth; the YBR forms are encoded from it (PS3.3
+    C.7.6.3.1.2), YBR_FULL_422 with Cb/Cr averaged over each horizontal pixel pair.
+    """
+    from pydicom.pixels import convert_color_space
+
+    ds = make_cxr(rows=rows, cols=cols, bits_stored=8, modality="CR", pixel_spacing=None)
+    ds.file_meta.MediaStorageSOPClassUID = ds.SOPClassUID = SC_STORAGE
+    ds.Modality = "OT"
+    rgb = colour_pattern(rows, cols)
+    ds.SamplesPerPixel, ds.PlanarConfiguration = 3, 0
+    ds.BitsAllocated, ds.BitsStored, ds.HighBit = 8, 8, 7
+    ds.PhotometricInterpretation = photometric
+    if photometric == "RGB":
+        ds.PixelData = rgb.tobytes()
+        return ds
+    ybr = convert_color_space(rgb, "RGB", "YBR_FULL")
+    if photometric == "YBR_FULL":
+        ds.PixelData = ybr.tobytes()
+        return ds
+    if photometric != "YBR_FULL_422" or cols % 2:
+        raise ValueError("photometric must be RGB, YBR_FULL or YBR_FULL_422 (even columns)")
+    pairs = ybr.reshape(rows, cols // 2, 2, 3).astype(np.uint16)
+    packed = np.empty((rows, cols // 2, 4), np.uint8)  # Y1 Y2 Cb Cr per pixel pair
+    packed[..., 0], packed[..., 1] = pairs[:, :, 0, 0], pairs[:, :, 1, 0]
+    packed[..., 2:] = ((pairs[:, :, 0, 1:] + pairs[:, :, 1, 1:] + 1) // 2).astype(np.uint8)
+    ds.PixelData = packed.tobytes()
+    return ds
+
+
+def colour_pattern(rows: int, cols: int) -> np.ndarray:
+    """A smooth RGB test pattern (uint8, rows x cols x 3), smooth enough for 4:2:2 chroma."""
+    y, x = np.mgrid[0:rows, 0:cols]
+    red = x * 255 // max(cols - 1, 1)
+    green = y * 255 // max(rows - 1, 1)
+    return np.stack([red, green, 255 - red], -1).astype(np.uint8)
