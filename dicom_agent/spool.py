@@ -1,0 +1,398 @@
+"""Durable instance storage: the spool, the quarantine and start-up reconciliation.
+
+An instance is kept exactly as the peer encoded it: the data set bytes are written unchanged
+behind a freshly built File Meta Information header (PS3.10 Section 7.1), so nothing is decoded
+and re-encoded. Only the header attributes the state row needs are parsed, stopping before the
+pixels. Layout::
+
+    <spool>/<StudyInstanceUID>/<SeriesInstanceUID>/<SOPInstanceUID>.dcm
+
+Directory names come only from UIDs that pass the PS3.5 9.1 syntax check, never from free text.
+A store is durable before it returns: temp file in the destination folder, write, fsync, rename
+over the final name, fsync of the folder, then the state row is committed. A crash can leave a
+temp file (removed by :func:`reconcile`) or a renamed file without its row (rebuilt by
+:func:`reconcile`), never a half-written ``.dcm``.
+"""
+
+from __future__ import annotations
+
+import errno
+import hashlib
+import logging
+import os
+import secrets
+import shutil
+import threading
+import time
+import zlib
+from collections.abc import Callable
+from dataclasses import dataclass
+from io import BytesIO
+from pathlib import Path
+
+from pydicom.dataset import Dataset, FileMetaDataset
+from pydicom.filereader import read_dataset, read_file_meta_info
+from pydicom.filewriter import write_file_meta_info
+from pydicom.tag import BaseTag, Tag
+from pydicom.uid import UID
+
+from dicom_agent.conformance import (
+    DEFLATED_EXPLICIT_VR_LITTLE_ENDIAN,
+    EXPLICIT_VR_BIG_ENDIAN,
+    IMPLEMENTATION_CLASS_UID,
+    IMPLEMENTATION_VERSION_NAME,
+    IMPLICIT_VR_LITTLE_ENDIAN,
+    is_auditable,
+    is_valid_uid,
+)
+from dicom_agent.errors import DicomInputError, SpoolError, SpoolFullError
+from dicom_agent.state import InstanceState, StateDB, StoreOutcome
+
+logger = logging.getLogger(__name__)
+
+FreeSpaceProbe = Callable[[Path], int]
+
+DICOM_SUFFIX = ".dcm"
+TEMP_SUFFIX = ".tmp"
+REASON_SUFFIX = ".reason.txt"
+_PREAMBLE = b"\x00" * 128 + b"DICM"
+_PIXEL_DATA = 0x7FE00010
+_LOCK_STRIPES = 64
+
+_HEADER_KEYWORDS = (
+    "SpecificCharacterSet",
+    "SOPClassUID",
+    "SOPInstanceUID",
+    "StudyInstanceUID",
+    "SeriesInstanceUID",
+    "Modality",
+    "AccessionNumber",
+    "ViewPosition",
+    "BodyPartExamined",
+)
+_HEADER_TAGS: list[BaseTag | int] = [Tag(k) for k in _HEADER_KEYWORDS]
+
+
+def disk_free_bytes(folder: Path) -> int:
+    """Free bytes available to us on the file system holding ``folder``."""
+    return shutil.disk_usage(folder).free
+
+
+@dataclass(frozen=True)
+class InstanceHeader:
+    """The attributes of one instance that routing and the state row need."""
+
+    sop_class_uid: str
+    sop_instance_uid: str
+    study_instance_uid: str
+    series_instance_uid: str
+    modality: str | None
+    accession_number: str | None
+    view_position: str | None
+    body_part: str | None
+
+
+@dataclass(frozen=True)
+class StoreResult:
+    outcome: StoreOutcome
+    path: Path
+    header: InstanceHeader
+
+
+def _text(ds: Dataset, keyword: str) -> str | None:
+    value = ds.get(keyword)
+    if value is None or value == "":
+        return None
+    return str(value).strip() or None
+
+
+def _required_uid(ds: Dataset, keyword: str) -> str:
+    value = ds.get(keyword)
+    if value is None or str(value).strip() == "":
+        raise DicomInputError(f"{keyword} is missing")
+    uid = str(value).strip().rstrip("\x00")
+    if not is_valid_uid(uid):
+        # Name the attribute, never echo the value: it is the peer's free text.
+        raise DicomInputError(f"{keyword} is not a valid UID (PS3.5 9.1)")
+    return uid
+
+
+def read_header(data_set: bytes, transfer_syntax_uid: str) -> InstanceHeader:
+    """Parse the routing and state attributes from an encoded data set (no File Meta).
+
+    Stops before Pixel Data and reads only the attributes we need. Raises
+    :class:`DicomInputError` when the data set cannot be decoded or lacks a valid SOP Class,
+    SOP Instance, Study Instance or Series Instance UID.
+    """
+    if transfer_syntax_uid == DEFLATED_EXPLICIT_VR_LITTLE_ENDIAN:
+        try:
+            # PS3.5 A.5: the whole data set is one raw deflate stream (no zlib header).
+            data_set = zlib.decompress(data_set, -zlib.MAX_WBITS)
+        except zlib.error as exc:
+            raise DicomInputError("deflated data set does not inflate") from exc
+    try:
+        ds = read_dataset(
+            BytesIO(data_set),
+            is_implicit_VR=transfer_syntax_uid == IMPLICIT_VR_LITTLE_ENDIAN,
+            is_little_endian=transfer_syntax_uid != EXPLICIT_VR_BIG_ENDIAN,
+            stop_when=lambda tag, vr, length: tag == _PIXEL_DATA,
+            specific_tags=_HEADER_TAGS,
+        )
+        return InstanceHeader(
+            sop_class_uid=_required_uid(ds, "SOPClassUID"),
+            sop_instance_uid=_required_uid(ds, "SOPInstanceUID"),
+            study_instance_uid=_required_uid(ds, "StudyInstanceUID"),
+            series_instance_uid=_required_uid(ds, "SeriesInstanceUID"),
+            modality=_text(ds, "Modality"),
+            accession_number=_text(ds, "AccessionNumber"),
+            view_position=_text(ds, "ViewPosition"),
+            body_part=_text(ds, "BodyPartExamined"),
+        )
+    except DicomInputError:
+        raise
+    except Exception as exc:  # pydicom raises many types on malformed input
+        raise DicomInputError(f"data set header does not decode ({type(exc).__name__})") from exc
+
+
+def encode_file_meta(
+    header: InstanceHeader, transfer_syntax_uid: str, source_ae_title: str | None
+) -> bytes:
+    """Preamble, ``DICM`` prefix and File Meta Information group (PS3.10 7.1) for an instance."""
+    meta = FileMetaDataset()
+    meta.FileMetaInformationVersion = b"\x00\x01"
+    meta.MediaStorageSOPClassUID = UID(header.sop_class_uid)
+    meta.MediaStorageSOPInstanceUID = UID(header.sop_instance_uid)
+    meta.TransferSyntaxUID = UID(transfer_syntax_uid)
+    meta.ImplementationClassUID = UID(IMPLEMENTATION_CLASS_UID)
+    meta.ImplementationVersionName = IMPLEMENTATION_VERSION_NAME
+    if source_ae_title:
+        meta.SourceApplicationEntityTitle = source_ae_title
+    buf = BytesIO()
+    buf.write(_PREAMBLE)
+    write_file_meta_info(buf, meta, enforce_standard=True)  # type: ignore[arg-type]
+    return buf.getvalue()
+
+
+def _read_part10(path: Path) -> tuple[str, bytes]:
+    """(transfer syntax, data set bytes) of a Part 10 file, without decoding the data set."""
+    meta = read_file_meta_info(path)
+    # Preamble and prefix (132 bytes), then the group length element itself (12 bytes, PS3.10
+    # 7.1), then the rest of group 0002.
+    offset = 132 + 12 + int(meta.FileMetaInformationGroupLength)
+    with path.open("rb") as fh:
+        fh.seek(offset)
+        return str(meta.TransferSyntaxUID), fh.read()
+
+
+def dataset_sha256(data_set: bytes) -> str:
+    """SHA-256 of the data set bytes as sent (the File Meta we add is not part of it)."""
+    return hashlib.sha256(data_set).hexdigest()
+
+
+def _fsync_dir(folder: Path) -> None:
+    fd = os.open(folder, os.O_RDONLY | os.O_DIRECTORY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+class Spool:
+    """Durable storage of received instances, plus the quarantine for bytes we cannot use.
+
+    Thread-safe: association threads call :meth:`store` concurrently. Stores of the same SOP
+    Instance UID are serialised so the file on disk and the state row always agree.
+    """
+
+    def __init__(
+        self,
+        root: Path,
+        db: StateDB,
+        quarantine: Path,
+        *,
+        min_free_bytes: int = 0,
+        free_space: FreeSpaceProbe | None = None,
+    ) -> None:
+        self.root = Path(os.path.abspath(root))
+        self.quarantine_root = Path(os.path.abspath(quarantine))
+        self.db = db
+        self.min_free_bytes = min_free_bytes
+        self._free_space = free_space or disk_free_bytes
+        self._locks = [threading.Lock() for _ in range(_LOCK_STRIPES)]
+        self._durable_dirs: set[Path] = set()
+        self._dirs_lock = threading.Lock()
+        self.root.mkdir(parents=True, exist_ok=True)
+
+    def path_for(self, header: InstanceHeader) -> Path:
+        """Final path of an instance. Every component is a validated UID (PS3.5 9.1)."""
+        parts = (header.study_instance_uid, header.series_instance_uid, header.sop_instance_uid)
+        if not all(is_valid_uid(p) for p in parts):
+            raise DicomInputError("instance UIDs are not valid for a file name (PS3.5 9.1)")
+        return self.root / parts[0] / parts[1] / (parts[2] + DICOM_SUFFIX)
+
+    def check_free_space(self, incoming_bytes: int) -> None:
+        """Raise :class:`SpoolFullError` when storing ``incoming_bytes`` would cross the floor."""
+        try:
+            free = self._free_space(self.root)
+        except OSError as exc:
+            raise SpoolError(f"cannot read free space of the spool: {exc.strerror}") from exc
+        if free - incoming_bytes < self.min_free_bytes:
+            raise SpoolFullError("spool free space is below scp.min_free_bytes")
+
+    def store(
+        self,
+        data_set: bytes,
+        transfer_syntax_uid: str,
+        *,
+        header: InstanceHeader | None = None,
+        source_ae_title: str | None = None,
+        state: InstanceState | None = None,
+    ) -> StoreResult:
+        """Store one instance durably and record it; returns once both are committed.
+
+        ``state`` defaults to STORED for auditable SOP classes and IGNORED otherwise.
+        Identical bytes already stored are a no-op (DUPLICATE); different bytes for a known SOP
+        Instance UID replace the stored copy atomically (REPLACED). Raises
+        :class:`DicomInputError` (malformed), :class:`SpoolFullError` (floor reached or ENOSPC),
+        :class:`SpoolError` (other I/O) or :class:`~dicom_agent.errors.StateError`.
+        """
+        header = header or read_header(data_set, transfer_syntax_uid)
+        if state is None:
+            state = (
+                InstanceState.STORED if is_auditable(header.sop_class_uid) else InstanceState.IGNORED
+            )
+        path = self.path_for(header)
+        digest = dataset_sha256(data_set)
+        lock = self._locks[hash(header.sop_instance_uid) % _LOCK_STRIPES]
+        with lock:
+            old = self.db.instance(header.sop_instance_uid)
+            if old is not None and old.sha256 == digest and Path(old.path).is_file():
+                return StoreResult(StoreOutcome.DUPLICATE, Path(old.path), header)
+            meta = encode_file_meta(header, transfer_syntax_uid, source_ae_title)
+            self.check_free_space(len(meta) + len(data_set))
+            self._write_durably(path, meta, data_set)
+            outcome = self.db.record_instance(
+                sop_instance_uid=header.sop_instance_uid,
+                study_instance_uid=header.study_instance_uid,
+                series_instance_uid=header.series_instance_uid,
+                sop_class_uid=header.sop_class_uid,
+                modality=header.modality,
+                transfer_syntax_uid=transfer_syntax_uid,
+                view_position=header.view_position,
+                body_part=header.body_part,
+                accession_number=header.accession_number,
+                path=str(path),
+                sha256=digest,
+                size=len(meta) + len(data_set),
+                state=state,
+            )
+            if old is not None and old.path != str(path):
+                # The replacement moved to another study/series folder; the row now points
+                # at the new file, so the old copy is garbage.
+                Path(old.path).unlink(missing_ok=True)
+        return StoreResult(outcome, path, header)
+
+    def _write_durably(self, path: Path, meta: bytes, data_set: bytes) -> None:
+        self._ensure_dir(path.parent)
+        tmp = path.parent / f".{path.stem}.{secrets.token_hex(4)}{TEMP_SUFFIX}"
+        try:
+            fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o640)
+            with os.fdopen(fd, "wb") as fh:
+                fh.write(meta)
+                fh.write(data_set)
+                fh.flush()
+                os.fsync(fh.fileno())
+            os.replace(tmp, path)
+            _fsync_dir(path.parent)
+        except BaseException as exc:
+            # Whatever failed, no temp file is left behind.
+            tmp.unlink(missing_ok=True)
+            if isinstance(exc, OSError):
+                if exc.errno in (errno.ENOSPC, errno.EDQUOT):
+                    raise SpoolFullError("spool file system is full") from exc
+                raise SpoolError(f"cannot write spool file: {exc.strerror}") from exc
+            raise
+
+    def _ensure_dir(self, folder: Path) -> None:
+        """Create ``folder`` (and parents) so that its entry survives a power loss."""
+        with self._dirs_lock:
+            if folder in self._durable_dirs:
+                return
+        missing: list[Path] = []
+        probe = folder
+        while not probe.is_dir():
+            missing.append(probe)
+            probe = probe.parent
+        folder.mkdir(parents=True, exist_ok=True)
+        for created in reversed(missing):
+            _fsync_dir(created.parent)
+        with self._dirs_lock:
+            self._durable_dirs.add(folder)
+
+    def quarantine(self, data: bytes, reason: str, transfer_syntax_uid: str | None = None) -> Path:
+        """Keep bytes we refused under ``paths.quarantine`` with a ``.reason.txt`` beside them.
+
+        The name is a timestamp and random token, never anything from the data. ``reason`` must
+        not contain PHI (callers pass our own messages, which name attributes, not values).
+        """
+        self.quarantine_root.mkdir(parents=True, exist_ok=True)
+        stem = f"{time.strftime('%Y%m%dT%H%M%S')}-{secrets.token_hex(6)}"
+        target = self.quarantine_root / f"{stem}.bin"
+        target.write_bytes(data)
+        note = f"reason: {reason}\n"
+        if transfer_syntax_uid:
+            note += f"transfer_syntax_uid: {transfer_syntax_uid}\n"
+        (self.quarantine_root / f"{stem}{REASON_SUFFIX}").write_text(note, encoding="utf-8")
+        return target
+
+
+def reconcile(db: StateDB, spool_root: Path) -> int:
+    """Start-up repair of the spool against the state DB; returns the number of rows rebuilt.
+
+    Deletes temp files left by a crash or an aborted transfer, and records every ``.dcm`` file
+    that has no row (crash between rename and commit) or was renamed over after its row was
+    last written (crash during a replacement). Files that cannot be read are logged and left.
+    Call it before the listener starts.
+    """
+    root = Path(os.path.abspath(spool_root))
+    if not root.is_dir():
+        return 0
+    removed = 0
+    for tmp in root.rglob(f".*{TEMP_SUFFIX}"):
+        tmp.unlink(missing_ok=True)
+        removed += 1
+    known = db.known_paths()
+    rebuilt = 0
+    for path in root.rglob(f"*{DICOM_SUFFIX}"):
+        key = str(path)
+        if key in known:
+            row = db.instance(path.stem)
+            if row is None or row.path != key or path.stat().st_mtime <= row.updated_at:
+                continue
+        try:
+            transfer_syntax, data_set = _read_part10(path)
+            header = read_header(data_set, transfer_syntax)
+        except (DicomInputError, OSError, ValueError, EOFError) as exc:
+            logger.warning("spool file %s unreadable during reconcile: %s", path.name, exc)
+            continue
+        outcome = db.record_instance(
+            sop_instance_uid=header.sop_instance_uid,
+            study_instance_uid=header.study_instance_uid,
+            series_instance_uid=header.series_instance_uid,
+            sop_class_uid=header.sop_class_uid,
+            modality=header.modality,
+            transfer_syntax_uid=transfer_syntax,
+            view_position=header.view_position,
+            body_part=header.body_part,
+            accession_number=header.accession_number,
+            path=key,
+            sha256=dataset_sha256(data_set),
+            size=path.stat().st_size,
+            state=InstanceState.STORED
+            if is_auditable(header.sop_class_uid)
+            else InstanceState.IGNORED,
+        )
+        if outcome is not StoreOutcome.DUPLICATE:
+            rebuilt += 1
+    logger.info("spool reconciled: %d rows rebuilt, %d temp files removed", rebuilt, removed)
+    return rebuilt
