@@ -1,0 +1,195 @@
+"""Research-only outputs of an audit: SR (TID 1500), GSPS, Secondary Capture, PNG, JSON.
+
+:func:`write_outputs` writes every enabled object of one result version into
+``<study_dir>/v<N>/`` (``sr.dcm``, ``gsps-<i>.dcm``, ``sc-<i>.dcm``, ``overlay-<i>.png``,
+``audit.json``) and the latest ``<study_dir>/audit.json``. Every file is written atomically; every
+DICOM object is validated (:mod:`.validate`) before it is written, and one that fails goes to
+``<study_dir>/failed/`` with a ``.reason.txt`` instead of being sent. See docs/outputs.md.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Callable
+from io import BytesIO
+from pathlib import Path
+
+import numpy as np
+import pydicom
+from PIL import Image
+from pydicom.dataset import Dataset
+
+from cxr_auditor.render import render_overlay
+from cxr_auditor.schema import AuditResult
+from dicom_agent.config import AgentSettings
+from dicom_agent.errors import OutputError
+from dicom_agent.files import atomic_write_bytes, atomic_write_text
+from dicom_agent.outputs.gsps import build_gsps
+from dicom_agent.outputs.sc import build_sc
+from dicom_agent.outputs.sidecar import check_version_free, read_result, version_dir, write_sidecar
+from dicom_agent.outputs.sr import build_sr, contributing_equipment
+from dicom_agent.outputs.uids import instance_uid, series_uid
+from dicom_agent.outputs.validate import encode_validated
+from dicom_agent.pixels import DisplayImage
+
+__all__ = ["object_file_name", "objects_to_send", "read_result", "write_outputs"]
+
+logger = logging.getLogger(__name__)
+
+FAILED_DIR = "failed"
+
+
+def object_file_name(kind: str) -> str:
+    """File name of an output kind: ``sr`` → ``sr.dcm``, ``gsps:0`` → ``gsps-0.dcm``."""
+    base, _, index = kind.partition(":")
+    return f"{base}-{index}.dcm" if index else f"{base}.dcm"
+
+
+def _read_header(path: Path) -> Dataset:
+    try:
+        return pydicom.dcmread(path, stop_before_pixels=True)
+    except (OSError, pydicom.errors.InvalidDicomError) as exc:
+        raise OutputError(f"source instance {path.name} cannot be read") from exc
+
+
+def _find_previous_sr(study_dir: Path, sop_instance_uid: str) -> Dataset | None:
+    for path in sorted(study_dir.glob("v*/sr.dcm")):
+        ds = _read_header(path)
+        if ds.SOPInstanceUID == sop_instance_uid:
+            return ds
+    logger.warning("previous SR not found in the study's version folders; no predecessor reference")
+    return None
+
+
+class _Writer:
+    """Builds, validates and writes the objects of one result version."""
+
+    def __init__(self, study_dir: Path, result: AuditResult) -> None:
+        self.study_dir = study_dir
+        self.result = result
+        self.folder = version_dir(study_dir, result.result_version)
+        self.outputs: dict[str, str] = {}
+
+    def dicom(self, kind: str, build: Callable[[], Dataset]) -> None:
+        """Build, validate, then write; a failure lands in ``failed/`` and is not returned."""
+        name = object_file_name(kind)
+        try:
+            ds = build()
+            data = encode_validated(ds)
+        except OutputError as exc:
+            self._fail(name, exc)
+            return
+        atomic_write_bytes(self.folder / name, data)
+        self.outputs[kind] = str(ds.SOPInstanceUID)
+
+    def _fail(self, name: str, exc: OutputError) -> None:
+        # Only the kind and version go to the log; the reason (which may quote values) goes to
+        # the reason file beside the other outputs.
+        logger.warning(
+            "output %s of result version %d failed validation; moved to %s/",
+            name,
+            self.result.result_version,
+            FAILED_DIR,
+        )
+        reason = self.study_dir / FAILED_DIR / f"v{self.result.result_version}-{name}.reason.txt"
+        atomic_write_text(reason, f"{exc}\n")
+
+
+def write_outputs(
+    result: AuditResult,
+    *,
+    sources: dict[int, Path],
+    display: dict[int, DisplayImage],
+    study_dir: Path,
+    settings: AgentSettings,
+    previous_sr_uid: str | None = None,
+) -> AuditResult:
+    """Write every enabled output of ``result`` and return it with ``outputs`` filled.
+
+    ``sources`` maps image index to the stored source instance, ``display`` to its windowed
+    picture at source resolution. ``previous_sr_uid`` names the SR this version supersedes; it
+    is looked up in the earlier version folders for the Predecessor Documents Sequence.
+    Raises OutputError when version N already holds a different audit.
+    """
+    check_version_free(study_dir, result)
+    enabled = settings.outputs
+    headers = {i: _read_header(p) for i, p in sorted(sources.items())}
+    writer = _Writer(study_dir, result)
+    study_uid = next(iter(headers.values())).StudyInstanceUID if headers else None
+
+    if enabled.sr and headers:
+        previous = _find_previous_sr(study_dir, previous_sr_uid) if previous_sr_uid else None
+        writer.dicom(
+            "sr",
+            lambda: build_sr(
+                result,
+                headers,
+                sop_instance_uid=instance_uid(result, "sr"),
+                series_instance_uid=series_uid(study_uid, "sr"),
+                series_number=enabled.series_number_sr,
+                previous=previous,
+            ),
+        )
+
+    for index in sorted(set(headers) | set(display)):
+        source = headers.get(index)
+        image = display.get(index)
+        if enabled.gsps and source is not None:
+            writer.dicom(
+                f"gsps:{index}",
+                lambda source=source, image=image, index=index: build_gsps(
+                    result,
+                    index,
+                    source,
+                    window=image.window if image is not None else None,
+                    sop_instance_uid=instance_uid(result, f"gsps:{index}"),
+                    series_instance_uid=series_uid(source.StudyInstanceUID, "gsps"),
+                    series_number=enabled.series_number_gsps,
+                ),
+            )
+        if image is None or not (enabled.overlay_png or (enabled.secondary_capture and source)):
+            continue
+        picture = render_overlay(image.pixels, result, index)
+        if enabled.overlay_png:
+            atomic_write_bytes(writer.folder / f"overlay-{index}.png", _png(picture))
+        if enabled.secondary_capture and source is not None:
+            writer.dicom(
+                f"sc:{index}",
+                lambda source=source, picture=picture, index=index: build_sc(
+                    _rgb_array(picture),
+                    source,
+                    instance_number=result.result_version,
+                    sop_instance_uid=instance_uid(result, f"sc:{index}"),
+                    series_instance_uid=series_uid(source.StudyInstanceUID, "sc"),
+                    series_number=enabled.series_number_sc,
+                    contributing_equipment=contributing_equipment(result),
+                ),
+            )
+
+    final = result.model_copy(update={"outputs": writer.outputs})
+    if enabled.json_sidecar:
+        write_sidecar(study_dir, final)
+    return final
+
+
+def _png(picture: Image.Image) -> bytes:
+    buffer = BytesIO()
+    picture.save(buffer, format="PNG")
+    return buffer.getvalue()
+
+
+def _rgb_array(picture: Image.Image) -> np.ndarray:
+    return np.asarray(picture.convert("RGB"), dtype=np.uint8)
+
+
+def objects_to_send(study_dir: Path, result: AuditResult) -> list[Path]:
+    """The validated DICOM files of ``result`` (its ``outputs``), SR first."""
+    folder = version_dir(study_dir, result.result_version)
+    paths = []
+    for kind in sorted(result.outputs, key=lambda k: (k != "sr", k)):
+        path = folder / object_file_name(kind)
+        if path.exists():
+            paths.append(path)
+        else:
+            logger.warning("output %s of version %d is missing on disk", kind, result.result_version)
+    return paths
