@@ -98,6 +98,9 @@ class WorkerSettings(_Section):
 class GroundingSettings(_Section):
     profile: str = "cxr-auditor-v2"
     input_size: int = Field(default=896, ge=16)
+    xa_profile: str | None = Field(
+        default=None, description="classification profile for XA studies (e.g. dsa-patency)"
+    )
 
 
 class DraftSettings(_Section):

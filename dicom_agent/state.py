@@ -11,6 +11,7 @@ the listener's association threads, the scheduler and the worker can share a ``S
 
 from __future__ import annotations
 
+import json
 import sqlite3
 import threading
 import time
@@ -119,6 +120,12 @@ _MIGRATIONS: list[str] = [
     CREATE INDEX jobs_state ON jobs(state, next_attempt_at);
     CREATE INDEX jobs_study ON jobs(study_instance_uid);
     """,
+    # 2: the result version an audit job produces is fixed when the job is queued, so a job
+    # re-run after a crash rewrites the same version instead of minting a new one.
+    """
+    ALTER TABLE jobs ADD COLUMN result_version INTEGER;
+    CREATE INDEX drafts_study ON drafts(study_instance_uid);
+    """,
 ]
 
 SCHEMA_VERSION = len(_MIGRATIONS)
@@ -155,6 +162,58 @@ class JobRow:
     payload: str | None
     created_at: float
     updated_at: float
+    result_version: int | None = None
+
+
+@dataclass(frozen=True)
+class StudyRow:
+    study_instance_uid: str
+    accession_number: str | None
+    state: str
+    first_instance_at: float
+    last_instance_at: float
+    settled_at: float | None
+    audit_requested_at: float | None
+    result_version: int
+    updated_at: float
+
+    def __repr__(self) -> str:  # the accession number is PHI: keep it out of logs/tracebacks
+        return f"StudyRow(state={self.state!r}, result_version={self.result_version}, [secure])"
+
+
+@dataclass(frozen=True)
+class DraftRow:
+    id: int
+    key: str
+    key_kind: str
+    study_instance_uid: str | None
+    file_name: str
+    sha256: str
+    text: str
+    author: str | None
+    state: str
+    received_at: float
+    updated_at: float
+
+    def __repr__(self) -> str:  # key, file name and text can carry PHI
+        return f"DraftRow(id={self.id}, state={self.state!r}, [secure])"
+
+
+class DraftOutcome(StrEnum):
+    NEW = "new"
+    DUPLICATE = "duplicate"  # same key, same SHA-256 as the current draft: recorded as a no-op
+
+
+#: Allowed job transitions (from -> to). ``_transition_job`` is the only writer of jobs.state.
+JOB_TRANSITIONS: dict[JobState, frozenset[JobState]] = {
+    JobState.QUEUED: frozenset({JobState.RUNNING, JobState.WAITING_MODEL}),
+    JobState.WAITING_MODEL: frozenset({JobState.QUEUED}),
+    JobState.RUNNING: frozenset(
+        {JobState.DONE, JobState.QUEUED, JobState.DEAD, JobState.WAITING_MODEL}
+    ),
+    JobState.DONE: frozenset(),
+    JobState.DEAD: frozenset(),
+}
 
 
 class StoreOutcome(StrEnum):
@@ -347,11 +406,11 @@ class StateDB:
         """Start-up reconciliation: jobs left ``running`` by a crash go back to ``queued``."""
         now = time.time() if now is None else now
         with self.transaction() as conn:
-            cur = conn.execute(
-                "UPDATE jobs SET state=?, next_attempt_at=?, updated_at=? WHERE state=?",
-                (JobState.QUEUED.value, now, now, JobState.RUNNING.value),
-            )
-            return cur.rowcount
+            rows = conn.execute("SELECT * FROM jobs WHERE state = ?", (JobState.RUNNING.value,))
+            jobs = [JobRow(**dict(r)) for r in rows.fetchall()]
+            for job in jobs:
+                self._transition_job(conn, job, JobState.QUEUED, now, next_attempt_at=now)
+            return len(jobs)
 
     def job(self, job_id: int) -> JobRow | None:
         rows = self.query("SELECT * FROM jobs WHERE id = ?", (job_id,))
@@ -374,6 +433,341 @@ class StateDB:
             rows = self.query(f"SELECT state, COUNT(*) AS n FROM {table} GROUP BY state")
             out[table] = {r["state"]: r["n"] for r in rows}
         return out
+
+    # -- studies ------------------------------------------------------------------------------
+
+    def study(self, study_uid: str) -> StudyRow | None:
+        rows = self.query("SELECT * FROM studies WHERE study_instance_uid = ?", (study_uid,))
+        return StudyRow(**dict(rows[0])) if rows else None
+
+    def studies(self, states: tuple[StudyState, ...] | None = None) -> list[StudyRow]:
+        sql = "SELECT * FROM studies"
+        params: tuple[str, ...] = ()
+        if states:
+            sql += f" WHERE state IN ({','.join('?' * len(states))})"
+            params = tuple(s.value for s in states)
+        return [StudyRow(**dict(r)) for r in self.query(sql + " ORDER BY first_instance_at", params)]
+
+    def set_study_state(
+        self, study_uid: str, state: StudyState, now: float, *, settled_at: float | None = None
+    ) -> None:
+        """Move a study to ``state``; ``settled_at`` is kept unless given."""
+        with self.transaction() as conn:
+            conn.execute(
+                "UPDATE studies SET state=?, settled_at=COALESCE(?, settled_at), updated_at=?"
+                " WHERE study_instance_uid=?",
+                (state.value, settled_at, now, study_uid),
+            )
+
+    def study_for_key(self, key: str) -> str | None:
+        """The study a draft key names: its Study Instance UID or its Accession Number."""
+        rows = self.query(
+            "SELECT study_instance_uid FROM studies WHERE study_instance_uid = ?"
+            " OR accession_number = ? ORDER BY study_instance_uid = ? DESC, first_instance_at"
+            " LIMIT 1",
+            (key, key, key),
+        )
+        return str(rows[0]["study_instance_uid"]) if rows else None
+
+    def delete_instances(self, sop_instance_uids: list[str]) -> int:
+        """Forget instances whose spool files housekeeping removed."""
+        with self.transaction() as conn:
+            n = 0
+            for uid in sop_instance_uids:
+                n += conn.execute(
+                    "DELETE FROM instances WHERE sop_instance_uid = ?", (uid,)
+                ).rowcount
+            return n
+
+    # -- drafts -------------------------------------------------------------------------------
+
+    def record_draft(
+        self,
+        *,
+        key: str,
+        key_kind: str,
+        file_name: str,
+        sha256: str,
+        text: str,
+        author: str | None,
+        now: float,
+    ) -> tuple[DraftOutcome, int]:
+        """Record a draft for ``key``; an identical copy of the current one is a no-op.
+
+        A different version supersedes every earlier draft of the key (and, once paired, of
+        its study), so there is always at most one current draft per study.
+        """
+        with self.transaction() as conn:
+            current = conn.execute(
+                "SELECT id, sha256 FROM drafts WHERE key = ? AND state != ?"
+                " ORDER BY id DESC LIMIT 1",
+                (key, DraftState.SUPERSEDED.value),
+            ).fetchone()
+            if current is not None and current["sha256"] == sha256:
+                return DraftOutcome.DUPLICATE, int(current["id"])
+            conn.execute(
+                "UPDATE drafts SET state=?, updated_at=? WHERE key=? AND state != ?",
+                (DraftState.SUPERSEDED.value, now, key, DraftState.SUPERSEDED.value),
+            )
+            cur = conn.execute(
+                "INSERT INTO drafts (key, key_kind, file_name, sha256, text, author, state,"
+                " received_at, updated_at) VALUES (?,?,?,?,?,?,?,?,?)",
+                (key, key_kind, file_name, sha256, text, author, DraftState.PENDING.value, now,
+                 now),
+            )
+            return DraftOutcome.NEW, int(cur.lastrowid or 0)
+
+    def draft(self, draft_id: int) -> DraftRow | None:
+        rows = self.query("SELECT * FROM drafts WHERE id = ?", (draft_id,))
+        return DraftRow(**dict(rows[0])) if rows else None
+
+    def drafts(self, states: tuple[DraftState, ...] | None = None) -> list[DraftRow]:
+        sql = "SELECT * FROM drafts"
+        params: tuple[str, ...] = ()
+        if states:
+            sql += f" WHERE state IN ({','.join('?' * len(states))})"
+            params = tuple(s.value for s in states)
+        return [DraftRow(**dict(r)) for r in self.query(sql + " ORDER BY id", params)]
+
+    def current_draft(self, study_uid: str) -> DraftRow | None:
+        """The newest paired draft of a study (older ones are superseded)."""
+        rows = self.query(
+            "SELECT * FROM drafts WHERE study_instance_uid = ? AND state = ?"
+            " ORDER BY id DESC LIMIT 1",
+            (study_uid, DraftState.PAIRED.value),
+        )
+        return DraftRow(**dict(rows[0])) if rows else None
+
+    def pair_draft(self, draft_id: int, study_uid: str, now: float) -> None:
+        """Pair a draft with its study; the study's older drafts become superseded."""
+        with self.transaction() as conn:
+            conn.execute(
+                "UPDATE drafts SET state=?, updated_at=? WHERE study_instance_uid=? AND id<?"
+                " AND state=?",
+                (DraftState.SUPERSEDED.value, now, study_uid, draft_id, DraftState.PAIRED.value),
+            )
+            conn.execute(
+                "UPDATE drafts SET state=?, study_instance_uid=?, updated_at=? WHERE id=?",
+                (DraftState.PAIRED.value, study_uid, now, draft_id),
+            )
+
+    def set_draft_file_name(self, draft_id: int, file_name: str) -> None:
+        """Point a draft row at its file as named in ``processed/`` (after a collision)."""
+        with self.transaction() as conn:
+            conn.execute("UPDATE drafts SET file_name=? WHERE id=?", (file_name, draft_id))
+
+    def studies_to_schedule(self) -> list[StudyRow]:
+        """Studies the scheduler must look at: not yet audited, or paired with a draft that
+        their latest audit job did not use."""
+        rows = self.query(
+            "SELECT s.* FROM studies s WHERE s.state IN (?,?,?) OR EXISTS (SELECT 1 FROM drafts d"
+            " WHERE d.study_instance_uid = s.study_instance_uid AND d.state = ? AND d.id !="
+            " COALESCE((SELECT j.draft_id FROM jobs j WHERE j.study_instance_uid ="
+            " s.study_instance_uid AND j.kind = ? ORDER BY j.id DESC LIMIT 1), -1))"
+            " ORDER BY s.first_instance_at",
+            (
+                StudyState.RECEIVING.value,
+                StudyState.WAITING_DRAFT.value,
+                StudyState.QUEUED.value,
+                DraftState.PAIRED.value,
+                JobKind.AUDIT.value,
+            ),
+        )
+        return [StudyRow(**dict(r)) for r in rows]
+
+    def set_draft_state(self, draft_id: int, state: DraftState, now: float) -> None:
+        with self.transaction() as conn:
+            conn.execute(
+                "UPDATE drafts SET state=?, updated_at=? WHERE id=?", (state.value, now, draft_id)
+            )
+
+    # -- audit jobs ---------------------------------------------------------------------------
+
+    def latest_audit_job(self, study_uid: str) -> JobRow | None:
+        rows = self.query(
+            "SELECT * FROM jobs WHERE study_instance_uid = ? AND kind = ? ORDER BY id DESC LIMIT 1",
+            (study_uid, JobKind.AUDIT.value),
+        )
+        return JobRow(**dict(rows[0])) if rows else None
+
+    def queue_audit(
+        self, study_uid: str, draft_id: int | None, reason: str, now: float
+    ) -> JobRow:
+        """Queue an audit of a study that produces the next result version.
+
+        If a job for the study is still queued (not started), it is reused and pointed at
+        ``draft_id``: it has not run yet, so one run covers both requests.
+        """
+        with self.transaction() as conn:
+            open_row = conn.execute(
+                "SELECT * FROM jobs WHERE study_instance_uid=? AND kind=? AND state IN (?,?)"
+                " ORDER BY id DESC LIMIT 1",
+                (study_uid, JobKind.AUDIT.value, JobState.QUEUED.value,
+                 JobState.WAITING_MODEL.value),
+            ).fetchone()
+            if open_row is not None:
+                conn.execute(
+                    "UPDATE jobs SET draft_id=?, updated_at=? WHERE id=?",
+                    (draft_id, now, open_row["id"]),
+                )
+                job_id = int(open_row["id"])
+            else:
+                version = conn.execute(
+                    "SELECT MAX(v) FROM (SELECT MAX(result_version) AS v FROM jobs"
+                    " WHERE study_instance_uid=? UNION ALL SELECT result_version FROM studies"
+                    " WHERE study_instance_uid=?)",
+                    (study_uid, study_uid),
+                ).fetchone()[0]
+                cur = conn.execute(
+                    "INSERT INTO jobs (kind, study_instance_uid, state, attempts,"
+                    " next_attempt_at, draft_id, payload, created_at, updated_at,"
+                    " result_version) VALUES (?,?,?,0,?,?,?,?,?,?)",
+                    (JobKind.AUDIT.value, study_uid, JobState.QUEUED.value, now, draft_id,
+                     json.dumps({"reason": reason}), now, now, int(version or 0) + 1),
+                )
+                job_id = int(cur.lastrowid or 0)
+            conn.execute(
+                "UPDATE studies SET state=?, audit_requested_at=?, updated_at=?"
+                " WHERE study_instance_uid=? AND state != ?",
+                (StudyState.QUEUED.value, now, now, study_uid, StudyState.RECEIVING.value),
+            )
+            row = conn.execute("SELECT * FROM jobs WHERE id=?", (job_id,)).fetchone()
+            return JobRow(**dict(row))
+
+    def set_job_draft(self, job_id: int, draft_id: int | None, now: float) -> None:
+        """Record the draft a job actually audited (the study's current one when it ran)."""
+        with self.transaction() as conn:
+            conn.execute(
+                "UPDATE jobs SET draft_id=?, updated_at=? WHERE id=?", (draft_id, now, job_id)
+            )
+
+    def renumber_job(self, job_id: int, at_least: int, now: float) -> int:
+        """Give a job a result version no other job of its study holds, at least ``at_least``."""
+        with self.transaction() as conn:
+            row = conn.execute(
+                "SELECT study_instance_uid FROM jobs WHERE id=?", (job_id,)
+            ).fetchone()
+            top = conn.execute(
+                "SELECT MAX(result_version) FROM jobs WHERE study_instance_uid=?",
+                (row["study_instance_uid"],),
+            ).fetchone()[0]
+            version = max(at_least, int(top or 0) + 1)
+            conn.execute(
+                "UPDATE jobs SET result_version=?, updated_at=? WHERE id=?", (version, now, job_id)
+            )
+            return version
+
+    def claim_audit_jobs(self, limit: int, now: float) -> list[JobRow]:
+        """Mark up to ``limit`` ready audit jobs running (one per study) and return them.
+
+        Ready: queued, due (``next_attempt_at <= now``), of a study that is not receiving
+        instances (it would be re-audited anyway) and has no job running already.
+        """
+        with self.transaction() as conn:
+            rows = conn.execute(
+                "SELECT j.* FROM jobs j JOIN studies s USING (study_instance_uid)"
+                " WHERE j.kind=? AND j.state=? AND j.next_attempt_at<=? AND s.state!=?"
+                " AND NOT EXISTS (SELECT 1 FROM jobs r WHERE r.study_instance_uid ="
+                " j.study_instance_uid AND r.kind=j.kind AND r.state=?)"
+                " ORDER BY j.next_attempt_at, j.id",
+                (JobKind.AUDIT.value, JobState.QUEUED.value, now, StudyState.RECEIVING.value,
+                 JobState.RUNNING.value),
+            ).fetchall()
+            claimed: list[JobRow] = []
+            studies: set[str] = set()
+            for r in rows:
+                job = JobRow(**dict(r))
+                if job.study_instance_uid in studies:
+                    continue
+                studies.add(job.study_instance_uid)
+                claimed.append(self._transition_job(conn, job, JobState.RUNNING, now))
+                if len(claimed) >= limit:
+                    break
+            return claimed
+
+    def transition_job(
+        self,
+        job_id: int,
+        target: JobState,
+        now: float,
+        *,
+        error: str | None = None,
+        next_attempt_at: float | None = None,
+    ) -> JobRow:
+        """Apply one job transition (see :data:`JOB_TRANSITIONS`) and its study side effects."""
+        with self.transaction() as conn:
+            row = conn.execute("SELECT * FROM jobs WHERE id=?", (job_id,)).fetchone()
+            if row is None:
+                raise StateError(f"job {job_id} does not exist")
+            return self._transition_job(
+                conn, JobRow(**dict(row)), target, now, error=error,
+                next_attempt_at=next_attempt_at,
+            )
+
+    def move_jobs(self, source: JobState, target: JobState, now: float) -> int:
+        """Move every audit job in ``source`` to ``target`` (waiting for / regaining the model)."""
+        with self.transaction() as conn:
+            rows = conn.execute(
+                "SELECT * FROM jobs WHERE state=? AND kind=?", (source.value, JobKind.AUDIT.value)
+            ).fetchall()
+            for r in rows:
+                self._transition_job(conn, JobRow(**dict(r)), target, now, next_attempt_at=now)
+            return len(rows)
+
+    @staticmethod
+    def _transition_job(
+        conn: sqlite3.Connection,
+        job: JobRow,
+        target: JobState,
+        now: float,
+        *,
+        error: str | None = None,
+        next_attempt_at: float | None = None,
+    ) -> JobRow:
+        """The only writer of ``jobs.state``.
+
+        Starting a job counts an attempt (so a job that crashes the process is still
+        dead-lettered eventually). A finished or dead audit settles its study unless another
+        audit of that study is still open or new instances re-opened it.
+        """
+        source = JobState(job.state)
+        if target not in JOB_TRANSITIONS[source]:
+            raise StateError(f"job {job.id}: transition {source.value} -> {target.value} refused")
+        attempts = job.attempts + 1 if target is JobState.RUNNING else job.attempts
+        conn.execute(
+            "UPDATE jobs SET state=?, attempts=?, next_attempt_at=?, last_error=?, updated_at=?"
+            " WHERE id=?",
+            (
+                target.value,
+                attempts,
+                job.next_attempt_at if next_attempt_at is None else next_attempt_at,
+                error if error is not None else job.last_error,
+                now,
+                job.id,
+            ),
+        )
+        if job.kind == JobKind.AUDIT.value and target in (JobState.DONE, JobState.DEAD):
+            others = conn.execute(
+                "SELECT COUNT(*) FROM jobs WHERE study_instance_uid=? AND kind=? AND id!=?"
+                " AND state IN (?,?,?)",
+                (job.study_instance_uid, job.kind, job.id, JobState.QUEUED.value,
+                 JobState.RUNNING.value, JobState.WAITING_MODEL.value),
+            ).fetchone()[0]
+            study_state = StudyState.AUDITED if target is JobState.DONE else StudyState.FAILED
+            if target is JobState.DONE:
+                conn.execute(
+                    "UPDATE studies SET result_version=MAX(result_version, ?), updated_at=?"
+                    " WHERE study_instance_uid=?",
+                    (job.result_version or 0, now, job.study_instance_uid),
+                )
+            if not others:
+                conn.execute(
+                    "UPDATE studies SET state=?, updated_at=? WHERE study_instance_uid=?"
+                    " AND state=?",
+                    (study_state.value, now, job.study_instance_uid, StudyState.QUEUED.value),
+                )
+        row = conn.execute("SELECT * FROM jobs WHERE id=?", (job.id,)).fetchone()
+        return JobRow(**dict(row))
 
 
 def _split_sql(script: str) -> list[str]:

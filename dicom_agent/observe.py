@@ -1,0 +1,282 @@
+"""Observability: structured logs with a fixed event vocabulary, Prometheus metrics, health.
+
+Logs never carry patient data. A study is referred to by :func:`study_ref`, a short salted
+hash of its Study Instance UID (the salt lives beside the state database, so references stay
+stable across restarts but cannot be reversed from a list of UIDs). Event names come from
+:class:`Event`; docs/logging.md lists them with their fields.
+
+The health endpoint is a stdlib ``http.server`` in a daemon thread: ``/healthz`` answers JSON
+(200 while the agent serves, even when the model is unavailable: the body says so; 503 when the
+listener or the worker is down) and ``/metrics`` the Prometheus text format.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import hmac
+import json
+import logging
+import secrets
+import sys
+import threading
+import time
+from collections.abc import Callable
+from enum import StrEnum
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from pathlib import Path
+from typing import Any
+
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
+from prometheus_client.exposition import CONTENT_TYPE_LATEST
+
+from dicom_agent.config import LoggingSettings
+from dicom_agent.files import atomic_write_text
+from dicom_agent.state import DraftState, JobState, StateDB, StudyState
+
+log = logging.getLogger(__name__)
+
+
+class Event(StrEnum):
+    """Every event name the agent logs (field ``event`` of a log record)."""
+
+    AGENT_STARTED = "agent.started"
+    AGENT_STOPPING = "agent.stopping"
+    AGENT_STOPPED = "agent.stopped"
+    STATE_RECONCILED = "state.reconciled"
+    INSTANCE_STORED = "instance.stored"
+    STUDY_SETTLED = "study.settled"
+    STUDY_WAITING_DRAFT = "study.waiting_draft"
+    STUDY_REOPENED = "study.reopened"
+    DRAFT_ACCEPTED = "draft.accepted"
+    DRAFT_DUPLICATE = "draft.duplicate"
+    DRAFT_REJECTED = "draft.rejected"
+    DRAFT_RETRY = "draft.retry"
+    DRAFT_PAIRED = "draft.paired"
+    DRAFT_ORPHAN = "draft.orphan"
+    JOB_QUEUED = "job.queued"
+    JOB_STARTED = "job.started"
+    JOB_RETRY = "job.retry"
+    JOB_DEAD = "job.dead"
+    JOB_WAITING_MODEL = "job.waiting_model"
+    AUDIT_DONE = "audit.done"
+    MODEL_LOADED = "model.loaded"
+    MODEL_UNAVAILABLE = "model.unavailable"
+    SR_FORWARDED = "sr.forwarded"
+    HOUSEKEEPING_DONE = "housekeeping.done"
+    SCHEDULER_ERROR = "scheduler.error"
+
+
+# -- PHI-safe references ------------------------------------------------------------------------
+
+_SALT_FILE = "log-salt"
+_salt: bytes = secrets.token_bytes(16)
+
+
+def load_salt(state_dir: Path) -> None:
+    """Use the installation's salt (created once, mode 0600) for :func:`study_ref`."""
+    global _salt
+    path = state_dir / _SALT_FILE
+    if not path.exists():
+        atomic_write_text(path, secrets.token_hex(16))
+        path.chmod(0o600)
+    _salt = bytes.fromhex(path.read_text(encoding="ascii").strip())
+
+
+def study_ref(study_uid: str | None) -> str:
+    """A short salted hash standing for a Study Instance UID (or any other key) in logs."""
+    if not study_uid:
+        return "-"
+    return hmac.new(_salt, study_uid.encode(), hashlib.sha256).hexdigest()[:12]
+
+
+# -- logging -----------------------------------------------------------------------------------
+
+#: Record attributes copied into JSON lines when a caller passes them in ``extra``.
+EVENT_FIELDS = (
+    "event",
+    "study",
+    "job_id",
+    "draft_id",
+    "state",
+    "reason",
+    "attempt",
+    "result_version",
+    "profile",
+    "mode",
+    "count",
+    "ms",
+)
+
+
+def event(**fields: Any) -> dict[str, Any]:
+    """``extra=`` for a log call: ``log.info("...", extra=event(event=Event.X, job_id=3))``."""
+    return {k: (v.value if isinstance(v, StrEnum) else v) for k, v in fields.items()}
+
+
+class JsonLinesFormatter(logging.Formatter):
+    """One JSON object per line: ts, level, logger, msg and the fixed event fields."""
+
+    def format(self, record: logging.LogRecord) -> str:
+        out: dict[str, Any] = {
+            "ts": round(record.created, 3),
+            "level": record.levelname,
+            "logger": record.name,
+            "msg": record.getMessage(),
+        }
+        for name in EVENT_FIELDS:
+            value = getattr(record, name, None)
+            if value is not None:
+                out[name] = value
+        if record.exc_info:
+            out["exc"] = self.formatException(record.exc_info)
+        return json.dumps(out, default=str)
+
+
+class TextFormatter(logging.Formatter):
+    """Human-readable lines with the event fields appended as ``key=value``."""
+
+    def __init__(self) -> None:
+        super().__init__("%(asctime)s %(levelname)s %(name)s: %(message)s")
+
+    def format(self, record: logging.LogRecord) -> str:
+        line = super().format(record)
+        extras = [
+            f"{n}={getattr(record, n)}" for n in EVENT_FIELDS if getattr(record, n, None) is not None
+        ]
+        return f"{line} [{' '.join(extras)}]" if extras else line
+
+
+def setup_logging(cfg: LoggingSettings, stream: Any = None) -> None:
+    """Configure the root logger for ``serve``; pynetdicom is kept at WARNING.
+
+    pynetdicom logs whole identifiers and datasets at DEBUG/INFO; WARNING keeps patient data
+    out of our logs (STYLE.md section 4).
+    """
+    handler = logging.StreamHandler(stream or sys.stderr)
+    handler.setFormatter(JsonLinesFormatter() if cfg.json_lines else TextFormatter())
+    root = logging.getLogger()
+    for old in list(root.handlers):
+        root.removeHandler(old)
+    root.addHandler(handler)
+    root.setLevel(cfg.level.upper())
+    for noisy in ("pynetdicom", "apscheduler"):
+        logging.getLogger(noisy).setLevel(logging.WARNING)
+
+
+# -- metrics -----------------------------------------------------------------------------------
+
+
+class Metrics:
+    """The agent's Prometheus metrics, in a registry of their own (one per Agent)."""
+
+    def __init__(self) -> None:
+        self.registry = CollectorRegistry()
+        r = self.registry
+        self.instances_stored = Counter(
+            "cxr_agent_instances_stored", "Instances stored by the listener", ["outcome"],
+            registry=r,
+        )
+        self.drafts = Counter(
+            "cxr_agent_drafts", "Draft files handled, by outcome", ["outcome"], registry=r
+        )
+        self.job_events = Counter(
+            "cxr_agent_job_events", "Audit job events (started, done, retry, dead)", ["event"],
+            registry=r,
+        )
+        self.jobs = Gauge("cxr_agent_jobs", "Jobs by state", ["state"], registry=r)
+        self.studies = Gauge("cxr_agent_studies", "Studies by state", ["state"], registry=r)
+        self.orphans = Gauge("cxr_agent_orphan_drafts", "Drafts with no study", registry=r)
+        self.model_available = Gauge(
+            "cxr_agent_model_available", "1 when the grounding model is loaded", registry=r
+        )
+        self.audit_seconds = Histogram(
+            "cxr_agent_audit_seconds",
+            "Wall time of one audit job, decode to outputs",
+            buckets=(0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 120, 300),
+            registry=r,
+        )
+
+    def refresh(self, db: StateDB) -> None:
+        """Update the gauges from the state database (called on every scrape)."""
+        counts = db.counts()
+        for state in JobState:
+            self.jobs.labels(state.value).set(counts["jobs"].get(state.value, 0))
+        for sstate in StudyState:
+            self.studies.labels(sstate.value).set(counts["studies"].get(sstate.value, 0))
+        self.orphans.set(counts["drafts"].get(DraftState.ORPHAN.value, 0))
+
+    def render(self) -> bytes:
+        return generate_latest(self.registry)
+
+
+# -- health endpoint ---------------------------------------------------------------------------
+
+
+class HealthServer:
+    """``/healthz`` and ``/metrics`` on a daemon thread.
+
+    ``snapshot`` returns the health body; it must contain ``serving`` (bool). ``metrics``
+    returns the Prometheus exposition bytes.
+    """
+
+    def __init__(
+        self,
+        host: str,
+        port: int,
+        snapshot: Callable[[], dict[str, Any]],
+        metrics: Callable[[], bytes],
+    ) -> None:
+        handler = _make_handler(snapshot, metrics)
+        self._server = ThreadingHTTPServer((host, port), handler)
+        self._server.daemon_threads = True
+        self._thread = threading.Thread(
+            target=self._server.serve_forever, name="health", daemon=True
+        )
+
+    @property
+    def port(self) -> int:
+        return int(self._server.server_address[1])
+
+    def start(self) -> None:
+        self._thread.start()
+
+    def stop(self) -> None:
+        self._server.shutdown()
+        self._server.server_close()
+        self._thread.join(timeout=5)
+
+
+def _make_handler(
+    snapshot: Callable[[], dict[str, Any]], metrics: Callable[[], bytes]
+) -> type[BaseHTTPRequestHandler]:
+    class _Handler(BaseHTTPRequestHandler):
+        def do_GET(self) -> None:  # noqa: N802 - http.server's naming
+            try:
+                if self.path.split("?")[0] == "/healthz":
+                    body = snapshot()
+                    data = json.dumps(body, default=str).encode()
+                    self._send(200 if body.get("serving") else 503, "application/json", data)
+                elif self.path.split("?")[0] == "/metrics":
+                    self._send(200, CONTENT_TYPE_LATEST, metrics())
+                else:
+                    self._send(404, "text/plain", b"not found\n")
+            except Exception:  # the endpoint must not take the agent down
+                log.exception("health endpoint failed")
+                self._send(500, "text/plain", b"internal error\n")
+
+        def _send(self, code: int, ctype: str, data: bytes) -> None:
+            self.send_response(code)
+            self.send_header("Content-Type", ctype)
+            self.send_header("Content-Length", str(len(data)))
+            self.end_headers()
+            self.wfile.write(data)
+
+        def log_message(self, format: str, *args: Any) -> None:  # noqa: A002
+            log.debug("health request %s", self.path)
+
+    return _Handler
+
+
+def write_heartbeat(path: Path, body: dict[str, Any]) -> None:
+    """Write the running agent's status file for ``cxr-agent status`` (atomically)."""
+    atomic_write_text(path, json.dumps({**body, "updated_at": time.time()}, default=str))

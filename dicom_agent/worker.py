@@ -1,0 +1,587 @@
+"""The worker: runs queued audit jobs through the model, in batches, and writes the results.
+
+One worker thread owns the model. Per batch it:
+
+1. claims up to ``worker.batch_size`` due jobs (waiting up to ``worker.batch_wait_seconds`` for
+   the batch to fill);
+2. prepares them on a small decode pool: routing (:mod:`dicom_agent.routing`), pixel decoding
+   and windowing (:mod:`dicom_agent.pixels`), the study's current draft;
+3. runs the :mod:`cxr_auditor` pipeline on the whole batch (one grounder call);
+4. hands the results to a single output thread that writes them (``write_outputs``), marks the
+   jobs done and queues forwarding.
+
+While the model works on one batch the decode pool already prepares the next, and the previous
+batch's outputs are being written, so CPU work overlaps with the model.
+
+Errors are caught per job: a failure records its reason in the job row and schedules a retry
+with exponential backoff (:func:`dicom_agent.scheduler.retry_delay`); after
+``worker.max_attempts`` the job is dead-lettered. A model that cannot be loaded (no weights, no
+GPU) never loses work: jobs wait in ``waiting_model`` and the load is retried every
+``worker.model_retry_seconds``.
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+import time
+from collections.abc import Callable
+from concurrent.futures import Future, ThreadPoolExecutor
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from cxr_auditor.pipeline import AuditItem, Auditor
+
+from cxr_auditor.drafts import get_parser
+from cxr_auditor.errors import ModelUnavailable
+from cxr_auditor.grounding import build_grounder
+from cxr_auditor.grounding.base import ImageInput
+from cxr_auditor.profiles import get_profile
+from cxr_auditor.schema import AuditResult, ImageRef, StudyKeys
+from dicom_agent import forward
+from dicom_agent.config import AgentSettings
+from dicom_agent.observe import Event, Metrics, event, study_ref
+from dicom_agent.outputs import objects_to_send, read_result, write_outputs
+from dicom_agent.outputs.sidecar import SIDECAR_NAME, version_dir
+from dicom_agent.outputs.uids import result_digest
+from dicom_agent.pixels import (
+    DisplayImage,
+    patient_left_on_image_right,
+    read_dataset,
+    to_display,
+    to_model_input,
+)
+from dicom_agent.routing import route_study
+from dicom_agent.scheduler import retry_delay, study_dir
+from dicom_agent.state import JobRow, JobState, StateDB
+
+log = logging.getLogger(__name__)
+
+#: Builds the auditor of one profile; raises ModelUnavailable / BackendError / ProfileError.
+AuditorFactory = Callable[[str], Auditor]
+
+
+def default_auditor_factory(settings: AgentSettings) -> AuditorFactory:
+    """Auditors built from the configured profiles (``paths.profiles`` first) and parser."""
+
+    def build(profile_name: str) -> Auditor:
+        profile = get_profile(profile_name, settings.paths.profiles)
+        grounder = build_grounder(profile)
+        parser = get_parser(settings.drafts.parser)
+        return Auditor(grounder, parser, urgent=settings.audit.urgent_labels)
+
+    return build
+
+
+# -- model state ---------------------------------------------------------------------------------
+
+
+@dataclass
+class ModelStatus:
+    """What ``status`` and ``/healthz`` report about one profile's model."""
+
+    profile: str
+    state: str = "not_loaded"  # not_loaded | ready | unavailable
+    reason: str | None = None
+    since: float = field(default_factory=time.time)
+    next_retry_at: float | None = None
+
+    def as_dict(self) -> dict[str, Any]:
+        return {
+            "profile": self.profile,
+            "state": self.state,
+            "reason": self.reason,
+            "since": self.since,
+            "next_retry_at": self.next_retry_at,
+        }
+
+
+class Models:
+    """Loaded auditors by profile name; a failed load is retried after ``retry_seconds``."""
+
+    def __init__(
+        self,
+        factory: AuditorFactory,
+        retry_seconds: float,
+        metrics: Metrics | None = None,
+        clock: Callable[[], float] = time.time,
+    ) -> None:
+        self._factory = factory
+        self._retry = retry_seconds
+        self._metrics = metrics
+        self._clock = clock
+        self._auditors: dict[str, Auditor] = {}
+        self._status: dict[str, ModelStatus] = {}
+        self._lock = threading.Lock()
+
+    def get(self, profile: str) -> Auditor | None:
+        """The profile's auditor, loading it if due; None while it is unavailable."""
+        with self._lock:
+            if profile in self._auditors:
+                return self._auditors[profile]
+            status = self._status.get(profile)
+            now = self._clock()
+            if status is not None and status.next_retry_at is not None and now < status.next_retry_at:
+                return None
+        return self._load(profile)
+
+    def _load(self, profile: str) -> Auditor | None:
+        now = self._clock()
+        try:
+            auditor = self._factory(profile)
+        except Exception as exc:  # ModelUnavailable, BackendError, ProfileError, import errors
+            reason = f"{type(exc).__name__}: {exc}"
+            with self._lock:
+                first = self._status.get(profile) is None or self._status[profile].state != "unavailable"
+                self._status[profile] = ModelStatus(
+                    profile, "unavailable", reason, now if first else self._status[profile].since,
+                    now + self._retry,
+                )
+            log.log(
+                logging.WARNING if first else logging.DEBUG,
+                "model for profile %s unavailable (%s); audits wait, retry every %.0f s",
+                profile, reason.splitlines()[0], self._retry,
+                extra=event(event=Event.MODEL_UNAVAILABLE, profile=profile),
+            )
+            self._gauge()
+            return None
+        with self._lock:
+            self._auditors[profile] = auditor
+            self._status[profile] = ModelStatus(profile, "ready", None, now, None)
+        log.info("model for profile %s loaded", profile,
+                 extra=event(event=Event.MODEL_LOADED, profile=profile))
+        self._gauge()
+        return auditor
+
+    def lost(self, profile: str, reason: str) -> None:
+        """The model failed with ModelUnavailable while running: unload it, retry later."""
+        with self._lock:
+            auditor = self._auditors.pop(profile, None)
+            now = self._clock()
+            self._status[profile] = ModelStatus(profile, "unavailable", reason, now, now + self._retry)
+        if auditor is not None:
+            _close(auditor)
+        log.warning("model for profile %s became unavailable; audits wait", profile,
+                    extra=event(event=Event.MODEL_UNAVAILABLE, profile=profile))
+        self._gauge()
+
+    def retry_due(self) -> bool:
+        """Retry every unavailable profile whose retry time has come; True if one loaded."""
+        with self._lock:
+            now = self._clock()
+            due = [
+                s.profile for s in self._status.values()
+                if s.state == "unavailable" and s.next_retry_at is not None and now >= s.next_retry_at
+            ]
+        return any(self._load(p) is not None for p in due)
+
+    def status(self) -> dict[str, dict[str, Any]]:
+        with self._lock:
+            return {name: s.as_dict() for name, s in self._status.items()}
+
+    def is_ready(self, profile: str) -> bool:
+        with self._lock:
+            return profile in self._auditors
+
+    def close(self) -> None:
+        with self._lock:
+            auditors, self._auditors = list(self._auditors.values()), {}
+        for auditor in auditors:
+            _close(auditor)
+
+    def _gauge(self) -> None:
+        if self._metrics is not None:
+            with self._lock:
+                ready = all(s.state == "ready" for s in self._status.values())
+            self._metrics.model_available.set(1 if ready else 0)
+
+
+def _close(auditor: Auditor) -> None:
+    try:
+        auditor.grounder.close()
+    except Exception:
+        log.warning("closing a grounder failed", exc_info=True)
+
+
+# -- one job ------------------------------------------------------------------------------------
+
+
+@dataclass
+class Prepared:
+    """A claimed job with everything the model and the outputs need."""
+
+    job: JobRow
+    started: float
+    profile: str | None = None
+    item: AuditItem | None = None
+    sources: dict[int, Path] = field(default_factory=dict)
+    display: dict[int, DisplayImage] = field(default_factory=dict)
+    error: BaseException | None = None
+    timings: dict[str, float] = field(default_factory=dict)
+
+
+class Worker:
+    """Runs audit jobs; :meth:`start` runs the loop in a thread, :meth:`run_once` one batch."""
+
+    def __init__(
+        self,
+        settings: AgentSettings,
+        db: StateDB,
+        models: Models,
+        metrics: Metrics | None = None,
+        *,
+        clock: Callable[[], float] = time.time,
+        decode_threads: int = 2,
+    ) -> None:
+        self.settings = settings
+        self.db = db
+        self.models = models
+        self.metrics = metrics
+        self.clock = clock
+        self._stop = threading.Event()
+        self._thread: threading.Thread | None = None
+        self._decode = ThreadPoolExecutor(decode_threads, thread_name_prefix="decode")
+        self._writer = ThreadPoolExecutor(1, thread_name_prefix="outputs")
+        self._idle_seconds = min(0.5, settings.pairing.poll_seconds)
+
+    # -- lifecycle --------------------------------------------------------------------------
+
+    def start(self) -> None:
+        self._thread = threading.Thread(target=self._loop, name="worker", daemon=True)
+        self._thread.start()
+
+    def stop(self, timeout: float = 30.0) -> None:
+        """Stop after the batch in hand; unfinished jobs stay ``running`` for requeue."""
+        self._stop.set()
+        if self._thread is not None:
+            self._thread.join(timeout)
+        self._decode.shutdown(wait=True, cancel_futures=True)
+        self._writer.shutdown(wait=True)
+
+    @property
+    def alive(self) -> bool:
+        return self._thread is not None and self._thread.is_alive()
+
+    # -- the loop ---------------------------------------------------------------------------
+
+    def _loop(self) -> None:
+        pending: Future[list[Prepared]] | None = None
+        while not self._stop.is_set():
+            try:
+                if not self._model_ready():
+                    self._stop.wait(self._idle_seconds)
+                    continue
+                if pending is None:
+                    batch = self._claim_batch(wait=True)
+                    if not batch:
+                        self._stop.wait(self._idle_seconds)
+                        continue
+                    pending = self._decode.submit(self._prepare_all, batch)
+                prepared = pending.result()
+                # Prefetch: the next batch decodes while this one is on the model.
+                nxt = self._claim_batch(wait=False)
+                pending = self._decode.submit(self._prepare_all, nxt) if nxt else None
+                self._audit(prepared)
+            except Exception:  # the worker must survive anything; the jobs are retried
+                log.exception("worker loop error")
+                pending = None
+                self._stop.wait(self._idle_seconds)
+        if pending is not None:
+            pending.cancel()
+
+    def run_once(self) -> int:
+        """Claim, prepare, audit and write one batch synchronously; returns jobs handled."""
+        if not self._model_ready():
+            return 0
+        batch = self._claim_batch(wait=False)
+        if not batch:
+            return 0
+        self._audit(self._prepare_all(batch))
+        self._writer.submit(lambda: None).result()  # wait for the outputs of this batch
+        return len(batch)
+
+    def _model_ready(self) -> bool:
+        """Load the grounding model if needed; while it is unavailable, park queued jobs."""
+        now = self.clock()
+        if self.models.retry_due():
+            moved = self.db.move_jobs(JobState.WAITING_MODEL, JobState.QUEUED, now)
+            if moved:
+                log.info("model available again; %d jobs requeued", moved,
+                         extra=event(event=Event.JOB_QUEUED, count=moved))
+        if self.models.get(self.settings.grounding.profile) is not None:
+            return True
+        moved = self.db.move_jobs(JobState.QUEUED, JobState.WAITING_MODEL, now)
+        if moved:
+            log.warning(
+                "%d audit jobs waiting for the model (profile %s)", moved,
+                self.settings.grounding.profile,
+                extra=event(event=Event.JOB_WAITING_MODEL, count=moved,
+                            profile=self.settings.grounding.profile),
+            )
+        return False
+
+    def _claim_batch(self, *, wait: bool) -> list[JobRow]:
+        size = self.settings.worker.batch_size
+        jobs = self.db.claim_audit_jobs(size, self.clock())
+        if wait and jobs and len(jobs) < size:
+            deadline = time.monotonic() + self.settings.worker.batch_wait_seconds
+            while len(jobs) < size and time.monotonic() < deadline and not self._stop.is_set():
+                self._stop.wait(min(0.05, self.settings.worker.batch_wait_seconds))
+                jobs += self.db.claim_audit_jobs(size - len(jobs), self.clock())
+        for job in jobs:
+            log.info(
+                "audit started (attempt %d)", job.attempts,
+                extra=event(event=Event.JOB_STARTED, job_id=job.id,
+                            study=study_ref(job.study_instance_uid), attempt=job.attempts,
+                            result_version=job.result_version),
+            )
+            if self.metrics is not None:
+                self.metrics.job_events.labels("started").inc()
+        return jobs
+
+    # -- stage 1: prepare (decode pool) -----------------------------------------------------
+
+    def _prepare_all(self, jobs: list[JobRow]) -> list[Prepared]:
+        return [self._prepare(job) for job in jobs]
+
+    def _prepare(self, job: JobRow) -> Prepared:
+        prep = Prepared(job=job, started=time.monotonic())
+        t0 = time.perf_counter()
+        try:
+            self._prepare_into(prep)
+        except Exception as exc:
+            prep.error = exc
+        prep.timings["decode"] = (time.perf_counter() - t0) * 1000
+        return prep
+
+    def _prepare_into(self, prep: Prepared) -> None:
+        job, settings = prep.job, self.settings
+        uid = job.study_instance_uid
+        study = self.db.study(uid)
+        route = route_study(
+            self.db.instances_of_study(uid),
+            settings.grounding.profile,
+            xa_profile=settings.grounding.xa_profile,
+            profile_routes=self._profile_routes(),
+        )
+        prep.profile = route.profile or settings.grounding.profile
+        # The job audits the study's draft as it is now; recording it here tells the
+        # scheduler that a draft arriving later needs another version.
+        draft = self.db.current_draft(uid)
+        self.db.set_job_draft(job.id, draft.id if draft else None, self.clock())
+        images: list[ImageInput] = []
+        refs: list[ImageRef] = []
+        skipped = list(route.skipped)
+        for row in route.selected:
+            try:
+                ds = read_dataset(Path(row.path))
+                display = to_display(ds)
+                model_image = to_model_input(display, settings.grounding.input_size)
+            except Exception as exc:  # one bad image must not sink the study's other images
+                log.warning(
+                    "image not decodable (%s); skipped", type(exc).__name__,
+                    extra=event(study=study_ref(uid), job_id=job.id, reason="decode_failed"),
+                )
+                skipped.append({"image_id": row.sop_instance_uid, "reason": "decode_failed"})
+                continue
+            index = len(images)
+            images.append(
+                ImageInput(
+                    image=model_image.image,
+                    image_index=index,
+                    geometry=model_image.geometry,
+                    patient_left_on_image_right=patient_left_on_image_right(ds),
+                )
+            )
+            refs.append(
+                ImageRef(
+                    index=index,
+                    image_id=row.sop_instance_uid,
+                    sop_instance_uid=row.sop_instance_uid,
+                    series_instance_uid=row.series_instance_uid,
+                    sop_class_uid=row.sop_class_uid,
+                    view_position=row.view_position,
+                    width=model_image.geometry.source_width,
+                    height=model_image.geometry.source_height,
+                    frame=model_image.frame,
+                    profile=prep.profile,
+                )
+            )
+            prep.sources[index] = Path(row.path)
+            prep.display[index] = display
+        prep.item = AuditItem(
+            images=images,
+            image_refs=refs,
+            draft_text=draft.text if draft else None,
+            study=StudyKeys(
+                study_instance_uid=uid,
+                accession_number=study.accession_number if study else None,
+            ),
+            draft_file=draft.file_name if draft else None,
+            draft_sha256=draft.sha256 if draft else None,
+            skipped_images=skipped,
+            result_version=job.result_version or 1,
+        )
+
+    def _profile_routes(self) -> dict[str, Any]:
+        """Routing rules of the loaded profiles, so a profile can veto an instance."""
+        out: dict[str, Any] = {}
+        for name in (self.settings.grounding.profile, self.settings.grounding.xa_profile):
+            if name:
+                try:
+                    out[name] = get_profile(name, self.settings.paths.profiles).routes
+                except Exception:  # an unknown profile surfaces when it is loaded
+                    continue
+        return out
+
+    # -- stage 2: the model (worker thread) -------------------------------------------------
+
+    def _audit(self, prepared: list[Prepared]) -> None:
+        by_profile: dict[str, list[Prepared]] = {}
+        for prep in prepared:
+            if prep.error is not None:
+                self._fail(prep.job, prep.error)
+                continue
+            assert prep.profile is not None
+            by_profile.setdefault(prep.profile, []).append(prep)
+        for profile, group in by_profile.items():
+            auditor = self.models.get(profile)
+            if auditor is None:
+                self._park(group, profile)
+                continue
+            t0 = time.perf_counter()
+            try:
+                results = auditor.audit_batch([p.item for p in group if p.item is not None])
+            except ModelUnavailable as exc:
+                self.models.lost(profile, f"{type(exc).__name__}: {exc}")
+                self._park(group, profile)
+                continue
+            except Exception:
+                # Isolate the job that broke the batch: run each one alone.
+                log.warning("batch of %d failed; auditing its jobs one by one", len(group),
+                            exc_info=True)
+                for prep in group:
+                    self._audit_one(auditor, prep)
+                continue
+            model_ms = (time.perf_counter() - t0) * 1000
+            for prep, result in zip(group, results, strict=True):
+                prep.timings["model"] = model_ms
+                self._writer.submit(self._finish, prep, result)
+
+    def _audit_one(self, auditor: Auditor, prep: Prepared) -> None:
+        t0 = time.perf_counter()
+        try:
+            assert prep.item is not None
+            (result,) = auditor.audit_batch([prep.item])
+        except Exception as exc:
+            self._fail(prep.job, exc)
+            return
+        prep.timings["model"] = (time.perf_counter() - t0) * 1000
+        self._writer.submit(self._finish, prep, result)
+
+    def _park(self, group: list[Prepared], profile: str) -> None:
+        now = self.clock()
+        for prep in group:
+            self.db.transition_job(prep.job.id, JobState.WAITING_MODEL, now, next_attempt_at=now)
+        log.warning(
+            "%d audit jobs waiting for the model (profile %s)", len(group), profile,
+            extra=event(event=Event.JOB_WAITING_MODEL, count=len(group), profile=profile),
+        )
+
+    # -- stage 3: outputs (writer thread) ---------------------------------------------------
+
+    def _finish(self, prep: Prepared, result: AuditResult) -> None:
+        job = prep.job
+        uid = job.study_instance_uid
+        try:
+            t0 = time.perf_counter()
+            # decode and model times are known now; writing outputs is timed in the log and
+            # the histogram (it cannot be inside the file it is writing).
+            result = result.model_copy(
+                update={"timings": {**result.timings, **{k: round(v, 1) for k, v in prep.timings.items()}}}
+            )
+            folder = study_dir(self.settings, uid)
+            result = self._free_version(folder, result, job)
+            final = write_outputs(
+                result,
+                sources=prep.sources,
+                display=prep.display,
+                study_dir=folder,
+                settings=self.settings,
+                previous_sr_uid=_previous_sr_uid(folder, result.result_version),
+            )
+            outputs_ms = (time.perf_counter() - t0) * 1000
+            now = self.clock()
+            self.db.transition_job(job.id, JobState.DONE, now)
+            if self.settings.forward.enabled and self.settings.forward.destinations:
+                files = objects_to_send(folder, final)
+                if files:
+                    forward.enqueue_forward(self.db, uid, files, self.settings.forward.destinations)
+        except Exception as exc:
+            self._fail(job, exc)
+            return
+        if self.metrics is not None:
+            self.metrics.job_events.labels("done").inc()
+            self.metrics.audit_seconds.observe(time.monotonic() - prep.started)
+        log.info(
+            "audit done (%s, %d flags, outputs %.0f ms)", final.mode.value, len(final.flags),
+            outputs_ms,
+            extra=event(event=Event.AUDIT_DONE, job_id=job.id, study=study_ref(uid),
+                        result_version=final.result_version, mode=final.mode,
+                        state="audited", ms=round(outputs_ms, 1)),
+        )
+
+    def _free_version(self, folder: Path, result: AuditResult, job: JobRow) -> AuditResult:
+        """Keep results immutable: a re-run whose version folder already holds a different
+        audit (the draft changed between a crash and the re-run) becomes the next version."""
+        existing = version_dir(folder, result.result_version) / SIDECAR_NAME
+        if not existing.exists() or result_digest(read_result(existing)) == result_digest(result):
+            return result
+        taken = [int(p.name[1:]) for p in folder.glob("v*") if p.name[1:].isdigit()]
+        version = self.db.renumber_job(job.id, max(taken) + 1, self.clock())
+        return result.model_copy(update={"result_version": version})
+
+    def _fail(self, job: JobRow, exc: BaseException) -> None:
+        """Record the reason; retry with backoff, or dead-letter after the last attempt."""
+        now = self.clock()
+        reason = f"{type(exc).__name__}: {exc}"[:2000]
+        w = self.settings.worker
+        ref = study_ref(job.study_instance_uid)
+        expected = isinstance(exc, (OSError, ValueError)) or type(exc).__module__.startswith(
+            ("dicom_agent", "cxr_auditor")
+        )
+        try:
+            if job.attempts >= w.max_attempts:
+                self.db.transition_job(job.id, JobState.DEAD, now, error=reason)
+                log.error(
+                    "audit dead-lettered after %d attempts (%s)", job.attempts, type(exc).__name__,
+                    exc_info=not expected,
+                    extra=event(event=Event.JOB_DEAD, job_id=job.id, study=ref,
+                                attempt=job.attempts, state="failed"),
+                )
+                if self.metrics is not None:
+                    self.metrics.job_events.labels("dead").inc()
+                return
+            delay = retry_delay(job.attempts, w.retry_backoff_seconds, w.retry_backoff_max_seconds)
+            self.db.transition_job(job.id, JobState.QUEUED, now, error=reason,
+                                   next_attempt_at=now + delay)
+        except Exception:
+            log.exception("could not record the failure of job %d", job.id)
+            return
+        log.warning(
+            "audit failed (%s); retry in %.0f s", type(exc).__name__, delay,
+            exc_info=not expected,
+            extra=event(event=Event.JOB_RETRY, job_id=job.id, study=ref, attempt=job.attempts),
+        )
+        if self.metrics is not None:
+            self.metrics.job_events.labels("retry").inc()
+
+
+def _previous_sr_uid(folder: Path, version: int) -> str | None:
+    """The SR of the newest earlier version, which this version's SR supersedes."""
+    for v in range(version - 1, 0, -1):
+        sidecar = version_dir(folder, v) / SIDECAR_NAME
+        if sidecar.exists():
+            return read_result(sidecar).outputs.get("sr")
+    return None
