@@ -175,13 +175,19 @@ def encode_file_meta(
 
 def _read_part10(path: Path) -> tuple[str, bytes]:
     """(transfer syntax, data set bytes) of a Part 10 file, without decoding the data set."""
-    meta = read_file_meta_info(path)
-    # Preamble and prefix (132 bytes), then the group length element itself (12 bytes, PS3.10
-    # 7.1), then the rest of group 0002.
-    offset = 132 + 12 + int(meta.FileMetaInformationGroupLength)
+    try:
+        meta = read_file_meta_info(path)
+        # Preamble and prefix (132 bytes), then the group length element itself (12 bytes,
+        # PS3.10 7.1), then the rest of group 0002.
+        offset = 132 + 12 + int(meta.FileMetaInformationGroupLength)
+        transfer_syntax = str(meta.TransferSyntaxUID)
+    except OSError:
+        raise
+    except Exception as exc:  # pydicom raises many types on malformed input
+        raise DicomInputError(f"file meta does not decode ({type(exc).__name__})") from exc
     with path.open("rb") as fh:
         fh.seek(offset)
-        return str(meta.TransferSyntaxUID), fh.read()
+        return transfer_syntax, fh.read()
 
 
 def dataset_sha256(data_set: bytes) -> str:
@@ -293,9 +299,9 @@ class Spool:
         return StoreResult(outcome, path, header)
 
     def _write_durably(self, path: Path, meta: bytes, data_set: bytes) -> None:
-        self._ensure_dir(path.parent)
         tmp = path.parent / f".{path.stem}.{secrets.token_hex(4)}{TEMP_SUFFIX}"
         try:
+            self._ensure_dir(path.parent)
             fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o640)
             with os.fdopen(fd, "wb") as fh:
                 fh.write(meta)
@@ -372,7 +378,7 @@ def reconcile(db: StateDB, spool_root: Path) -> int:
         try:
             transfer_syntax, data_set = _read_part10(path)
             header = read_header(data_set, transfer_syntax)
-        except (DicomInputError, OSError, ValueError, EOFError) as exc:
+        except (DicomInputError, OSError) as exc:
             logger.warning("spool file %s unreadable during reconcile: %s", path.name, exc)
             continue
         outcome = db.record_instance(
