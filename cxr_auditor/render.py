@@ -52,7 +52,7 @@ _KEY_NAMES: dict[BoxStyle, str] = {
     BoxStyle.URGENT: "urgent",
     BoxStyle.MISSING: "missing in draft",
     BoxStyle.SUPPORTED: "in draft",
-    BoxStyle.FINDING: "AI only (no draft comparison)",
+    BoxStyle.FINDING: "AI finding",
 }
 _BANNER_BG = (170, 0, 0)
 _WHITE = (255, 255, 255)

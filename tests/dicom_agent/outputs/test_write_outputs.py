@@ -1,0 +1,171 @@
+"""write_outputs end to end: every object of a result version, validated by dicom3tools and dcmtk."""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from pathlib import Path
+
+import highdicom as hd
+import pydicom
+import pytest
+
+from cxr_auditor.schema import AuditResult
+from dicom_agent.config import AgentSettings
+from dicom_agent.errors import OutputError
+from dicom_agent.outputs import objects_to_send, read_result, write_outputs
+from dicom_agent.outputs.validate import dciodvfy_errors, dsrdump_tree
+from tests.dicom_agent.outputs.studies import (
+    Study,
+    findings_result,
+    make_study,
+    no_finding_result,
+    unsupported_result,
+)
+
+SCENARIOS: dict[str, Callable[[Study], AuditResult]] = {
+    "findings": findings_result,
+    "no_finding": no_finding_result,
+    "unsupported": unsupported_result,
+}
+# Measurement groups each scenario must produce (boxes + image-level groups).
+EXPECTED_GROUPS = {"findings": (2, 1), "no_finding": (0, 1), "unsupported": (1, 1)}
+
+
+def _write(study: Study, result: AuditResult, settings: AgentSettings, **kw: str) -> AuditResult:
+    return write_outputs(
+        result,
+        sources=study.sources,
+        display=study.display,
+        study_dir=study.study_dir,
+        settings=settings,
+        **kw,
+    )
+
+
+def _assert_valid(paths: list[Path]) -> None:
+    for path in paths:
+        assert dciodvfy_errors(path) == [], path.name
+        if path.name == "sr.dcm":
+            assert "Imaging Measurement Report" in dsrdump_tree(path)
+
+
+class TestWriteOutputs:
+    @pytest.mark.parametrize("scenario", sorted(SCENARIOS))
+    def test_writes_four_validated_objects(
+        self, scenario: str, tmp_path: Path, settings: AgentSettings
+    ) -> None:
+        study = make_study(tmp_path)
+        result = _write(study, SCENARIOS[scenario](study), settings)
+
+        assert set(result.outputs) == {"sr", "gsps:0", "sc:0"}
+        folder = study.study_dir / "v1"
+        assert sorted(p.name for p in folder.iterdir()) == [
+            "audit.json",
+            "gsps-0.dcm",
+            "overlay-0.png",
+            "sc-0.dcm",
+            "sr.dcm",
+        ]
+        sent = objects_to_send(study.study_dir, result)
+        assert [p.name for p in sent] == ["sr.dcm", "gsps-0.dcm", "sc-0.dcm"]
+        _assert_valid(sent)
+        for path in sent:
+            ds = pydicom.dcmread(path)
+            assert ds.SOPInstanceUID in result.outputs.values()
+            assert ds.StudyInstanceUID == study.study_uid
+            assert "RESEARCH USE ONLY" in ds.SeriesDescription
+        report = hd.sr.srread(folder / "sr.dcm").content
+        boxes, image_level = EXPECTED_GROUPS[scenario]
+        assert len(report.get_planar_roi_measurement_groups()) == boxes
+        assert len(report.get_image_measurement_groups()) == image_level
+        assert read_result(study.study_dir / "audit.json") == result
+        assert read_result(folder / "audit.json").outputs == result.outputs
+
+    def test_reaudit_references_predecessor_and_keeps_old_version(
+        self, tmp_path: Path, settings: AgentSettings
+    ) -> None:
+        study = make_study(tmp_path)
+        first = _write(study, findings_result(study, version=1), settings)
+        second = _write(
+            study, findings_result(study, version=2), settings, previous_sr_uid=first.outputs["sr"]
+        )
+
+        assert set(first.outputs.values()).isdisjoint(second.outputs.values())
+        assert (study.study_dir / "v1" / "sr.dcm").exists()
+        assert read_result(study.study_dir / "v1" / "audit.json").result_version == 1
+        assert read_result(study.study_dir / "audit.json").result_version == 2
+        sr = pydicom.dcmread(study.study_dir / "v2" / "sr.dcm")
+        old = pydicom.dcmread(study.study_dir / "v1" / "sr.dcm")
+        predecessor = sr.PredecessorDocumentsSequence[0]
+        assert predecessor.StudyInstanceUID == study.study_uid
+        ref_series = predecessor.ReferencedSeriesSequence[0]
+        assert ref_series.SeriesInstanceUID == old.SeriesInstanceUID
+        assert ref_series.ReferencedSOPSequence[0].ReferencedSOPInstanceUID == first.outputs["sr"]
+        assert sr.SeriesInstanceUID == old.SeriesInstanceUID  # one research SR series per study
+        assert sr.InstanceNumber == 2
+        _assert_valid(objects_to_send(study.study_dir, second))
+
+    def test_same_inputs_give_identical_uids(self, tmp_path: Path, settings: AgentSettings) -> None:
+        study = make_study(tmp_path)
+        result = findings_result(study)
+        first = _write(study, result, settings)
+        rerun = result.model_copy(update={"timings": {"model": 99.0}})
+        first_dir = study.study_dir
+        study.study_dir = tmp_path / "elsewhere"
+        second = _write(study, rerun, settings)
+
+        assert first.outputs == second.outputs
+        for name in ("sr.dcm", "gsps-0.dcm", "sc-0.dcm"):
+            a = pydicom.dcmread(first_dir / "v1" / name, stop_before_pixels=True)
+            b = pydicom.dcmread(study.study_dir / "v1" / name, stop_before_pixels=True)
+            assert (a.SOPInstanceUID, a.SeriesInstanceUID) == (b.SOPInstanceUID, b.SeriesInstanceUID)
+
+    def test_rewriting_a_version_with_other_content_is_refused(
+        self, tmp_path: Path, settings: AgentSettings
+    ) -> None:
+        study = make_study(tmp_path)
+        _write(study, findings_result(study), settings)
+        with pytest.raises(OutputError, match="version 1 already exists"):
+            _write(study, no_finding_result(study), settings)
+        assert read_result(study.study_dir / "audit.json").grounding.findings[0].label.value == (
+            "pleural_effusion"
+        )
+
+    def test_invalid_object_goes_to_failed_and_is_not_sent(
+        self, tmp_path: Path, settings: AgentSettings, monkeypatch: pytest.MonkeyPatch
+    ) -> None:
+        def broken_sc(*args: object, **kwargs: object) -> None:
+            raise OutputError("secondary capture could not be built: synthetic failure")
+
+        monkeypatch.setattr("dicom_agent.outputs.build_sc", broken_sc)
+        study = make_study(tmp_path)
+        result = _write(study, findings_result(study), settings)
+
+        assert set(result.outputs) == {"sr", "gsps:0"}
+        reason = study.study_dir / "failed" / "v1-sc-0.dcm.reason.txt"
+        assert "synthetic failure" in reason.read_text()
+        assert not (study.study_dir / "v1" / "sc-0.dcm").exists()
+        assert [p.name for p in objects_to_send(study.study_dir, result)] == ["sr.dcm", "gsps-0.dcm"]
+
+    def test_disabled_outputs_are_not_written(self, tmp_path: Path, settings: AgentSettings) -> None:
+        settings.outputs.gsps = False
+        settings.outputs.secondary_capture = False
+        settings.outputs.overlay_png = False
+        study = make_study(tmp_path)
+        result = _write(study, findings_result(study), settings)
+        assert set(result.outputs) == {"sr"}
+        assert sorted(p.name for p in (study.study_dir / "v1").iterdir()) == ["audit.json", "sr.dcm"]
+
+    def test_two_images_get_one_sr_and_objects_per_image(
+        self, tmp_path: Path, settings: AgentSettings
+    ) -> None:
+        study = make_study(tmp_path, images=2)
+        result = _write(study, no_finding_result(study), settings)
+        assert set(result.outputs) == {"sr", "gsps:0", "sc:0", "gsps:1", "sc:1"}
+        sr = hd.sr.srread(study.study_dir / "v1" / "sr.dcm")
+        evidence = {
+            item.ReferencedSOPInstanceUID
+            for series in sr.CurrentRequestedProcedureEvidenceSequence[0].ReferencedSeriesSequence
+            for item in series.ReferencedSOPSequence
+        }
+        assert evidence == {str(ds.SOPInstanceUID) for ds in study.datasets.values()}
