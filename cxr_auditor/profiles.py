@@ -248,7 +248,7 @@ _ADAPTER: TypeAdapter[Any] = TypeAdapter(Profile)
 def parse_profile(data: dict[str, Any], source: str = "<dict>") -> Profile:
     """Validate one profile mapping; errors name the file, the backend variant and the key."""
     try:
-        return _ADAPTER.validate_python(data)  # type: ignore[no-any-return]
+        return _ADAPTER.validate_python(data)
     except ValidationError as exc:
         lines = []
         for err in exc.errors():

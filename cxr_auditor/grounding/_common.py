@@ -1,0 +1,152 @@
+"""What every model-backed grounder shares: prompt, retry ladder, parsing, box placement.
+
+:class:`ChatGrounder` runs a profile's prompt over a batch of images through any
+:class:`~cxr_auditor.models.ChatBackend` (in-process transformers or an OpenAI-compatible
+server), re-generating only the images whose answer did not parse, and turns each answer into a
+:class:`~cxr_auditor.schema.GroundingResult` whose boxes are mapped back onto the source pixels.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Callable
+
+from cxr_auditor.errors import ParseError
+from cxr_auditor.grounding.base import Grounder, ImageInput
+from cxr_auditor.models import ChatBackend, ChatRequest
+from cxr_auditor.parsing import parse_grounding_output
+from cxr_auditor.profiles import Profile
+from cxr_auditor.prompts import CORRECTIVE_SUFFIX, PROMPTS, prompt_hash
+from cxr_auditor.retry import AttemptSettings, run_batch_with_retry
+from cxr_auditor.schema import (
+    GroundingResult,
+    GroundingState,
+    ImageFinding,
+    Laterality,
+    ModelInfo,
+)
+
+logger = logging.getLogger(__name__)
+
+#: Raw model text kept on a failed result is cut to this many characters.
+RAW_TEXT_LIMIT = 4000
+#: A box whose centre lies within this fraction of the midline names no side.
+_MIDLINE_MARGIN = 0.05
+
+_DEFAULT_PROMPTS = {"grounding_json": "grounding", "report_loc": "explain_my_xray"}
+
+ParseFn = Callable[[str, int], GroundingResult]
+
+
+def model_info(profile: Profile, prompt: str | None) -> ModelInfo:
+    """Provenance of a profile for ``AuditResult.models``."""
+    return ModelInfo(
+        profile=profile.name,
+        task=profile.task,
+        backend=profile.backend,
+        model_id=profile.model,
+        revision=profile.revision,
+        adapter=profile.adapter,
+        prompt_hash=prompt_hash(prompt) if prompt is not None else None,
+    )
+
+
+def profile_prompt(profile: Profile, default: str) -> str:
+    """The prompt text the profile names (or the task's default prompt)."""
+    return PROMPTS[profile.prompt or default]
+
+
+def _side(finding: ImageFinding, image: ImageInput) -> Laterality | None:
+    """Patient side of a box from its centre on the source image and the display orientation."""
+    if finding.pixel_box is None or image.patient_left_on_image_right is None:
+        return None
+    pb = finding.pixel_box
+    centre = (pb.x0 + pb.x1) / 2 / image.geometry.source_width
+    if abs(centre - 0.5) < _MIDLINE_MARGIN:
+        return None
+    image_right = centre > 0.5
+    return Laterality.LEFT if image_right == image.patient_left_on_image_right else Laterality.RIGHT
+
+
+def place_findings(result: GroundingResult, image: ImageInput, attempts: int) -> GroundingResult:
+    """Attach source-pixel boxes and patient side to each finding, and the attempt count.
+
+    A box lying wholly in the letterbox padding keeps its normalised box, loses the pixel box,
+    and leaves a note.
+    """
+    notes = list(result.notes)
+    placed = []
+    for finding in result.findings:
+        pixel = image.geometry.to_source(finding.box) if finding.box is not None else None
+        if finding.box is not None and pixel is None:
+            notes.append("box_in_padding")
+        update = {"image_index": image.image_index, "pixel_box": pixel}
+        with_pixels = finding.model_copy(update=update)
+        placed.append(with_pixels.model_copy(update={"laterality": _side(with_pixels, image)}))
+    return result.model_copy(update={"findings": placed, "notes": notes, "attempts": attempts})
+
+
+def failed_result(error: ParseError, attempts: int, raw: str) -> GroundingResult:
+    """A ``failed`` result after the retry ladder ran out: reason code and the raw text kept."""
+    return GroundingResult(
+        state=GroundingState.FAILED,
+        notes=["unparseable_after_retries"],
+        raw_text=(error.raw_text or raw)[:RAW_TEXT_LIMIT],
+        attempts=attempts,
+    )
+
+
+def _json_parse(text: str, image_index: int) -> GroundingResult:
+    return parse_grounding_output(text, image_index=image_index)
+
+
+class ChatGrounder(Grounder):
+    """A grounder over any chat backend, configured by a grounding profile."""
+
+    def __init__(self, profile: Profile, chat: ChatBackend) -> None:
+        self.profile = profile
+        self.chat = chat
+        parser = profile.output_parser
+        self.prompt = profile_prompt(profile, _DEFAULT_PROMPTS[parser])
+        self.parse_text: ParseFn = _json_parse
+        if parser == "report_loc":
+            from cxr_auditor.grounding.report import ReportParser
+
+            self.parse_text = ReportParser(profile.labels).parse
+        # The corrective suffix asks for a JSON list; report-style models were never taught that.
+        self.corrective = parser == "grounding_json"
+        self.info = model_info(profile, self.prompt)
+
+    def _text(self, settings: AttemptSettings) -> str:
+        return self.prompt + (CORRECTIVE_SUFFIX if settings.corrective_suffix and self.corrective else "")
+
+    def ground(self, images: list[ImageInput]) -> list[GroundingResult]:
+        """One result per image, batched ``generation.batch_size`` at a time."""
+        out: list[GroundingResult] = []
+        size = self.profile.generation.batch_size
+        for first in range(0, len(images), size):
+            out.extend(self._ground_batch(images[first : first + size]))
+        return out
+
+    def _ground_batch(self, chunk: list[ImageInput]) -> list[GroundingResult]:
+        def generate(indices: list[int], settings: AttemptSettings) -> list[str]:
+            text = self._text(settings)
+            return self.chat.generate([ChatRequest(text, chunk[i].image) for i in indices], settings)
+
+        def parse(index: int, raw: str) -> GroundingResult:
+            return self.parse_text(raw, chunk[index].image_index)
+
+        rows = run_batch_with_retry(
+            generate, parse, len(chunk), self.profile.generation.max_attempts
+        )
+        results = []
+        for image, (parsed, attempts, raw) in zip(chunk, rows, strict=True):
+            if isinstance(parsed, ParseError):
+                logger.info("profile %s: answer unparseable after %d attempts", self.profile.name, attempts)
+                results.append(failed_result(parsed, attempts, raw))
+            else:
+                results.append(place_findings(parsed, image, attempts))
+        return results
+
+    def close(self) -> None:
+        self.chat.close()
