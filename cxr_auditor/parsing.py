@@ -32,8 +32,10 @@ from cxr_auditor.schema import (
 __all__ = [
     "LOC_TOKEN_RE",
     "MAX_ELEMENTS",
+    "RAW_TEXT_LIMIT",
     "coerce_box",
     "extract_finding_list",
+    "failed_grounding",
     "loc_tokens_to_boxes",
     "parse_draft_output",
     "parse_grounding_output",
@@ -45,6 +47,9 @@ __all__ = [
 #: Cap on elements taken from one model answer; a degenerate generation repeats one element
 #: until the token limit, and nothing clinically meaningful needs more.
 MAX_ELEMENTS = 64
+
+#: Raw model text kept on a failed result is cut to this many characters.
+RAW_TEXT_LIMIT = 4000
 
 # Longest raw label kept in ``unmapped``: enough for any real label, short enough that a model
 # echoing a whole paragraph into "label" cannot bloat the result.
@@ -450,6 +455,20 @@ def parse_grounding_output(text: str, *, image_index: int = 0) -> GroundingResul
         return GroundingResult(state=GroundingState.INCONCLUSIVE, unmapped=unmapped, notes=notes)
     return GroundingResult(
         state=GroundingState.OK, findings=findings, unmapped=unmapped, notes=notes
+    )
+
+
+def failed_grounding(error: ParseError, attempts: int) -> GroundingResult:
+    """The ``failed`` result of an image whose answer never parsed on any rung of the ladder.
+
+    Keeps the last raw model text (cut to :data:`RAW_TEXT_LIMIT`) for inspection; the note is
+    the reason code ``unparseable_after_retries``.
+    """
+    return GroundingResult(
+        state=GroundingState.FAILED,
+        notes=["unparseable_after_retries"],
+        raw_text=error.raw_text[:RAW_TEXT_LIMIT],
+        attempts=attempts,
     )
 
 
