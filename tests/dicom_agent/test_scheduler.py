@@ -1,0 +1,182 @@
+"""Scheduling rules as pure functions of (row, now, settings), and their application to the DB.
+
+The clock is always passed in: nothing here sleeps.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+from dicom_agent.config import AgentSettings, PairingSettings
+from dicom_agent.scheduler import (
+    Action,
+    Reason,
+    decide,
+    expired,
+    housekeeping,
+    is_orphan,
+    is_settled,
+    pair_drafts,
+    retry_delay,
+    schedule_studies,
+)
+from dicom_agent.state import DraftRow, JobRow, JobState, StateDB, StudyRow, StudyState
+
+PAIRING = PairingSettings(settle_seconds=10, draft_wait_seconds=60, study_wait_seconds=600)
+
+
+def study(state: StudyState, last: float = 0.0, settled: float | None = None) -> StudyRow:
+    return StudyRow("1.2", "A1", state.value, 0.0, last, settled, None, 0, last)
+
+
+def draft(did: int = 5) -> DraftRow:
+    return DraftRow(did, "A1", "accession", "1.2", "A1.txt", "h", "text", None, "paired", 0, 0)
+
+
+def job(draft_id: int | None, state: JobState = JobState.DONE) -> JobRow:
+    return JobRow(1, "audit", "1.2", state.value, 1, 0, None, draft_id, None, 0, 0, 1)
+
+
+class TestPureRules:
+    def test_is_settled_after_quiet_period_only(self) -> None:
+        assert not is_settled(100.0, 109.9, 10)
+        assert is_settled(100.0, 110.0, 10)
+
+    def test_is_orphan_after_study_wait(self) -> None:
+        assert not is_orphan(0, 599, 600)
+        assert is_orphan(0, 600, 600)
+
+    @pytest.mark.parametrize(("attempts", "delay"), [(0, 0), (1, 30), (2, 60), (3, 120), (9, 500)])
+    def test_retry_delay_doubles_up_to_the_cap(self, attempts: int, delay: float) -> None:
+        assert retry_delay(attempts, 30, 500) == delay
+
+    def test_expired_zero_retention_keeps_forever(self) -> None:
+        assert not expired(0, 1e12, 0)
+        assert expired(0, 86_400 * 2, 1.5)
+        assert not expired(0, 86_400, 1.5)
+
+
+class TestDecide:
+    def test_receiving_waits_until_settled(self) -> None:
+        assert decide(study(StudyState.RECEIVING, last=100), None, None, 105, PAIRING).action is Action.NOTHING
+
+    def test_settled_without_draft_starts_the_draft_wait(self) -> None:
+        d = decide(study(StudyState.RECEIVING, last=100), None, None, 110, PAIRING)
+        assert d.action is Action.WAIT_DRAFT
+
+    def test_settled_with_draft_queues(self) -> None:
+        d = decide(study(StudyState.RECEIVING, last=100), draft(), None, 110, PAIRING)
+        assert (d.action, d.reason) == (Action.QUEUE, Reason.DRAFT)
+
+    def test_late_instance_after_an_audit_requeues_without_waiting_for_a_draft(self) -> None:
+        d = decide(study(StudyState.RECEIVING, last=100), None, job(None), 110, PAIRING)
+        assert (d.action, d.reason) == (Action.QUEUE, Reason.LATE_INSTANCE)
+
+    def test_draft_wait_expiry_gives_image_only(self) -> None:
+        s = study(StudyState.WAITING_DRAFT, settled=100)
+        assert decide(s, None, None, 159, PAIRING).action is Action.NOTHING
+        d = decide(s, None, None, 160, PAIRING)
+        assert (d.action, d.reason) == (Action.QUEUE, Reason.IMAGE_ONLY)
+
+    def test_wait_policy_never_audits_without_a_draft(self) -> None:
+        wait = PAIRING.model_copy(update={"no_draft_policy": "wait"})
+        assert decide(study(StudyState.WAITING_DRAFT, settled=0), None, None, 1e9, wait).action is Action.NOTHING
+
+    def test_a_draft_the_latest_audit_did_not_use_reaudits(self) -> None:
+        for state in (StudyState.AUDITED, StudyState.FAILED, StudyState.QUEUED):
+            d = decide(study(state), draft(6), job(5), 1, PAIRING)
+            assert (d.action, d.reason) == (Action.QUEUE, Reason.DRAFT_CHANGED)
+            assert decide(study(state), draft(5), job(5), 1, PAIRING).action is Action.NOTHING
+
+
+def _instance(db: StateDB, study_uid: str, sop: str, now: float, accession: str = "ACC1") -> None:
+    db.record_instance(
+        sop_instance_uid=sop, study_instance_uid=study_uid, series_instance_uid=study_uid + ".1",
+        sop_class_uid="1.2.840.10008.5.1.4.1.1.1.1", modality="DX", transfer_syntax_uid=None,
+        view_position="PA", body_part="CHEST", accession_number=accession, path=f"/n/{sop}.dcm",
+        sha256=sop, size=1, now=now,
+    )
+
+
+class TestScheduleStudies:
+    """The rules applied to a real state DB, the clock advanced by hand."""
+
+    @pytest.fixture
+    def db(self, tmp_path: Path) -> StateDB:
+        return StateDB(tmp_path / "s.sqlite3")
+
+    def _draft(self, db: StateDB, key: str, sha: str, now: float) -> int:
+        return db.record_draft(key=key, key_kind="accession", file_name=f"{key}.txt", sha256=sha,
+                               text="No acute disease.", author=None, now=now)[1]
+
+    def test_image_only_then_late_draft_gives_version_2(self, db: StateDB) -> None:
+        _instance(db, "1.5", "1.5.1", now=0)
+        assert schedule_studies(db, 5, PAIRING) == []
+        schedule_studies(db, 10, PAIRING)
+        assert db.study("1.5").state == "waiting_draft"  # type: ignore[union-attr]
+        (j1,) = schedule_studies(db, 70, PAIRING)
+        assert (j1.result_version, j1.draft_id) == (1, None)
+        db.claim_audit_jobs(1, 71)
+        db.transition_job(j1.id, JobState.DONE, 72)
+        did = self._draft(db, "ACC1", "x", 80)
+        assert pair_drafts(db, 81, PAIRING.study_wait_seconds) == (1, 0)
+        (j2,) = schedule_studies(db, 81, PAIRING)
+        assert (j2.result_version, j2.draft_id) == (2, did)
+        assert schedule_studies(db, 82, PAIRING) == []  # queued already: nothing new
+
+    def test_draft_before_images_pairs_once_the_study_settles(self, db: StateDB) -> None:
+        did = self._draft(db, "ACC9", "x", 0)
+        assert pair_drafts(db, 1, PAIRING.study_wait_seconds) == (0, 0)
+        _instance(db, "1.6", "1.6.1", now=2, accession="ACC9")
+        pair_drafts(db, 3, PAIRING.study_wait_seconds)
+        assert schedule_studies(db, 5, PAIRING) == []
+        (j,) = schedule_studies(db, 12, PAIRING)
+        assert j.draft_id == did and db.study("1.6").state == "queued"  # type: ignore[union-attr]
+
+    def test_orphan_is_kept_and_still_pairs_later(self, db: StateDB) -> None:
+        did = self._draft(db, "ACC7", "x", 0)
+        assert pair_drafts(db, 600, PAIRING.study_wait_seconds) == (0, 1)
+        assert db.draft(did).state == "orphan"  # type: ignore[union-attr]
+        assert pair_drafts(db, 700, PAIRING.study_wait_seconds) == (0, 0)  # logged once
+        _instance(db, "1.7", "1.7.1", now=800, accession="ACC7")
+        assert pair_drafts(db, 801, PAIRING.study_wait_seconds) == (1, 0)
+        assert db.draft(did).state == "paired"  # type: ignore[union-attr]
+
+    def test_late_instance_while_queued_waits_for_the_study_to_settle_again(self, db: StateDB) -> None:
+        self._draft(db, "ACC1", "x", 0)
+        _instance(db, "1.8", "1.8.1", now=0)
+        pair_drafts(db, 1, 600)
+        (j,) = schedule_studies(db, 10, PAIRING)
+        _instance(db, "1.8", "1.8.2", now=11)
+        assert db.claim_audit_jobs(8, 12) == []  # receiving again: not claimable
+        assert schedule_studies(db, 21, PAIRING)[0].id == j.id  # same job, not a new version
+        assert [c.id for c in db.claim_audit_jobs(8, 22)] == [j.id]
+
+
+class TestHousekeeping:
+    def test_only_audited_studies_past_retention_lose_spool_and_results(
+        self, settings: AgentSettings
+    ) -> None:
+        s = settings.model_copy(update={"housekeeping": settings.housekeeping.model_copy(
+            update={"spool_retention_days": 1, "results_retention_days": 1})})
+        db = StateDB(s.paths.state)
+        for uid, done in (("1.10", True), ("1.11", False)):
+            f = s.paths.spool / f"{uid}.1.dcm"
+            f.write_bytes(b"x")
+            db.record_instance(
+                sop_instance_uid=uid + ".1", study_instance_uid=uid, series_instance_uid=uid + ".2",
+                sop_class_uid="1.2", modality="DX", transfer_syntax_uid=None, view_position="PA",
+                body_part="CHEST", accession_number=None, path=str(f), sha256=uid, size=1, now=0,
+            )
+            (s.paths.out / uid).mkdir(parents=True)
+            db.set_study_state(uid, StudyState.WAITING_DRAFT, 0, settled_at=0)
+            job = db.queue_audit(uid, None, "image_only", 0)
+            if done:
+                db.claim_audit_jobs(8, 0)
+                db.transition_job(job.id, JobState.DONE, 0)
+        assert housekeeping(db, s, 2 * 86_400) == (1, 1)
+        assert not (s.paths.spool / "1.10.1.dcm").exists() and not (s.paths.out / "1.10").exists()
+        assert (s.paths.spool / "1.11.1.dcm").exists() and (s.paths.out / "1.11").exists()
+        assert db.instances_of_study("1.10") == [] and len(db.instances_of_study("1.11")) == 1
