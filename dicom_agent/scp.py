@@ -45,6 +45,7 @@ logger = logging.getLogger(__name__)
 OnStored = Callable[[str], None]
 
 _RECV_CHUNK = 1 << 20
+_SHUTDOWN_POLL_SECONDS = 0.1  # how long stop() may wait for the accept loop to notice
 _ERROR_COMMENT_MAX = 64  # LO VR (PS3.5 6.2)
 
 
@@ -412,7 +413,12 @@ def start_listener(
         server_class=server_class,
         request_handler=_RequestHandler,
     )
-    thread = threading.Thread(target=server.serve_forever, name="dicom-listener", daemon=True)
+    thread = threading.Thread(
+        target=server.serve_forever,
+        kwargs={"poll_interval": _SHUTDOWN_POLL_SECONDS},
+        name="dicom-listener",
+        daemon=True,
+    )
     thread.start()
     # As AE.start_server does: server.shutdown() removes itself from this list.
     ae._servers.append(server)

@@ -1,0 +1,432 @@
+"""Tests for dicom_agent.scp: the Verification/Storage SCP over real loopback associations."""
+
+from __future__ import annotations
+
+import logging
+import socket
+import ssl
+import subprocess
+import time
+from collections.abc import Callable, Iterator
+from io import BytesIO
+from pathlib import Path
+from typing import Any
+
+import pytest
+from pydicom import dcmread
+from pydicom.dataset import Dataset
+from pydicom.uid import ExplicitVRLittleEndian, ImplicitVRLittleEndian
+from pynetdicom import AE
+from pynetdicom.association import Association
+from pynetdicom.dimse_messages import C_STORE_RQ
+from pynetdicom.dimse_primitives import C_STORE
+from pynetdicom.dsutils import encode
+
+from dicom_agent import conformance as dc
+from dicom_agent.config import AgentSettings, load_settings
+from dicom_agent.errors import StateError
+from dicom_agent.scp import Listener, start_listener
+from dicom_agent.state import InstanceState, StateDB
+from tests.builders import (
+    CT_STORAGE,
+    SENTINEL_PATIENT_ID,
+    SENTINEL_PATIENT_NAME,
+    make_cxr,
+)
+from tests.conftest import free_port
+
+VERIFICATION = dc.VERIFICATION_SOP_CLASS
+OUR_AET = "CXRAUDIT"
+
+
+# -- fixtures and helpers -------------------------------------------------------------------
+
+
+def _settings(tmp_path: Path, **scp: Any) -> AgentSettings:
+    var = tmp_path / "var"
+    s = load_settings(
+        paths={
+            "spool": var / "spool",
+            "drafts": var / "drafts",
+            "out": var / "out",
+            "state": var / "state" / "agent.sqlite3",
+            "quarantine": var / "quarantine",
+        },
+        scp={"port": free_port(), "min_free_bytes": 0, **scp},
+    )
+    s.ensure_folders()
+    return s
+
+
+class Harness:
+    """A running listener with its settings and state DB."""
+
+    def __init__(self, settings: AgentSettings, db: StateDB, listener: Listener) -> None:
+        self.settings, self.db, self.listener = settings, db, listener
+
+    @property
+    def spool(self) -> Path:
+        return self.settings.paths.spool
+
+    def spool_files(self, pattern: str = "*") -> list[Path]:
+        return sorted(p for p in self.spool.rglob(pattern) if p.is_file())
+
+
+@pytest.fixture
+def start(tmp_path: Path) -> Iterator[Callable[..., Harness]]:
+    """Start a listener with ``scp`` overrides (and start_listener keywords); stopped after."""
+    running: list[Harness] = []
+
+    def _start(*, free_space: Any = None, on_stored: Any = None, **scp: Any) -> Harness:
+        settings = _settings(tmp_path / f"l{len(running)}", **scp)
+        db = StateDB(settings.paths.state)
+        listener = start_listener(settings, db, free_space=free_space, on_stored=on_stored)
+        harness = Harness(settings, db, listener)
+        running.append(harness)
+        return harness
+
+    yield _start
+    for harness in running:
+        harness.listener.stop()
+        harness.db.close()
+
+
+@pytest.fixture
+def listener(start: Callable[..., Harness]) -> Harness:
+    return start()
+
+
+def _associate(
+    port: int,
+    contexts: list[tuple[str, str]],
+    *,
+    calling: str = "TESTSCU",
+    called: str = OUR_AET,
+    tls: tuple[ssl.SSLContext, str] | None = None,
+) -> Association:
+    ae = AE(ae_title=calling)
+    ae.acse_timeout = ae.dimse_timeout = ae.network_timeout = 10
+    for sop_class, syntax in contexts:
+        ae.add_requested_context(sop_class, syntax)
+    return ae.associate("127.0.0.1", port, ae_title=called, tls_args=tls)
+
+
+def _store(port: int, datasets: list[Dataset], syntax: str = ExplicitVRLittleEndian) -> list[int]:
+    classes = sorted({str(ds.SOPClassUID) for ds in datasets})
+    assoc = _associate(port, [(c, syntax) for c in classes])
+    assert assoc.is_established
+    try:
+        return [int(assoc.send_c_store(ds).Status) for ds in datasets]
+    finally:
+        assoc.release()
+
+
+def _echo(port: int) -> int:
+    assoc = _associate(port, [(VERIFICATION, ImplicitVRLittleEndian)])
+    assert assoc.is_established
+    try:
+        return int(assoc.send_c_echo().Status)
+    finally:
+        assoc.release()
+
+
+def _sent_bytes(ds: Dataset, syntax: str = ExplicitVRLittleEndian) -> bytes:
+    data = encode(ds, syntax == ImplicitVRLittleEndian, True)
+    assert data is not None
+    return data
+
+
+def _wait_until(predicate: Callable[[], bool], timeout: float = 10.0) -> None:
+    deadline = time.monotonic() + timeout
+    while not predicate():
+        assert time.monotonic() < deadline, "condition not reached in time"
+        time.sleep(0.02)
+
+
+# -- Verification ---------------------------------------------------------------------------
+
+
+class TestEcho:
+    def test_echo_succeeds(self, listener: Harness) -> None:
+        assert _echo(listener.listener.port) == dc.STATUS_SUCCESS
+
+    def test_accepted_sockets_have_tcp_nodelay(self, listener: Harness) -> None:
+        assoc = _associate(listener.listener.port, [(VERIFICATION, ImplicitVRLittleEndian)])
+        try:
+            _wait_until(lambda: bool(listener.listener.server.active_associations))
+            (server_side,) = listener.listener.server.active_associations
+            sock = server_side.dul.socket.socket
+            assert sock.getsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY) == 1
+        finally:
+            assoc.release()
+
+
+# -- Storage --------------------------------------------------------------------------------
+
+
+class TestStore:
+    @pytest.mark.parametrize(
+        ("modality", "syntax"),
+        [("DX", ExplicitVRLittleEndian), ("CR", ImplicitVRLittleEndian)],
+    )
+    def test_instance_lands_on_disk_as_sent_with_its_row(
+        self, start: Callable[..., Harness], modality: str, syntax: str
+    ) -> None:
+        stored: list[str] = []
+        h = start(on_stored=stored.append)
+        ds = make_cxr(rows=128, cols=128, modality=modality)
+        assert _store(h.listener.port, [ds], syntax) == [dc.STATUS_SUCCESS]
+        path = h.spool / ds.StudyInstanceUID / ds.SeriesInstanceUID / f"{ds.SOPInstanceUID}.dcm"
+        assert h.spool_files() == [path]
+        assert path.read_bytes().endswith(_sent_bytes(ds, syntax))
+        back = dcmread(path)
+        assert back.file_meta.TransferSyntaxUID == syntax
+        assert back.file_meta.MediaStorageSOPInstanceUID == ds.SOPInstanceUID
+        assert back.file_meta.SourceApplicationEntityTitle == "TESTSCU"
+        assert back.PixelData == ds.PixelData
+        row = h.db.instance(ds.SOPInstanceUID)
+        assert row is not None
+        assert (row.path, row.modality, row.state) == (str(path), modality, InstanceState.STORED)
+        assert stored == [ds.StudyInstanceUID]
+
+    def test_identical_duplicate_succeeds_with_one_file(self, listener: Harness) -> None:
+        ds = make_cxr(rows=64, cols=64)
+        assert _store(listener.listener.port, [ds, ds]) == [0, 0]
+        assert len(listener.spool_files()) == 1
+        assert listener.listener.stats == {"new": 1, "duplicate": 1}
+
+    def test_different_bytes_replace_the_stored_copy(self, listener: Harness) -> None:
+        ds = make_cxr(rows=64, cols=64, seed=1)
+        again = make_cxr(
+            rows=64,
+            cols=64,
+            seed=2,
+            study_uid=ds.StudyInstanceUID,
+            series_uid=ds.SeriesInstanceUID,
+            sop_uid=ds.SOPInstanceUID,
+        )
+        assert _store(listener.listener.port, [ds, again]) == [0, 0]
+        (path,) = listener.spool_files()
+        assert path.read_bytes().endswith(_sent_bytes(again))
+        assert listener.listener.stats == {"new": 1, "replaced": 1}
+
+    def test_oversize_instance_is_refused_and_not_written(
+        self, start: Callable[..., Harness]
+    ) -> None:
+        h = start(max_instance_bytes=10_000)
+        assert _store(h.listener.port, [make_cxr(rows=128, cols=128)]) == [
+            dc.STATUS_REFUSED_TOO_LARGE
+        ]
+        assert h.spool_files() == []
+        assert h.db.counts()["instances"] == {}
+
+    def test_free_space_floor_answers_out_of_resources_then_recovers(
+        self, start: Callable[..., Harness]
+    ) -> None:
+        free = {"bytes": 1_000}
+        h = start(min_free_bytes=50_000_000, free_space=lambda _: free["bytes"])
+        ds = make_cxr(rows=64, cols=64)
+        assert _store(h.listener.port, [ds]) == [dc.STATUS_OUT_OF_RESOURCES]
+        assert h.spool_files() == []
+        free["bytes"] = 10**12
+        assert _store(h.listener.port, [ds]) == [dc.STATUS_SUCCESS]
+        assert len(h.spool_files("*.dcm")) == 1
+
+    def test_state_failure_answers_out_of_resources(
+        self, listener: Harness, monkeypatch: pytest.MonkeyPatch
+    ) -> None:
+        def broken(**kwargs: Any) -> None:
+            raise StateError("state commit failed: disk I/O error")
+
+        monkeypatch.setattr(listener.db, "record_instance", broken)
+        assert _store(listener.listener.port, [make_cxr(rows=32, cols=32)]) == [
+            dc.STATUS_OUT_OF_RESOURCES
+        ]
+        monkeypatch.undo()
+        assert _store(listener.listener.port, [make_cxr(rows=32, cols=32)]) == [0]
+
+    def test_no_phi_in_logs(self, listener: Harness, caplog: pytest.LogCaptureFixture) -> None:
+        caplog.set_level(logging.DEBUG)
+        ds = make_cxr(rows=32, cols=32, accession="ACC-SENTINEL-99")
+        bad = make_cxr(rows=32, cols=32, accession="ACC-SENTINEL-99")
+        del bad.StudyInstanceUID
+        assert _store(listener.listener.port, [ds, bad]) == [0, dc.STATUS_CANNOT_UNDERSTAND]
+        text = caplog.text
+        assert "instance.stored" in text
+        for secret in (SENTINEL_PATIENT_NAME, SENTINEL_PATIENT_ID, "ACC-SENTINEL-99"):
+            assert secret not in text
+
+
+class TestMalformed:
+    @pytest.mark.parametrize(
+        ("breakage", "reason"),
+        [
+            ("no_study", "StudyInstanceUID is missing"),
+            ("bad_series", "SeriesInstanceUID is not a valid UID"),
+        ],
+    )
+    def test_refused_quarantined_and_listener_keeps_serving(
+        self, listener: Harness, breakage: str, reason: str
+    ) -> None:
+        ds = make_cxr(rows=32, cols=32)
+        if breakage == "no_study":
+            del ds.StudyInstanceUID
+        else:
+            ds.SeriesInstanceUID = "1.2.x.3"
+        assert _store(listener.listener.port, [ds]) == [dc.STATUS_CANNOT_UNDERSTAND]
+        assert listener.spool_files() == []
+        quarantine = listener.settings.paths.quarantine
+        (kept,) = quarantine.glob("*.bin")
+        assert kept.read_bytes() == _sent_bytes(ds)
+        (note,) = quarantine.glob("*.reason.txt")
+        assert reason in note.read_text()
+        assert _echo(listener.listener.port) == 0
+        assert _store(listener.listener.port, [make_cxr(rows=32, cols=32)]) == [0]
+
+    def test_command_and_dataset_uid_mismatch_is_refused(self, listener: Harness) -> None:
+        ds = make_cxr(rows=32, cols=32)
+        assoc = _associate(listener.listener.port, [(ds.SOPClassUID, ExplicitVRLittleEndian)])
+        assert assoc.is_established
+        # pynetdicom's SCU always copies the UIDs from the data set, so send the request by hand,
+        # pausing the association reactor as Association.send_c_store does.
+        assoc._reactor_checkpoint.clear()
+        _wait_until(lambda: assoc._is_paused)
+        try:
+            req = _store_request(ds, affected_sop_instance="1.2.3.4")
+            assoc.dimse.send_msg(req, assoc.accepted_contexts[0].context_id)
+            _, rsp = assoc.dimse.get_msg(block=True)
+        finally:
+            assoc._reactor_checkpoint.set()
+            assoc.release()
+        assert rsp is not None and rsp.Status == dc.STATUS_DATASET_MISMATCH
+        assert listener.spool_files() == []
+        assert len(list(listener.settings.paths.quarantine.glob("*.reason.txt"))) == 1
+
+
+def _store_request(ds: Dataset, affected_sop_instance: str | None = None) -> C_STORE:
+    req = C_STORE()
+    req.MessageID = 1
+    req.AffectedSOPClassUID = ds.SOPClassUID
+    req.AffectedSOPInstanceUID = affected_sop_instance or ds.SOPInstanceUID
+    req.Priority = 2
+    req.DataSet = BytesIO(_sent_bytes(ds))
+    return req
+
+
+class TestAbort:
+    def test_peer_abort_mid_transfer_leaves_nothing(self, listener: Harness) -> None:
+        ds = make_cxr(rows=512, cols=512)
+        assoc = _associate(listener.listener.port, [(ds.SOPClassUID, ExplicitVRLittleEndian)])
+        assert assoc.is_established
+        msg = C_STORE_RQ()
+        msg.primitive_to_message(_store_request(ds))
+        fragments = list(msg.encode_msg(assoc.accepted_contexts[0].context_id, 16_384))
+        assert len(fragments) > 10
+        for pdu in fragments[: len(fragments) // 2]:
+            assoc.dul.send_pdu(pdu)
+        assoc.abort()
+        _wait_until(lambda: not listener.listener.server.active_associations)
+        assert listener.spool_files() == []
+        assert listener.db.instance(ds.SOPInstanceUID) is None
+        assert _store(listener.listener.port, [ds]) == [0]
+        assert len(listener.spool_files()) == 1
+
+
+class TestAssociationPolicy:
+    def test_wrong_called_ae_title_is_rejected(self, listener: Harness) -> None:
+        assoc = _associate(
+            listener.listener.port, [(VERIFICATION, ImplicitVRLittleEndian)], called="OTHER"
+        )
+        assert assoc.is_rejected
+
+    def test_unknown_calling_ae_title_is_rejected(self, start: Callable[..., Harness]) -> None:
+        h = start(allowed_calling_aets=["MODALITY1"])
+        cx = [(VERIFICATION, ImplicitVRLittleEndian)]
+        assert _associate(h.listener.port, cx, calling="INTRUDER").is_rejected
+        allowed = _associate(h.listener.port, cx, calling="MODALITY1")
+        assert allowed.is_established
+        allowed.release()
+
+    def test_unknown_sop_class_rejected_by_default(
+        self, listener: Harness, caplog: pytest.LogCaptureFixture
+    ) -> None:
+        caplog.set_level(logging.WARNING, logger="dicom_agent.scp")
+        cx = [(CT_STORAGE, ExplicitVRLittleEndian), (VERIFICATION, ImplicitVRLittleEndian)]
+        assoc = _associate(listener.listener.port, cx)
+        assert assoc.is_established
+        accepted = {str(c.abstract_syntax) for c in assoc.accepted_contexts}
+        assoc.release()
+        assert accepted == {VERIFICATION}
+        assert f"presentation contexts rejected for {CT_STORAGE}" in caplog.text
+
+    def test_unknown_sop_class_ignored_is_stored_but_never_audited(
+        self, start: Callable[..., Harness]
+    ) -> None:
+        h = start(unknown_sop_class="ignore")
+        ds = make_cxr(rows=32, cols=32)
+        ds.SOPClassUID = CT_STORAGE
+        ds.Modality = "CT"
+        assert _store(h.listener.port, [ds]) == [0]
+        row = h.db.instance(ds.SOPInstanceUID)
+        assert row is not None and row.state == InstanceState.IGNORED
+
+    def test_two_workers_can_share_the_port(self, start: Callable[..., Harness]) -> None:
+        first = start(workers=2)
+        second = start(workers=2, port=first.listener.port)
+        assert second.listener.port == first.listener.port
+        assert _echo(first.listener.port) == 0
+
+
+# -- TLS ------------------------------------------------------------------------------------
+
+
+def _openssl(*args: str | Path) -> None:
+    subprocess.run(["openssl", *map(str, args)], check=True, capture_output=True, timeout=60)
+
+
+@pytest.fixture(scope="module")
+def pki(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
+    """A throwaway CA with a server (127.0.0.1) and a client certificate."""
+    d = tmp_path_factory.mktemp("pki")
+    subj = "/CN=test-ca"
+    _openssl("req", "-x509", "-newkey", "rsa:2048", "-nodes", "-days", "2", "-subj", subj,
+             "-keyout", d / "ca.key", "-out", d / "ca.pem")  # fmt: skip
+    (d / "san.cnf").write_text("subjectAltName=IP:127.0.0.1\n")
+    for name in ("server", "client"):
+        _openssl("req", "-newkey", "rsa:2048", "-nodes", "-subj", f"/CN={name}",
+                 "-keyout", d / f"{name}.key", "-out", d / f"{name}.csr")  # fmt: skip
+        _openssl("x509", "-req", "-in", d / f"{name}.csr", "-CA", d / "ca.pem",
+                 "-CAkey", d / "ca.key", "-CAcreateserial", "-days", "2",
+                 "-extfile", d / "san.cnf", "-out", d / f"{name}.pem")  # fmt: skip
+    return {p.stem + p.suffix.replace(".", "_"): p for p in d.iterdir()}
+
+
+class TestTLS:
+    def _client(self, pki: dict[str, Path], with_cert: bool) -> ssl.SSLContext:
+        ctx = ssl.create_default_context(ssl.Purpose.SERVER_AUTH, cafile=str(pki["ca_pem"]))
+        if with_cert:
+            ctx.load_cert_chain(str(pki["client_pem"]), str(pki["client_key"]))
+        return ctx
+
+    def test_client_certificate_is_required(
+        self, start: Callable[..., Harness], pki: dict[str, Path]
+    ) -> None:
+        h = start(
+            tls={
+                "enabled": True,
+                "cert_file": pki["server_pem"],
+                "key_file": pki["server_key"],
+                "ca_file": pki["ca_pem"],
+                "require_client_cert": True,
+            }
+        )
+        cx = [(VERIFICATION, ImplicitVRLittleEndian)]
+        good = _associate(h.listener.port, cx, tls=(self._client(pki, True), "127.0.0.1"))
+        assert good.is_established
+        assert int(good.send_c_echo().Status) == 0
+        good.release()
+        bare = _associate(h.listener.port, cx, tls=(self._client(pki, False), "127.0.0.1"))
+        assert not bare.is_established
+        plain = _associate(h.listener.port, cx)
+        assert not plain.is_established
+        assert h.spool_files() == []
