@@ -325,9 +325,9 @@ def _ids(vectors: list[tuple[Any, ...]]) -> list[str]:
 
 
 def test_every_reference_vector_is_ported() -> None:
-    ported = set()
+    ported: set[str] = set()
     for vectors in (E_VECTORS, S_VECTORS, G_VECTORS, D_VECTORS, R_VECTORS):
-        ported |= set(_ids(vectors))  # type: ignore[arg-type]
+        ported |= set(_ids(vectors))
     # v26 (confidence) and v28 (duplicate keeps first confidence) check fields beyond the
     # (label, box) summary; they have their own tests below.
     ported |= {"v26", "v28"}
