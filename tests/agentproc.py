@@ -34,7 +34,9 @@ T = TypeVar("T")
 
 AGENT_AET = "CXRAUDIT"
 SENDER_AET = "TESTSCU"
-PYTHON = sys.executable
+# The console script, not ``python -m dicom_agent.cli``: run as __main__, cli.py would be a
+# second module object and the command modules register on the other copy's app.
+CXR_AGENT = str(Path(sys.executable).parent / "cxr-agent")
 
 
 def wait_until(
@@ -170,8 +172,7 @@ class AgentProcess:
     # -- process control -----------------------------------------------------------------
 
     def command(self) -> list[str]:
-        return [*self.wrapper, PYTHON, "-m", "dicom_agent.cli", "serve", "--config",
-                str(self.config_path)]
+        return [*self.wrapper, CXR_AGENT, "serve", "--config", str(self.config_path)]
 
     def start(self, *, wait: bool = True, timeout: float = 60.0) -> None:
         """Start the agent (appending to the log) and, by default, wait until it serves."""
@@ -277,7 +278,7 @@ class AgentProcess:
         """Run another ``cxr-agent`` command against this agent's config (e.g. ``status``)."""
         env = {k: v for k, v in os.environ.items() if not k.startswith("CXR_AGENT")}
         return subprocess.run(
-            [PYTHON, "-m", "dicom_agent.cli", *args, "--config", str(self.config_path)],
+            [CXR_AGENT, *args, "--config", str(self.config_path)],
             cwd=self.root,
             env=env,
             capture_output=True,
