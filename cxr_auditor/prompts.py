@@ -40,7 +40,8 @@ GROUNDING_EXAMPLES: tuple[tuple[str, str], ...] = (
         json.dumps([{"label": "pleural_effusion", "box_2d": [0.58, 0.06, 0.93, 0.42]}]),
     ),
     (
-        "a PA view with a LEFT apical pneumothorax (patient's left, so the RIGHT half of the image)",
+        "a PA view with a LEFT apical pneumothorax "
+        "(patient's left, so the RIGHT half of the image)",
         json.dumps([{"label": "pneumothorax", "box_2d": [0.05, 0.56, 0.38, 0.92]}]),
     ),
     (
