@@ -31,12 +31,10 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from cxr_auditor.pipeline import AuditItem, Auditor
-
-from cxr_auditor.drafts import get_parser
 from cxr_auditor.errors import ModelUnavailable
 from cxr_auditor.grounding import build_grounder
 from cxr_auditor.grounding.base import ImageInput
+from cxr_auditor.pipeline import AuditItem, Auditor
 from cxr_auditor.profiles import get_profile
 from cxr_auditor.schema import AuditResult, ImageRef, StudyKeys
 from dicom_agent.config import AgentSettings
@@ -65,6 +63,10 @@ def default_auditor_factory(settings: AgentSettings) -> AuditorFactory:
     """Auditors built from the configured profiles (``paths.profiles`` first) and parser."""
 
     def build(profile_name: str) -> Auditor:
+        # Imported here: a parser that cannot be built (missing extra, model-backed parser
+        # without weights) makes the model unavailable instead of breaking start-up.
+        from cxr_auditor.drafts import get_parser
+
         profile = get_profile(profile_name, settings.paths.profiles)
         grounder = build_grounder(profile)
         parser = get_parser(settings.drafts.parser)

@@ -1,0 +1,231 @@
+"""The worker: routing, batching, outputs, retries, dead letters and the model-unavailable path.
+
+Models are FakeGrounders injected through the auditor factory; the clock is a variable.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+from pathlib import Path
+
+import pytest
+
+from cxr_auditor.errors import BackendError, ModelUnavailable
+from cxr_auditor.grounding.fake import FakeGrounder
+from cxr_auditor.pipeline import Auditor
+from dicom_agent.config import AgentSettings
+from dicom_agent.scheduler import Reason, queue_audit
+from dicom_agent.state import JobState, StateDB, StudyState
+from dicom_agent.worker import Models, Worker
+from tests.builders import SENTINEL_PATIENT_NAME, make_cxr, save
+
+DARK = (3000.0, 1000.0)  # window that makes the phantom dark: the fake answers no_finding
+
+
+class Clock:
+    def __init__(self) -> None:
+        self.now = 1000.0
+
+    def __call__(self) -> float:
+        return self.now
+
+
+@pytest.fixture
+def clock() -> Clock:
+    return Clock()
+
+
+@pytest.fixture
+def db(settings: AgentSettings) -> StateDB:
+    return StateDB(settings.paths.state)
+
+
+def store(settings: AgentSettings, db: StateDB, study_uid: str, **kw: object) -> str:
+    ds = make_cxr(rows=96, cols=80, study_uid=study_uid, accession="ACC-SENTINEL", **kw)  # type: ignore[arg-type]
+    path = save(ds, settings.paths.spool / study_uid / f"{ds.SOPInstanceUID}.dcm")
+    db.record_instance(
+        sop_instance_uid=ds.SOPInstanceUID, study_instance_uid=study_uid,
+        series_instance_uid=ds.SeriesInstanceUID, sop_class_uid=ds.SOPClassUID,
+        modality=ds.Modality, transfer_syntax_uid=str(ds.file_meta.TransferSyntaxUID),
+        view_position=ds.ViewPosition, body_part=ds.BodyPartExamined,
+        accession_number=ds.AccessionNumber, path=str(path), sha256=ds.SOPInstanceUID, size=1,
+        now=0,
+    )
+    return str(ds.SOPInstanceUID)
+
+
+def queue(db: StateDB, study_uid: str, now: float) -> int:
+    db.set_study_state(study_uid, StudyState.WAITING_DRAFT, now, settled_at=now)
+    return queue_audit(db, study_uid, None, Reason.IMAGE_ONLY, now).id
+
+
+def make_worker(settings: AgentSettings, db: StateDB, clock: Clock, factory) -> Worker:  # type: ignore[no-untyped-def]
+    return Worker(settings, db, Models(factory, settings.worker.model_retry_seconds, clock=clock),
+                  clock=clock)
+
+
+def sidecar(settings: AgentSettings, study_uid: str) -> dict:  # type: ignore[type-arg]
+    return json.loads((settings.paths.out / study_uid / "audit.json").read_text())
+
+
+class TestAudit:
+    def test_image_only_audit_writes_outputs_and_marks_done(
+        self, settings: AgentSettings, db: StateDB, clock: Clock, caplog: pytest.LogCaptureFixture
+    ) -> None:
+        pa = store(settings, db, "1.2.3.1")
+        lat = store(settings, db, "1.2.3.1", view_position="LL")
+        job_id = queue(db, "1.2.3.1", clock.now)
+        grounder = FakeGrounder.from_rule("mean_brightness")
+        worker = make_worker(settings, db, clock, lambda name: Auditor(grounder, None))
+        with caplog.at_level(logging.DEBUG):
+            assert worker.run_once() == 1
+        worker.stop()
+        assert db.job(job_id).state == "done"  # type: ignore[union-attr]
+        assert db.study("1.2.3.1").state == "audited"  # type: ignore[union-attr]
+        out = sidecar(settings, "1.2.3.1")
+        assert out["mode"] == "image_only" and out["result_version"] == 1
+        assert [i["image_id"] for i in out["inputs"]["images"]] == [pa]
+        assert out["inputs"]["skipped_images"] == [{"image_id": lat, "reason": "lateral_view"}]
+        assert {f["label"] for f in out["grounding"]["findings"]} == {"pneumothorax", "pleural_effusion"}
+        assert [f["kind"] for f in out["flags"]] == ["urgent"]
+        assert {"decode", "model", "grounding"} <= set(out["timings"])
+        assert (settings.paths.out / "1.2.3.1" / "v1" / "overlay-0.png").exists()
+        assert "audit.done" in [getattr(r, "event", None) for r in caplog.records]
+        assert SENTINEL_PATIENT_NAME not in caplog.text and "ACC-SENTINEL" not in caplog.text
+        assert "1.2.3.1" not in caplog.text
+
+    def test_jobs_of_several_studies_share_one_grounder_call(
+        self, settings: AgentSettings, db: StateDB, clock: Clock
+    ) -> None:
+        for n in range(3):
+            store(settings, db, f"1.2.4.{n}")
+            queue(db, f"1.2.4.{n}", clock.now)
+        grounder = FakeGrounder.from_rule("mean_brightness")
+        worker = make_worker(settings, db, clock, lambda name: Auditor(grounder, None))
+        assert worker.run_once() == 3
+        worker.stop()
+        assert grounder.batch_sizes == [3]
+        assert db.counts()["jobs"] == {"done": 3}
+
+    def test_an_undecodable_image_is_skipped_not_fatal(
+        self, settings: AgentSettings, db: StateDB, clock: Clock
+    ) -> None:
+        good = store(settings, db, "1.2.5.1", window=DARK)
+        bad = store(settings, db, "1.2.5.1")
+        Path(db.instance(bad).path).write_bytes(b"not dicom")  # type: ignore[union-attr]
+        queue(db, "1.2.5.1", clock.now)
+        worker = make_worker(settings, db, clock,
+                             lambda name: Auditor(FakeGrounder.from_rule("mean_brightness"), None))
+        worker.run_once()
+        worker.stop()
+        out = sidecar(settings, "1.2.5.1")
+        assert [i["image_id"] for i in out["inputs"]["images"]] == [good]
+        assert out["inputs"]["skipped_images"] == [{"image_id": bad, "reason": "decode_failed"}]
+        assert out["grounding"]["findings"][0]["label"] == "no_finding"
+
+
+class _Broken:
+    """A grounder whose backend fails on every call."""
+
+    info = FakeGrounder("[]").info
+
+    def ground(self, images):  # type: ignore[no-untyped-def]
+        raise BackendError("inference server answered 503")
+
+    def close(self) -> None:
+        pass
+
+
+class TestFailures:
+    def test_failure_schedules_a_retry_with_backoff_then_dead_letters(
+        self, settings: AgentSettings, db: StateDB, clock: Clock
+    ) -> None:
+        s = settings.model_copy(update={"worker": settings.worker.model_copy(
+            update={"max_attempts": 2, "retry_backoff_seconds": 30})})
+        store(s, db, "1.2.6.1")
+        job_id = queue(db, "1.2.6.1", clock.now)
+        worker = make_worker(s, db, clock, lambda name: Auditor(_Broken(), None))  # type: ignore[arg-type]
+        worker.run_once()
+        job = db.job(job_id)
+        assert job is not None
+        assert (job.state, job.attempts, job.next_attempt_at) == ("queued", 1, clock.now + 30)
+        assert "BackendError: inference server answered 503" in (job.last_error or "")
+        assert worker.run_once() == 0  # not due yet
+        clock.now += 30
+        worker.run_once()
+        worker.stop()
+        job = db.job(job_id)
+        assert (job.state, job.attempts) == ("dead", 2)  # type: ignore[union-attr]
+        assert db.study("1.2.6.1").state == "failed"  # type: ignore[union-attr]
+
+    def test_model_unavailable_parks_jobs_and_drains_them_once_it_loads(
+        self, settings: AgentSettings, db: StateDB, clock: Clock
+    ) -> None:
+        store(settings, db, "1.2.7.1")
+        job_id = queue(db, "1.2.7.1", clock.now)
+        available = {"yes": False}
+
+        def factory(name: str) -> Auditor:
+            if not available["yes"]:
+                raise ModelUnavailable("no weights for google/medgemma here")
+            return Auditor(FakeGrounder.from_rule("mean_brightness"), None)
+
+        worker = make_worker(settings, db, clock, factory)
+        assert worker.run_once() == 0
+        assert db.job(job_id).state == JobState.WAITING_MODEL.value  # type: ignore[union-attr]
+        status = worker.models.status()[settings.grounding.profile]
+        assert status["state"] == "unavailable" and "no weights" in status["reason"]
+        available["yes"] = True
+        assert worker.run_once() == 0  # retry not due yet: nothing is lost, nothing runs
+        clock.now += settings.worker.model_retry_seconds
+        assert worker.run_once() == 1
+        worker.stop()
+        assert db.job(job_id).state == "done"  # type: ignore[union-attr]
+        assert worker.models.status()[settings.grounding.profile]["state"] == "ready"
+
+    def test_rerun_with_different_content_never_overwrites_a_version(
+        self, settings: AgentSettings, db: StateDB, clock: Clock
+    ) -> None:
+        store(settings, db, "1.2.8.1")
+        queue(db, "1.2.8.1", clock.now)
+        worker = make_worker(settings, db, clock,
+                             lambda name: Auditor(FakeGrounder.from_rule("mean_brightness"), None))
+        worker.run_once()
+        first = sidecar(settings, "1.2.8.1")
+        # a crash left version 2 on disk with other content before its job was marked done
+        job = queue_audit(db, "1.2.8.1", None, Reason.REAUDIT, clock.now)
+        assert job.result_version == 2
+        v2 = settings.paths.out / "1.2.8.1" / "v2"
+        v2.mkdir()
+        (v2 / "audit.json").write_text(
+            json.dumps({**first, "result_version": 2, "notes": ["another run"]}))
+        worker.run_once()
+        worker.stop()
+        assert sidecar(settings, "1.2.8.1")["result_version"] == 3
+        assert json.loads((v2 / "audit.json").read_text())["notes"] == ["another run"]
+        assert db.job(job.id).result_version == 3  # type: ignore[union-attr]
+
+
+class TestThreadedLoop:
+    def test_started_worker_drains_the_queue(
+        self, settings: AgentSettings, db: StateDB
+    ) -> None:
+        for n in range(4):
+            store(settings, db, f"1.2.9.{n}")
+            queue(db, f"1.2.9.{n}", 0)
+        s = settings.model_copy(update={"worker": settings.worker.model_copy(
+            update={"batch_size": 2, "batch_wait_seconds": 0.05})})
+        grounder = FakeGrounder.from_rule("mean_brightness")
+        worker = Worker(s, db, Models(lambda name: Auditor(grounder, None), 60))
+        worker.start()
+        try:
+            import time
+
+            deadline = time.monotonic() + 20
+            while db.counts()["jobs"].get("done", 0) < 4 and time.monotonic() < deadline:
+                time.sleep(0.05)
+        finally:
+            worker.stop()
+        assert db.counts()["jobs"] == {"done": 4}
+        assert sum(grounder.batch_sizes) == 4 and max(grounder.batch_sizes) <= 2
