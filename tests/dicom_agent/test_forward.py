@@ -1,0 +1,205 @@
+"""Forwarding results: C-STORE SCU to a local pynetdicom SCP, research-only rule, the outbox."""
+
+from __future__ import annotations
+
+import logging
+import threading
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+from pydicom.dataset import Dataset
+from pynetdicom import AE, ALL_TRANSFER_SYNTAXES, AllStoragePresentationContexts, evt
+
+from dicom_agent.config import AgentSettings, Destination, load_settings
+from dicom_agent.errors import ForwardError
+from dicom_agent.forward import backoff_seconds, drain_outbox, enqueue_forward, forward_files
+from dicom_agent.outputs import objects_to_send, write_outputs
+from dicom_agent.state import JobKind, JobState, StateDB
+from tests.conftest import free_port
+from tests.dicom_agent.outputs.studies import findings_result, make_study
+
+SR_CLASS = "1.2.840.10008.5.1.4.1.1.88.34"
+GSPS_CLASS = "1.2.840.10008.5.1.4.1.1.11.1"
+SC_CLASS = "1.2.840.10008.5.1.4.1.1.7"
+EXPLICIT_LE = "1.2.840.10008.1.2.1"
+
+
+class Receiver:
+    """A Storage SCP on loopback that keeps what it receives and what was proposed to it."""
+
+    def __init__(self, port: int) -> None:
+        self.port = port
+        self.received: list[Dataset] = []
+        self.proposed: set[tuple[str, str]] = set()
+        self._lock = threading.Lock()
+        ae = AE(ae_title="RESEARCHPACS")
+        for cx in AllStoragePresentationContexts:
+            ae.add_supported_context(cx.abstract_syntax, ALL_TRANSFER_SYNTAXES)
+        self._ae = ae
+        self._server = None
+
+    def _on_store(self, event: evt.Event) -> int:
+        with self._lock:
+            self.received.append(event.dataset)
+        return 0x0000
+
+    def _on_requested(self, event: evt.Event) -> None:
+        with self._lock:
+            for cx in event.assoc.requestor.requested_contexts:
+                for syntax in cx.transfer_syntax:
+                    self.proposed.add((str(cx.abstract_syntax), str(syntax)))
+
+    def start(self) -> Receiver:
+        self._server = self._ae.start_server(
+            ("127.0.0.1", self.port),
+            block=False,
+            evt_handlers=[(evt.EVT_C_STORE, self._on_store), (evt.EVT_REQUESTED, self._on_requested)],
+        )
+        return self
+
+    def stop(self) -> None:
+        if self._server is not None:
+            self._server.shutdown()
+            self._server = None
+
+
+@pytest.fixture
+def receiver() -> Iterator[Receiver]:
+    scp = Receiver(free_port()).start()
+    yield scp
+    scp.stop()
+
+
+def _destination(port: int, research: bool = True) -> Destination:
+    return Destination(
+        name="research-pacs", ae_title="RESEARCHPACS", host="127.0.0.1", port=port, research=research
+    )
+
+
+@pytest.fixture
+def result_files(tmp_path: Path, settings: AgentSettings) -> list[Path]:
+    study = make_study(tmp_path)
+    result = write_outputs(
+        findings_result(study),
+        sources=study.sources,
+        display=study.display,
+        study_dir=study.study_dir,
+        settings=settings,
+    )
+    return objects_to_send(study.study_dir, result)
+
+
+class TestForwardFiles:
+    def test_delivers_and_proposes_only_the_classes_sent(
+        self, receiver: Receiver, result_files: list[Path]
+    ) -> None:
+        forward_files(_destination(receiver.port), result_files, calling_ae="CXRAUDIT")
+        assert sorted(str(ds.SOPClassUID) for ds in receiver.received) == sorted(
+            [SR_CLASS, GSPS_CLASS, SC_CLASS]
+        )
+        assert receiver.proposed == {(SR_CLASS, EXPLICIT_LE), (GSPS_CLASS, EXPLICIT_LE), (SC_CLASS, EXPLICIT_LE)}
+
+    def test_non_research_destination_is_refused_with_a_log_line(
+        self, receiver: Receiver, result_files: list[Path], caplog: pytest.LogCaptureFixture
+    ) -> None:
+        caplog.set_level(logging.WARNING, logger="dicom_agent.forward")
+        with pytest.raises(ForwardError, match="not marked research"):
+            forward_files(_destination(receiver.port, research=False), result_files, calling_ae="CXRAUDIT")
+        assert receiver.received == []
+        assert "not marked research" in caplog.text
+
+    def test_unreachable_destination_raises_forward_error(self, result_files: list[Path]) -> None:
+        with pytest.raises(ForwardError, match="association failed"):
+            forward_files(_destination(free_port()), result_files, calling_ae="CXRAUDIT")
+
+    def test_unreadable_file_is_translated_and_chained(self, tmp_path: Path, receiver: Receiver) -> None:
+        bad = tmp_path / "bad.dcm"
+        bad.write_bytes(b"not dicom at all")
+        with pytest.raises(ForwardError) as info:
+            forward_files(_destination(receiver.port), [bad], calling_ae="CXRAUDIT")
+        assert info.value.__cause__ is not None
+        assert receiver.received == []
+
+
+class TestOutbox:
+    def _settings(self, tmp_path: Path, port: int, research: bool = True, **forward: object) -> AgentSettings:
+        return load_settings(
+            paths={"state": tmp_path / "state.sqlite3", "out": tmp_path / "out"},
+            forward={
+                "enabled": True,
+                "destinations": [_destination(port, research).model_dump()],
+                "retry_backoff_seconds": 30,
+                "retry_backoff_max_seconds": 100,
+                **forward,
+            },
+        )
+
+    def test_retries_with_backoff_then_delivers_when_destination_returns(
+        self, tmp_path: Path, result_files: list[Path]
+    ) -> None:
+        port = free_port()
+        settings = self._settings(tmp_path, port)
+        db = StateDB(tmp_path / "state.sqlite3")
+        (job_id,) = enqueue_forward(db, "1.2.3", result_files, settings.forward.destinations, now=1000.0)
+
+        assert drain_outbox(db, settings, now=1000.0) == 0  # nobody listening
+        job = db.job(job_id)
+        assert job is not None
+        assert (job.state, job.attempts, job.next_attempt_at) == ("queued", 1, 1030.0)
+        assert "association failed" in (job.last_error or "")
+
+        assert drain_outbox(db, settings, now=1029.0) == 0  # not due yet: no attempt
+        assert db.job(job_id).attempts == 1  # type: ignore[union-attr]
+        assert drain_outbox(db, settings, now=1030.0) == 0
+        assert db.job(job_id).next_attempt_at == 1030.0 + 60.0  # type: ignore[union-attr]
+        assert drain_outbox(db, settings, now=1090.0) == 0
+        assert db.job(job_id).next_attempt_at == 1090.0 + 100.0  # capped  # type: ignore[union-attr]
+
+        scp = Receiver(port).start()
+        try:
+            assert drain_outbox(db, settings, now=1190.0) == 1
+        finally:
+            scp.stop()
+        job = db.job(job_id)
+        assert job is not None
+        assert (job.state, job.attempts) == ("done", 4)
+        assert len(scp.received) == len(result_files)
+        assert db.jobs(JobState.QUEUED, JobKind.FORWARD) == []
+
+    def test_job_is_dead_after_max_attempts_with_error_kept(
+        self, tmp_path: Path, result_files: list[Path]
+    ) -> None:
+        settings = self._settings(tmp_path, free_port(), max_attempts=2)
+        db = StateDB(tmp_path / "state.sqlite3")
+        (job_id,) = enqueue_forward(db, "1.2.3", result_files, settings.forward.destinations, now=0.0)
+        drain_outbox(db, settings, now=0.0)
+        drain_outbox(db, settings, now=1000.0)
+        job = db.job(job_id)
+        assert job is not None
+        assert (job.state, job.attempts) == ("dead", 2)
+        assert "association" in (job.last_error or "")
+        assert drain_outbox(db, settings, now=1e9) == 0
+
+    def test_non_research_destination_is_never_queued(
+        self, tmp_path: Path, result_files: list[Path], caplog: pytest.LogCaptureFixture
+    ) -> None:
+        caplog.set_level(logging.WARNING, logger="dicom_agent.forward")
+        settings = self._settings(tmp_path, free_port(), research=False)
+        db = StateDB(tmp_path / "state.sqlite3")
+        assert enqueue_forward(db, "1.2.3", result_files, settings.forward.destinations) == []
+        assert db.jobs(kind=JobKind.FORWARD) == []
+        assert "research-pacs is not marked research" in caplog.text
+
+    def test_payload_names_destination_and_files(self, tmp_path: Path, result_files: list[Path]) -> None:
+        import json
+
+        settings = self._settings(tmp_path, free_port())
+        db = StateDB(tmp_path / "state.sqlite3")
+        (job_id,) = enqueue_forward(db, "1.2.3", result_files, settings.forward.destinations)
+        payload = json.loads(db.job(job_id).payload or "")  # type: ignore[union-attr]
+        assert payload == {"destination": "research-pacs", "files": [str(p) for p in result_files]}
+
+    def test_backoff_doubles_to_the_cap(self) -> None:
+        forward = load_settings(forward={"retry_backoff_seconds": 5, "retry_backoff_max_seconds": 30}).forward
+        assert [backoff_seconds(n, forward) for n in range(1, 6)] == [5, 10, 20, 30, 30]
