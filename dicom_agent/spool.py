@@ -173,7 +173,7 @@ def encode_file_meta(
     return buf.getvalue()
 
 
-def _read_part10(path: Path) -> tuple[str, bytes]:
+def read_part10(path: Path) -> tuple[str, bytes]:
     """(transfer syntax, data set bytes) of a Part 10 file, without decoding the data set."""
     try:
         meta = read_file_meta_info(path)
@@ -376,7 +376,7 @@ def reconcile(db: StateDB, spool_root: Path) -> int:
             if row is None or row.path != key or path.stat().st_mtime <= row.updated_at:
                 continue
         try:
-            transfer_syntax, data_set = _read_part10(path)
+            transfer_syntax, data_set = read_part10(path)
             header = read_header(data_set, transfer_syntax)
         except (DicomInputError, OSError) as exc:
             logger.warning("spool file %s unreadable during reconcile: %s", path.name, exc)

@@ -430,3 +430,59 @@ class TestTLS:
         plain = _associate(h.listener.port, cx)
         assert not plain.is_established
         assert h.spool_files() == []
+
+
+# -- robustness against pydicom's test-file collection ----------------------------------------
+
+_CLEAR_STATUSES = {
+    dc.STATUS_SUCCESS,
+    dc.STATUS_REFUSED_TOO_LARGE,
+    dc.STATUS_DATASET_MISMATCH,
+    dc.STATUS_CANNOT_UNDERSTAND,
+}
+
+
+def _sendable(path: str) -> Dataset | None:
+    try:
+        ds = dcmread(path)
+        syntax = str(ds.file_meta.TransferSyntaxUID)
+        if not (ds.get("SOPClassUID") and ds.get("SOPInstanceUID") and syntax):
+            return None
+    except Exception:  # unreadable by pydicom itself: nothing a peer could send
+        return None
+    return ds
+
+
+@pytest.mark.slow
+def test_every_local_pydicom_test_file_is_stored_or_refused_clearly(
+    start: Callable[..., Harness],
+) -> None:
+    from pydicom.data import get_testdata_files
+
+    h = start(unknown_sop_class="ignore")
+    outcomes: dict[int, int] = {}
+    for path in get_testdata_files():
+        ds = _sendable(path)
+        if ds is None:
+            continue
+        syntax = str(ds.file_meta.TransferSyntaxUID)
+        assoc = _associate(h.listener.port, [(str(ds.SOPClassUID), syntax)])
+        if not assoc.is_established:
+            continue
+        try:
+            if not assoc.accepted_contexts:
+                continue  # not a storage class, or a syntax we do not accept: refused at once
+            try:
+                rsp = assoc.send_c_store(ds)
+            except (ValueError, AttributeError, TypeError):
+                continue  # pynetdicom cannot encode it for sending
+            status = int(rsp.Status)
+        finally:
+            assoc.release()
+        assert status in _CLEAR_STATUSES, (Path(path).name, hex(status))
+        outcomes[status] = outcomes.get(status, 0) + 1
+        if status == dc.STATUS_SUCCESS:
+            row = h.db.instance(str(ds.SOPInstanceUID).strip())
+            assert row is not None and Path(row.path).is_file(), Path(path).name
+    assert outcomes.get(dc.STATUS_SUCCESS, 0) > 50
+    assert _echo(h.listener.port) == 0
