@@ -48,7 +48,7 @@ def _draft(
                 label=label, status=status, span=span, start=100 * n, end=100 * n + len(span),
                 laterality=side,
             )
-        )  # fmt: skip
+        )
     return DraftResult(state=state, findings=findings)
 
 

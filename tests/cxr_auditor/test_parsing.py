@@ -691,7 +691,7 @@ _FRAGMENTS = [
     "[", "]", "{", "}", ",", ":", '"', "\\", " ", "\n", "```", "```json\n", "<think>",
     "</think>", '"label"', '"box_2d"', '"status"', '"span"', '"pneumothorax"', '"present"',
     '"absent"', "null", "0.1", "0.9", "500", "-1", "true", "x", "Findings:", "<loc0100>",
-]  # fmt: skip
+]
 _JSONISH = st.lists(st.sampled_from(_FRAGMENTS), max_size=40).map("".join)
 _ANY_TEXT = st.one_of(st.text(max_size=200), _JSONISH)
 _PROPS = settings(max_examples=300, deadline=None, suppress_health_check=[HealthCheck.too_slow])
