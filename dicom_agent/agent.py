@@ -34,7 +34,7 @@ from dicom_agent.observe import (
 )
 from dicom_agent.scheduler import Scheduler
 from dicom_agent.scp import Listener, start_listener
-from dicom_agent.state import DraftState, JobKind, JobState, StateDB, StudyState
+from dicom_agent.state import DraftState, JobState, StateDB, StudyState
 from dicom_agent.worker import AuditorFactory, Models, Worker, default_auditor_factory
 
 log = logging.getLogger(__name__)
@@ -188,16 +188,17 @@ def status_counts(db: StateDB) -> dict[str, Any]:
     dead = [
         {
             "job_id": j.id,
+            "kind": j.kind,
             "study": study_ref(j.study_instance_uid),
             "attempts": j.attempts,
             "error": (j.last_error or "").splitlines()[0][:300] if j.last_error else None,
         }
-        for j in db.jobs(JobState.DEAD, JobKind.AUDIT)
+        for j in db.jobs(JobState.DEAD)
     ]
     retrying = [
-        {"job_id": j.id, "study": study_ref(j.study_instance_uid), "attempts": j.attempts,
+        {"job_id": j.id, "kind": j.kind, "study": study_ref(j.study_instance_uid), "attempts": j.attempts,
          "next_attempt_at": j.next_attempt_at, "error": (j.last_error or "").splitlines()[0][:300]}
-        for j in db.jobs(JobState.QUEUED, JobKind.AUDIT)
+        for j in db.jobs(JobState.QUEUED)
         if j.last_error
     ]
     return {

@@ -25,6 +25,7 @@ from pathlib import Path
 
 from apscheduler.schedulers.background import BackgroundScheduler
 
+from dicom_agent import forward
 from dicom_agent.config import AgentSettings, PairingSettings
 from dicom_agent.drafts import DraftReader
 from dicom_agent.observe import Event, event, study_ref
@@ -299,8 +300,6 @@ class Scheduler:
         housekeeping(self.db, self.settings, self.clock())
 
     def drain_forward(self) -> None:
-        from dicom_agent import forward  # only loaded when forwarding is enabled
-
         sent = forward.drain_outbox(self.db, self.settings, self.clock())
         if sent:
             log.info("results forwarded", extra=event(event=Event.SR_FORWARDED, count=sent))

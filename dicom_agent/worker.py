@@ -37,6 +37,7 @@ from cxr_auditor.grounding.base import ImageInput
 from cxr_auditor.pipeline import AuditItem, Auditor
 from cxr_auditor.profiles import get_profile
 from cxr_auditor.schema import AuditResult, ImageRef, StudyKeys
+from dicom_agent import forward
 from dicom_agent.config import AgentSettings
 from dicom_agent.observe import Event, Metrics, event, study_ref
 from dicom_agent.outputs import objects_to_send, read_result, write_outputs
@@ -516,8 +517,6 @@ class Worker:
             now = self.clock()
             self.db.transition_job(job.id, JobState.DONE, now)
             if self.settings.forward.enabled and self.settings.forward.destinations:
-                from dicom_agent import forward  # only loaded when forwarding is enabled
-
                 files = objects_to_send(folder, final)
                 if files:
                     forward.enqueue_forward(self.db, uid, files, self.settings.forward.destinations)

@@ -115,10 +115,10 @@ def _print_status(body: dict[str, Any]) -> None:
     typer.echo(f"studies waiting for a draft: {body['waiting_for_draft']}")
     typer.echo(f"orphan drafts: {body['orphan_drafts']}")
     for job in body["retrying_jobs"]:
-        typer.echo(f"retrying: job {job['job_id']} study {job['study']} attempts "
+        typer.echo(f"retrying: {job['kind']} job {job['job_id']} study {job['study']} attempts "
                    f"{job['attempts']}: {job['error']}")
     for job in body["dead_jobs"]:
-        typer.echo(f"dead: job {job['job_id']} study {job['study']} after {job['attempts']} "
+        typer.echo(f"dead: {job['kind']} job {job['job_id']} study {job['study']} after {job['attempts']} "
                    f"attempts: {job['error']}")
 
 

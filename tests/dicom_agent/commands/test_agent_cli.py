@@ -1,0 +1,135 @@
+"""``cxr-agent serve`` (config errors), ``status`` and ``reaudit`` through typer's CliRunner."""
+
+from __future__ import annotations
+
+import json
+import os
+import time
+from pathlib import Path
+
+import pytest
+import yaml
+from typer.testing import CliRunner
+
+from dicom_agent.cli import app
+from dicom_agent.state import DraftState, JobState, StateDB, StudyState
+
+UID = "1.2.826.0.1.3680043.8.498.77"
+runner = CliRunner()
+
+
+@pytest.fixture
+def config(tmp_path: Path) -> Path:
+    var = tmp_path / "var"
+    path = tmp_path / "agent.yaml"
+    path.write_text(yaml.safe_dump({"paths": {
+        "spool": str(var / "spool"), "drafts": str(var / "drafts"), "out": str(var / "out"),
+        "state": str(var / "state" / "agent.sqlite3"), "quarantine": str(var / "q")}}))
+    return path
+
+
+def state_db(config: Path) -> StateDB:
+    return StateDB(config.parent / "var" / "state" / "agent.sqlite3")
+
+
+def seed(db: StateDB) -> int:
+    """One audited study, one dead job, one orphan draft."""
+    db.record_instance(
+        sop_instance_uid=UID + ".1", study_instance_uid=UID, series_instance_uid=UID + ".2",
+        sop_class_uid="1.2.840.10008.5.1.4.1.1.1.1", modality="DX", transfer_syntax_uid=None,
+        view_position="PA", body_part="CHEST", accession_number="ACC-SECRET", path="/x.dcm",
+        sha256="h", size=1, now=0,
+    )
+    db.set_study_state(UID, StudyState.WAITING_DRAFT, 1, settled_at=1)
+    job = db.queue_audit(UID, None, "image_only", 1)
+    db.claim_audit_jobs(1, 2)
+    db.transition_job(job.id, JobState.DONE, 3)
+    db.record_instance(
+        sop_instance_uid="1.9.1", study_instance_uid="1.9", series_instance_uid="1.9.2",
+        sop_class_uid="1.2", modality="DX", transfer_syntax_uid=None, view_position="PA",
+        body_part="CHEST", accession_number=None, path="/y.dcm", sha256="g", size=1, now=0,
+    )
+    db.set_study_state("1.9", StudyState.WAITING_DRAFT, 1, settled_at=1)
+    dead = db.queue_audit("1.9", None, "image_only", 1)
+    db.claim_audit_jobs(8, 2)
+    db.transition_job(dead.id, JobState.DEAD, 3, error="OutputError: disk full\ntraceback")
+    _, draft = db.record_draft(key="ACC-ORPHAN", key_kind="accession", file_name="x.txt",
+                               sha256="s", text="t", author=None, now=0)
+    db.set_draft_state(draft, DraftState.ORPHAN, 5)
+    return dead.id
+
+
+class TestServe:
+    def test_bad_config_prints_one_line_per_key_and_exits_2(self, tmp_path: Path) -> None:
+        bad = tmp_path / "bad.yaml"
+        bad.write_text("scp:\n  port: 70000\n  ae_title: 'A\\\\B'\nbogus: 1\n")
+        result = runner.invoke(app, ["serve", "--config", str(bad)])
+        assert result.exit_code == 2
+        lines = [ln for ln in result.output.splitlines() if ln.startswith("error:")]
+        assert len(lines) == 3
+        assert any("scp.port" in ln for ln in lines) and any("scp.ae_title" in ln for ln in lines)
+        assert any("bogus" in ln for ln in lines)
+        assert "Traceback" not in result.output
+
+
+class TestStatus:
+    def test_status_reports_queue_orphans_dead_jobs_and_no_agent(self, config: Path) -> None:
+        db = state_db(config)
+        dead_id = seed(db)
+        db.close()
+        result = runner.invoke(app, ["status", "--config", str(config)])
+        assert result.exit_code == 0, result.output
+        out = result.output
+        assert "agent: not running" in out
+        assert "orphan drafts: 1" in out
+        assert f"dead: audit job {dead_id}" in out and "OutputError: disk full" in out
+        assert "traceback" not in out
+        assert UID not in out and "ACC-SECRET" not in out and "ACC-ORPHAN" not in out
+
+    def test_status_json_uses_the_heartbeat_of_a_running_agent(self, config: Path) -> None:
+        db = state_db(config)
+        seed(db)
+        db.close()
+        beat = {"pid": os.getpid(), "updated_at": time.time(), "stopped": False,
+                "model": {"profile": "cxr-auditor-v2", "state": "unavailable",
+                          "reason": "ModelUnavailable: no weights"},
+                "listener": {"port": 11112}}
+        (config.parent / "var" / "state" / "agent-status.json").write_text(json.dumps(beat))
+        result = runner.invoke(app, ["status", "--json", "--config", str(config)])
+        body = json.loads(result.output)
+        assert body["agent"]["running"] is True
+        assert body["model"]["state"] == "unavailable"
+        assert body["jobs"]["done"] == 1 and body["jobs"]["dead"] == 1
+        assert body["orphan_drafts"] == 1 and body["studies"]["audited"] == 1
+
+    def test_stale_heartbeat_means_not_running(self, config: Path) -> None:
+        state_db(config).close()
+        beat = {"pid": os.getpid(), "updated_at": time.time() - 3600, "model": {"state": "ready"}}
+        (config.parent / "var" / "state" / "agent-status.json").write_text(json.dumps(beat))
+        body = json.loads(runner.invoke(app, ["status", "--json", "--config", str(config)]).output)
+        assert body["agent"]["running"] is False
+        assert body["model"]["state"].startswith("unknown")
+
+    def test_status_without_a_database_exits_2(self, config: Path) -> None:
+        result = runner.invoke(app, ["status", "--config", str(config)])
+        assert result.exit_code == 2 and "no state database" in result.output
+
+
+class TestReaudit:
+    def test_reaudit_queues_the_next_version(self, config: Path) -> None:
+        db = state_db(config)
+        seed(db)
+        db.close()
+        result = runner.invoke(app, ["reaudit", UID, "--config", str(config)])
+        assert result.exit_code == 0, result.output
+        assert "(result version 2)" in result.output
+        db = state_db(config)
+        job = db.latest_audit_job(UID)
+        assert job is not None and job.state == "queued" and job.result_version == 2
+        assert json.loads(job.payload or "{}") == {"reason": "reaudit"}
+        assert db.study(UID).state == "queued"  # type: ignore[union-attr]
+
+    def test_reaudit_of_an_unknown_study_exits_2(self, config: Path) -> None:
+        state_db(config).close()
+        result = runner.invoke(app, ["reaudit", "1.2.3", "--config", str(config)])
+        assert result.exit_code == 2 and "unknown study" in result.output
