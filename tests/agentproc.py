@@ -316,6 +316,27 @@ class AgentProcess:
     def files_under_root(self) -> list[Path]:
         return sorted(p for p in self.root.rglob("*") if p.is_file())
 
+    def result(self, study_uid: str) -> dict[str, Any] | None:
+        """The study's latest ``out/<study>/audit.json`` parsed, or None before there is one."""
+        path = self.path("out") / study_uid / "audit.json"
+        try:
+            return json.loads(path.read_text(encoding="utf-8"))
+        except (FileNotFoundError, ValueError):
+            return None
+
+    def versions(self, study_uid: str) -> list[int]:
+        """Result versions present on disk (``out/<study>/v<N>/audit.json``)."""
+        folder = self.path("out") / study_uid
+        return sorted(int(p.parent.name[1:]) for p in folder.glob("v*/audit.json"))
+
+    def drop_draft(self, name: str, text: str) -> Path:
+        """Write a draft atomically (temp name the reader ignores, then rename)."""
+        folder = self.path("drafts")
+        folder.mkdir(parents=True, exist_ok=True)
+        tmp = folder / f"{name}.part"
+        tmp.write_text(text, encoding="utf-8")
+        return tmp.rename(folder / name)
+
 
 @contextlib.contextmanager
 def running_agent(
@@ -336,6 +357,22 @@ def running_agent(
 
 
 # -- the client side --------------------------------------------------------------------------
+
+
+def make_study(images: int, *, accession: str, size: int = 128, **kw: Any) -> list[Dataset]:
+    """``images`` synthetic radiographs of one new study (one series), sentinel identity."""
+    from pydicom.uid import generate_uid
+
+    from tests.builders import make_cxr
+
+    study_uid, series_uid = generate_uid(), generate_uid()
+    out = []
+    for k in range(images):
+        ds = make_cxr(rows=size, cols=size, study_uid=study_uid, series_uid=series_uid,
+                      accession=accession, seed=k, **kw)
+        ds.InstanceNumber = k + 1
+        out.append(ds)
+    return out
 
 
 def echo(port: int, *, called_aet: str = AGENT_AET, calling_aet: str = SENDER_AET,

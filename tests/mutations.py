@@ -13,6 +13,7 @@ The corpus is generated in the test run, never committed, and carries the sentin
 
 from __future__ import annotations
 
+import contextlib
 import io
 import struct
 from collections.abc import Callable, Iterator
@@ -33,7 +34,12 @@ from pydicom.uid import (
     generate_uid,
 )
 
-from tests.builders import make_cxr
+from tests.builders import (
+    SENTINEL_BIRTH_DATE,
+    SENTINEL_PATIENT_ID,
+    SENTINEL_PATIENT_NAME,
+    make_cxr,
+)
 
 # (0028,0010) Rows, (0028,0011) Columns, (0010,0010) PatientName, (7FE0,0010) PixelData as
 # they appear in Explicit VR Little Endian (PS3.5 §7.1.2): group, element, VR[, reserved], length.
@@ -104,6 +110,21 @@ def _replace_meta_ts(data: bytes, old: str, new: str) -> bytes:
         raise ValueError("transfer syntax element not found in the file meta")
     meta = meta.replace(old_el, new_el, 1)
     return data[:140] + struct.pack("<I", len(meta)) + meta + data[end:]
+
+
+@contextlib.contextmanager
+def lenient_pydicom() -> Iterator[None]:
+    """pydicom without value validation: the invalid values here are written on purpose.
+
+    Assignment validates with the *reading* mode and encoding with the writing mode.
+    """
+    settings = pydicom_config.settings
+    saved = settings.reading_validation_mode, settings.writing_validation_mode
+    settings.reading_validation_mode = settings.writing_validation_mode = pydicom_config.IGNORE
+    try:
+        yield
+    finally:
+        settings.reading_validation_mode, settings.writing_validation_mode = saved
 
 
 def _find(data: bytes, tag: bytes) -> int:
@@ -229,6 +250,16 @@ def _pixel_attributes() -> Iterator[Mutation]:
     yield _mutation("inconsistent_bits", ds, encode(ds), "BitsAllocated 7, BitsStored 9, HighBit 20")
 
 
+def _phi_in_invalid_values() -> Iterator[Mutation]:
+    """Valid CXRs whose identifying values break their VR, so a validator would quote them."""
+    ds = _base()
+    ds.PatientBirthDate = SENTINEL_BIRTH_DATE + "-31"  # DA is YYYYMMDD (PS3.5 Table 6.2-1)
+    ds.PatientName = SENTINEL_PATIENT_NAME + "^" * 5 + "x" * 70  # too many components, too long
+    ds.PatientID = SENTINEL_PATIENT_ID + "\x07"  # control character in LO
+    ds.AccessionNumber = "ACC" + "9" * 20  # SH holds 16 characters
+    yield _mutation("phi_invalid_values", ds, encode(ds), "identity values that break their VR")
+
+
 def _transfer_syntax_lies() -> Iterator[Mutation]:
     for label, claim in (
         ("jpeg_baseline", JPEGBaseline8Bit),
@@ -314,6 +345,7 @@ GENERATORS: tuple[Callable[[], Iterator[Mutation]], ...] = (
     _wrong_vrs,
     _pixel_attributes,
     _transfer_syntax_lies,
+    _phi_in_invalid_values,
     _other_modalities,
     _bad_uids,
     _sop_mismatch,
@@ -322,13 +354,8 @@ GENERATORS: tuple[Callable[[], Iterator[Mutation]], ...] = (
 
 def corpus() -> list[Mutation]:
     """Every mutation, freshly generated (new UIDs each call), in a stable order of names."""
-    # pydicom warns about every invalid value we write on purpose; silence it while building.
-    saved = pydicom_config.settings.writing_validation_mode
-    pydicom_config.settings.writing_validation_mode = pydicom_config.IGNORE
-    try:
+    with lenient_pydicom():
         items = [m for gen in GENERATORS for m in gen()]
-    finally:
-        pydicom_config.settings.writing_validation_mode = saved
     names = [m.name for m in items]
     if len(set(names)) != len(names):
         raise AssertionError("mutation names must be unique")
@@ -372,9 +399,10 @@ def send_raw(
     from pynetdicom.dsutils import split_dataset
 
     claims: dict[Path, tuple[str, str]] = {}
-    for path in files:
-        meta, _ = split_dataset(path)
-        claims[path] = (str(meta.MediaStorageSOPClassUID), str(meta.TransferSyntaxUID))
+    with lenient_pydicom():
+        for path in files:
+            meta, _ = split_dataset(path)
+            claims[path] = (str(meta.MediaStorageSOPClassUID), str(meta.TransferSyntaxUID))
     ae = AE(ae_title=calling_aet)
     ae.acse_timeout = ae.dimse_timeout = ae.network_timeout = timeout
     for sop_class, ts in sorted(set(claims.values())):
