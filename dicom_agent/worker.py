@@ -22,6 +22,7 @@ GPU) never loses work: jobs wait in ``waiting_model`` and the load is retried ev
 
 from __future__ import annotations
 
+import functools
 import logging
 import threading
 import time
@@ -29,7 +30,7 @@ from collections.abc import Callable
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
 from cxr_auditor.errors import ModelUnavailable
 from cxr_auditor.grounding import build_grounder
@@ -55,6 +56,8 @@ from dicom_agent.scheduler import retry_delay, study_dir
 from dicom_agent.state import JobRow, JobState, StateDB
 
 log = logging.getLogger(__name__)
+
+_T = TypeVar("_T")
 
 #: Builds the auditor of one profile; raises ModelUnavailable / BackendError / ProfileError.
 AuditorFactory = Callable[[str], Auditor]
@@ -453,11 +456,22 @@ class Worker:
                 self._park(group, profile)
                 continue
             t0 = time.perf_counter()
+            items = [p.item for p in group if p.item is not None]
             try:
-                results = auditor.audit_batch([p.item for p in group if p.item is not None])
+                results = _call_with_timeout(
+                    functools.partial(auditor.audit_batch, items),
+                    self.settings.worker.job_timeout_seconds,
+                )
             except ModelUnavailable as exc:
                 self.models.lost(profile, f"{type(exc).__name__}: {exc}")
                 self._park(group, profile)
+                continue
+            except TimeoutError as exc:
+                # The call is abandoned in its thread; a fresh model is loaded for the retry
+                # rather than sharing the stuck one.
+                self.models.lost(profile, "model call timed out")
+                for prep in group:
+                    self._fail(prep.job, exc)
                 continue
             except Exception:
                 # Isolate the job that broke the batch: run each one alone.
@@ -473,9 +487,13 @@ class Worker:
 
     def _audit_one(self, auditor: Auditor, prep: Prepared) -> None:
         t0 = time.perf_counter()
+        item = prep.item
+        assert item is not None
         try:
-            assert prep.item is not None
-            (result,) = auditor.audit_batch([prep.item])
+            (result,) = _call_with_timeout(
+                functools.partial(auditor.audit_batch, [item]),
+                self.settings.worker.job_timeout_seconds,
+            )
         except Exception as exc:
             self._fail(prep.job, exc)
             return
@@ -578,6 +596,31 @@ class Worker:
         )
         if self.metrics is not None:
             self.metrics.job_events.labels("retry").inc()
+
+
+def _call_with_timeout(fn: Callable[[], _T], timeout: float) -> _T:
+    """Run ``fn`` in a daemon thread; TimeoutError after ``timeout`` seconds.
+
+    A daemon thread (not an executor) so that a model call that never returns cannot keep the
+    process from exiting on SIGTERM.
+    """
+    box: dict[str, Any] = {}
+    done = threading.Event()
+
+    def run() -> None:
+        try:
+            box["value"] = fn()
+        except BaseException as exc:
+            box["error"] = exc
+        finally:
+            done.set()
+
+    threading.Thread(target=run, name="model-call", daemon=True).start()
+    if not done.wait(timeout):
+        raise TimeoutError(f"model call exceeded worker.job_timeout_seconds={timeout:g}")
+    if "error" in box:
+        raise box["error"]
+    return box["value"]
 
 
 def _previous_sr_uid(folder: Path, version: int) -> str | None:

@@ -229,3 +229,34 @@ class TestThreadedLoop:
             worker.stop()
         assert db.counts()["jobs"] == {"done": 4}
         assert sum(grounder.batch_sizes) == 4 and max(grounder.batch_sizes) <= 2
+
+
+class _Hung:
+    """A grounder whose backend never answers in time."""
+
+    info = FakeGrounder("[]").info
+
+    def ground(self, images):  # type: ignore[no-untyped-def]
+        import time
+
+        time.sleep(2)
+        return []
+
+    def close(self) -> None:
+        pass
+
+
+def test_hung_model_call_times_out_and_the_job_retries(
+    settings: AgentSettings, db: StateDB, clock: Clock
+) -> None:
+    s = settings.model_copy(update={"worker": settings.worker.model_copy(
+        update={"job_timeout_seconds": 0.2})})
+    store(s, db, "1.2.10.1")
+    job_id = queue(db, "1.2.10.1", clock.now)
+    worker = make_worker(s, db, clock, lambda name: Auditor(_Hung(), None))  # type: ignore[arg-type]
+    worker.run_once()
+    worker.stop()
+    job = db.job(job_id)
+    assert job is not None and job.state == "queued" and job.attempts == 1
+    assert "TimeoutError: model call exceeded worker.job_timeout_seconds=0.2" in (job.last_error or "")
+    assert worker.models.status()[s.grounding.profile]["state"] == "unavailable"
