@@ -112,34 +112,52 @@ def _strip_fence(text: str) -> str:
     return match.group(1) if match else text
 
 
-def _balanced_end(text: str, start: int) -> int | None:
-    """Index just past the bracket that balances ``text[start]`` (``[`` or ``{``), or None.
+class _Brackets:
+    """Where each ``[`` / ``{`` of a text is balanced, computed lazily and shared.
 
-    Brackets inside JSON strings do not count, and backslash escapes inside strings are
-    honoured, so ``"a ] \\" ["`` inside a value cannot end the scan early.
+    :meth:`end` gives the index just past the bracket that balances ``text[start]``, or None
+    when it never closes or a mismatched bracket comes first. Brackets inside JSON strings do
+    not count and backslash escapes are honoured, so ``"a ] \\" ["`` inside a value cannot end
+    the scan early. One scan records the answer for every bracket it passes (a bracket nested
+    outside strings sees exactly the same characters from its own start), which keeps degenerate
+    output such as thousands of ``{`` linear instead of quadratic.
     """
-    stack: list[str] = []
-    in_string = False
-    escaped = False
-    for i in range(start, len(text)):
-        ch = text[i]
-        if in_string:
-            if escaped:
-                escaped = False
-            elif ch == "\\":
-                escaped = True
+
+    def __init__(self, text: str) -> None:
+        self.text = text
+        self._ends: dict[int, int | None] = {}
+
+    def end(self, start: int) -> int | None:
+        if start not in self._ends:
+            self._scan(start)
+        return self._ends[start]
+
+    def _scan(self, start: int) -> None:
+        text = self.text
+        stack: list[int] = []
+        in_string = False
+        escaped = False
+        for i in range(start, len(text)):
+            ch = text[i]
+            if in_string:
+                if escaped:
+                    escaped = False
+                elif ch == "\\":
+                    escaped = True
+                elif ch == '"':
+                    in_string = False
             elif ch == '"':
-                in_string = False
-        elif ch == '"':
-            in_string = True
-        elif ch in _CLOSER:
-            stack.append(_CLOSER[ch])
-        elif ch in "]}":
-            if not stack or stack.pop() != ch:
-                return None
-            if not stack:
-                return i + 1
-    return None
+                in_string = True
+            elif ch in _CLOSER:
+                stack.append(i)
+            elif ch in "]}":
+                if _CLOSER[text[stack[-1]]] != ch:
+                    break
+                self._ends[stack.pop()] = i + 1
+                if not stack:
+                    return
+        for opened in stack:
+            self._ends[opened] = None
 
 
 def _loads(fragment: str) -> tuple[bool, Any]:
@@ -149,12 +167,13 @@ def _loads(fragment: str) -> tuple[bool, Any]:
         return False, None
 
 
-def _salvage_from(text: str, start: int) -> list[dict[str, Any]]:
+def _salvage_from(brackets: _Brackets, start: int) -> list[dict[str, Any]]:
     """Complete leading objects of the array whose ``[`` is at ``start`` (at most MAX_ELEMENTS).
 
     Between elements only whitespace and one comma may appear; a ``]``, prose, a non-object or
     an element that is unbalanced or invalid JSON ends the salvage.
     """
+    text = brackets.text
     out: list[dict[str, Any]] = []
     pos = start + 1
     n = len(text)
@@ -167,7 +186,7 @@ def _salvage_from(text: str, start: int) -> list[dict[str, Any]]:
                 pos += 1
         if pos >= n or text[pos] != "{":
             break
-        end = _balanced_end(text, pos)
+        end = brackets.end(pos)
         if end is None:
             break
         ok, value = _loads(text[pos:end])
@@ -187,7 +206,7 @@ def salvage_finding_list(text: str) -> list[dict[str, Any]]:
     """
     body = _strip_fence(strip_reasoning(text))
     start = body.find("[")
-    return [] if start < 0 else _salvage_from(body, start)
+    return [] if start < 0 else _salvage_from(_Brackets(body), start)
 
 
 def _is_object_list(value: object) -> bool:
@@ -247,6 +266,7 @@ def extract_finding_list(text: str) -> list[dict[str, Any]]:
         ParseError: nothing usable was found; ``raw_text`` is the input.
     """
     body = _strip_fence(strip_reasoning(text))
+    brackets = _Brackets(body)
     fallback: dict[str, Any] | None = None
     reason = "no JSON array or object found"
     pos = 0
@@ -255,10 +275,10 @@ def extract_finding_list(text: str) -> list[dict[str, Any]]:
         if not starts:
             break
         start = min(starts)
-        end = _balanced_end(body, start)
+        end = brackets.end(start)
         if body[start] == "[":
             if end is None:
-                salvaged = _salvage_from(body, start)
+                salvaged = _salvage_from(brackets, start)
                 if salvaged:
                     return _dedupe(salvaged)
                 reason = "array is not balanced and no complete element precedes the cut"
@@ -269,7 +289,7 @@ def extract_finding_list(text: str) -> list[dict[str, Any]]:
             if ok:
                 reason = "array elements are not objects"
             else:
-                salvaged = _salvage_from(body, start)
+                salvaged = _salvage_from(brackets, start)
                 if salvaged:
                     return _dedupe(salvaged)
                 reason = "array is invalid JSON"
