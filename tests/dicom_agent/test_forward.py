@@ -2,14 +2,12 @@
 
 from __future__ import annotations
 
+import json
 import logging
-import threading
 from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
-from pydicom.dataset import Dataset
-from pynetdicom import AE, ALL_TRANSFER_SYNTAXES, AllStoragePresentationContexts, evt
 
 from dicom_agent.config import AgentSettings, Destination, load_settings
 from dicom_agent.errors import ForwardError
@@ -18,50 +16,12 @@ from dicom_agent.outputs import objects_to_send, write_outputs
 from dicom_agent.state import JobKind, JobState, StateDB
 from tests.conftest import free_port
 from tests.dicom_agent.outputs.studies import findings_result, make_study
+from tests.dicom_agent.storescp import Receiver
 
 SR_CLASS = "1.2.840.10008.5.1.4.1.1.88.34"
 GSPS_CLASS = "1.2.840.10008.5.1.4.1.1.11.1"
 SC_CLASS = "1.2.840.10008.5.1.4.1.1.7"
 EXPLICIT_LE = "1.2.840.10008.1.2.1"
-
-
-class Receiver:
-    """A Storage SCP on loopback that keeps what it receives and what was proposed to it."""
-
-    def __init__(self, port: int) -> None:
-        self.port = port
-        self.received: list[Dataset] = []
-        self.proposed: set[tuple[str, str]] = set()
-        self._lock = threading.Lock()
-        ae = AE(ae_title="RESEARCHPACS")
-        for cx in AllStoragePresentationContexts:
-            ae.add_supported_context(cx.abstract_syntax, ALL_TRANSFER_SYNTAXES)
-        self._ae = ae
-        self._server = None
-
-    def _on_store(self, event: evt.Event) -> int:
-        with self._lock:
-            self.received.append(event.dataset)
-        return 0x0000
-
-    def _on_requested(self, event: evt.Event) -> None:
-        with self._lock:
-            for cx in event.assoc.requestor.requested_contexts:
-                for syntax in cx.transfer_syntax:
-                    self.proposed.add((str(cx.abstract_syntax), str(syntax)))
-
-    def start(self) -> Receiver:
-        self._server = self._ae.start_server(
-            ("127.0.0.1", self.port),
-            block=False,
-            evt_handlers=[(evt.EVT_C_STORE, self._on_store), (evt.EVT_REQUESTED, self._on_requested)],
-        )
-        return self
-
-    def stop(self) -> None:
-        if self._server is not None:
-            self._server.shutdown()
-            self._server = None
 
 
 @pytest.fixture
@@ -192,8 +152,6 @@ class TestOutbox:
         assert "research-pacs is not marked research" in caplog.text
 
     def test_payload_names_destination_and_files(self, tmp_path: Path, result_files: list[Path]) -> None:
-        import json
-
         settings = self._settings(tmp_path, free_port())
         db = StateDB(tmp_path / "state.sqlite3")
         (job_id,) = enqueue_forward(db, "1.2.3", result_files, settings.forward.destinations)

@@ -1,0 +1,66 @@
+"""``cxr-agent resend STUDY_UID``: queue a study's latest results for the research destinations."""
+
+from __future__ import annotations
+
+import re
+import time
+from pathlib import Path
+from typing import Annotated
+
+import typer
+
+from dicom_agent.cli import app
+from dicom_agent.commands import fail
+from dicom_agent.config import load_settings
+from dicom_agent.errors import ConfigError, OutputError
+from dicom_agent.forward import drain_outbox, enqueue_forward
+from dicom_agent.outputs import objects_to_send
+from dicom_agent.outputs.sidecar import SIDECAR_NAME, read_result
+from dicom_agent.state import JobState, StateDB
+
+_UID = re.compile(r"^[0-9]+(\.[0-9]+)*$")  # PS3.5 9.1; also keeps the path inside paths.out
+
+
+@app.command("resend")
+def resend(
+    study_uid: Annotated[str, typer.Argument(help="Study Instance UID of an audited study.")],
+    config: Annotated[
+        Path | None, typer.Option("--config", help="YAML file over the embedded defaults.")
+    ] = None,
+    queue_only: Annotated[
+        bool,
+        typer.Option("--queue-only", help="Only queue; the running agent sends on its next pass."),
+    ] = False,
+) -> None:
+    """Send the study's latest validated SR/GSPS/SC again to every research destination."""
+    if not _UID.match(study_uid) or len(study_uid) > 64:
+        fail("STUDY_UID must be a DICOM UID (digits and dots, at most 64 characters)")
+    try:
+        settings = load_settings(config)
+    except ConfigError as exc:
+        fail(str(exc).splitlines()[0])
+    destinations = [d for d in settings.forward.destinations if d.research]
+    if not destinations:
+        fail("no destination with research: true in forward.destinations; see docs/outputs.md")
+    study_dir = settings.paths.out / study_uid
+    try:
+        result = read_result(study_dir / SIDECAR_NAME)
+    except OutputError:
+        fail(f"no readable {SIDECAR_NAME} for this study under paths.out ({settings.paths.out})")
+    files = objects_to_send(study_dir, result)
+    if not files:
+        fail(f"result version {result.result_version} has no validated DICOM objects to send")
+    db = StateDB(settings.paths.state)
+    try:
+        job_ids = enqueue_forward(db, study_uid, files, destinations)
+        typer.echo(f"queued {len(files)} objects of version {result.result_version} for {len(job_ids)} destination(s)")
+        if queue_only:
+            return
+        drain_outbox(db, settings, time.time())
+        jobs = [db.job(i) for i in job_ids]
+    finally:
+        db.close()
+    failed = [j for j in jobs if j is not None and j.state != JobState.DONE.value]
+    if failed:
+        fail(f"{len(failed)} destination(s) failed; retries stay queued (see `cxr-agent status`)", code=1)
+    typer.echo(f"delivered to {len(job_ids)} destination(s)")

@@ -1,0 +1,48 @@
+"""An in-process Storage SCP on loopback for tests: keeps what it receives and was proposed."""
+
+from __future__ import annotations
+
+import threading
+
+from pydicom.dataset import Dataset
+from pynetdicom import AE, ALL_TRANSFER_SYNTAXES, AllStoragePresentationContexts, evt
+from pynetdicom.transport import ThreadedAssociationServer
+
+
+class Receiver:
+    """A Storage SCP on loopback that keeps what it receives and what was proposed to it."""
+
+    def __init__(self, port: int) -> None:
+        self.port = port
+        self.received: list[Dataset] = []
+        self.proposed: set[tuple[str, str]] = set()
+        self._lock = threading.Lock()
+        ae = AE(ae_title="RESEARCHPACS")
+        for cx in AllStoragePresentationContexts:
+            ae.add_supported_context(cx.abstract_syntax, ALL_TRANSFER_SYNTAXES)
+        self._ae = ae
+        self._server: ThreadedAssociationServer | None = None
+
+    def _on_store(self, event: evt.Event) -> int:
+        with self._lock:
+            self.received.append(event.dataset)
+        return 0x0000
+
+    def _on_requested(self, event: evt.Event) -> None:
+        with self._lock:
+            for cx in event.assoc.requestor.requested_contexts:
+                for syntax in cx.transfer_syntax:
+                    self.proposed.add((str(cx.abstract_syntax), str(syntax)))
+
+    def start(self) -> Receiver:
+        self._server = self._ae.start_server(
+            ("127.0.0.1", self.port),
+            block=False,
+            evt_handlers=[(evt.EVT_C_STORE, self._on_store), (evt.EVT_REQUESTED, self._on_requested)],
+        )
+        return self
+
+    def stop(self) -> None:
+        if self._server is not None:
+            self._server.shutdown()
+            self._server = None
