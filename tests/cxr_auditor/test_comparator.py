@@ -5,6 +5,8 @@ from __future__ import annotations
 import random
 
 import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 from cxr_auditor.comparator import COMPARATOR_VERSION, RATIONALES, compare
 from cxr_auditor.labels import DEFAULT_URGENT, Label
@@ -267,3 +269,35 @@ def test_output_is_a_valid_audit_result() -> None:
         notes=notes,
     )
     assert [f.kind for f in result.flags] == [FlagKind.MISSING, FlagKind.URGENT, FlagKind.UNSUPPORTED]
+
+
+_POS = [lab for lab in Label if lab is not N]
+
+
+@settings(max_examples=200, deadline=None)
+@given(
+    image=st.lists(st.sampled_from(list(Label)), max_size=6),
+    draft=st.lists(st.tuples(st.sampled_from(list(Label)), st.sampled_from(list(DraftStatus))), max_size=8),
+    urgent=st.frozensets(st.sampled_from(_POS)),
+)
+def test_flags_follow_the_set_formulas(
+    image: list[Label], draft: list[tuple[Label, DraftStatus]], urgent: frozenset[Label]
+) -> None:
+    grounding = _grounding(*[(lab, 0, None) for lab in image])
+    mode, flags, _ = compare(grounding, _draft(*[(lab, st_, None) for lab, st_ in draft]), urgent=urgent)
+    i = set(image) - {N}
+    a = {lab for lab, s in draft if s is DraftStatus.PRESENT} - {N}
+    d = {lab for lab, s in draft if s is DraftStatus.ABSENT} - {N}
+    h = {lab for lab, s in draft if s is DraftStatus.UNCERTAIN} - {N}
+    by_kind = {kind: {f.label for f in flags if f.kind is kind} for kind in FlagKind}
+    assert mode is AuditMode.FULL
+    assert by_kind[FlagKind.MISSING] == i - a - h
+    assert by_kind[FlagKind.UNSUPPORTED] == a - i
+    assert by_kind[FlagKind.URGENT] == i & urgent
+    assert by_kind[FlagKind.HEDGED] == h
+    assert by_kind[FlagKind.LATERALITY] == set()
+    for f in flags:
+        if f.kind is FlagKind.MISSING:
+            assert f.denied is (f.label in d)
+        if f.kind is FlagKind.URGENT:
+            assert f.missed is (f.label in i - a - h)

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import contextlib
 import json
+import re
 from typing import Any
 
 import pytest
@@ -754,3 +755,30 @@ def test_salvage_never_invents_an_element(text: str) -> None:
 def test_salvage_recovers_every_complete_element_before_a_cut(elements: list[str]) -> None:
     text = "[" + ", ".join(elements) + ', {"label": "pneu'
     assert salvage_finding_list(text) == [json.loads(e) for e in elements]
+
+
+_LABEL_POOL = ["pneumothorax", "Pleural Effusion", "nodule/mass", "no finding", "normal",
+               "cardiomegaly", "atelectasis", "", 5, None, ["x"]]  # fmt: skip
+_BOX_POOL = st.one_of(
+    st.none(),
+    st.lists(st.floats(min_value=-1, max_value=1200, allow_nan=False), min_size=3, max_size=5),
+    st.sampled_from(["0.1,0.2", [0.1, 0.2, 0.3, 0.4], [100, 200, 300, 400], [0.5, 0.5, 0.1, 0.1]]),
+)
+_ELEMENT = st.fixed_dictionaries(
+    {"label": st.sampled_from(_LABEL_POOL), "box_2d": _BOX_POOL},
+    optional={"confidence": st.one_of(st.floats(allow_nan=False), st.text(max_size=3))},
+)
+_REASON_CODE = r"^[a-z0-9_]+(:[a-z0-9_+]+)?$"
+
+
+@_PROPS
+@given(st.lists(_ELEMENT, max_size=12))
+def test_grounding_output_invariants(elements: list[dict[str, Any]]) -> None:
+    result = parse_grounding_output(json.dumps(elements))
+    assert (result.state is GroundingState.OK) == bool(result.findings)
+    labels = [f.label for f in result.findings]
+    assert not (Label.NO_FINDING in labels and len(set(labels)) > 1)
+    keys = [(f.label, f.box) for f in result.findings]
+    assert len(keys) == len(set(keys))
+    for note in result.notes:
+        assert re.match(_REASON_CODE, note), note
