@@ -15,8 +15,10 @@ from __future__ import annotations
 
 import json
 import re
+import socket
 import struct
 import threading
+import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -24,7 +26,7 @@ import pytest
 from pydicom import dcmread
 from pydicom.dataset import Dataset
 
-from tests.agentproc import AgentProcess, make_study, store, wait_until
+from tests.agentproc import AgentProcess, StubModelServer, echo, make_study, store, wait_until
 
 pytestmark = [pytest.mark.integration, pytest.mark.slow]
 
@@ -411,3 +413,219 @@ def test_acknowledgement_follows_fsync_rename_dirsync_and_commit(tmp_path: Path)
     orders = [prove_durable_before_ack(calls, r, spool, state_db) for r in responses]
     assert len(orders) == len(sent) == 10
     print(f"strace: {len(orders)} acknowledgements, each after fsync, rename, dir fsync, WAL sync")
+
+
+def _stub_agent(tmp_path: Path, stub: StubModelServer, overrides: dict | None = None,
+                *, timeout_seconds: float = 2.0) -> AgentProcess:
+    """An agent whose grounding profile talks to ``stub`` (profile file in the root)."""
+    profiles = tmp_path / "profiles"
+    name = stub.write_profile(profiles, timeout_seconds=timeout_seconds)
+    base = {"paths": {"profiles": str(profiles)}, "grounding": {"profile": name}}
+    return AgentProcess(tmp_path / "agent", _merge(base, overrides or {}))
+
+
+def _merge(base: dict, over: dict) -> dict:
+    out = dict(base)
+    for key, value in over.items():
+        out[key] = _merge(out[key], value) if isinstance(value, dict) and key in out else value
+    return out
+
+
+def _output_problems(out: Path) -> list[str]:
+    """Files under out/ that are temp names or do not parse as what their name says."""
+    from PIL import Image
+
+    problems = []
+    for path in sorted(p for p in out.rglob("*") if p.is_file()):
+        try:
+            if path.name.endswith(".tmp") or path.name.startswith("."):
+                problems.append(f"temp file left: {path.relative_to(out)}")
+            elif path.suffix == ".json":
+                json.loads(path.read_text(encoding="utf-8"))
+            elif path.suffix == ".dcm":
+                dcmread(path).SOPInstanceUID  # noqa: B018 - parse the whole object
+            elif path.suffix == ".png":
+                with Image.open(path) as img:
+                    img.load()
+        except Exception as exc:  # any parse failure is a half-written file
+            problems.append(f"{path.relative_to(out)}: {type(exc).__name__}")
+    return problems
+
+
+def test_sigkill_during_audit_and_output_writing_redoes_the_job_once(tmp_path: Path) -> None:
+    """Kill while the model works, then repeatedly just after it answered (outputs being
+    written); after the last restart the study has exactly one complete result version."""
+    stub = StubModelServer("ok", delay=1.0)
+    agent = _stub_agent(tmp_path, stub)
+    study = make_study(2, accession="CRASH01", size=128)
+    uid = study[0].StudyInstanceUID
+    agent.start()
+    try:
+        agent.drop_draft("CRASH01.txt", NORMAL_DRAFT)
+        assert store(agent.port, study) == [0, 0]
+        # 1: the model is working on the batch.
+        wait_until(lambda: stub.requests, timeout=60, what="the model request",
+                   alive=agent.check_alive)
+        agent.kill()
+        kills = 1
+        # 2..: right after the model answered, while audit.json/SR/GSPS/SC/PNG are written.
+        stub.delay = 0.0
+        for pause in (0.0, 0.03, 0.1):
+            answered = len(stub.answered)
+            agent.start()
+            if not wait_until(lambda n=answered: len(stub.answered) > n or agent.result(uid),
+                              timeout=60, what="the next model answer", interval=0.005,
+                              alive=agent.check_alive) or agent.result(uid):
+                break
+            time.sleep(pause)
+            agent.kill()
+            kills += 1
+        if agent.proc is None or agent.proc.poll() is not None:
+            agent.start()
+        wait_until(lambda: agent.result(uid), timeout=60, what="the result",
+                   alive=agent.check_alive)
+        wait_until(lambda: not _temp_files(agent.path("out")), timeout=10,
+                   what="temp files under out/ to be cleaned", alive=agent.check_alive)
+        jobs = agent.db_query("SELECT state FROM jobs WHERE kind='audit'")
+        problems = _output_problems(agent.path("out"))
+        versions = agent.versions(uid)
+        srs = list((agent.path("out") / uid).glob("v*/sr.dcm"))
+    finally:
+        agent.stop()
+        stub.stop()
+    assert kills >= 2
+    assert not problems, problems
+    assert versions == [1]
+    assert len(srs) == 1
+    assert [j["state"] for j in jobs] == ["done"]
+    print(f"SIGKILL during audit/outputs: {kills} kills, 1 version, {len(stub.requests)} model calls")
+
+
+@pytest.mark.parametrize("mode", ["error", "hang"])
+def test_model_backend_failure_dead_letters_while_ingest_continues(
+    tmp_path: Path, mode: str
+) -> None:
+    stub = StubModelServer(mode)
+    agent = _stub_agent(
+        tmp_path, stub,
+        {"worker": {"max_attempts": 3, "retry_backoff_seconds": 0.2,
+                    "retry_backoff_max_seconds": 0.5}},
+        timeout_seconds=1.0,
+    )
+    agent.start()
+    try:
+        study = make_study(1, accession="MODEL01", size=64)
+        agent.drop_draft("MODEL01.txt", NORMAL_DRAFT)
+        assert store(agent.port, study) == [0]
+        wait_until(lambda: stub.requests, timeout=60, what="a model request",
+                   alive=agent.check_alive)
+        # Ingest is unaffected while the backend fails or hangs.
+        later = make_study(2, accession="MODEL02", size=64)
+        assert store(agent.port, later) == [0, 0]
+        assert echo(agent.port) == 0
+        dead = wait_until(
+            lambda: agent.db_query("SELECT * FROM jobs WHERE kind='audit' AND state='dead'"),
+            timeout=90, what="the dead letter", interval=0.5, alive=agent.check_alive,
+        )
+        status = agent.status()
+    finally:
+        agent.stop()
+        stub.stop()
+    assert dead[0]["attempts"] == 3
+    expected = "HTTP 500" if mode == "error" else "Timeout"
+    assert expected in (dead[0]["last_error"] or "")
+    shown = status["dead_jobs"]
+    assert shown and expected in shown[0]["error"], shown
+    assert len(stub.requests) >= 3  # one call per attempt at least: retried, not given up
+    assert agent.result(study[0].StudyInstanceUID) is None
+
+
+def test_free_space_floor_refuses_with_out_of_resources_then_recovers(tmp_path: Path) -> None:
+    agent = AgentProcess(tmp_path, {"scp": {"min_free_bytes": 1 << 60}})  # 1 EiB: always short
+    study = make_study(3, accession="FULL01", size=64)
+    agent.start()
+    try:
+        assert store(agent.port, study) == [0xA700] * 3
+        assert not list(agent.path("spool").rglob("*.dcm"))
+        assert not _temp_files(agent.path("spool"))
+        assert not agent.db_query("SELECT * FROM instances")
+        assert "out of resources" in agent.log_text().lower()
+        agent.stop()
+        agent.config["scp"]["min_free_bytes"] = 0  # space came back
+        agent.write_config()
+        agent.start()
+        assert store(agent.port, study) == [0, 0, 0]
+        assert len(list(agent.path("spool").rglob("*.dcm"))) == 3
+    finally:
+        agent.stop()
+
+
+def _partial_store(port: int, ds: Dataset, *, fragments: int, then: str) -> None:
+    """Associate, send the C-STORE-RQ command and the first ``fragments`` P-DATA-TF PDUs of
+    the data set, then ``stall`` (send nothing more) or ``abort`` (A-ABORT, PS3.8 §7.3)."""
+    from io import BytesIO
+
+    from pynetdicom import AE
+    from pynetdicom.dsutils import encode
+    from pynetdicom.dimse_messages import C_STORE_RQ
+    from pynetdicom.dimse_primitives import C_STORE
+    from pynetdicom.pdu import P_DATA_TF
+
+    ae = AE(ae_title="STALLER")
+    ae.add_requested_context(ds.SOPClassUID, ds.file_meta.TransferSyntaxUID)
+    assoc = ae.associate("127.0.0.1", port, ae_title="CXRAUDIT", max_pdu=8192)
+    assert assoc.is_established
+    req = C_STORE()
+    req.MessageID = 1
+    req.AffectedSOPClassUID = ds.SOPClassUID
+    req.AffectedSOPInstanceUID = ds.SOPInstanceUID
+    req.Priority = 2
+    req.DataSet = BytesIO(encode(ds, False, True))  # Explicit VR Little Endian
+    msg = C_STORE_RQ()
+    msg.primitive_to_message(req)
+    context_id = assoc.accepted_contexts[0].context_id
+    sock = assoc.dul.socket.socket
+    for n, primitive in enumerate(msg.encode_msg(context_id, 8192)):
+        if n >= fragments:
+            break
+        pdu = P_DATA_TF()
+        pdu.from_primitive(primitive)
+        sock.sendall(pdu.encode())
+    if then == "abort":
+        assoc.abort()
+
+
+@pytest.mark.parametrize("then", ["stall", "abort"])
+def test_stalled_or_aborting_peer_leaves_nothing_and_blocks_no_one(
+    tmp_path: Path, then: str
+) -> None:
+    agent = AgentProcess(tmp_path, {"scp": {"acse_timeout_seconds": 2, "dimse_timeout_seconds": 2,
+                                            "network_timeout_seconds": 2}})
+    victim = make_study(1, accession="STALL01", size=256)[0]  # 128 KiB: many 8 KiB PDUs
+    agent.start()
+    try:
+        # A peer that connects and never speaks: the ACSE timer ends it.
+        silent = socket.create_connection(("127.0.0.1", agent.port), timeout=10)
+        t0 = time.monotonic()
+        staller = threading.Thread(target=_partial_store,
+                                   args=(agent.port, victim), kwargs={"fragments": 4, "then": then})
+        staller.start()
+        # Other associations are served meanwhile.
+        other = make_study(2, accession="STALL02", size=64)
+        assert store(agent.port, other) == [0, 0]
+        assert echo(agent.port) == 0
+        assert silent.recv(1024) == b""  # closed by the agent, not by us
+        silent_closed_after = time.monotonic() - t0
+        staller.join(30)
+        wait_until(lambda: "association aborted with STALLER" in agent.log_text(), timeout=30,
+                   what="the aborted association in the log", alive=agent.check_alive)
+        spool_names = {p.stem for p in agent.path("spool").rglob("*.dcm")}
+        rows = {r["sop_instance_uid"] for r in agent.db_query("SELECT * FROM instances")}
+        leftovers = _temp_files(agent.path("spool"))
+        agent.check_alive()
+    finally:
+        agent.stop()
+    assert victim.SOPInstanceUID not in spool_names | rows
+    assert {ds.SOPInstanceUID for ds in other} <= spool_names & rows
+    assert not leftovers
+    assert silent_closed_after < 15
