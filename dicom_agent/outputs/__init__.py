@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import logging
 from collections.abc import Callable
+from functools import partial
 from io import BytesIO
 from pathlib import Path
 
@@ -115,13 +116,14 @@ def write_outputs(
     enabled = settings.outputs
     headers = {i: _read_header(p) for i, p in sorted(sources.items())}
     writer = _Writer(study_dir, result)
-    study_uid = next(iter(headers.values())).StudyInstanceUID if headers else None
 
     if enabled.sr and headers:
         previous = _find_previous_sr(study_dir, previous_sr_uid) if previous_sr_uid else None
+        study_uid = str(next(iter(headers.values())).StudyInstanceUID)
         writer.dicom(
             "sr",
-            lambda: build_sr(
+            partial(
+                build_sr,
                 result,
                 headers,
                 sop_instance_uid=instance_uid(result, "sr"),
@@ -137,13 +139,14 @@ def write_outputs(
         if enabled.gsps and source is not None:
             writer.dicom(
                 f"gsps:{index}",
-                lambda source=source, image=image, index=index: build_gsps(
+                partial(
+                    build_gsps,
                     result,
                     index,
                     source,
                     window=image.window if image is not None else None,
                     sop_instance_uid=instance_uid(result, f"gsps:{index}"),
-                    series_instance_uid=series_uid(source.StudyInstanceUID, "gsps"),
+                    series_instance_uid=series_uid(str(source.StudyInstanceUID), "gsps"),
                     series_number=enabled.series_number_gsps,
                 ),
             )
@@ -155,12 +158,13 @@ def write_outputs(
         if enabled.secondary_capture and source is not None:
             writer.dicom(
                 f"sc:{index}",
-                lambda source=source, picture=picture, index=index: build_sc(
+                partial(
+                    build_sc,
                     _rgb_array(picture),
                     source,
                     instance_number=result.result_version,
                     sop_instance_uid=instance_uid(result, f"sc:{index}"),
-                    series_instance_uid=series_uid(source.StudyInstanceUID, "sc"),
+                    series_instance_uid=series_uid(str(source.StudyInstanceUID), "sc"),
                     series_number=enabled.series_number_sc,
                     contributing_equipment=contributing_equipment(result),
                 ),

@@ -25,6 +25,7 @@ from collections.abc import Sequence
 import highdicom as hd
 import numpy as np
 from highdicom.sr import CodedConcept
+from highdicom.sr.templates import Template
 from pydicom.dataset import Dataset
 
 from cxr_auditor.labels import Label
@@ -115,7 +116,7 @@ def _draft_spans(result: AuditResult, label: Label) -> list[str]:
     return [d.span for d in result.draft.findings if d.label is label]
 
 
-def _append_text(group: hd.sr.Template, name: CodedConcept, values: Sequence[str]) -> None:
+def _append_text(group: Template, name: CodedConcept, values: Sequence[str]) -> None:
     # TID 1501/1410 have no slot highdicom fills with free text, so the container is extended
     # with highdicom TEXT items (CONTAINS) after construction.
     for value in values:

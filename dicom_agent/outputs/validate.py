@@ -45,8 +45,10 @@ def encode_validated(ds: Dataset) -> bytes:
             if str(back.get(keyword, "")) != str(ds.get(keyword, "")) or not back.get(keyword):
                 raise OutputError(f"{keyword} missing or changed after the round trip")
         if back.SOPClassUID in _SR_SOP_CLASSES:
-            sr = hd.sr.srread(BytesIO(data))
-            if not sr.content.get_observer_contexts():  # the tree must be interpretable
+            report = hd.sr.srread(BytesIO(data)).content
+            if not isinstance(report, hd.sr.MeasurementReport):
+                raise OutputError("SR does not re-read as a TID 1500 Measurement Report")
+            if not report.get_observer_contexts():
                 raise OutputError("SR re-read without an observer context")
         elif "PixelData" in back:
             back.pixel_array  # noqa: B018 - decoding is the check
