@@ -83,6 +83,9 @@ def _first_by_label(draft: DraftResult, status: DraftStatus) -> dict[Label, Draf
 
 
 def _side_agrees(draft_side: Laterality, image_sides: set[Laterality]) -> bool:
+    """Whether a stated side fits the sides of a label's boxes: left or right needs a box on
+    that side; bilateral needs boxes on both sides; a box that itself spans both sides fits
+    any statement."""
     if Laterality.BILATERAL in image_sides:
         return True
     if draft_side is Laterality.BILATERAL:

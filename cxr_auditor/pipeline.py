@@ -125,11 +125,20 @@ def place_findings(result: GroundingResult, image: ImageInput) -> GroundingResul
     return result.model_copy(update={"findings": placed, "notes": notes})
 
 
+# The best per-image state decides the study's: one usable view makes the study auditable.
+_STATE_PRECEDENCE = (
+    GroundingState.OK,
+    GroundingState.INCONCLUSIVE,
+    GroundingState.FAILED,
+    GroundingState.SKIPPED,
+)
+
+
 def merge_grounding(results: list[GroundingResult], images: list[ImageInput]) -> GroundingResult:
     """One study result from its per-image results (already placed).
 
-    State: ``ok`` if any image is ok, else ``inconclusive`` if any is, else ``failed``;
-    ``skipped`` when the study has no image. Findings of ok images are concatenated;
+    State: ``ok`` if any image is ok, else ``inconclusive`` if any is, else ``failed`` if any
+    is, else ``skipped`` (also when the study has no image). Findings of ok images are concatenated;
     ``no_finding`` on one image next to positives on another is dropped with a note. Per-image
     notes are prefixed ``image<index>:``, and each image that is not ok adds
     ``image<index>:grounding_<state>``. ``raw_text`` is kept only when the study failed.
@@ -137,12 +146,7 @@ def merge_grounding(results: list[GroundingResult], images: list[ImageInput]) ->
     if not results:
         return GroundingResult(state=GroundingState.SKIPPED, notes=["no_images"])
     states = {r.state for r in results}
-    if GroundingState.OK in states:
-        state = GroundingState.OK
-    elif GroundingState.INCONCLUSIVE in states:
-        state = GroundingState.INCONCLUSIVE
-    else:
-        state = GroundingState.FAILED
+    state = next(s for s in _STATE_PRECEDENCE if s in states)
     findings: list[ImageFinding] = []
     unmapped: list[str] = []
     notes: list[str] = []

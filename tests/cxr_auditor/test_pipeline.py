@@ -162,6 +162,9 @@ class TestMergeGrounding:
             3,
         )
         assert merge_grounding([], []).state is GroundingState.SKIPPED
+        skipped = GroundingResult(state=GroundingState.SKIPPED)
+        assert merge_grounding([skipped, skipped], imgs).state is GroundingState.SKIPPED
+        assert merge_grounding([skipped, failed], imgs).state is GroundingState.FAILED
 
     def test_notes_prefixed_per_image(self) -> None:
         ok = GroundingResult(state=GroundingState.OK, findings=[ImageFinding(label=Label.CARDIOMEGALY)], notes=["box_reordered"])
