@@ -198,8 +198,9 @@ def _on_accepted(event: Event) -> None:
     rejected = sorted({str(cx.abstract_syntax) for cx in event.assoc.rejected_contexts})
     logger.info("association accepted from %s", _peer(event))
     if rejected:
-        # scp.unknown_sop_class=reject: say which classes the peer could not send.
-        logger.warning(
+        # scp.unknown_sop_class=reject: say which classes the peer could not send. INFO, not
+        # WARNING: storescu and most archives propose every class they know on each association.
+        logger.info(
             "association from %s: presentation contexts rejected for %s",
             _peer(event),
             ", ".join(rejected),
@@ -361,6 +362,7 @@ class Listener:
         self.server.shutdown()
         for assoc in self.server.active_associations:
             assoc.abort()
+        self.store_context.spool.close()
 
 
 def start_listener(

@@ -26,6 +26,7 @@ import threading
 import time
 import zlib
 from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from io import BytesIO
 from pathlib import Path
@@ -58,6 +59,7 @@ REASON_SUFFIX = ".reason.txt"
 _PREAMBLE = b"\x00" * 128 + b"DICM"
 _PIXEL_DATA = 0x7FE00010
 _LOCK_STRIPES = 64
+_HASH_THREADS = 4
 
 _HEADER_KEYWORDS = (
     "SpecificCharacterSet",
@@ -225,9 +227,14 @@ class Spool:
         self.min_free_bytes = min_free_bytes
         self._free_space = free_space or disk_free_bytes
         self._locks = [threading.Lock() for _ in range(_LOCK_STRIPES)]
+        self._hasher = ThreadPoolExecutor(max_workers=_HASH_THREADS, thread_name_prefix="spool-sha")
         self._durable_dirs: set[Path] = set()
         self._dirs_lock = threading.Lock()
         self.root.mkdir(parents=True, exist_ok=True)
+
+    def close(self) -> None:
+        """Release the hashing threads (stores in flight finish first)."""
+        self._hasher.shutdown(wait=True)
 
     def path_for(self, header: InstanceHeader) -> Path:
         """Final path of an instance. Every component is a validated UID (PS3.5 9.1)."""
@@ -268,15 +275,22 @@ class Spool:
                 InstanceState.STORED if is_auditable(header.sop_class_uid) else InstanceState.IGNORED
             )
         path = self.path_for(header)
-        digest = dataset_sha256(data_set)
+        # Hash on a helper thread (hashlib releases the GIL) while this one writes and fsyncs:
+        # for a new instance the two overlap; only a known SOP Instance UID waits for it first.
+        digest_future = self._hasher.submit(dataset_sha256, data_set)
         lock = self._locks[hash(header.sop_instance_uid) % _LOCK_STRIPES]
         with lock:
             old = self.db.instance(header.sop_instance_uid)
-            if old is not None and old.sha256 == digest and Path(old.path).is_file():
+            if (
+                old is not None
+                and old.sha256 == digest_future.result()
+                and Path(old.path).is_file()
+            ):
                 return StoreResult(StoreOutcome.DUPLICATE, Path(old.path), header)
             meta = encode_file_meta(header, transfer_syntax_uid, source_ae_title)
             self.check_free_space(len(meta) + len(data_set))
             self._write_durably(path, meta, data_set)
+            digest = digest_future.result()
             outcome = self.db.record_instance(
                 sop_instance_uid=header.sop_instance_uid,
                 study_instance_uid=header.study_instance_uid,

@@ -350,7 +350,7 @@ class TestAssociationPolicy:
     def test_unknown_sop_class_rejected_by_default(
         self, listener: Harness, caplog: pytest.LogCaptureFixture
     ) -> None:
-        caplog.set_level(logging.WARNING, logger="dicom_agent.scp")
+        caplog.set_level(logging.INFO, logger="dicom_agent.scp")
         cx = [(CT_STORAGE, ExplicitVRLittleEndian), (VERIFICATION, ImplicitVRLittleEndian)]
         assoc = _associate(listener.listener.port, cx)
         assert assoc.is_established

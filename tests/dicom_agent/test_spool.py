@@ -5,6 +5,7 @@ from __future__ import annotations
 import errno
 import os
 import zlib
+from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
@@ -47,8 +48,10 @@ def db(tmp_path: Path) -> StateDB:
 
 
 @pytest.fixture
-def spool(tmp_path: Path, db: StateDB) -> Spool:
-    return Spool(tmp_path / "spool", db, tmp_path / "quarantine")
+def spool(tmp_path: Path, db: StateDB) -> Iterator[Spool]:
+    s = Spool(tmp_path / "spool", db, tmp_path / "quarantine")
+    yield s
+    s.close()
 
 
 def _files(root: Path, pattern: str = "*") -> list[Path]:

@@ -1,0 +1,292 @@
+"""Ingest throughput: dcmtk ``storescu`` into our listener, dcmtk ``storescp`` and Orthanc.
+
+Sends N synthetic ~10 MB chest radiographs (two per study) over 1 and over P parallel
+associations to each receiver, all started here on loopback with fresh temporary storage and
+stopped by PID. dcmtk runs with ``TCP_NODELAY=1``. Prints files/s and MB/s per receiver and the
+ratio ours / storescp. Only our listener acknowledges durable data (fsync + state commit);
+storescp and Orthanc (default configuration) do not fsync.
+
+    .venv/bin/python benchmarks/ingest.py --n 100
+
+Results go to docs/benchmarks.md, "Ingest" (with the command and the machine it ran on).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import shutil
+import signal
+import subprocess
+import sys
+import tempfile
+import time
+from collections.abc import Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent.parent
+if str(ROOT) not in sys.path:
+    sys.path.insert(0, str(ROOT))
+
+DCMTK_ENV = {**os.environ, "TCP_NODELAY": "1"}
+OUR_AET = "CXRAUDIT"
+
+
+@dataclass(frozen=True)
+class Run:
+    receiver: str
+    associations: int
+    files: int
+    total_bytes: int
+    seconds: float
+    received: int
+
+    @property
+    def files_per_s(self) -> float:
+        return self.files / self.seconds
+
+    @property
+    def mb_per_s(self) -> float:
+        return self.total_bytes / 1e6 / self.seconds
+
+
+def _free_port() -> int:
+    from tests.conftest import free_port
+
+    return free_port()
+
+
+def make_inputs(folder: Path, n: int, side: int) -> list[Path]:
+    """N Explicit VR Little Endian DX files of ``side``² 16-bit pixels, two per study."""
+    from pydicom.uid import generate_uid
+
+    from tests.builders import make_cxr
+
+    folder.mkdir(parents=True, exist_ok=True)
+    ds = make_cxr(rows=side, cols=side)
+    paths = []
+    for i in range(n):
+        if i % 2 == 0:
+            ds.StudyInstanceUID, ds.SeriesInstanceUID = generate_uid(), generate_uid()
+        ds.SOPInstanceUID = ds.file_meta.MediaStorageSOPInstanceUID = generate_uid()
+        path = folder / f"img{i:05d}.dcm"
+        ds.save_as(path, enforce_file_format=True)
+        paths.append(path)
+    return paths
+
+
+def _wait_for_echo(port: int, aet: str, proc: subprocess.Popen[bytes], timeout: float) -> None:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if proc.poll() is not None:
+            raise RuntimeError(f"receiver exited early with code {proc.returncode}")
+        echo = subprocess.run(
+            ["echoscu", "-aet", "BENCH", "-aec", aet, "127.0.0.1", str(port)],
+            env=DCMTK_ENV,
+            capture_output=True,
+        )
+        if echo.returncode == 0:
+            return
+        time.sleep(0.2)
+    raise RuntimeError(f"receiver on port {port} not ready after {timeout} s")
+
+
+def _stop(proc: subprocess.Popen[bytes]) -> None:
+    if proc.poll() is None:
+        os.killpg(proc.pid, signal.SIGTERM)
+        try:
+            proc.wait(timeout=20)
+        except subprocess.TimeoutExpired:
+            os.killpg(proc.pid, signal.SIGKILL)
+            proc.wait()
+
+
+@contextmanager
+def receiver(kind: str, work: Path) -> Iterator[tuple[int, str, Path]]:
+    """Start one receiver in its own process group; yields (port, called AE, storage dir)."""
+    port = _free_port()
+    store = work / "store"
+    store.mkdir(parents=True)
+    if kind == "ours":
+        cmd = [sys.executable, __file__, "--serve-ours", str(work), str(port)]
+        aet, env = OUR_AET, os.environ
+    elif kind == "storescp":
+        # --fork: one process per association, as dcmtk recommends for concurrent senders.
+        cmd = ["storescp", "--fork", "+xa", "-od", str(store), "-aet", "STORESCP", str(port)]
+        aet, env = "STORESCP", DCMTK_ENV
+    elif kind == "orthanc":
+        config = {
+            "Name": "bench",
+            "StorageDirectory": str(store),
+            "IndexDirectory": str(work / "index"),
+            "DicomAet": "ORTHANC",
+            "DicomPort": port,
+            "HttpPort": _free_port(),
+            "RemoteAccessAllowed": False,
+            "DicomCheckCalledAet": False,
+            "StorageCompression": False,
+            "Plugins": [],
+        }
+        (work / "orthanc.json").write_text(json.dumps(config))
+        cmd = ["Orthanc", str(work / "orthanc.json")]
+        aet, env = "ORTHANC", os.environ
+    else:
+        raise ValueError(f"receiver must be ours, storescp or orthanc, not {kind!r}")
+    log = (work / "receiver.log").open("wb")
+    proc = subprocess.Popen(
+        cmd, stdout=log, stderr=subprocess.STDOUT, env=env, start_new_session=True
+    )
+    try:
+        _wait_for_echo(port, aet, proc, timeout=60)
+        yield port, aet, store
+    finally:
+        _stop(proc)
+        log.close()
+
+
+def send(files: list[Path], port: int, aet: str, associations: int) -> float:
+    """storescu over ``associations`` parallel associations; returns wall seconds."""
+    chunks = [files[i::associations] for i in range(associations)]
+    start = time.perf_counter()
+    procs = [
+        subprocess.Popen(
+            ["storescu", "-aet", "BENCH", "-aec", aet, "127.0.0.1", str(port), *map(str, chunk)],
+            env=DCMTK_ENV,
+            stdout=subprocess.DEVNULL,
+            stderr=subprocess.PIPE,
+        )
+        for chunk in chunks
+    ]
+    failed = [p for p in procs if p.wait() != 0]
+    seconds = time.perf_counter() - start
+    if failed:
+        err = failed[0].stderr.read().decode(errors="replace") if failed[0].stderr else ""
+        raise RuntimeError(f"storescu failed: {err[-500:]}")
+    return seconds
+
+
+def _count_received(kind: str, store: Path) -> int:
+    pattern = "*.dcm" if kind == "ours" else "*"
+    return sum(1 for p in store.rglob(pattern) if p.is_file())
+
+
+def serve_ours(work: Path, port: int) -> None:
+    """Run our listener until SIGTERM (the benchmark's receiver process)."""
+    import logging
+    import threading
+
+    from dicom_agent.config import load_settings
+    from dicom_agent.scp import start_listener
+    from dicom_agent.state import StateDB
+
+    logging.basicConfig(level=logging.WARNING)
+    settings = load_settings(
+        paths={
+            "spool": work / "store",
+            "drafts": work / "drafts",
+            "out": work / "out",
+            "state": work / "state.sqlite3",
+            "quarantine": work / "quarantine",
+        },
+        scp={"port": port, "min_free_bytes": 0},
+    )
+    settings.ensure_folders()
+    db = StateDB(settings.paths.state)
+    listener = start_listener(settings, db)
+    done = threading.Event()
+    signal.signal(signal.SIGTERM, lambda *_: done.set())
+    done.wait()
+    listener.stop()
+    db.close()
+
+
+def machine() -> str:
+    cpu = platform.processor() or platform.machine()
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                cpu = line.split(":", 1)[1].strip()
+                break
+    except OSError:
+        pass
+    return f"{cpu}, {os.cpu_count()} cores, Linux {platform.release()}, Python {platform.python_version()}"
+
+
+def versions() -> str:
+    import pydicom
+    import pynetdicom
+
+    dcmtk = subprocess.run(["storescu", "--version"], capture_output=True, text=True).stdout
+    orthanc = subprocess.run(["Orthanc", "--version"], capture_output=True, text=True).stdout
+    return (
+        f"pynetdicom {pynetdicom.__version__}, pydicom {pydicom.__version__}, "
+        f"dcmtk {dcmtk.split()[2] if dcmtk else '?'}, "
+        f"Orthanc {orthanc.split()[1] if orthanc else '?'}"
+    )
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--n", type=int, default=100, help="files per run")
+    parser.add_argument("--side", type=int, default=2236, help="image side (2236: ~10 MB)")
+    parser.add_argument("--parallel", type=int, default=4, help="associations of the 2nd run")
+    parser.add_argument("--receivers", default="ours,storescp,orthanc")
+    parser.add_argument("--workdir", type=Path, default=None, help="default: a temp folder")
+    parser.add_argument("--serve-ours", nargs=2, metavar=("WORKDIR", "PORT"), help=argparse.SUPPRESS)
+    args = parser.parse_args()
+    if args.serve_ours:
+        serve_ours(Path(args.serve_ours[0]), int(args.serve_ours[1]))
+        return
+    for binary in ("storescu", "echoscu", "storescp", "Orthanc"):
+        if shutil.which(binary) is None:
+            sys.exit(f"error: {binary} is not installed")
+
+    with tempfile.TemporaryDirectory(dir=args.workdir, prefix="ingest-bench-") as tmp:
+        base = Path(tmp)
+        files = make_inputs(base / "in", args.n, args.side)
+        total = sum(p.stat().st_size for p in files)
+        print(f"machine: {machine()}")
+        print(f"versions: {versions()}")
+        print(f"{args.n} files, {total / args.n / 1e6:.1f} MB each\n")
+        runs: list[Run] = []
+        for kind in args.receivers.split(","):
+            for assocs in sorted({1, args.parallel}):
+                work = base / f"{kind}-{assocs}"
+                with receiver(kind, work) as (port, aet, store):
+                    seconds = send(files, port, aet, assocs)
+                    received = _count_received(kind, store)
+                runs.append(Run(kind, assocs, len(files), total, seconds, received))
+                shutil.rmtree(work, ignore_errors=True)
+                r = runs[-1]
+                print(
+                    f"  {kind:9s} {assocs} assoc: {r.files_per_s:7.1f} files/s "
+                    f"{r.mb_per_s:7.1f} MB/s ({r.received} files on disk)",
+                    flush=True,
+                )
+        print()
+        print(table(runs))
+
+
+def table(runs: list[Run]) -> str:
+    """The results as a Markdown table, with ours / storescp per association count."""
+    ref = {r.associations: r for r in runs if r.receiver == "storescp"}
+    lines = [
+        "| receiver | associations | files/s | MB/s | vs storescp |",
+        "| --- | ---: | ---: | ---: | ---: |",
+    ]
+    for r in runs:
+        base = ref.get(r.associations)
+        ratio = f"{r.files_per_s / base.files_per_s:.2f}" if base else "-"
+        lines.append(
+            f"| {r.receiver} | {r.associations} | {r.files_per_s:.1f} | {r.mb_per_s:.0f} "
+            f"| {ratio} |"
+        )
+    return "\n".join(lines)
+
+
+if __name__ == "__main__":
+    main()
