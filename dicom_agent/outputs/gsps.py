@@ -6,9 +6,10 @@ plain finding) is its own graphic layer with the same colour as the pictures (Gr
 Recommended Display CIELab Value, PS3.3 C.10.7). A disclaimer and the legend lines are text
 objects in display units on their own layer.
 
-Pitfalls handled (OUTPUTS.md §3.7): the VOI window is passed explicitly (copying the source's
-explanation made highdicom store it one character per value), and BodyPartExamined is copied
-from the source (without it dciodvfy flags the Type 2C Laterality).
+Pitfalls handled (OUTPUTS.md §3.7): the VOI window is passed explicitly, its explanation as a
+one-item list (highdicom 0.28 stores a plain string one character per value, whether copied
+from the source or passed in), and BodyPartExamined is copied from the source (without it
+dciodvfy flags the Type 2C Laterality).
 """
 
 from __future__ import annotations
@@ -68,10 +69,12 @@ def _voi(
         return None
     center, width = window
     return [
+        # One-item lists throughout: highdicom 0.28 stores a plain-str explanation one character
+        # per value (list(str)), and a list explanation needs list centre and width.
         hd.pr.SoftcopyVOILUTTransformation(
-            window_center=float(center),
-            window_width=max(float(width), 1.0),
-            window_explanation="AI audit display window",
+            window_center=[float(center)],
+            window_width=[max(float(width), 1.0)],
+            window_explanation=["AI audit display window"],
         )
     ]
 
