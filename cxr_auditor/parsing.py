@@ -245,11 +245,63 @@ def _dedupe(items: list[dict[str, Any]]) -> list[dict[str, Any]]:
     return out
 
 
+def _find_list(body: str) -> tuple[list[dict[str, Any]] | None, str]:
+    """The finding list in ``body`` (see :func:`extract_finding_list`), or None and why not."""
+    brackets = _Brackets(body)
+    fallback: dict[str, Any] | None = None
+    reason = "no JSON array or object found"
+    pos = 0
+    while True:
+        starts = [i for i in (body.find("[", pos), body.find("{", pos)) if i >= 0]
+        if not starts:
+            break
+        start = min(starts)
+        end = brackets.end(start)
+        if body[start] == "[":
+            if end is None:
+                salvaged = _salvage_from(brackets, start)
+                if salvaged:
+                    return _dedupe(salvaged), ""
+                reason = "array is not balanced and no complete element precedes the cut"
+                break
+            ok, value = _loads(body[start:end])
+            if ok and _is_object_list(value):
+                return _dedupe(value), ""
+            if ok:
+                reason = "array elements are not objects"
+            else:
+                salvaged = _salvage_from(brackets, start)
+                if salvaged:
+                    return _dedupe(salvaged), ""
+                reason = "array is invalid JSON"
+            pos = end
+            continue
+        if end is None:
+            # A truncated object may still hold a salvageable array (a cut-off wrapper).
+            pos = start + 1
+            reason = "object is not balanced"
+            continue
+        ok, value = _loads(body[start:end])
+        if ok and isinstance(value, dict):
+            unwrapped = _unwrap(value)
+            if unwrapped is not None:
+                return _dedupe(unwrapped), ""
+            if "label" in value:
+                return [value], ""
+            if fallback is None:
+                fallback = value
+        elif not ok:
+            reason = "object is invalid JSON"
+        pos = end
+    return ([fallback], "") if fallback is not None else (None, reason)
+
+
 def extract_finding_list(text: str) -> list[dict[str, Any]]:
     """Extract the list of finding objects a model printed.
 
-    Steps: strip reasoning (:func:`strip_reasoning`), take the body of a code fence if there is
-    one, then try each ``[`` / ``{`` in order:
+    Reasoning is stripped first (:func:`strip_reasoning`). The body of the first code fence is
+    searched before the whole text (a fence may also hold a note after the answer). Each ``[``
+    / ``{`` is then tried in order:
 
     - a balanced array that is valid JSON and holds only objects is the answer (``[]`` too);
       one holding non-objects (``[1, 2]``, a box) is skipped;
@@ -265,56 +317,14 @@ def extract_finding_list(text: str) -> list[dict[str, Any]]:
     Raises:
         ParseError: nothing usable was found; ``raw_text`` is the input.
     """
-    body = _strip_fence(strip_reasoning(text))
-    brackets = _Brackets(body)
-    fallback: dict[str, Any] | None = None
-    reason = "no JSON array or object found"
-    pos = 0
-    while True:
-        starts = [i for i in (body.find("[", pos), body.find("{", pos)) if i >= 0]
-        if not starts:
-            break
-        start = min(starts)
-        end = brackets.end(start)
-        if body[start] == "[":
-            if end is None:
-                salvaged = _salvage_from(brackets, start)
-                if salvaged:
-                    return _dedupe(salvaged)
-                reason = "array is not balanced and no complete element precedes the cut"
-                break
-            ok, value = _loads(body[start:end])
-            if ok and _is_object_list(value):
-                return _dedupe(value)
-            if ok:
-                reason = "array elements are not objects"
-            else:
-                salvaged = _salvage_from(brackets, start)
-                if salvaged:
-                    return _dedupe(salvaged)
-                reason = "array is invalid JSON"
-            pos = end
-            continue
-        if end is None:
-            # A truncated object may still hold a salvageable array (a cut-off wrapper).
-            pos = start + 1
-            reason = "object is not balanced"
-            continue
-        ok, value = _loads(body[start:end])
-        if ok and isinstance(value, dict):
-            unwrapped = _unwrap(value)
-            if unwrapped is not None:
-                return _dedupe(unwrapped)
-            if "label" in value:
-                return [value]
-            if fallback is None:
-                fallback = value
-        elif not ok:
-            reason = "object is invalid JSON"
-        pos = end
-    if fallback is not None:
-        return [fallback]
-    raise ParseError(f"no finding list in model output: {reason}", raw_text=text)
+    answer = strip_reasoning(text)
+    fenced = _strip_fence(answer)
+    found, reason = _find_list(fenced)
+    if found is None and fenced != answer:
+        found, _ = _find_list(answer)
+    if found is None:
+        raise ParseError(f"no finding list in model output: {reason}", raw_text=text)
+    return found
 
 
 # ---------------------------------------------------------------------------------------------

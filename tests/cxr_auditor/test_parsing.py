@@ -467,6 +467,10 @@ class TestExtractFindingList:
         text = 'Here:\n```json\n[{"label": "cardiomegaly"}]\n```\nThanks [1]'
         assert extract_finding_list(text) == [{"label": "cardiomegaly"}]
 
+    def test_fence_after_the_answer_does_not_hide_it(self) -> None:
+        text = '[{"label": "cardiomegaly"}]\n```\nnote: heart is wide\n```'
+        assert extract_finding_list(text) == [{"label": "cardiomegaly"}]
+
     def test_reasoning_brackets_never_hijack_the_answer(self) -> None:
         text = '<think>maybe [{"label": "pneumothorax"}]?</think>[{"label": "cardiomegaly"}]'
         assert extract_finding_list(text) == [{"label": "cardiomegaly"}]
