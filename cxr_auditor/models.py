@@ -350,7 +350,9 @@ def decode_new_tokens(tokenizer: Any, rows: Any, keep_tokens: list[str]) -> list
     Equivalent to ``skip_special_tokens=True`` when nothing is kept; with patterns such as
     ``<loc\\d{4}>`` box tokens survive even where a tokenizer marks them special.
     """
-    special = set(tokenizer.all_special_ids)
+    special = set(tokenizer.all_special_ids) | {
+        idx for idx, tok in tokenizer.added_tokens_decoder.items() if tok.special
+    }
     keep = [re.compile(p) for p in keep_tokens]
     kept_ids: set[int] = set()
     if keep:

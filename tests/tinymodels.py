@@ -18,6 +18,7 @@ from __future__ import annotations
 import hashlib
 import inspect
 import json
+import os
 import shutil
 from pathlib import Path
 from typing import Any
@@ -149,8 +150,9 @@ def build_gemma3(folder: Path, *, seed: int = 0, layers: int = 2) -> Path:
             "num_attention_heads": 2,
             "num_key_value_heads": 1,
             "head_dim": 16,
-            "max_position_embeddings": 512,
-            "sliding_window": 64,
+            # Prompts are byte-level (~1.5k tokens): the window must see the image tokens.
+            "max_position_embeddings": 4096,
+            "sliding_window": 4096,
             "pad_token_id": ids("<pad>"),
             "bos_token_id": ids("<bos>"),
             "eos_token_id": ids("<eos>"),
@@ -230,12 +232,14 @@ def build_lora(
     zero: bool = False,
     rank: int = 4,
     targets: tuple[str, ...] = ("q_proj", "v_proj"),
+    modules_to_save: list[str] | None = None,
     seed: int = 1,
 ) -> Path:
     """Save a PEFT LoRA adapter for the Gemma 3 model at ``base``.
 
     ``zero=False`` fills B with random values so merging changes the base weights; ``zero=True``
     keeps PEFT's zero-initialised B, i.e. an adapter whose merge is a silent no-op.
+    ``modules_to_save`` saves whole modules with the adapter (how a projector can travel).
     """
     import torch
     from peft import LoraConfig, get_peft_model
@@ -246,6 +250,7 @@ def build_lora(
         r=rank,
         lora_alpha=2 * rank,
         target_modules=list(targets),
+        modules_to_save=modules_to_save,
         init_lora_weights=True,
     )
     peft_model = get_peft_model(model, cfg)
@@ -255,6 +260,8 @@ def build_lora(
             for name, param in peft_model.named_parameters():
                 if "lora_B" in name:
                     param.copy_(torch.randn(param.shape, generator=gen) * 0.5)
+                elif "modules_to_save" in name:  # a trained copy differs from the base
+                    param.add_(torch.randn(param.shape, generator=gen))
     peft_model.save_pretrained(folder)
     return folder
 
@@ -277,21 +284,24 @@ def save_projector(base: Path, path: Path, *, seed: int = 2) -> dict[str, Any]:
     return state
 
 
-def _answer_batch(processor: Any, images: list[Image.Image], prompt: str, answers: list[str]) -> Any:
+def _answer_batch(processor: Any, examples: list[tuple[int, str, str]]) -> Any:
     """Inputs and labels for teacher forcing: loss only on the answer tokens (+ end of turn)."""
     import torch
 
     tok = processor.tokenizer
     tok.padding_side = "right"
-    full, prompt_lens = [], []
-    for img, answer in zip(images, answers, strict=True):
+    full, prompt_lens, images = [], [], []
+    for value, prompt, answer in examples:
+        img = solid_image(value)
+        images.append([img])
         messages = [{"role": "user", "content": [{"type": "image"}, {"type": "text", "text": prompt}]}]
         head = processor.apply_chat_template(messages, add_generation_prompt=True, tokenize=False)
-        prompt_lens.append(
-            processor(text=[head], images=[[img]], return_tensors="pt")["input_ids"].shape[1]
-        )
+        enc = processor(text=[head], images=[[img]], add_special_tokens=False, return_tensors="pt")
+        prompt_lens.append(enc["input_ids"].shape[1])
         full.append(head + answer + "<end_of_turn>")
-    batch = processor(text=full, images=[[i] for i in images], padding=True, return_tensors="pt")
+    batch = processor(
+        text=full, images=images, padding=True, add_special_tokens=False, return_tensors="pt"
+    )
     labels = batch["input_ids"].clone()
     for row, n in enumerate(prompt_lens):
         labels[row, :n] = -100
@@ -302,15 +312,14 @@ def _answer_batch(processor: Any, images: list[Image.Image], prompt: str, answer
 
 def train_gemma3(
     folder: Path,
-    prompt: str,
+    examples: list[tuple[int, str, str]],
     *,
-    answers: tuple[str, str] = (BLACK_ANSWER, WHITE_ANSWER),
     steps: int = 400,
     lr: float = 3e-3,
     seed: int = 0,
 ) -> Path:
-    """Build a tiny Gemma 3 under ``folder`` and train it so that, given ``prompt``, the black
-    image yields ``answers[0]`` and the white image ``answers[1]`` (greedy)."""
+    """Build a tiny Gemma 3 under ``folder`` and train it on ``examples``: (grey value of a
+    solid image, prompt, answer) triples, so that greedy decoding reproduces each answer."""
     import torch
     from transformers import AutoModelForImageTextToText, AutoProcessor
 
@@ -318,9 +327,10 @@ def train_gemma3(
     processor = AutoProcessor.from_pretrained(folder)
     model = AutoModelForImageTextToText.from_pretrained(folder)
     torch.manual_seed(seed)
-    batch = _answer_batch(processor, [solid_image(0), solid_image(255)], prompt, list(answers))
+    batch = _answer_batch(processor, examples)
     model.train()
     opt = torch.optim.AdamW(model.parameters(), lr=lr)
+    loss = torch.tensor(0.0)
     for _ in range(steps):
         opt.zero_grad()
         loss = model(**batch).loss
@@ -328,24 +338,47 @@ def train_gemma3(
         opt.step()
     model.eval()
     model.save_pretrained(folder)
-    (folder / "train_loss.json").write_text(json.dumps({"loss": float(loss)}))
+    (folder / "train_loss.json").write_text(json.dumps({"loss": float(loss.detach())}))
     return folder
 
 
-def builder_fingerprint() -> str:
-    """Hash of this module's source: a cached trained model is reused only while it matches."""
+def builder_fingerprint(extra: str = "") -> str:
+    """Hash of this module's source, the library versions and ``extra`` (e.g. the training
+    examples): a cached model is reused only while all of them match."""
+    import torch
+    import transformers
+
     import tests.tinymodels as me
 
-    return hashlib.sha256(inspect.getsource(me).encode()).hexdigest()[:16]
+    text = inspect.getsource(me) + torch.__version__ + transformers.__version__ + extra
+    return hashlib.sha256(text.encode()).hexdigest()[:16]
 
 
-def cached(root: Path, name: str, build: Any) -> Path:
-    """``root/name-<fingerprint>``, built once with ``build(folder)``; a failed build is removed."""
-    folder = root / f"{name}-{builder_fingerprint()}"
-    if (folder / ".done").exists():
+def cache_root(basetemp: Path) -> Path:
+    """Where built models are cached: pytest's per-user temp folder (``pytest-of-<user>``),
+    which outlives one session, or ``basetemp`` itself when it is elsewhere (``--basetemp``)."""
+    for parent in [basetemp, *basetemp.parents]:
+        if parent.name.startswith("pytest-of-"):
+            return parent / "tinymodels-cache"
+    return basetemp / "tinymodels-cache"
+
+
+def cached(root: Path, name: str, build: Any, key: str = "") -> Path:
+    """``root/name-<fingerprint>``, built once with ``build(folder)``.
+
+    The build happens in a private folder that is renamed into place, so parallel test workers
+    never see a half-written model; the loser of a race uses the winner's copy.
+    """
+    root.mkdir(parents=True, exist_ok=True)
+    folder = root / f"{name}-{builder_fingerprint(key)}"
+    if folder.is_dir():
         return folder
-    if folder.exists():
-        shutil.rmtree(folder)
-    build(folder)
-    (folder / ".done").write_text("ok")
+    scratch = root / f".{folder.name}.{os.getpid()}"
+    if scratch.exists():
+        shutil.rmtree(scratch)
+    build(scratch)
+    try:
+        scratch.rename(folder)
+    except OSError:
+        shutil.rmtree(scratch)
     return folder

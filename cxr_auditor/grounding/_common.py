@@ -1,9 +1,9 @@
-"""What every model-backed grounder shares: prompt, retry ladder, parsing, box placement.
+"""What every model-backed grounder shares: prompt, retry ladder and parsing.
 
 :class:`ChatGrounder` runs a profile's prompt over a batch of images through any
 :class:`~cxr_auditor.models.ChatBackend` (in-process transformers or an OpenAI-compatible
 server), re-generating only the images whose answer did not parse, and turns each answer into a
-:class:`~cxr_auditor.schema.GroundingResult` whose boxes are mapped back onto the source pixels.
+:class:`~cxr_auditor.schema.GroundingResult` (the pipeline maps boxes onto source pixels).
 """
 
 from __future__ import annotations
@@ -14,24 +14,13 @@ from collections.abc import Callable
 from cxr_auditor.errors import ParseError
 from cxr_auditor.grounding.base import Grounder, ImageInput
 from cxr_auditor.models import ChatBackend, ChatRequest
-from cxr_auditor.parsing import parse_grounding_output
+from cxr_auditor.parsing import failed_grounding, parse_grounding_output
 from cxr_auditor.profiles import Profile
 from cxr_auditor.prompts import CORRECTIVE_SUFFIX, PROMPTS, prompt_hash
 from cxr_auditor.retry import AttemptSettings, run_batch_with_retry
-from cxr_auditor.schema import (
-    GroundingResult,
-    GroundingState,
-    ImageFinding,
-    Laterality,
-    ModelInfo,
-)
+from cxr_auditor.schema import GroundingResult, ModelInfo
 
 logger = logging.getLogger(__name__)
-
-#: Raw model text kept on a failed result is cut to this many characters.
-RAW_TEXT_LIMIT = 4000
-#: A box whose centre lies within this fraction of the midline names no side.
-_MIDLINE_MARGIN = 0.05
 
 _DEFAULT_PROMPTS = {"grounding_json": "grounding", "report_loc": "explain_my_xray"}
 
@@ -54,46 +43,6 @@ def model_info(profile: Profile, prompt: str | None) -> ModelInfo:
 def profile_prompt(profile: Profile, default: str) -> str:
     """The prompt text the profile names (or the task's default prompt)."""
     return PROMPTS[profile.prompt or default]
-
-
-def _side(finding: ImageFinding, image: ImageInput) -> Laterality | None:
-    """Patient side of a box from its centre on the source image and the display orientation."""
-    if finding.pixel_box is None or image.patient_left_on_image_right is None:
-        return None
-    pb = finding.pixel_box
-    centre = (pb.x0 + pb.x1) / 2 / image.geometry.source_width
-    if abs(centre - 0.5) < _MIDLINE_MARGIN:
-        return None
-    image_right = centre > 0.5
-    return Laterality.LEFT if image_right == image.patient_left_on_image_right else Laterality.RIGHT
-
-
-def place_findings(result: GroundingResult, image: ImageInput, attempts: int) -> GroundingResult:
-    """Attach source-pixel boxes and patient side to each finding, and the attempt count.
-
-    A box lying wholly in the letterbox padding keeps its normalised box, loses the pixel box,
-    and leaves a note.
-    """
-    notes = list(result.notes)
-    placed = []
-    for finding in result.findings:
-        pixel = image.geometry.to_source(finding.box) if finding.box is not None else None
-        if finding.box is not None and pixel is None:
-            notes.append("box_in_padding")
-        update = {"image_index": image.image_index, "pixel_box": pixel}
-        with_pixels = finding.model_copy(update=update)
-        placed.append(with_pixels.model_copy(update={"laterality": _side(with_pixels, image)}))
-    return result.model_copy(update={"findings": placed, "notes": notes, "attempts": attempts})
-
-
-def failed_result(error: ParseError, attempts: int, raw: str) -> GroundingResult:
-    """A ``failed`` result after the retry ladder ran out: reason code and the raw text kept."""
-    return GroundingResult(
-        state=GroundingState.FAILED,
-        notes=["unparseable_after_retries"],
-        raw_text=(error.raw_text or raw)[:RAW_TEXT_LIMIT],
-        attempts=attempts,
-    )
 
 
 def _json_parse(text: str, image_index: int) -> GroundingResult:
@@ -140,12 +89,12 @@ class ChatGrounder(Grounder):
             generate, parse, len(chunk), self.profile.generation.max_attempts
         )
         results = []
-        for image, (parsed, attempts, raw) in zip(chunk, rows, strict=True):
+        for parsed, attempts, _raw in rows:
             if isinstance(parsed, ParseError):
                 logger.info("profile %s: answer unparseable after %d attempts", self.profile.name, attempts)
-                results.append(failed_result(parsed, attempts, raw))
+                results.append(failed_grounding(parsed, attempts))
             else:
-                results.append(place_findings(parsed, image, attempts))
+                results.append(parsed.model_copy(update={"attempts": attempts}))
         return results
 
     def close(self) -> None:

@@ -109,6 +109,12 @@ class ReportParser:
         mentions = self._mentions(blanked)
         denied = {f.label for f in mentions if f.status is DraftStatus.ABSENT}
         present = [f.label for f in mentions if f.status is DraftStatus.PRESENT]
+        # The side stated in words stays on findings without a box (boxes get theirs from the
+        # image geometry in the pipeline).
+        sides = {}
+        for f in mentions:
+            if f.status is DraftStatus.PRESENT and f.laterality is not None:
+                sides.setdefault(f.label, f.laterality)
         if any(f.status is DraftStatus.UNCERTAIN for f in mentions):
             notes.append("hedged_mentions_not_reported")
         for lab, _ in self._extra_labels(blanked):
@@ -129,7 +135,10 @@ class ReportParser:
                 continue
             label_boxes: list[Box | None] = [*boxed.get(label, [])] or [None]
             for box in label_boxes:
-                findings.append(ImageFinding(label=label, image_index=image_index, box=box))
+                side = sides.get(label) if box is None else None
+                findings.append(
+                    ImageFinding(label=label, image_index=image_index, box=box, laterality=side)
+                )
         if not findings and Label.NO_FINDING in present:
             findings.append(ImageFinding(label=Label.NO_FINDING, image_index=image_index))
         elif findings and Label.NO_FINDING in present:

@@ -1,0 +1,12 @@
+"""Tiny-model fixtures for the audit-core tests (see tests/conftest_models.py)."""
+
+from tests.conftest_models import (  # noqa: F401 - fixtures
+    lora_adapter,
+    projector_adapter,
+    tiny_gemma,
+    tiny_nemotron,
+    tiny_root,
+    trained_gemma,
+    write_profiles,
+    zero_lora_adapter,
+)
