@@ -657,6 +657,14 @@ class TestParseDraftOutput:
         finding.check_against(draft)
         assert finding.laterality is Laterality.RIGHT
 
+    def test_case_folding_that_changes_length_keeps_offsets_right(self) -> None:
+        # "İ".lower() is two characters, which would shift a lower-cased index.
+        draft = "İİ LEFT EFFUSION."
+        text = '[{"label": "effusion", "status": "present", "span": "left effusion"}]'
+        [finding], _ = parse_draft_output(text, draft)
+        assert finding.span == "LEFT EFFUSION"
+        finding.check_against(draft)
+
     def test_span_not_in_draft_dropped(self) -> None:
         text = '[{"label": "pneumothorax", "status": "present", "span": "large pneumothorax"}]'
         assert parse_draft_output(text, "Small pneumothorax.") == (
@@ -786,3 +794,23 @@ def test_grounding_output_invariants(elements: list[dict[str, Any]]) -> None:
     assert len(keys) == len(set(keys))
     for note in result.notes:
         assert re.match(_REASON_CODE, note), note
+
+
+@_PROPS
+@given(
+    st.one_of(
+        st.lists(
+            st.one_of(st.floats(), st.integers(), st.text(max_size=4), st.none(), st.booleans()),
+            max_size=6,
+        ),
+        st.text(max_size=10),
+        st.integers(),
+        st.none(),
+    )
+)
+def test_coerce_box_never_raises_and_explains_every_drop(value: object) -> None:
+    box, note = coerce_box(value)
+    if box is None and value is not None:
+        assert note is not None and note.startswith("box_dropped:")
+    if box is not None:
+        assert 0.0 <= box.y0 < box.y1 <= 1.0 and 0.0 <= box.x0 < box.x1 <= 1.0
