@@ -1,0 +1,470 @@
+"""Word lists of the rule-based draft parser: mentions, triggers, section headers.
+
+Everything here is matched against the lower-cased draft. A space in a pattern stands for any run
+of whitespace (reports are hard-wrapped, so a phrase may cross a line break). The rules that use
+these lists, and the reasons behind each choice, are in ``docs/draft-parser.md``.
+"""
+
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass
+from enum import Enum
+
+from cxr_auditor.labels import Label
+from cxr_auditor.schema import DraftStatus
+
+E = Label.PLEURAL_EFFUSION
+P = Label.PNEUMOTHORAX
+O = Label.LUNG_OPACITY_CONSOLIDATION  # noqa: E741 - the label's usual one-letter name
+N = Label.NODULE_MASS
+C = Label.CARDIOMEGALY
+NF = Label.NO_FINDING
+
+Target = Label | str
+
+
+def rx(pattern: str) -> str:
+    """Let a literal space in ``pattern`` match any whitespace run (line breaks included)."""
+    return pattern.replace(" ", r"\s+")
+
+
+@dataclass(frozen=True)
+class Entry:
+    """One mention pattern.
+
+    ``fixed`` is a status the phrase carries by itself ("heart size is normal" is a denial);
+    such phrases skip negation and hedging. ``indirect`` marks a sign of a label (costophrenic
+    blunting for effusion) that defers to an explicit mention of the same label in its sentence,
+    so "blunting which may represent a small effusion" is as uncertain as its explanation.
+    """
+
+    pattern: str
+    targets: tuple[Target, ...]
+    fixed: DraftStatus | None = None
+    indirect: bool = False
+
+
+def _e(
+    pattern: str, *targets: Target, fixed: DraftStatus | None = None, indirect: bool = False
+) -> Entry:
+    return Entry(rx(pattern), targets, fixed, indirect)
+
+
+ABSENT, PRESENT, UNCERTAIN = DraftStatus.ABSENT, DraftStatus.PRESENT, DraftStatus.UNCERTAIN
+
+# Subjects of heart-size statements. "cardiothoracic ratio" only takes "increased".
+_HEART = (
+    r"(?:heart(?:\s+size)?|cardiac\s+(?:silhouette|size|shadow|contours?)"
+    r"|cardiomediastinal\s+(?:silhouette|contours?|shadow|size)|size\s+of\s+the\s+heart"
+    r"|cardiothoracic\s+ratio)"
+)
+# Up to six words between subject and verdict that do not change the verdict ("and mediastinum
+# are", "size is"). Words that would (enlarged, borderline, not, but) may not be skipped.
+_GAP_NORMAL = (
+    r"(?:[\s,:]+(?!not\b|enlarg|large|border|upper|top\b|high\b|mild|moder|sever|increas"
+    r"|but\b|although\b|however\b|though\b|except\b)[a-z/-]+){0,6}?[\s,:]+"
+)
+_GAP_ENLARGED = r"(?:\s+(?!not\b|normal\b|but\b|border|upper\b|top\b)[a-z/-]+){0,4}?\s+"
+
+# Phrases with a status of their own; matched before the single terms.
+PHRASES: tuple[Entry, ...] = (
+    # normal study
+    _e(
+        r"(?:no|without) (?:(?:radiographic|x-?ray|plain film) )?(?:(?:evidence|signs?) of )?"
+        r"(?:any )?(?:acute|active) (?:(?:cardiopulmonary|cardiothoracic|intrathoracic|thoracic"
+        r"|pulmonary|chest|cardiac or pulmonary|cardiopulmonary or thoracic|radiographic) )?"
+        r"(?:abnormalit(?:y|ies)|process(?:es)?|disease|findings?|pathology|changes?|issues?)",
+        NF, fixed=PRESENT,
+    ),
+    _e(
+        r"negative for (?:any )?acute (?:(?:cardiopulmonary|intrathoracic|chest) )?"
+        r"(?:abnormalit(?:y|ies)|process|disease|findings?)",
+        NF, fixed=PRESENT,
+    ),
+    _e(
+        r"(?:normal|unremarkable|negative) (?:(?:pa and lateral|frontal and lateral|portable) )?"
+        r"(?:chest(?: (?:radiographs?|x-?rays?|films?|study|exam(?:ination)?|series))?|study|"
+        r"exam(?:ination)?|radiographs?|x-?rays?|cxr)\b",
+        NF, fixed=PRESENT,
+    ),
+    _e(
+        r"(?:chest|study|exam(?:ination)?|radiograph|chest radiograph|chest x-?ray|cxr) "
+        r"(?:is |are |appears )?(?:normal|unremarkable|negative|within normal limits)",
+        NF, fixed=PRESENT,
+    ),
+    _e(r"no (?:significant )?abnormalit(?:y|ies)(?! of)", NF, fixed=PRESENT),
+    # heart size: borderline first, then normal
+    _e(
+        r"(?:borderline|top[- ]normal|upper[- ]normal|high[- ]normal) "
+        r"(?:cardiomegaly|enlarged heart|(?:heart|cardiac) (?:size|enlargement|silhouette)"
+        r"|sized heart)",
+        C, fixed=UNCERTAIN,
+    ),
+    Entry(
+        _HEART + _GAP_NORMAL.replace(r"(?!not\b|", r"(?!not\b|normal\b|")
+        + r"(?:borderline|(?:at )?(?:the )?upper (?:limits?|range|end) of normal|top[- ]normal"
+        r"|high[- ]normal|upper[- ]normal)".replace(" ", r"\s+"),
+        (C,), UNCERTAIN,
+    ),
+    Entry(
+        _HEART + _GAP_NORMAL
+        + r"(?:normal|unremarkable|within\s+normal\s+limits|wnl|not\s+(?:significantly\s+)?enlarged)\b",
+        (C,), ABSENT,
+    ),
+    _e(
+        r"normal(?:[- ]sized?| size)? (?:heart(?: size)?|cardiac (?:silhouette|size|contours?)"
+        r"|cardiomediastinal (?:silhouette|contours?|size))",
+        C, fixed=ABSENT,
+    ),
+    # clear lungs
+    Entry(
+        r"(?:lungs?|lung\s+fields?|lung\s+bases|lung\s+parenchyma)"
+        r"(?:[\s:]+(?!not\b|no\b)[a-z-]+){0,4}?[\s:]+clear\b(?!\s+of\b)",
+        (O,), ABSENT,
+    ),
+    _e(r"clear (?:lungs?|lung fields?)", O, fixed=ABSENT),
+    # sharp costophrenic angles
+    _e(
+        r"(?:costophrenic|cp) (?:angles?|sulci|sulcus|recesses) (?:are |is |remain )?"
+        r"(?:sharp(?:ly defined)?|clear|preserved|normal)",
+        E, fixed=ABSENT,
+    ),
+    _e(r"sharp (?:costophrenic|cp) (?:angles?|sulci)", E, fixed=ABSENT),
+    _e(r"pleural spaces? (?:are |is )?clear", E, fixed=ABSENT),
+)
+
+# Single terms; their status comes from negation and hedging. Longer alternatives come first,
+# so "pericardial effusion" and "calcified nodule" win over "effusion" and "nodule".
+DEVICE_TERMS = frozenset(
+    {
+        "endotracheal_tube",
+        "enteric_tube",
+        "central_line",
+        "pacemaker",
+        "sternotomy",
+        "chest_tube",
+        "tracheostomy",
+        "surgical_clips",
+        "support_devices",
+        "valve_prosthesis",
+    }
+)
+#: Unmapped terms that do not spoil an inferred normal study (hardware, age-related change).
+INCIDENTAL_TERMS = DEVICE_TERMS | {"degenerative_change", "aortic_atherosclerosis", "post_surgical"}
+
+TERMS: tuple[Entry, ...] = (
+    # outside the label space: specific multi-word phrases first
+    _e(r"pericardial effusions?", "pericardial_effusion"),
+    _e(r"(?:subcutaneous|soft tissue|soft-tissue) (?:emphysema|air|gas)", "subcutaneous_emphysema"),
+    _e(r"(?:interstitial|alveolar|pulmonary) edema|edema", "edema"),
+    _e(
+        r"(?:pulmonary )?(?:vascular|venous) (?:congestion|engorgement|redistribution)"
+        r"|cephalization|fluid overload",
+        "edema",
+    ),
+    _e(r"congestive heart failure|\bchf\b", "heart_failure"),
+    _e(
+        r"interstitial (?:markings?|opacit(?:y|ies)|prominence|lung disease|abnormalit(?:y|ies)"
+        r"|thickening|pattern|changes?|process|disease|infiltrates?)"
+        r"|reticul(?:ar|onodular) (?:opacit(?:y|ies)|markings?|pattern|changes?)|\bild\b",
+        "interstitial_abnormality",
+    ),
+    _e(
+        r"(?:calcified|granulomatous) (?:nodules?|granulomas?|lymph nodes?|densit(?:y|ies)|foci"
+        r"|focus)|granulomas?|granulomatous (?:disease|changes?)",
+        "granuloma",
+    ),
+    _e(r"nipple (?:shadows?|markers?)", "nipple_shadow"),
+    _e(
+        r"(?:lytic|sclerotic|blastic|osseous|bony|bone|skeletal) (?:lesions?|metastas(?:is|es)"
+        r"|abnormalit(?:y|ies)|destruction)",
+        "osseous_lesion",
+    ),
+    _e(r"(?:breast|prostate|colon|renal) (?:cancer|carcinoma|masse?s?)", "extrathoracic_cancer"),
+    _e(r"atelecta(?:sis|ses|tic)|(?:lobar |lobe |segmental |subsegmental )?collapse|volume loss",
+       "atelectasis"),
+    _e(r"pleural (?:thickening|plaques?|calcifications?)", "pleural_thickening"),
+    _e(r"scar(?:s|ring)?|fibrosis|fibrotic|cicatricial", "scarring"),
+    _e(r"fractures?|\bfx\b", "fracture"),
+    _e(
+        r"emphysema(?:tous)?(?: changes?)?|hyperinfla(?:tion|ted)|hyperexpan(?:sion|ded)|\bcopd\b"
+        r"|chronic obstructive pulmonary disease|bullae|bullous",
+        "emphysema",
+    ),
+    _e(r"(?:(?:hiatal|hiatus|diaphragmatic|paraesophageal) )?hernias?", "hernia"),
+    _e(r"pneumomediastinum", "pneumomediastinum"),
+    _e(r"pneumoperitoneum|free (?:intraperitoneal |subdiaphragmatic )?air", "pneumoperitoneum"),
+    _e(
+        r"(?:hilar|mediastinal) (?:enlargement|adenopathy|lymphadenopathy|fullness|prominence)"
+        r"|lymphadenopathy|adenopathy",
+        "lymphadenopathy",
+    ),
+    _e(
+        r"peribronchial (?:thickening|cuffing)|bronchial wall thickening|bronchiectasis"
+        r"|bronchitis|airways? disease",
+        "airway_disease",
+    ),
+    _e(r"elevat(?:ed|ion of the) (?:(?:left|right) )?hemidiaphragm", "elevated_hemidiaphragm"),
+    _e(
+        r"degenerative (?:changes?|disease)|spondylo(?:sis|tic changes?)|osteophytes?"
+        r"|(?:dextro|levo)?scoliosis|kyphosis",
+        "degenerative_change",
+    ),
+    _e(
+        r"(?:aortic|vascular|atherosclerotic) calcifications?|atherosclero(?:sis|tic)"
+        r"|tortuous (?:thoracic )?aorta|tortuosity of the (?:thoracic )?aorta"
+        r"|aortic (?:tortuosity|ectasia|unfolding)|unfolded aorta",
+        "aortic_atherosclerosis",
+    ),
+    # devices, lines, tubes, surgery
+    _e(r"endotracheal tubes?|\bet tubes?|\betts?\b", "endotracheal_tube"),
+    _e(
+        r"(?:nasogastric|orogastric|\bng|\bog|enteric|feeding|dobb?hoff|nasoenteric|gastric) tubes?",
+        "enteric_tube",
+    ),
+    _e(
+        r"(?:central venous|central|picc|\bij|internal jugular|subclavian|swan[- ]ganz"
+        r"|pulmonary artery|dialysis|hemodialysis|tunnell?ed)(?: venous)? (?:lines?|catheters?)"
+        r"|\bpiccs?\b|port-?a-?cath|(?:chest|power|mediport) ports?|\bcvc\b",
+        "central_line",
+    ),
+    _e(
+        r"pacemakers?|\bpacer\b|\b(?:a?icd)\b|defibrillators?|(?:cardiac|pacer|pacemaker) leads?"
+        r"|loop recorder",
+        "pacemaker",
+    ),
+    _e(
+        r"(?:median )?sternotomy(?: wires)?|sternal (?:wires|sutures)|\bcabg\b"
+        r"|coronary artery bypass(?: graft(?:ing)?)?",
+        "sternotomy",
+    ),
+    _e(
+        r"chest tubes?|thoracostomy tubes?|pleural (?:drains?|catheters?)"
+        r"|pigtail (?:catheters?|drains?)",
+        "chest_tube",
+    ),
+    _e(r"tracheostomy(?: tubes?)?|trach tubes?", "tracheostomy"),
+    _e(r"(?:surgical|vascular) clips?", "surgical_clips"),
+    _e(r"(?:prosthetic|mechanical) (?:aortic |mitral )?valves?|valve replacement", "valve_prosthesis"),
+    _e(r"lines and tubes|tubes and lines|support devices?|monitoring (?:leads|devices)",
+       "support_devices"),
+    _e(
+        r"post-?surgical changes?|post-?operative changes?|(?:upper |lower |middle )?lobectom(?:y|ies)"
+        r"|(?:post-?)?pneumonectomy|post-?radiation changes?|radiation (?:fibrosis|changes?)"
+        r"|mastectomy|thoracotomy",
+        "post_surgical",
+    ),
+    # pleural effusion
+    _e(r"hydropneumothora(?:x|ces)", E, P),
+    _e(r"(?:pleural )?effusions?|pleural fluid|hydrothorax|layering fluid", E),
+    _e(
+        r"blunt(?:ing|ed) (?:of )?(?:the )?(?:(?:left|right|bilateral|both|posterior) )*"
+        r"(?:costophrenic|cp) (?:angles?|sulci|sulcus|recesses)"
+        r"|(?:costophrenic|cp) (?:angle |sulcus )?blunting"
+        r"|(?:costophrenic|cp) (?:angles?|sulci|sulcus) (?:is |are )?(?:mildly |slightly )?blunted"
+        r"|meniscus(?: sign)?",
+        E, indirect=True,
+    ),
+    # pneumothorax
+    _e(r"pneumothora(?:x|ces)|\bptx\b", P),
+    # lung opacity / consolidation
+    _e(
+        r"(?:(?:airspace|air-space|air space|alveolar|parenchymal) (?:opacit(?:y|ies)|disease"
+        r"|process|consolidations?|opacification))|consolidat(?:ion|ions|ive (?:opacit(?:y|ies)"
+        r"|process|changes?))|ground[- ]glass(?: opacit(?:y|ies))?|opacit(?:y|ies)|opacification"
+        r"|infiltrat(?:e|es|ion|ive)|(?:broncho)?pneumonias?|pneumonitis",
+        O,
+    ),
+    # nodule / mass
+    _e(
+        r"nodules?|mass(?:es)?(?! effect)|lesions?|tumou?rs?|neoplasms?|carcinomas?|carcinoid"
+        r"|(?:lung )?cancer|malignanc(?:y|ies)|metastas(?:is|es)|metastatic (?:disease|lesions?)",
+        N,
+    ),
+    # cardiomegaly
+    _e(
+        r"cardiomegaly|enlarged (?:heart|cardiac (?:silhouette|shadow|size)|cardiomediastinal "
+        r"silhouette)|cardiac enlargement|enlargement of the (?:heart|cardiac (?:silhouette|shadow)"
+        r"|cardiomediastinal silhouette)|(?:increased|enlarged) cardiothoracic ratio",
+        C,
+    ),
+    Entry(_HEART + _GAP_ENLARGED + r"(?:enlarged|increased)\b", (C,)),
+)
+
+
+class Trig(Enum):
+    """Trigger kinds.
+
+    PRE_* look forward from the trigger, POST_* look back; BI_* look back when a mention sits
+    right before them, forward otherwise. PSEUDO triggers assert nothing: they only keep "no" in
+    "no change in" from reading as a denial. HISTORY and INDICATION mark mentions that are not
+    findings of this study ("history of", "evaluate for").
+    """
+
+    PRE_NEG = "pre_neg"
+    POST_NEG = "post_neg"
+    BI_NEG = "bi_neg"
+    PRE_HEDGE = "pre_hedge"
+    POST_HEDGE = "post_hedge"
+    BI_HEDGE = "bi_hedge"
+    PSEUDO = "pseudo"
+    HISTORY = "history"
+    INDICATION = "indication"
+    TERMINATOR = "terminator"
+
+
+_VIEWED = (
+    r"(?:seen|identified|visualized|visualised|demonstrated|evident|present|appreciated|noted"
+    r"|detected|visible|apparent|shown|definitely seen|clearly seen|observed)"
+)
+
+# Order matters where two alternatives start at the same place: the first listed wins.
+TRIGGERS: tuple[tuple[str, Trig], ...] = (
+    # pseudo-negation and partial change (the finding is still there)
+    (r"not only", Trig.PSEUDO),
+    (
+        r"(?:no|without) (?:(?:significant|appreciable|substantial|definite|interval|significant "
+        r"interval|further|marked|notable) )?(?:change|changes|increase|decrease|worsening"
+        r"|progression|enlargement|growth|improvement|reduction)",
+        Trig.PSEUDO,
+    ),
+    (r"(?:(?:has|have) )?not (?:significantly |substantially )?(?:changed|increased|decreased"
+     r"|worsened|improved|progressed)", Trig.PSEUDO),
+    (
+        r"(?:partial(?:ly)?|incomplete(?:ly)?|near(?:ly)?(?:-| )?complete(?:ly)?"
+        r"|almost(?: complete(?:ly)?)?|largely|mostly|nearly|not(?: yet)?(?: (?:completely"
+        r"|entirely|fully))?) resol(?:ved|ution|ving)|resolving|improving|improved|decreas(?:ed|ing)"
+        r"|unchanged|residual",
+        Trig.PSEUDO,
+    ),
+    # hedges that contain a negation word: before the plain negations
+    (
+        r"(?:cannot|can not|can't|can’t|could not|couldn't|not) (?:be )?(?:entirely |completely "
+        r"|definitely |totally |fully )?(?:excluded|ruled out)",
+        Trig.POST_HEDGE,
+    ),
+    (r"(?:cannot|can not|can't|can’t|could not) (?:entirely |completely |definitely )?"
+     r"(?:exclude|rule out)|not exclude", Trig.PRE_HEDGE),
+    # indication / history: not a finding of this study
+    (
+        r"to (?:document|ensure|confirm|assess|evaluate|evaluate for|assess for|demonstrate) "
+        r"(?:complete )?(?:resolution|clearing|stability)",
+        Trig.INDICATION,
+    ),
+    (
+        r"(?:evaluat(?:e|ion) (?:for|of)|eval (?:for|of)|assess(?:ment)? (?:for|of)|rule out"
+        r"|to rule out|\br/o|to exclude|check for|query|to evaluate|for (?:further )?evaluation of)",
+        Trig.INDICATION,
+    ),
+    (r"(?:history of|\bhx of|\bh/o|status post|\bs/p\b|\bpmh\b|past medical history of)",
+     Trig.HISTORY),
+    # negations that follow their finding
+    (rf"(?:(?:is|are|was|were|has been|have been) )?(?:not|no longer) {_VIEWED}", Trig.POST_NEG),
+    (r"(?:is|are|was|were) (?:now )?(?:absent|gone)|(?:is|are) no longer present", Trig.POST_NEG),
+    (r"(?:(?:has|have|had) )?(?:(?:now|since|completely|entirely|fully) )?(?:resolved|cleared)"
+     r"|(?:has|have) been (?:removed|resolved)|removed", Trig.BI_NEG),
+    (r"none(?: (?:seen|identified|present|noted))?|ruled out|excluded", Trig.POST_NEG),
+    # hedges that follow their finding
+    (
+        r"(?:is|are|was|were) (?:also |again )?(?:possible|possibly present|suspected|questioned"
+        r"|a (?:consideration|possibility)|considered|likely|probable|favou?red|not excluded)"
+        r"|(?:may|might|could) (?:also )?be present|unlikely",
+        Trig.POST_HEDGE,
+    ),
+    (
+        r"(?:likely|probably|possibly|may (?:represent|be)|could (?:represent|be)|representing"
+        r"|(?:most )?consistent with|favou?r(?:ed|ing)?) (?:an? |the )?(?:nipple shadows?"
+        r"|overlapping|overlap|summation|skin folds?|artifact|artefact|vascular shadows?"
+        r"|end-on vessels?)",
+        Trig.POST_HEDGE,
+    ),
+    # hedges that precede their finding
+    (
+        r"possibl[ey]|probabl[ey]|(?:most |more )?likely|questionabl[ey]|question of|questioned"
+        r"|suspicious (?:for|of)|suspicion (?:of|for)|suspected|suspect|concerning for|concern for"
+        r"|worrisome for|worrisome|(?:may|might|could) (?:represent|reflect|indicate|be|have"
+        r"|relate to|correspond to|also represent|be due to)|differential (?:diagnosis )?"
+        r"(?:includes?|considerations? includes?|would include)|equivocal|suggestive of"
+        r"|suggest(?:s|ing)?|presum(?:ed|ably)|cannot be distinguished from|indistinguishable from"
+        r"|not (?:definitely|clearly) (?:seen|excluded)|\bmay\b|\bpotential\b",
+        Trig.PRE_HEDGE,
+    ),
+    (r"versus|\bvs\b\.?|\?", Trig.BI_HEDGE),
+    # negations that precede their finding
+    (
+        r"no evidence of|no radiographic evidence of|no signs? of|negative for|free of"
+        r"|absence of|resolution of|clearing of|removal of|clear of|without|\bno\b|\bnot\b|\bnor\b"
+        r"|\bneither\b|\babsent\b",
+        Trig.PRE_NEG,
+    ),
+    # scope terminators
+    (
+        r";|\bbut\b|however|although|\bthough\b|except|apart from|aside from|other than"
+        r"|with the exception of|whereas|\bwhile\b|\byet\b|\s-{1,2}\s"
+        r"|\b(?:and|with) (?=(?:small|moderate|large|mild|trace|tiny|minimal|new|increased"
+        r"|persistent|stable|unchanged|there|the|an?|now|interval)\b)",
+        Trig.TERMINATOR,
+    ),
+)
+
+#: Words that open a new assertion when they follow a comma inside a negation or hedge scope.
+SCOPE_BREAKERS = frozenset(
+    {
+        "small", "moderate", "moderately", "large", "mild", "mildly", "severe", "trace", "tiny",
+        "minimal", "new", "increased", "increasing", "persistent", "stable", "unchanged",
+        "there", "is", "are", "was", "were", "has", "have", "seen", "noted", "present",
+        "demonstrated", "identified", "left", "right", "bilateral", "massive", "enlarged", "the",
+    }
+)
+
+
+class SectionKind(Enum):
+    """How much a report section counts; IGNORE sections hold no findings of this study."""
+
+    IGNORE = 0
+    FINDINGS = 1
+    IMPRESSION = 2
+    ADDENDUM = 3
+
+
+_SECTION_WORDS: tuple[tuple[str, SectionKind], ...] = (
+    (r"addendum", SectionKind.ADDENDUM),
+    (
+        r"findings?(?: and impressions?|/impressions?)|impressions?|conclusions?|summary|opinion"
+        r"|diagnosis|interpretation",
+        SectionKind.IMPRESSION,
+    ),
+    (r"findings?|report|recommendations?|notification|results?", SectionKind.FINDINGS),
+    (
+        r"indications?|clinical (?:indications?|history|information|data|notes?|question"
+        r"|details)|(?:brief )?history|reason for (?:exam(?:ination)?|study|request|referral)"
+        r"|reason|comparisons?|technique|examination|exam|procedure|views?|type of "
+        r"(?:exam(?:ination)?|study)|prior(?: studies| study| exams?)?",
+        SectionKind.IGNORE,
+    ),
+)
+
+_SECTION_ALT = "|".join(f"(?P<s{i}>{rx(p)})" for i, (p, _) in enumerate(_SECTION_WORDS))
+SECTION_KINDS = {f"s{i}": kind for i, (_, kind) in enumerate(_SECTION_WORDS)}
+
+#: A header: at the start, after a line break or a sentence end, then a colon, or alone on its line.
+HEADER_RE = re.compile(
+    r"(?:\A|(?<=[\n.?!;]))[ \t]*(?:[#*_]+[ \t]*)?(?:" + _SECTION_ALT + r")[ \t]*[*_#]*[ \t]*"
+    r"(?::|(?=[ \t]*(?:\r?\n|\Z)))",
+)
+
+LATERALITY_RE = re.compile(
+    r"\b(?:left|right|bilateral(?:ly)?|both|bibasilar|bibasal|biapical|bilat)\b"
+    r"|(?<![\w/])[lr](?![\w/])"
+)
+
+
+def _alternation(entries: tuple[str, ...]) -> re.Pattern[str]:
+    return re.compile("|".join(f"(?P<g{i}>{p})" for i, p in enumerate(entries)))
+
+
+PHRASE_RE = _alternation(tuple(e.pattern for e in PHRASES))
+TERM_RE = _alternation(tuple(r"\b(?:" + e.pattern + r")\b" for e in TERMS))
+TRIGGER_RE = re.compile("|".join(f"(?P<t{i}>{rx(p)})" for i, (p, _) in enumerate(TRIGGERS)))
+TRIGGER_KINDS = {f"t{i}": kind for i, (_, kind) in enumerate(TRIGGERS)}

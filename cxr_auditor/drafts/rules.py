@@ -1,0 +1,447 @@
+"""The default draft parser: deterministic rules, CPU only, no model.
+
+Pipeline for one draft (CONTRACT.md "Draft parsing"; the rules and their reasons are written up in
+``docs/draft-parser.md``):
+
+1. Split the text into sections (FINDINGS, IMPRESSION, ...). INDICATION, HISTORY, COMPARISON,
+   TECHNIQUE and EXAMINATION sections hold no findings of this study and are skipped.
+2. Split each kept section into sentences (full stops, blank lines, list items, and line breaks
+   that start a new capitalised line; hard-wrapped lines are joined).
+3. In each sentence find mentions (label terms, out-of-label terms, and phrases that carry their
+   own status such as "heart size is normal") and triggers (negation, hedging, pseudo-negation,
+   history/indication cues, scope terminators). A trigger's scope runs to the end of its clause
+   and continues across a comma only into list items ("no effusion, consolidation, or
+   pneumothorax"), never into a new assertion ("no pneumothorax, small left effusion").
+4. Each mention gets ``absent`` when a negation covers it, else ``uncertain`` when a hedge covers
+   it, else ``present``. One finding per label: ``present`` anywhere wins; otherwise the higher
+   section wins (ADDENDUM > IMPRESSION > FINDINGS), then ``uncertain`` over ``absent``.
+5. ``no_finding`` is present for an explicit normal statement, or for a normal heart plus clear
+   lungs, and only while no label is present or uncertain.
+"""
+
+from __future__ import annotations
+
+import logging
+import re
+from dataclasses import dataclass
+from typing import Any
+
+from cxr_auditor.drafts import _lexicon as lx
+from cxr_auditor.drafts.base import DraftParser
+from cxr_auditor.labels import POSITIVE_LABELS, Label, sort_labels
+from cxr_auditor.schema import (
+    DraftFinding,
+    DraftResult,
+    DraftState,
+    DraftStatus,
+    Laterality,
+    ModelInfo,
+    UnmappedMention,
+)
+
+logger = logging.getLogger(__name__)
+
+RULES_VERSION = "1.0"
+
+NOTE_INFERRED_NORMAL = "no_finding inferred from a normal heart and clear lungs"
+NOTE_NORMAL_OVERRIDDEN = "normal-study statement overridden by an asserted or hedged finding"
+
+_PRESENT, _ABSENT, _UNCERTAIN = DraftStatus.PRESENT, DraftStatus.ABSENT, DraftStatus.UNCERTAIN
+_LATERAL_LABELS = frozenset(POSITIVE_LABELS) - {Label.CARDIOMEGALY}
+
+_SENTENCE_END = re.compile(
+    r"[.!?](?=[\s\"')\]]|\Z)"  # full stop before a space or the end
+    r"|\r?\n[ \t]*\r?\n"  # blank line
+    r"|\r?\n(?=[ \t]*(?:[-*\u2022\u00b7\u2023\u25aa\u25e6]|\d{1,2}[.)]\s))"  # list item
+)
+# A line break starts a new sentence when the next line opens a capitalised word and the line
+# before does not end mid-phrase (reports are often hard-wrapped at ~80 columns).
+_CAPITAL_LINE = re.compile(r"\r?\n(?=[ \t]*[A-Z][a-z])")
+_WRAPPED_TAIL = re.compile(
+    r"(?:[,(/-]|\b(?:and|or|of|the|with|without|to|in|at|is|are|was|were|no|for|a|an|by|on"
+    r"|from|than|as|which|that|this|these|there|both|left|right|small|large|mild|moderate)"
+    r")[ \t]*\Z"
+)
+_ABBREVIATION = re.compile(r"\b(?:dr|vs|mr|mrs|ms|st|approx|incl|e\.g|i\.e|fig|cf|esp)\Z")
+_SPAN_TRIM = re.compile(r"\A[\s\-*\u2022\u00b7\u2023\u25aa\u25e6]*(?:\d{1,2}[.)]\s+)?")
+_BARE_NORMAL = frozenset({"normal", "normal study", "normal exam", "negative", "unremarkable"})
+
+_LATERALITY_WORDS = {
+    "left": Laterality.LEFT,
+    "l": Laterality.LEFT,
+    "right": Laterality.RIGHT,
+    "r": Laterality.RIGHT,
+}
+
+
+@dataclass
+class _Mention:
+    targets: tuple[lx.Target, ...]
+    start: int
+    end: int
+    status: DraftStatus
+    fixed: bool
+    indirect: bool
+    sentence: tuple[int, int]
+    rank: int
+    context: lx.Trig | None = None  # HISTORY or INDICATION when such a cue covers it
+    laterality: Laterality | None = None
+
+
+@dataclass(frozen=True)
+class _Trigger:
+    start: int
+    end: int
+    kind: lx.Trig
+
+
+def _lower(text: str) -> str:
+    """Lower-case without changing any offset (a few characters grow when lower-cased)."""
+    low = text.lower()
+    if len(low) == len(text):
+        return low
+    return "".join(ch.lower() if len(ch.lower()) == 1 else ch for ch in text)
+
+
+def _sections(low: str) -> list[tuple[int, int, lx.SectionKind]]:
+    """Cut the text into (start, end, kind) parts; text before any header counts as FINDINGS."""
+    parts: list[tuple[int, int, lx.SectionKind]] = []
+    pos, kind = 0, lx.SectionKind.FINDINGS
+    for m in lx.HEADER_RE.finditer(low):
+        parts.append((pos, m.start(), kind))
+        group = m.lastgroup or ""
+        kind = lx.SECTION_KINDS.get(group, lx.SectionKind.FINDINGS)
+        pos = m.end()
+    parts.append((pos, len(low), kind))
+    out: list[tuple[int, int, lx.SectionKind]] = []
+    for start, end, kind in parts:
+        if kind is lx.SectionKind.IGNORE:
+            # An indication line ends at a paragraph break; text after it is a findings body.
+            brk = _paragraph_break(low, start, end)
+            if brk is not None:
+                out.append((start, brk, kind))
+                out.append((brk, end, lx.SectionKind.FINDINGS))
+                continue
+        out.append((start, end, kind))
+    return [p for p in out if p[1] > p[0]]
+
+
+_PARAGRAPH = re.compile(r"\r?\n[ \t]*\r?\n|[.?!][ \t]*\r?\n")
+
+
+def _paragraph_break(low: str, start: int, end: int) -> int | None:
+    m = _PARAGRAPH.search(low, start, end)
+    if m is None or not low[m.end() : end].strip():
+        return None
+    return m.end()
+
+
+def _sentences(text: str, low: str) -> list[tuple[int, int, int]]:
+    """(start, end, rank) of every sentence outside IGNORE sections."""
+    out: list[tuple[int, int, int]] = []
+    for start, end, kind in _sections(low):
+        if kind is lx.SectionKind.IGNORE:
+            continue
+        cuts = {end}
+        for m in _SENTENCE_END.finditer(low, start, end):
+            if m.group().startswith(".") and _ABBREVIATION.search(low, max(start, m.start() - 6),
+                                                                 m.start()):
+                continue
+            cuts.add(m.end())
+        for m in _CAPITAL_LINE.finditer(text, start, end):
+            if not _WRAPPED_TAIL.search(low, max(start, m.start() - 20), m.start()):
+                cuts.add(m.start())
+        pos = start
+        for cut in sorted(cuts):
+            if low[pos:cut].strip():
+                out.append((pos, cut, kind.value))
+            pos = cut
+    return out
+
+
+def _piece_continues(piece: str, has_trigger: bool) -> bool:
+    """May a negation or hedge scope run on into this comma-separated piece (a list item)?"""
+    words = piece.split()
+    if not words:
+        return True
+    if words[0] in ("or", "nor"):
+        return True
+    if has_trigger:
+        return False
+    if words[0] == "and":
+        words = words[1:]
+    if len(words) > 6:
+        return False
+    return not any(w.strip(".:;") in lx.SCOPE_BREAKERS for w in words)
+
+
+class _Sentence:
+    """Mentions, triggers and scopes of one sentence."""
+
+    def __init__(self, low: str, start: int, end: int, rank: int) -> None:
+        self.low, self.start, self.end, self.rank = low, start, end, rank
+        self.mentions = self._mentions()
+        spans = [(m.start, m.end) for m in self.mentions if m.fixed]
+        self.triggers = [
+            _Trigger(t.start(), t.end(), lx.TRIGGER_KINDS[t.lastgroup or ""])
+            for t in lx.TRIGGER_RE.finditer(low, start, end)
+            if not any(s <= t.start() < e for s, e in spans)
+        ]
+        self.terminators = [t.start for t in self.triggers if t.kind is lx.Trig.TERMINATOR]
+
+    def _mentions(self) -> list[_Mention]:
+        low, s, e = self.low, self.start, self.end
+        found: list[_Mention] = []
+        for m in lx.PHRASE_RE.finditer(low, s, e):
+            entry = lx.PHRASES[int((m.lastgroup or "g0")[1:])]
+            found.append(self._new(entry, m.start(), m.end()))
+        if low[s:e].strip(" \t\r\n.!:*-") in _BARE_NORMAL:
+            body = low[s:e]
+            lead = len(body) - len(body.lstrip(" \t\r\n*-"))
+            word = body.strip(" \t\r\n.!:*-")
+            found.append(
+                _Mention((Label.NO_FINDING,), s + lead, s + lead + len(word), _PRESENT, True,
+                         False, (s, e), self.rank)
+            )
+        for m in lx.TERM_RE.finditer(low, s, e):
+            entry = lx.TERMS[int((m.lastgroup or "g0")[1:])]
+            if any(
+                f.start < m.end() and m.start() < f.end and set(f.targets) & set(entry.targets)
+                for f in found
+            ):
+                continue
+            found.append(self._new(entry, m.start(), m.end()))
+        found.sort(key=lambda x: x.start)
+        return found
+
+    def _new(self, entry: lx.Entry, start: int, end: int) -> _Mention:
+        return _Mention(
+            entry.targets, start, end, entry.fixed or _PRESENT, entry.fixed is not None,
+            entry.indirect, (self.start, self.end), self.rank,
+        )
+
+    # --- scopes ------------------------------------------------------------------------------
+    def _forward_limit(self, trig: _Trigger) -> int:
+        limit = min([p for p in self.terminators if p >= trig.end] + [self.end])
+        low = self.low
+        pos = low.find(",", trig.end, limit)
+        while pos != -1:
+            nxt = low.find(",", pos + 1, limit)
+            piece_end = limit if nxt == -1 else nxt
+            has_trigger = any(
+                pos < t.start < piece_end and t.kind is not lx.Trig.TERMINATOR
+                for t in self.triggers
+            )
+            if not _piece_continues(low[pos + 1 : piece_end], has_trigger):
+                return pos
+            pos = nxt
+        return limit
+
+    def _backward_limit(self, trig: _Trigger) -> int:
+        lo = max([p + 1 for p in self.terminators if p < trig.start] + [self.start])
+        low = self.low
+        commas = [i for i in range(lo, trig.start) if low[i] == ","]
+        if not commas:
+            return lo
+        tail = low[commas[-1] + 1 : trig.start].split()
+        if not tail:  # appositive: "nodule, likely a nipple shadow"
+            return commas[-2] + 1 if len(commas) > 1 else lo
+        if tail[0] not in ("or", "and", "nor"):
+            return commas[-1] + 1
+        for i in range(len(commas) - 1, 0, -1):  # list: "effusion, consolidation, or ptx is not seen"
+            if not _piece_continues(low[commas[i - 1] + 1 : commas[i]], False):
+                return commas[i - 1] + 1
+        return lo
+
+    def _covered(self, trig: _Trigger) -> list[_Mention]:
+        """The mentions a trigger applies to."""
+        kind = trig.kind
+        before: list[_Mention] = []
+        if kind in (lx.Trig.POST_NEG, lx.Trig.POST_HEDGE, lx.Trig.BI_NEG, lx.Trig.BI_HEDGE):
+            lo = self._backward_limit(trig)
+            before = [m for m in self.mentions if m.start >= lo and m.end <= trig.start]
+        if kind in (lx.Trig.POST_NEG, lx.Trig.POST_HEDGE):
+            return before
+        is_versus = kind is lx.Trig.BI_HEDGE and self.low[trig.start] != "?"
+        if kind in (lx.Trig.BI_NEG, lx.Trig.BI_HEDGE) and before and not is_versus:
+            return before
+        hi = self._forward_limit(trig)
+        after = [m for m in self.mentions if m.start >= trig.end and m.start < hi]
+        if is_versus:
+            return before[-1:] + after
+        return after
+
+    def resolve(self) -> list[_Mention]:
+        negated: set[int] = set()
+        hedged: set[int] = set()
+        context: dict[int, lx.Trig] = {}
+        for trig in self.triggers:
+            if trig.kind in (lx.Trig.TERMINATOR, lx.Trig.PSEUDO):
+                continue
+            for m in self._covered(trig):
+                key = id(m)
+                if trig.kind in (lx.Trig.HISTORY, lx.Trig.INDICATION):
+                    context.setdefault(key, trig.kind)
+                elif trig.kind in (lx.Trig.PRE_NEG, lx.Trig.POST_NEG, lx.Trig.BI_NEG):
+                    negated.add(key)
+                else:
+                    hedged.add(key)
+        out: list[_Mention] = []
+        for m in self.mentions:
+            if m.indirect and self._explained(m):
+                continue  # the explicit mention in its clause speaks for it
+            key = id(m)
+            m.context = context.get(key)
+            if not m.fixed:
+                if key in negated:
+                    m.status = _ABSENT
+                elif key in hedged:
+                    m.status = _UNCERTAIN
+            m.laterality = self._laterality(m)
+            out.append(m)
+        return out
+
+    def _explained(self, sign: _Mention) -> bool:
+        """Is an indirect sign named outright in its own clause ("blunting ... effusion")?"""
+        for m in self.mentions:
+            if m.indirect or m.fixed or not set(m.targets) & set(sign.targets):
+                continue
+            lo, hi = min(m.start, sign.start), max(m.start, sign.start)
+            if not any(lo < p < hi for p in self.terminators):
+                return True
+        return False
+
+    def _laterality(self, m: _Mention) -> Laterality | None:
+        if not set(m.targets) & _LATERAL_LABELS:
+            return None
+        prev_end = max([o.end for o in self.mentions if o.end <= m.start] + [self.start])
+        next_start = min([o.start for o in self.mentions if o.start >= m.end] + [self.end])
+        for lo, hi in ((prev_end, m.end), (m.end, next_start)):
+            sides = {
+                lx_.group() for lx_ in lx.LATERALITY_RE.finditer(self.low, lo, hi)
+            }
+            if sides:
+                found = {_LATERALITY_WORDS.get(w, Laterality.BILATERAL) for w in sides}
+                if Laterality.BILATERAL in found or len(found) > 1:
+                    return Laterality.BILATERAL
+                return found.pop()
+        return None
+
+
+def _span(text: str, sentence: tuple[int, int]) -> tuple[int, int]:
+    """The sentence without surrounding blanks, list markers and its closing full stop."""
+    start, end = sentence
+    body = text[start:end]
+    lead = _SPAN_TRIM.match(body)
+    s = start + (lead.end() if lead else 0)
+    e = start + len(body.rstrip(" \t\r\n.;,"))
+    return (s, e) if e > s else sentence
+
+
+def _choose(cands: list[_Mention]) -> _Mention:
+    """Present anywhere wins; else the higher section, then uncertain over absent, then first."""
+    present = [c for c in cands if c.status is _PRESENT]
+    if present:
+        return max(present, key=lambda c: (c.rank, -c.start))
+    return max(cands, key=lambda c: (c.rank, c.status is _UNCERTAIN, -c.start))
+
+
+class RulesDraftParser(DraftParser):
+    """Deterministic rule-based parser (the default); see the module docstring for the rules."""
+
+    name = "rules"
+    info = ModelInfo(
+        profile="rules", task="draft_parsing", backend="rules", revision=RULES_VERSION
+    )
+
+    def parse(self, text: str) -> DraftResult:
+        """Parse one draft. Empty or blank text gives state ``none``; never raises on a str."""
+        if not isinstance(text, str) or not text.strip():
+            return DraftResult(state=DraftState.NONE, parser=self.name)
+        low = _lower(text)
+        mentions: list[_Mention] = []
+        for start, end, rank in _sentences(text, low):
+            mentions.extend(_Sentence(low, start, end, rank).resolve())
+        result = _assemble(text, mentions, self.name)
+        logger.debug(
+            "parsed draft: %d chars, %d findings, %d unmapped",
+            len(text), len(result.findings), len(result.unmapped_mentions),
+        )
+        return result
+
+
+def _assemble(text: str, mentions: list[_Mention], parser: str) -> DraftResult:
+    labels: dict[Label, list[_Mention]] = {}
+    unmapped: dict[str, list[_Mention]] = {}
+    for m in mentions:
+        if m.context is lx.Trig.INDICATION:
+            continue
+        for target in m.targets:
+            if isinstance(target, Label):
+                if m.context is lx.Trig.HISTORY:
+                    unmapped.setdefault(f"history_of_{target.value}", []).append(m)
+                else:
+                    labels.setdefault(target, []).append(m)
+            else:
+                unmapped.setdefault(target, []).append(m)
+
+    chosen = {lab: _choose(c) for lab, c in labels.items()}
+    chosen_unmapped = {term: _choose(c) for term, c in unmapped.items()}
+    notes: list[str] = []
+    asserted = any(
+        chosen[lab].status is not _ABSENT for lab in POSITIVE_LABELS if lab in chosen
+    )
+    normal = chosen.pop(Label.NO_FINDING, None)
+    if normal is not None and asserted:
+        notes.append(NOTE_NORMAL_OVERRIDDEN)
+        normal = None
+    if normal is None and not asserted and _looks_normal(chosen, chosen_unmapped):
+        normal = chosen[Label.LUNG_OPACITY_CONSOLIDATION]
+        notes.append(NOTE_INFERRED_NORMAL)
+    findings = [_finding(text, lab, chosen[lab]) for lab in sort_labels(chosen)]
+    if normal is not None:
+        findings.append(_finding(text, Label.NO_FINDING, normal, _PRESENT))
+    order = sorted(chosen_unmapped.items(), key=lambda kv: min(m.start for m in unmapped[kv[0]]))
+    extras = []
+    for term, m in order:
+        s, e = _span(text, m.sentence)
+        extras.append(UnmappedMention(term=term, status=m.status, span=text[s:e], start=s, end=e))
+    return DraftResult(
+        state=DraftState.PARSED, parser=parser, findings=findings, unmapped_mentions=extras,
+        notes=notes,
+    )
+
+
+def _looks_normal(chosen: dict[Label, _Mention], unmapped: dict[str, _Mention]) -> bool:
+    """A normal heart and clear lungs, with nothing abnormal outside the label space either."""
+    heart = chosen.get(Label.CARDIOMEGALY)
+    lungs = chosen.get(Label.LUNG_OPACITY_CONSOLIDATION)
+    if heart is None or lungs is None or heart.status is not _ABSENT or lungs.status is not _ABSENT:
+        return False
+    return all(
+        m.status is _ABSENT or term in lx.INCIDENTAL_TERMS or term.startswith("history_of_")
+        for term, m in unmapped.items()
+    )
+
+
+def _finding(
+    text: str, label: Label, m: _Mention, status: DraftStatus | None = None
+) -> DraftFinding:
+    s, e = _span(text, m.sentence)
+    return DraftFinding(
+        label=label, status=status or m.status, span=text[s:e], start=s, end=e,
+        laterality=m.laterality if label in _LATERAL_LABELS else None,
+    )
+
+
+_DEFAULT = RulesDraftParser()
+
+
+def parse_draft(text: str) -> DraftResult:
+    """Parse one draft with the default rules parser."""
+    return _DEFAULT.parse(text)
+
+
+def as_records(result: DraftResult) -> list[dict[str, Any]]:
+    """Findings as plain dicts ``{label, status, span, start, end[, laterality]}``."""
+    return [f.model_dump(mode="json", exclude_none=True) for f in result.findings]
