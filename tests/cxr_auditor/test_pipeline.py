@@ -262,6 +262,12 @@ class TestAuditor:
         assert "image1:grounding_failed" in result.grounding.notes
         assert {f.image_index for f in result.grounding.findings} == {0}
 
+    def test_empty_batch_calls_nothing(self) -> None:
+        grounder = FakeGrounder(DARK_ANSWER)
+        parser = ScriptedDraftParser("[]")
+        assert Auditor(grounder, parser).audit_batch([]) == []
+        assert (grounder.batch_sizes, parser.calls) == ([], [])
+
     def test_item_without_images_is_skipped(self) -> None:
         grounder = FakeGrounder(DARK_ANSWER)
         result = Auditor(grounder, None).audit(_item())
