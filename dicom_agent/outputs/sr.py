@@ -278,18 +278,20 @@ def _algorithm(result: AuditResult) -> hd.sr.AlgorithmIdentification:
 
 
 def device_uid(result: AuditResult) -> str:
-    """A UID naming our device: the grounding model, its version and the comparator rules."""
-    name, version, _ = _grounding_model(result)
-    return derive_uid("device", name, version, result.comparator_version)
+    """A UID naming our device: model, version, prompt hash and comparator rules together."""
+    name, version, params = _grounding_model(result)
+    return derive_uid("device", name, version, *params)
 
 
 def _observation_context(result: AuditResult) -> hd.sr.ObservationContext:
-    name, version, _ = _grounding_model(result)
+    """TID 1002/1004: our device, its model, prompt hash and comparator rule-set version."""
+    name, version, params = _grounding_model(result)
     device = hd.sr.DeviceObserverIdentifyingAttributes(
         uid=device_uid(result),
         name=DEVICE_NAME,
         manufacturer_name=MANUFACTURER,
-        model_name=f"{name} {version}"[:64],
+        # a TEXT item (UT), so the whole provenance fits, unlike the LO ManufacturerModelName
+        model_name=f"{name} {version}; " + "; ".join(params),
     )
     return hd.sr.ObservationContext(
         observer_device_context=hd.sr.ObserverContext(

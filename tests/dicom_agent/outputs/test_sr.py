@@ -88,6 +88,9 @@ class TestBuildSR:
         assert scheme.CodingSchemeResponsibleOrganization
         device_name = _named(sr, "Device Observer Name")[0].TextValue
         assert "RESEARCH ONLY" in device_name
+        model = _named(sr, "Device Observer Model Name")[0].TextValue
+        assert model.startswith("local/tiny-medgemma 0123abc;")
+        assert "prompt_hash=sha256:feedface" in model and "comparator=comparator-1" in model
         ours = [e for e in sr.ContributingEquipmentSequence if e.Manufacturer == MANUFACTURER]
         assert "RESEARCH USE ONLY" in ours[0].ContributionDescription
         assert ours[0].PurposeOfReferenceCodeSequence[0].CodeValue == "109102"
