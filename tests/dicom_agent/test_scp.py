@@ -24,7 +24,7 @@ from pynetdicom.dsutils import encode
 
 from dicom_agent import conformance as dc
 from dicom_agent.config import AgentSettings, load_settings
-from dicom_agent.errors import StateError
+from dicom_agent.errors import ConfigError, StateError
 from dicom_agent.scp import Listener, start_listener
 from dicom_agent.state import InstanceState, StateDB
 from tests.builders import (
@@ -332,6 +332,51 @@ class TestAbort:
         assert len(listener.spool_files()) == 1
 
 
+    def test_peer_that_stalls_is_dropped_and_leaves_nothing(
+        self, start: Callable[..., Harness]
+    ) -> None:
+        h = start(network_timeout_seconds=0.5)
+        ds = make_cxr(rows=256, cols=256)
+        assoc = _associate(h.listener.port, [(ds.SOPClassUID, ExplicitVRLittleEndian)])
+        assert assoc.is_established
+        msg = C_STORE_RQ()
+        msg.primitive_to_message(_store_request(ds))
+        fragments = list(msg.encode_msg(assoc.accepted_contexts[0].context_id, 16_384))
+        for pdu in fragments[:3]:
+            assoc.dul.send_pdu(pdu)
+        _wait_until(lambda: not h.listener.server.active_associations)
+        assert assoc.is_aborted or not assoc.is_established
+        assert h.spool_files() == []
+        assert h.db.instance(ds.SOPInstanceUID) is None
+
+
+class TestHandlerBoundary:
+    def test_unexpected_error_answers_c211_and_listener_keeps_serving(
+        self, listener: Harness, monkeypatch: pytest.MonkeyPatch
+    ) -> None:
+        spool = listener.listener.store_context.spool
+
+        def explode(*args: Any, **kwargs: Any) -> None:
+            raise RuntimeError("bug")
+
+        monkeypatch.setattr(spool, "store", explode)
+        assert _store(listener.listener.port, [make_cxr(rows=32, cols=32)]) == [
+            dc.STATUS_PROCESSING_FAILURE
+        ]
+        monkeypatch.undo()
+        assert _store(listener.listener.port, [make_cxr(rows=32, cols=32)]) == [0]
+
+    def test_failing_on_stored_callback_does_not_change_the_status(
+        self, start: Callable[..., Harness]
+    ) -> None:
+        def callback(study_uid: str) -> None:
+            raise RuntimeError("scheduler down")
+
+        h = start(on_stored=callback)
+        assert _store(h.listener.port, [make_cxr(rows=32, cols=32)]) == [0]
+        assert len(h.spool_files("*.dcm")) == 1
+
+
 class TestAssociationPolicy:
     def test_wrong_called_ae_title_is_rejected(self, listener: Harness) -> None:
         assoc = _associate(
@@ -408,18 +453,19 @@ class TestTLS:
             ctx.load_cert_chain(str(pki["client_pem"]), str(pki["client_key"]))
         return ctx
 
+    def _tls(self, pki: dict[str, Path], require_client_cert: bool) -> dict[str, Any]:
+        return {
+            "enabled": True,
+            "cert_file": pki["server_pem"],
+            "key_file": pki["server_key"],
+            "ca_file": pki["ca_pem"],
+            "require_client_cert": require_client_cert,
+        }
+
     def test_client_certificate_is_required(
         self, start: Callable[..., Harness], pki: dict[str, Path]
     ) -> None:
-        h = start(
-            tls={
-                "enabled": True,
-                "cert_file": pki["server_pem"],
-                "key_file": pki["server_key"],
-                "ca_file": pki["ca_pem"],
-                "require_client_cert": True,
-            }
-        )
+        h = start(tls=self._tls(pki, require_client_cert=True))
         cx = [(VERIFICATION, ImplicitVRLittleEndian)]
         good = _associate(h.listener.port, cx, tls=(self._client(pki, True), "127.0.0.1"))
         assert good.is_established
@@ -430,6 +476,29 @@ class TestTLS:
         plain = _associate(h.listener.port, cx)
         assert not plain.is_established
         assert h.spool_files() == []
+
+    def test_without_client_verification_a_bare_tls_client_stores(
+        self, start: Callable[..., Harness], pki: dict[str, Path]
+    ) -> None:
+        h = start(tls=self._tls(pki, require_client_cert=False))
+        ds = make_cxr(rows=32, cols=32)
+        assoc = _associate(
+            h.listener.port,
+            [(ds.SOPClassUID, ExplicitVRLittleEndian)],
+            tls=(self._client(pki, False), "127.0.0.1"),
+        )
+        assert assoc.is_established
+        assert int(assoc.send_c_store(ds).Status) == 0
+        assoc.release()
+        assert len(h.spool_files("*.dcm")) == 1
+
+    def test_tls_enabled_without_certificate_is_a_config_error(
+        self, tmp_path: Path
+    ) -> None:
+        settings = _settings(tmp_path, tls={"enabled": True})
+        db = StateDB(settings.paths.state)
+        with pytest.raises(ConfigError, match="cert_file and key_file"):
+            start_listener(settings, db)
 
 
 # -- robustness against pydicom's test-file collection ----------------------------------------
