@@ -31,6 +31,8 @@ __all__ = ["ReportParser"]
 # stop followed by white space (so "0.5" or "<loc0512>." do not split).
 _CLAUSE_END_RE = re.compile(r"\n|;|\.(?=\s)")
 _SPACES_RE = re.compile(r"[ \t]{2,}")
+# White space a removed box leaves before punctuation or a line end.
+_DANGLING_RE = re.compile(r"[ \t]+(?=[.,;:]|\n|$)")
 
 
 def _blank(text: str, spans: list[tuple[int, int]]) -> str:
@@ -99,7 +101,7 @@ class ReportParser:
         boxes = loc_tokens_to_boxes(answer)
         stray = [(m.start(), m.end()) for m in LOC_TOKEN_RE.finditer(answer)]
         blanked = _blank(answer, stray)
-        report = _SPACES_RE.sub(" ", blanked).strip()
+        report = _DANGLING_RE.sub("", _SPACES_RE.sub(" ", blanked)).strip()
         if not report:
             raise ParseError("report answer holds no text", raw_text=text)
         notes: list[str] = []
