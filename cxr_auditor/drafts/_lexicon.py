@@ -278,7 +278,7 @@ TERMS: tuple[Entry, ...] = (
     ),
     # nodule / mass
     _e(
-        r"nodules?|mass(?:es)?(?! effect)|lesions?|tumou?rs?|neoplasms?|carcinomas?|carcinoid"
+        r"nodules?|mass(?:es)?(?! effect|-like| like)|lesions?|tumou?rs?|neoplasms?|carcinomas?|carcinoid"
         r"|(?:lung )?cancer|malignanc(?:y|ies)|metastas(?:is|es)|metastatic (?:disease|lesions?)",
         N,
     ),
@@ -437,7 +437,7 @@ _SECTION_WORDS: tuple[tuple[str, SectionKind], ...] = (
     ),
     (r"findings?|report|recommendations?|notification|results?", SectionKind.FINDINGS),
     (
-        r"indications?|clinical (?:indications?|history|information|data|notes?|question"
+        r"indications?|\bhx|clinical (?:indications?|history|information|data|notes?|question"
         r"|details)|(?:brief )?history|reason for (?:exam(?:ination)?|study|request|referral)"
         r"|reason|comparisons?|technique|examination|exam|procedure|views?|type of "
         r"(?:exam(?:ination)?|study)|prior(?: studies| study| exams?)?",

@@ -50,7 +50,7 @@ _PRESENT, _ABSENT, _UNCERTAIN = DraftStatus.PRESENT, DraftStatus.ABSENT, DraftSt
 _LATERAL_LABELS = frozenset(POSITIVE_LABELS) - {Label.CARDIOMEGALY}
 
 _SENTENCE_END = re.compile(
-    r"[.!?](?=[\s\"')\]]|\Z)"  # full stop before a space or the end
+    r"(?:[.!]|(?<=\w)\?)(?=[\s\"')\]]|\Z)"  # full stop before a space or the end ("? pna" is a hedge)
     r"|\r?\n[ \t]*\r?\n"  # blank line
     r"|\r?\n(?=[ \t]*(?:[-*\u2022\u00b7\u2023\u25aa\u25e6]|\d{1,2}[.)]\s))"  # list item
 )

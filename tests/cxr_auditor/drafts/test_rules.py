@@ -1,0 +1,436 @@
+"""The rule-based draft parser: one parametrised case list per rule, plus invariants."""
+
+from __future__ import annotations
+
+import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from cxr_auditor.drafts import RulesDraftParser, get_parser, parse_draft
+from cxr_auditor.drafts.rules import NOTE_INFERRED_NORMAL, NOTE_NORMAL_OVERRIDDEN, as_records
+from cxr_auditor.labels import Label
+from cxr_auditor.schema import DraftResult, DraftState, DraftStatus, Laterality
+
+E, P, O, N, C, NF = (  # noqa: E741 - one-letter label names keep the case tables short
+    "pleural_effusion",
+    "pneumothorax",
+    "lung_opacity_consolidation",
+    "nodule_mass",
+    "cardiomegaly",
+    "no_finding",
+)
+p, a, u = "present", "absent", "uncertain"
+
+
+def statuses(text: str) -> dict[str, str]:
+    return {f.label.value: f.status.value for f in parse_draft(text).findings}
+
+
+def unmapped(text: str) -> dict[str, str]:
+    return {m.term: m.status.value for m in parse_draft(text).unmapped_mentions}
+
+
+def check(text: str, expected: dict[str, str]) -> None:
+    assert statuses(text) == expected
+
+
+class TestNegationScope:
+    @pytest.mark.parametrize(
+        ("text", "expected"),
+        [
+            ("No pleural effusion or pneumothorax.", {E: a, P: a}),
+            ("Without effusion, consolidation, or pneumothorax.", {E: a, O: a, P: a}),
+            ("Negative for pneumonia.", {O: a}),
+            ("No evidence of pneumothorax or pleural effusion.", {P: a, E: a}),
+            ("Free of pneumothorax.", {P: a}),
+            ("Absence of pleural effusion.", {E: a}),
+            ("No definite pneumothorax.", {P: a}),
+            ("No pneumothorax or large effusion.", {P: a, E: a}),
+            ("Effusion, consolidation, or pneumothorax is not seen.", {E: a, O: a, P: a}),
+            ("Pleural effusion: none. Pneumothorax: none.", {E: a, P: a}),
+            ("Pneumothorax is no longer visualized.", {P: a}),
+            ("Cardiomegaly is not present.", {C: a}),
+            ("No new pulmonary nodules.", {N: a}),
+            ("No focal consolidation to suggest pneumonia.", {O: a}),
+            ("No opacity suspicious for malignancy.", {O: a, N: a}),
+        ],
+    )
+    def test_denials(self, text: str, expected: dict[str, str]) -> None:
+        check(text, expected)
+
+    @pytest.mark.parametrize(
+        ("text", "expected"),
+        [
+            ("No pneumothorax, small left effusion.", {P: a, E: p}),
+            ("No pneumothorax; small right effusion.", {P: a, E: p}),
+            ("No pleural effusion, but there is a small left pneumothorax.", {E: a, P: p}),
+            ("No focal consolidation, however there is a small effusion.", {O: a, E: p}),
+            ("No pleural effusion although the left costophrenic angle is blunted.", {E: p}),
+            ("No pneumothorax and small left pleural effusion.", {P: a, E: p}),
+            ("No effusion, and there is moderate cardiomegaly.", {E: a, C: p}),
+            ("No pneumothorax, possible effusion.", {P: a, E: u}),
+            ("Small left effusion, pneumothorax not seen.", {E: p, P: a}),
+            ("No acute findings other than a small left effusion.", {E: p}),
+        ],
+    )
+    def test_scope_ends(self, text: str, expected: dict[str, str]) -> None:
+        check(text, expected)
+
+
+class TestPseudoNegationAndChange:
+    @pytest.mark.parametrize(
+        ("text", "expected"),
+        [
+            ("No change in the small right pleural effusion.", {E: p}),
+            ("No significant change in the large right pleural effusion.", {E: p}),
+            ("No increase in size of the 8 mm nodule.", {N: p}),
+            ("No worsening of the bilateral effusions.", {E: p}),
+            ("Pleural effusions are not only present but have increased.", {E: p}),
+            ("Persistent consolidation, not significantly changed.", {O: p}),
+            ("Without significant change, there is a small left pleural effusion.", {E: p}),
+            ("Near complete resolution of the right lower lobe consolidation.", {O: p}),
+            ("The left pleural effusion has decreased but persists.", {E: p}),
+            ("Minimal residual left apical pneumothorax.", {P: p}),
+        ],
+    )
+    def test_still_present(self, text: str, expected: dict[str, str]) -> None:
+        check(text, expected)
+
+    @pytest.mark.parametrize(
+        ("text", "expected"),
+        [
+            ("Previously seen effusion has resolved.", {E: a}),
+            ("Interval resolution of the pneumothorax.", {P: a}),
+            ("Resolved left lower lobe pneumonia.", {O: a}),
+            ("Right lower lobe pneumonia has cleared.", {O: a}),
+            ("The effusion has resolved and there is no pneumothorax.", {E: a, P: a}),
+            ("No residual pneumothorax.", {P: a}),
+        ],
+    )
+    def test_resolved_is_absent(self, text: str, expected: dict[str, str]) -> None:
+        check(text, expected)
+
+
+class TestHedging:
+    @pytest.mark.parametrize(
+        "text",
+        [
+            "Findings may represent early pneumonia.",
+            "Pneumonia cannot be excluded.",
+            "Can't exclude pneumonia.",
+            "Cannot rule out pneumonia.",
+            "Possible pneumonia.",
+            "Possibly pneumonia.",
+            "Probable pneumonia.",
+            "Likely pneumonia.",
+            "Questionable pneumonia.",
+            "Suspicious for pneumonia.",
+            "Concerning for pneumonia.",
+            "Atelectasis versus pneumonia.",
+            "Atelectasis vs. pneumonia.",
+            "Differential includes pneumonia and aspiration.",
+            "Equivocal opacity.",
+            "Pneumonia is not excluded.",
+            "Pneumonia is suspected.",
+            "Pneumonia unlikely.",
+            "? pneumonia in the lingula.",
+        ],
+    )
+    def test_hedge_words(self, text: str) -> None:
+        check(text, {O: u})
+
+    def test_asserted_opacity_beats_hedged_cause(self) -> None:
+        check("Left basilar opacity, likely atelectasis; pneumonia not excluded.", {O: p})
+        assert unmapped("Left basilar opacity, likely atelectasis.") == {"atelectasis": u}
+
+    def test_sign_follows_its_hedged_explanation(self) -> None:
+        text = "Blunting of the left costophrenic angle which may represent a small effusion."
+        check(text, {E: u})
+        check("Blunting of the right costophrenic angle.", {E: p})
+
+    def test_nipple_shadow_hedges_the_nodule(self) -> None:
+        check("Nodule in the left lung base, likely a nipple shadow.", {N: u})
+
+
+class TestHeartSize:
+    @pytest.mark.parametrize(
+        ("text", "status"),
+        [
+            ("Heart size is normal.", a),
+            ("Normal cardiac silhouette.", a),
+            ("The heart is not enlarged.", a),
+            ("Cardiomediastinal silhouette within normal limits.", a),
+            ("The heart, mediastinum, and hila are within normal limits.", a),
+            ("Normal-sized heart.", a),
+            ("No cardiomegaly.", a),
+            ("Mild cardiomegaly.", p),
+            ("Enlarged cardiac silhouette.", p),
+            ("The heart is enlarged.", p),
+            ("Heart size is mildly\nenlarged.", p),
+            ("The cardiothoracic ratio is increased.", p),
+            ("Enlargement of the cardiac silhouette.", p),
+            ("Heart size is upper limits of normal.", u),
+            ("Heart size is at the upper limits of normal.", u),
+            ("Borderline cardiomegaly.", u),
+            ("The heart is top normal in size.", u),
+            ("Heart size is borderline enlarged.", u),
+        ],
+    )
+    def test_heart(self, text: str, status: str) -> None:
+        check(text, {C: status})
+
+    def test_unassessable_heart_says_nothing(self) -> None:
+        check("Cardiac size cannot be evaluated.", {})
+        check("The cardiomediastinal silhouette is stable.", {})
+
+
+class TestSynonyms:
+    @pytest.mark.parametrize(
+        ("text", "expected"),
+        [
+            ("Small amount of pleural fluid layering on the right.", {E: p}),
+            ("Meniscus at the left base.", {E: p}),
+            ("Costophrenic angles are sharp.", {E: a}),
+            ("Small right hydropneumothorax.", {E: p, P: p}),
+            ("Large R PTX.", {P: p}),
+            ("Right middle lobe infiltrate.", {O: p}),
+            ("Diffuse airspace disease.", {O: p}),
+            ("Ground-glass opacities bilaterally.", {O: p}),
+            ("Multifocal pneumonia.", {O: p}),
+            ("The lungs are clear.", {O: a}),
+            ("Clear lungs.", {O: a}),
+            ("Left upper lobe lesion.", {N: p}),
+            ("Right hilar mass.", {N: p}),
+            ("Known lung carcinoma.", {N: p}),
+            ("Findings concerning for neoplasm.", {N: u}),
+            ("Mass-like opacity in the left hilum.", {O: p}),
+        ],
+    )
+    def test_terms(self, text: str, expected: dict[str, str]) -> None:
+        check(text, expected)
+
+    @pytest.mark.parametrize(
+        ("text", "term"),
+        [
+            ("Left lower lobe atelectasis.", "atelectasis"),
+            ("Calcified granuloma in the right upper lobe.", "granuloma"),
+            ("A calcified nodule in the left lower lobe.", "granuloma"),
+            ("Chronic interstitial markings.", "interstitial_abnormality"),
+            ("Mild pulmonary edema.", "edema"),
+            ("Pulmonary vascular congestion.", "edema"),
+            ("Acute fracture of the left 6th rib.", "fracture"),
+            ("Endotracheal tube 4 cm above the carina.", "endotracheal_tube"),
+            ("NG tube in the stomach.", "enteric_tube"),
+            ("Right IJ central venous catheter in the SVC.", "central_line"),
+            ("Left chest wall pacemaker.", "pacemaker"),
+            ("Median sternotomy wires.", "sternotomy"),
+            ("Hyperinflated lungs.", "emphysema"),
+            ("Moderate hiatal hernia.", "hernia"),
+            ("Apical pleural thickening.", "pleural_thickening"),
+            ("Right apical scarring.", "scarring"),
+            ("Small pericardial effusion.", "pericardial_effusion"),
+        ],
+    )
+    def test_outside_label_space(self, text: str, term: str) -> None:
+        result = parse_draft(text)
+        assert result.findings == []
+        assert {m.term: m.status for m in result.unmapped_mentions} == {term: DraftStatus.PRESENT}
+
+    def test_atelectasis_never_becomes_opacity(self) -> None:
+        check("Bibasilar atelectasis. Subsegmental atelectasis at the left base.", {})
+
+    def test_unmapped_denial(self) -> None:
+        assert unmapped("No displaced rib fracture.") == {"fracture": a}
+
+
+class TestSections:
+    @pytest.mark.parametrize(
+        "text",
+        [
+            "INDICATION: Evaluate for pneumonia.\nFINDINGS: Lungs are clear.",
+            "HISTORY: Pneumonia.\n\nFINDINGS: Lungs are clear.",
+            "Reason for exam: r/o pneumonia. Findings: Lungs are clear.",
+            "Hx: pneumonia\nFindings: lungs are clear.",
+            "COMPARISON: Prior study showing pneumonia.\nIMPRESSION: Lungs are clear.",
+            "Evaluate for pneumonia. Lungs are clear.",
+            "Rule out pneumonia. Lungs are clear.",
+        ],
+    )
+    def test_indication_is_not_an_assertion(self, text: str) -> None:
+        check(text, {O: a})
+
+    def test_history_of_is_kept_outside_the_labels(self) -> None:
+        text = "History of right upper lobe pneumonia. Lungs are now clear."
+        check(text, {O: a})
+        assert unmapped(text) == {"history_of_lung_opacity_consolidation": p}
+
+    def test_indication_line_ends_at_paragraph(self) -> None:
+        check("INDICATION: cough.\nSmall left effusion.", {E: p})
+
+    def test_impression_wins_between_hedge_and_denial(self) -> None:
+        check("FINDINGS: Possible nodule.\nIMPRESSION: No nodule.", {N: a})
+        check("FINDINGS: No consolidation.\nIMPRESSION: Cannot exclude early pneumonia.", {O: u})
+
+    def test_present_anywhere_wins(self) -> None:
+        text = "FINDINGS: No pneumothorax. Lungs clear.\nIMPRESSION: Small right apical pneumothorax."
+        result = parse_draft(text)
+        ptx = next(f for f in result.findings if f.label is Label.PNEUMOTHORAX)
+        assert ptx.status is DraftStatus.PRESENT
+        assert ptx.span == "Small right apical pneumothorax"
+        assert ptx.laterality is Laterality.RIGHT
+        check("FINDINGS: Right basilar opacity.\nIMPRESSION: No pneumonia.", {O: p})
+
+    def test_impression_span_preferred_for_same_status(self) -> None:
+        text = "FINDINGS: Small left effusion.\nIMPRESSION: Small left pleural effusion."
+        (finding,) = parse_draft(text).findings
+        assert finding.span == "Small left pleural effusion"
+
+
+class TestNormalStudy:
+    @pytest.mark.parametrize(
+        "text",
+        [
+            "No acute cardiopulmonary abnormality.",
+            "No acute cardiopulmonary process.",
+            "No acute disease.",
+            "Normal chest radiograph.",
+            "Unremarkable chest.",
+            "Negative chest x-ray.",
+            "IMPRESSION: Normal.",
+        ],
+    )
+    def test_explicit(self, text: str) -> None:
+        check(text, {NF: p})
+
+    def test_inferred_from_heart_and_lungs(self) -> None:
+        text = "The heart is normal in size. The mediastinum is unremarkable. The lungs are clear."
+        result = parse_draft(text)
+        assert statuses(text) == {C: a, O: a, NF: p}
+        assert NOTE_INFERRED_NORMAL in result.notes
+
+    @pytest.mark.parametrize(
+        "text",
+        [
+            "Lungs are clear.",  # the heart is not commented on
+            "Heart size normal. Lungs clear. Calcified granuloma.",  # a finding outside the labels
+            "Heart size is upper limits of normal. Lungs clear.",  # hedged heart
+        ],
+    )
+    def test_not_inferred(self, text: str) -> None:
+        assert NF not in statuses(text)
+
+    def test_devices_do_not_spoil_a_normal_study(self) -> None:
+        assert statuses("ET tube in place. Lungs clear. Heart size normal.")[NF] == p
+
+    def test_positive_finding_overrides_normal_statement(self) -> None:
+        text = "No acute cardiopulmonary process. Small left effusion."
+        result = parse_draft(text)
+        assert statuses(text) == {E: p}
+        assert NOTE_NORMAL_OVERRIDDEN in result.notes
+
+    def test_normal_statement_with_incidental_atelectasis(self) -> None:
+        text = "Mild bibasilar atelectasis. No acute cardiopulmonary process."
+        assert statuses(text) == {NF: p}
+        assert unmapped(text) == {"atelectasis": p}
+
+
+class TestLateralityAndSpans:
+    @pytest.mark.parametrize(
+        ("text", "label", "side"),
+        [
+            ("Small left pleural effusion.", E, Laterality.LEFT),
+            ("Right lower lobe opacity.", O, Laterality.RIGHT),
+            ("Bibasilar consolidations.", O, Laterality.BILATERAL),
+            ("Small bilateral pleural effusions.", E, Laterality.BILATERAL),
+            ("Moderate right and small left pleural effusions.", E, Laterality.BILATERAL),
+            ("Small amount of pleural fluid on the right.", E, Laterality.RIGHT),
+            ("Small L effusion.", E, Laterality.LEFT),
+            ("Cardiomegaly, left ventricular configuration.", C, None),
+            ("Pneumothorax.", P, None),
+        ],
+    )
+    def test_laterality(self, text: str, label: str, side: Laterality | None) -> None:
+        finding = next(f for f in parse_draft(text).findings if f.label.value == label)
+        assert finding.laterality is side
+
+    def test_two_sides_two_labels(self) -> None:
+        result = parse_draft("Moderate left pleural effusion and right lower lobe consolidation.")
+        sides = {f.label.value: f.laterality for f in result.findings}
+        assert sides == {E: Laterality.LEFT, O: Laterality.RIGHT}
+
+    def test_spans_are_verbatim_with_crlf_bullets_and_xxxx(self) -> None:
+        text = "IMPRESSION:\r\n1. XXXX opacity right base.\r\n\u2022 No   pneumothorax.\r\n"
+        result = parse_draft(text)
+        for f in result.findings:
+            assert text[f.start : f.end] == f.span
+        assert {f.span for f in result.findings} == {"XXXX opacity right base", "No   pneumothorax"}
+
+    def test_hard_wrapped_lines_are_one_sentence(self) -> None:
+        check("There is no focal consolidation,\neffusion, or\npneumothorax.", {O: a, E: a, P: a})
+
+    def test_capitalised_lines_split_sentences(self) -> None:
+        check("No pneumothorax\nSmall left effusion", {P: a, E: p})
+
+    def test_casing_and_whitespace(self) -> None:
+        check("   NO   PLEURAL\tEFFUSION.  no PTX.  ", {E: a, P: a})
+
+    def test_records_carry_laterality_only_when_known(self) -> None:
+        records = as_records(parse_draft("Small left effusion. No pneumothorax."))
+        assert records == [
+            {"label": E, "status": p, "span": "Small left effusion", "start": 0, "end": 19,
+             "laterality": "left"},
+            {"label": P, "status": a, "span": "No pneumothorax", "start": 21, "end": 36},
+        ]
+
+
+class TestParserObject:
+    @pytest.mark.parametrize("text", ["", "   ", "\n\t\r\n"])
+    def test_blank_is_state_none(self, text: str) -> None:
+        result = parse_draft(text)
+        assert result.state is DraftState.NONE
+        assert result.findings == []
+
+    def test_text_without_findings_is_parsed(self) -> None:
+        result = parse_draft("PA and lateral views of the chest.")
+        assert result.state is DraftState.PARSED
+        assert result.findings == []
+
+    def test_info_and_factory(self) -> None:
+        parser = get_parser("rules")
+        assert isinstance(parser, RulesDraftParser)
+        assert parser.info.profile == "rules"
+        assert parser.info.task == "draft_parsing"
+        assert parser.info.backend == "rules"
+        with pytest.raises(TypeError, match="no options"):
+            get_parser("rules", temperature=0.1)
+
+    def test_parse_many_keeps_order(self) -> None:
+        results = RulesDraftParser().parse_many(["No ptx.", "", "Cardiomegaly."])
+        assert [r.state for r in results] == [DraftState.PARSED, DraftState.NONE, DraftState.PARSED]
+        assert results[2].findings[0].label is Label.CARDIOMEGALY
+
+    def test_one_finding_per_label(self) -> None:
+        text = "Small left effusion. Effusion is small. No large effusion. Possible effusion."
+        assert [f.label for f in parse_draft(text).findings] == [Label.PLEURAL_EFFUSION]
+
+
+_REPORT_ALPHABET = st.sampled_from(
+    [
+        "No", "no", "pneumothorax", "effusion", "Heart", "size", "normal", "possible", "versus",
+        "lungs", "clear", ",", ".", ";", "\n", "\r\n", " ", "  ", "FINDINGS:", "IMPRESSION:",
+        "INDICATION:", "left", "R", "XXXX", "1.", "-", "?", "cannot be excluded", "resolved",
+        "no change in", "atelectasis", "mass", "enlarged", "İ", "\u00a0", "\ufffd",
+    ]
+)
+
+
+@settings(max_examples=150, deadline=None)
+@given(st.one_of(st.text(max_size=300), st.lists(_REPORT_ALPHABET, max_size=60).map("".join)))
+def test_any_text_parses_with_verbatim_spans(text: str) -> None:
+    result = parse_draft(text)
+    assert isinstance(result, DraftResult)
+    assert result.state in (DraftState.NONE, DraftState.PARSED)
+    assert len({f.label for f in result.findings}) == len(result.findings)
+    for item in [*result.findings, *result.unmapped_mentions]:
+        assert text[item.start : item.end] == item.span
+        assert item.span.strip()
