@@ -87,7 +87,7 @@ class ModelStatus:
     """What ``status`` and ``/healthz`` report about one profile's model."""
 
     profile: str
-    state: str = "not_loaded"  # not_loaded | ready | unavailable
+    state: str = "not_loaded"  # not_loaded | loading | ready | unavailable
     reason: str | None = None
     since: float = field(default_factory=time.time)
     next_retry_at: float | None = None
@@ -133,15 +133,22 @@ class Models:
 
     def _load(self, profile: str) -> Auditor | None:
         now = self._clock()
+        with self._lock:
+            previous = self._status.get(profile)
+            if previous is None or previous.state != "unavailable":
+                # a big model takes a while: say so instead of "not_loaded"
+                self._status[profile] = ModelStatus(profile, "loading", None, now, None)
         try:
             auditor = self._factory(profile)
         except Exception as exc:  # ModelUnavailable, BackendError, ProfileError, import errors
             reason = f"{type(exc).__name__}: {exc}"
+            # "since" is when the model first became unavailable; retries keep it
+            repeat = previous is not None and previous.state == "unavailable"
+            since = previous.since if previous is not None and repeat else now
+            first = not repeat
             with self._lock:
-                first = self._status.get(profile) is None or self._status[profile].state != "unavailable"
                 self._status[profile] = ModelStatus(
-                    profile, "unavailable", reason, now if first else self._status[profile].since,
-                    now + self._retry,
+                    profile, "unavailable", reason, since, now + self._retry
                 )
             log.log(
                 logging.WARNING if first else logging.DEBUG,

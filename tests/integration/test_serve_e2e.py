@@ -206,3 +206,41 @@ def test_sigkill_with_jobs_in_flight_loses_nothing(agent: AgentProcess, tmp_path
     assert {(j["state"], j["result_version"]) for j in jobs} == {("done", 1)}
     assert unfinished >= 1  # the kill did interrupt work
     assert "state.reconciled" in agent.log_text()
+
+
+def test_model_unavailable_keeps_receiving_and_drains_once_it_loads(tmp_path: Path) -> None:
+    """The shipped default profile has no weights here: serve still receives, pairs and queues,
+    says ``waiting_model`` everywhere, and drains once a loadable model appears."""
+    site = tmp_path / "profiles"
+    site.mkdir()
+    proc = AgentProcess(
+        tmp_path / "agent",
+        {**OVERRIDES, "grounding": {"profile": "cxr-auditor-v2", "input_size": 64},
+         "paths": {"profiles": str(site)}, "worker": {"model_retry_seconds": 1}},
+        env={"HF_HUB_OFFLINE": "1"},
+    )
+    try:
+        proc.start()
+        study = generate_uid()
+        drop(proc, "ACC-M.txt", b"Left pneumothorax.")
+        send(proc, study_files(tmp_path, study, "ACC-M"))
+        status = wait_until(
+            lambda: (s := proc.status())["jobs"]["waiting_model"] == 1
+            and s["model"]["state"] == "unavailable" and s,
+            timeout=60, what="job waiting for the model", alive=proc.check_alive)
+        assert "ModelUnavailable" in status["model"]["reason"]
+        health = proc.healthz()
+        assert health is not None and health["serving"] is True  # 200 while the model is away
+        assert "audits wait" in health["message"]
+        assert "model: cxr-auditor-v2 unavailable" in proc.cli("status").stdout
+        assert "model.unavailable" in proc.log_text()
+        assert result(proc, study) is None
+
+        # A site profile of the same name that loads: the next retry picks it up.
+        (site / "local.yaml").write_text(
+            "name: cxr-auditor-v2\ntask: grounding\nbackend: fake\n", encoding="utf-8")
+        body = wait_result(proc, study)
+        assert body["mode"] == "full" and ("missing", "pleural_effusion") in flags(body)
+        assert proc.status()["model"]["state"] == "ready"
+    finally:
+        proc.kill()
