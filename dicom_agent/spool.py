@@ -7,7 +7,9 @@ pixels. Layout::
 
     <spool>/<StudyInstanceUID>/<SeriesInstanceUID>/<SOPInstanceUID>.dcm
 
-Directory names come only from UIDs that pass the PS3.5 9.1 syntax check, never from free text.
+Directory names come only from UIDs that pass the PS3.5 9.1 syntax check, never from free text;
+the one other entry, ``.locks``, holds the lock files that serialise stores of one SOP Instance
+UID across listener processes.
 A store is durable before it returns: temp file in the destination folder, write, fsync, rename
 over the final name, fsync of the folder, then the state row is committed. A crash can leave a
 temp file (removed by :func:`reconcile`) or a renamed file without its row (rebuilt by
@@ -17,6 +19,7 @@ temp file (removed by :func:`reconcile`) or a renamed file without its row (rebu
 from __future__ import annotations
 
 import errno
+import fcntl
 import hashlib
 import logging
 import os
@@ -25,8 +28,9 @@ import shutil
 import threading
 import time
 import zlib
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from concurrent.futures import ThreadPoolExecutor
+from contextlib import contextmanager
 from dataclasses import dataclass
 from io import BytesIO
 from pathlib import Path
@@ -56,6 +60,7 @@ FreeSpaceProbe = Callable[[Path], int]
 DICOM_SUFFIX = ".dcm"
 TEMP_SUFFIX = ".tmp"
 REASON_SUFFIX = ".reason.txt"
+LOCKS_DIR = ".locks"
 _PREAMBLE = b"\x00" * 128 + b"DICM"
 _PIXEL_DATA = 0x7FE00010
 _LOCK_STRIPES = 64
@@ -227,14 +232,41 @@ class Spool:
         self.min_free_bytes = min_free_bytes
         self._free_space = free_space or disk_free_bytes
         self._locks = [threading.Lock() for _ in range(_LOCK_STRIPES)]
+        self._lock_files: dict[int, int] = {}
         self._hasher = ThreadPoolExecutor(max_workers=_HASH_THREADS, thread_name_prefix="spool-sha")
         self._durable_dirs: set[Path] = set()
         self._dirs_lock = threading.Lock()
         self.root.mkdir(parents=True, exist_ok=True)
 
     def close(self) -> None:
-        """Release the hashing threads (stores in flight finish first)."""
+        """Release the hashing threads and lock files (stores in flight finish first)."""
         self._hasher.shutdown(wait=True)
+        for stripe, lock in enumerate(self._locks):
+            with lock:
+                fd = self._lock_files.pop(stripe, None)
+                if fd is not None:
+                    os.close(fd)
+
+    @contextmanager
+    def _instance_lock(self, sop_instance_uid: str) -> Iterator[None]:
+        """Serialise stores of one SOP Instance UID across threads *and* listener processes.
+
+        A thread lock per stripe, then an flock on the stripe's file under ``.locks``: flock
+        excludes other processes (``scp.workers`` > 1), not other threads of this one.
+        """
+        stripe = zlib.crc32(sop_instance_uid.encode("ascii")) % _LOCK_STRIPES
+        with self._locks[stripe]:
+            fd = self._lock_files.get(stripe)
+            if fd is None:
+                folder = self.root / LOCKS_DIR
+                folder.mkdir(exist_ok=True)
+                fd = os.open(folder / f"{stripe:02d}", os.O_RDWR | os.O_CREAT, 0o640)
+                self._lock_files[stripe] = fd
+            fcntl.flock(fd, fcntl.LOCK_EX)
+            try:
+                yield
+            finally:
+                fcntl.flock(fd, fcntl.LOCK_UN)
 
     def path_for(self, header: InstanceHeader) -> Path:
         """Final path of an instance. Every component is a validated UID (PS3.5 9.1)."""
@@ -278,8 +310,7 @@ class Spool:
         # Hash on a helper thread (hashlib releases the GIL) while this one writes and fsyncs:
         # for a new instance the two overlap; only a known SOP Instance UID waits for it first.
         digest_future = self._hasher.submit(dataset_sha256, data_set)
-        lock = self._locks[hash(header.sop_instance_uid) % _LOCK_STRIPES]
-        with lock:
+        with self._instance_lock(header.sop_instance_uid):
             old = self.db.instance(header.sop_instance_uid)
             if (
                 old is not None

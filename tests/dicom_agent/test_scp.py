@@ -26,6 +26,7 @@ from dicom_agent import conformance as dc
 from dicom_agent.config import AgentSettings, load_settings
 from dicom_agent.errors import ConfigError, StateError
 from dicom_agent.scp import Listener, start_listener
+from dicom_agent.spool import LOCKS_DIR
 from dicom_agent.state import InstanceState, StateDB
 from tests.builders import (
     CT_STORAGE,
@@ -69,7 +70,12 @@ class Harness:
         return self.settings.paths.spool
 
     def spool_files(self, pattern: str = "*") -> list[Path]:
-        return sorted(p for p in self.spool.rglob(pattern) if p.is_file())
+        """Instance and temp files in the spool (the lock files are not data)."""
+        return sorted(
+            p
+            for p in self.spool.rglob(pattern)
+            if p.is_file() and LOCKS_DIR not in p.relative_to(self.spool).parts
+        )
 
 
 @pytest.fixture

@@ -6,6 +6,7 @@ import errno
 import os
 import zlib
 from collections.abc import Iterator
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import pytest
@@ -22,7 +23,7 @@ from dicom_agent.conformance import (
     IMPLICIT_VR_LITTLE_ENDIAN,
 )
 from dicom_agent.errors import DicomInputError, SpoolError, SpoolFullError
-from dicom_agent.spool import InstanceHeader, Spool, read_header, reconcile
+from dicom_agent.spool import LOCKS_DIR, InstanceHeader, Spool, read_header, reconcile
 from dicom_agent.state import InstanceState, StateDB, StoreOutcome
 from tests.builders import CT_STORAGE, make_cxr
 
@@ -55,7 +56,10 @@ def spool(tmp_path: Path, db: StateDB) -> Iterator[Spool]:
 
 
 def _files(root: Path, pattern: str = "*") -> list[Path]:
-    return sorted(p for p in root.rglob(pattern) if p.is_file())
+    """Instance and temp files under ``root`` (the lock files are not data)."""
+    return sorted(
+        p for p in root.rglob(pattern) if p.is_file() and LOCKS_DIR not in p.relative_to(root).parts
+    )
 
 
 class TestReadHeader:
@@ -220,6 +224,29 @@ class TestStore:
             spool.store(_encoded(make_cxr(rows=16, cols=16)), EXPLICIT_VR_LITTLE_ENDIAN)
         assert not isinstance(info.value, SpoolFullError)
         assert _files(spool.root) == []
+
+    def test_concurrent_versions_of_one_instance_leave_file_and_row_agreeing(
+        self, spool: Spool, db: StateDB
+    ) -> None:
+        ds = make_cxr(rows=64, cols=64)
+        versions = []
+        for seed in range(6):
+            v = make_cxr(
+                rows=64,
+                cols=64,
+                seed=seed,
+                study_uid=ds.StudyInstanceUID,
+                series_uid=ds.SeriesInstanceUID,
+                sop_uid=ds.SOPInstanceUID,
+            )
+            versions.append(_encoded(v))
+        with ThreadPoolExecutor(max_workers=6) as pool:
+            list(pool.map(lambda data: spool.store(data, EXPLICIT_VR_LITTLE_ENDIAN), versions))
+        row = db.instance(ds.SOPInstanceUID)
+        assert row is not None
+        _, on_disk = spool_mod.read_part10(Path(row.path))
+        assert spool_mod.dataset_sha256(on_disk) == row.sha256
+        assert _files(spool.root) == [Path(row.path)]
 
     def test_path_components_must_be_uids(self, spool: Spool) -> None:
         header = InstanceHeader("1.2", "1.2.3", "..", "1.2", None, None, None, None)
