@@ -5,6 +5,7 @@ The clock is always passed in: nothing here sleeps.
 
 from __future__ import annotations
 
+import logging
 from pathlib import Path
 
 import pytest
@@ -180,3 +181,34 @@ class TestHousekeeping:
         assert not (s.paths.spool / "1.10.1.dcm").exists() and not (s.paths.out / "1.10").exists()
         assert (s.paths.spool / "1.11.1.dcm").exists() and (s.paths.out / "1.11").exists()
         assert db.instances_of_study("1.10") == [] and len(db.instances_of_study("1.11")) == 1
+
+
+class TestSchedulerJobs:
+    def test_a_failing_interval_job_logs_and_returns(self, caplog: pytest.LogCaptureFixture) -> None:
+        from dicom_agent.scheduler import _guarded
+
+        def boom() -> None:
+            raise RuntimeError("disk gone")
+
+        with caplog.at_level(logging.ERROR):
+            _guarded(boom, "pairing")()  # must not raise
+        (record,) = caplog.records
+        assert record.event == "scheduler.error" and "pairing" in record.getMessage()  # type: ignore[attr-defined]
+
+    def test_tick_pairs_and_queues_with_the_injected_clock(self, settings: AgentSettings) -> None:
+        from dicom_agent.drafts import DraftReader
+        from dicom_agent.scheduler import Scheduler
+
+        db = StateDB(settings.paths.state)
+        now = {"t": 0.0}
+        sched = Scheduler(settings, db, DraftReader(settings, db), clock=lambda: now["t"])
+        (settings.paths.drafts / "ACC1.txt").write_text("Normal.")
+        sched.poll_drafts()
+        now["t"] = settings.drafts.stable_seconds
+        sched.poll_drafts()
+        _instance(db, "1.20", "1.20.1", now=0)
+        assert sched.tick() == []
+        now["t"] = settings.pairing.settle_seconds
+        (job,) = sched.tick()
+        assert job.draft_id == db.current_draft("1.20").id  # type: ignore[union-attr]
+        assert not sched.running
