@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import logging
 from collections.abc import Callable
 from pathlib import Path
 
@@ -14,7 +15,9 @@ from dicom_agent.config import AgentSettings
 from dicom_agent.errors import OutputError
 from dicom_agent.outputs import objects_to_send, read_result, write_outputs
 from dicom_agent.outputs.validate import dciodvfy_errors, dsrdump_tree
+from tests.builders import SENTINEL_PATIENT_ID, SENTINEL_PATIENT_NAME
 from tests.dicom_agent.outputs.studies import (
+    DRAFT,
     Study,
     findings_result,
     make_study,
@@ -92,6 +95,7 @@ class TestWriteOutputs:
 
         assert set(first.outputs.values()).isdisjoint(second.outputs.values())
         assert (study.study_dir / "v1" / "sr.dcm").exists()
+        assert (study.study_dir / "v2" / "overlay-0.png").exists()
         assert read_result(study.study_dir / "v1" / "audit.json").result_version == 1
         assert read_result(study.study_dir / "audit.json").result_version == 2
         sr = pydicom.dcmread(study.study_dir / "v2" / "sr.dcm")
@@ -169,3 +173,15 @@ class TestWriteOutputs:
             for item in series.ReferencedSOPSequence
         }
         assert evidence == {str(ds.SOPInstanceUID) for ds in study.datasets.values()}
+
+    def test_no_phi_or_draft_text_in_logs(
+        self, tmp_path: Path, settings: AgentSettings, caplog: pytest.LogCaptureFixture
+    ) -> None:
+        caplog.set_level(logging.DEBUG, logger="dicom_agent")
+        study = make_study(tmp_path, patient_orientation=None, pixel_spacing=None)
+        first = _write(study, findings_result(study), settings)
+        _write(study, findings_result(study, version=2), settings, previous_sr_uid="2.25.404")
+        assert first.outputs
+        assert caplog.records  # the library-gap and missing-predecessor lines were logged
+        for secret in (SENTINEL_PATIENT_NAME, SENTINEL_PATIENT_ID, "ACC0001", DRAFT, "pleural effusion"):
+            assert secret not in caplog.text
