@@ -594,6 +594,11 @@ def _grey_transform(
     invert = pm.photometric == "MONOCHROME1"
     if invert:
         notes.append("inverted: MONOCHROME1")
+    # C.8.11.1.1.1 pairs INVERSE with MONOCHROME1 and IDENTITY with MONOCHROME2, so the shape
+    # adds nothing; a contradicting shape is a writer bug and the photometric wins.
+    shape_name = str(ds.get("PresentationLUTShape") or "").strip().upper()
+    if shape_name in ("IDENTITY", "INVERSE") and (shape_name == "INVERSE") != invert:
+        notes.append(f"presentation LUT shape {shape_name} contradicts {pm.photometric}; ignored")
     return _GreyTransform(pm, modality, voi, invert, padding), window
 
 

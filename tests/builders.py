@@ -112,7 +112,8 @@ def make_cxr(
         ds.PixelIntensityRelationship = "LOG"
         ds.PixelIntensityRelationshipSign = 1
         ds.LossyImageCompression = "00"
-        ds.PresentationLUTShape = "IDENTITY"
+        # PS3.3 C.8.11.1.1.1: INVERSE goes with MONOCHROME1, IDENTITY with MONOCHROME2
+        ds.PresentationLUTShape = "INVERSE" if photometric == "MONOCHROME1" else "IDENTITY"
         ds.PositionerType = ""
         ds.AcquisitionContextSequence = []
         region = Dataset()
