@@ -467,19 +467,29 @@ def test_sigkill_during_audit_and_output_writing_redoes_the_job_once(tmp_path: P
         wait_until(lambda: stub.requests, timeout=60, what="the model request",
                    alive=agent.check_alive)
         agent.kill()
-        kills = 1
-        # 2..: right after the model answered, while audit.json/SR/GSPS/SC/PNG are written.
+        kills, temps_after_kills = 1, 0
+        # 2..: while audit.json/SR/GSPS/SC/PNG are being written: the version folder has
+        # just appeared, then holds its first file, then three (polled every 2 ms).
         stub.delay = 0.0
-        for pause in (0.0, 0.03, 0.1):
-            answered = len(stub.answered)
+        version = agent.path("out") / uid / "v1"
+        for written in (0, 1, 3):
             agent.start()
-            if not wait_until(lambda n=answered: len(stub.answered) > n or agent.result(uid),
-                              timeout=60, what="the next model answer", interval=0.005,
-                              alive=agent.check_alive) or agent.result(uid):
-                break
-            time.sleep(pause)
+            wait_until(
+                lambda w=written: agent.result(uid) or (
+                    version.is_dir()
+                    and len([p for p in version.iterdir() if not p.name.startswith(".")]) >= w
+                ),
+                timeout=60, what="outputs being written", interval=0.002,
+                alive=agent.check_alive,
+            )
+            if agent.result(uid):
+                break  # the writing finished between two polls: nothing left to interrupt
             agent.kill()
             kills += 1
+            # Right after the crash: temp names may be there, but no visible half file.
+            seen = _output_problems(agent.path("out"))
+            temps_after_kills += sum("temp file left" in p for p in seen)
+            assert all("temp file left" in p for p in seen), seen
         if agent.proc is None or agent.proc.poll() is not None:
             agent.start()
         wait_until(lambda: agent.result(uid), timeout=60, what="the result",
@@ -498,7 +508,8 @@ def test_sigkill_during_audit_and_output_writing_redoes_the_job_once(tmp_path: P
     assert versions == [1]
     assert len(srs) == 1
     assert [j["state"] for j in jobs] == ["done"]
-    print(f"SIGKILL during audit/outputs: {kills} kills, 1 version, {len(stub.requests)} model calls")
+    print(f"SIGKILL during audit/outputs: {kills} kills, {temps_after_kills} temp files seen "
+          f"after them, 1 version, {len(stub.requests)} model calls")
 
 
 @pytest.mark.parametrize("mode", ["error", "hang"])
@@ -566,9 +577,9 @@ def _partial_store(port: int, ds: Dataset, *, fragments: int, then: str) -> None
     from io import BytesIO
 
     from pynetdicom import AE
-    from pynetdicom.dsutils import encode
     from pynetdicom.dimse_messages import C_STORE_RQ
     from pynetdicom.dimse_primitives import C_STORE
+    from pynetdicom.dsutils import encode
     from pynetdicom.pdu import P_DATA_TF
 
     ae = AE(ae_title="STALLER")
