@@ -1,0 +1,129 @@
+"""Tests of cxr_auditor.drafts.llm: model-backed draft parsing (Nemotron, v1, chat LLMs)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+from cxr_auditor.drafts.llm import LLMDraftParser, build_draft_parser
+from cxr_auditor.drafts.rules import RulesDraftParser
+from cxr_auditor.errors import ProfileError
+from cxr_auditor.labels import Label
+from cxr_auditor.models import ChatRequest, TransformersChat
+from cxr_auditor.profiles import TransformersProfile, get_profile, parse_profile
+from cxr_auditor.prompts import CORRECTIVE_SUFFIX
+from cxr_auditor.retry import AttemptSettings
+from cxr_auditor.schema import DraftState, DraftStatus, Laterality
+from tests.conftest_models import tiny_profile
+
+DRAFT = "Small left pleural effusion.\nNo pneumothorax."
+GOOD = (
+    '[{"label": "pleural_effusion", "status": "present", "span": "small left pleural effusion"},'
+    ' {"label": "pneumothorax", "status": "absent", "span": "No pneumothorax"},'
+    ' {"label": "nodule_mass", "status": "present", "span": "a mass in the apex"}]'
+)
+
+
+class _Script:
+    def __init__(self, answers: list[str]) -> None:
+        self.answers = answers
+        self.calls: list[tuple[list[ChatRequest], AttemptSettings]] = []
+
+    def generate(self, requests: list[ChatRequest], settings: AttemptSettings) -> list[str]:
+        self.calls.append((requests, settings))
+        return [self.answers.pop(0) for _ in requests]
+
+    def close(self) -> None:
+        return
+
+
+def _nemotron(chat: _Script) -> LLMDraftParser:
+    return LLMDraftParser(get_profile("nemotron-3-nano"), chat)
+
+
+class TestLLMDraftParser:
+    def test_reasoning_is_stripped_and_spans_reanchored_or_dropped(self) -> None:
+        answer = "<think>The draft mentions [effusion] and {no} pneumothorax.</think>\n" + GOOD
+        result = _nemotron(_Script([answer])).parse(DRAFT)
+        assert result.state is DraftState.PARSED and result.parser == "nemotron-3-nano"
+        effusion, ptx = result.findings
+        assert (effusion.label, effusion.status) == (Label.PLEURAL_EFFUSION, DraftStatus.PRESENT)
+        assert (effusion.span, effusion.start) == ("Small left pleural effusion", 0)
+        assert effusion.laterality is Laterality.LEFT
+        assert (ptx.label, ptx.status) == (Label.PNEUMOTHORAX, DraftStatus.ABSENT)
+        assert DRAFT[ptx.start : ptx.end] == "No pneumothorax"
+        assert "finding_dropped:span_not_in_draft" in result.notes
+
+    def test_unclosed_truncated_reasoning_never_becomes_the_answer(self) -> None:
+        truncated = "<think>maybe [{\"label\": \"cardiomegaly\", \"status\": \"present\", \"span\": \"No"
+        result = _nemotron(_Script([truncated, truncated])).parse(DRAFT)
+        assert result.state is DraftState.UNPARSEABLE and result.findings == []
+
+    def test_only_failed_drafts_are_asked_again_with_the_corrective_suffix(self) -> None:
+        chat = _Script(["not json at all", GOOD, GOOD])
+        results = _nemotron(chat).parse_many(["No pneumothorax.", DRAFT])
+        assert [len(reqs) for reqs, _ in chat.calls] == [2, 1]
+        retried = chat.calls[1][0][0].text
+        assert retried.endswith(CORRECTIVE_SUFFIX) and "No pneumothorax." in retried
+        assert [r.state for r in results] == [DraftState.PARSED, DraftState.PARSED]
+        assert "attempts:2" in results[0].notes and "attempts:1" in results[1].notes
+        assert results[0].findings[0].status is DraftStatus.ABSENT
+
+    def test_empty_draft_is_unparseable_without_asking_the_model(self) -> None:
+        chat = _Script([])
+        result = _nemotron(chat).parse("   ")
+        assert result.state is DraftState.UNPARSEABLE and result.notes == ["draft_empty"]
+        assert chat.calls == []
+
+    def test_requests_carry_no_image(self) -> None:
+        chat = _Script([GOOD])
+        _nemotron(chat).parse(DRAFT)
+        assert chat.calls[0][0][0].image is None and chat.calls[0][0][0].text.rstrip().endswith(DRAFT.strip())
+
+    def test_grounding_profile_is_refused(self) -> None:
+        with pytest.raises(ProfileError, match="not draft_parsing"):
+            LLMDraftParser(get_profile("cxr-auditor-v2"), _Script([]))
+
+    def test_rules_profile_builds_the_rule_parser(self) -> None:
+        assert isinstance(build_draft_parser(get_profile("rules")), RulesDraftParser)
+
+
+class TestTinyModels:
+    """The real chat path on tiny models of the real architectures (answers are random)."""
+
+    def _nemotron_profile(self, model: Path, thinking: bool) -> TransformersProfile:
+        profile = parse_profile(
+            tiny_profile(
+                "nemotron-3-nano",
+                model,
+                generation={"max_new_tokens": 8, "retries": 1, "enable_thinking": thinking},
+            )
+        )
+        assert isinstance(profile, TransformersProfile)
+        return profile
+
+    @pytest.mark.parametrize(("thinking", "tail"), [(True, "<think>\n"), (False, "<think></think>")])
+    def test_nemotron_template_honours_enable_thinking(
+        self, tiny_nemotron: Path, thinking: bool, tail: str
+    ) -> None:
+        chat = TransformersChat(self._nemotron_profile(tiny_nemotron, thinking))
+        batch = chat._encode([ChatRequest("Draft: x")])
+        prompt = chat.loaded.tokenizer.decode(batch["input_ids"][0])
+        assert prompt.endswith("<|im_start|>assistant\n" + tail)
+
+    def test_nemotron_h_parser_runs_the_ladder(self, tiny_nemotron: Path) -> None:
+        parser = LLMDraftParser(self._nemotron_profile(tiny_nemotron, True))
+        results = parser.parse_many([DRAFT, "No effusion."])
+        assert [r.state for r in results] == [DraftState.UNPARSEABLE] * 2
+        assert all("attempts:2" in r.notes for r in results)
+
+    def test_v1_draft_profile_runs_gemma_without_an_image(self, tiny_gemma: Path) -> None:
+        profile = parse_profile(
+            tiny_profile("cxr-auditor-v1-draft", tiny_gemma, generation={"max_new_tokens": 4, "retries": 0})
+        )
+        parser = LLMDraftParser(profile)
+        assert isinstance(parser.chat, TransformersChat)
+        batch = parser.chat._encode([ChatRequest("Draft: x")])
+        assert "pixel_values" not in batch
+        assert parser.parse(DRAFT).state is DraftState.UNPARSEABLE
