@@ -62,8 +62,8 @@ _HEART = (
 # Up to six words between subject and verdict that do not change the verdict ("and mediastinum
 # are", "size is"). Words that would (enlarged, borderline, not, but) may not be skipped.
 _GAP_NORMAL = (
-    r"(?:[\s,:]+(?!not\b|enlarg|large|border|upper|top\b|high\b|mild|moder|sever|increas"
-    r"|but\b|although\b|however\b|though\b|except\b)[a-z/-]+){0,6}?[\s,:]+"
+    r"(?:[\s,:/]+(?!not\b|enlarg|large|border|upper|top\b|high\b|mild|moder|sever|increas"
+    r"|but\b|although\b|however\b|though\b|except\b)[a-z-]+){0,6}?[\s,:/]+"
 )
 _GAP_ENLARGED = r"(?:\s+(?!not\b|normal\b|but\b|border|upper\b|top\b)[a-z/-]+){0,4}?\s+"
 
@@ -369,7 +369,9 @@ TRIGGERS: tuple[tuple[str, Trig], ...] = (
     (
         r"(?:is|are|was|were) (?:also |again )?(?:possible|possibly present|suspected|questioned"
         r"|a (?:consideration|possibility)|considered|likely|probable|favou?red|not excluded)"
-        r"|(?:may|might|could) (?:also )?be present|unlikely",
+        r"|(?:may|might|could) (?:also )?be present|unlikely"
+        r"|(?:may|might|could) be (?:partly |partially )?(?:accentuated|exaggerated|magnified"
+        r"|overestimated)",
         Trig.POST_HEDGE,
     ),
     (

@@ -244,7 +244,7 @@ class _Sentence:
         if not commas:
             return lo
         tail = low[commas[-1] + 1 : trig.start].split()
-        if not tail:  # appositive: "nodule, likely a nipple shadow"
+        if tail in ([], ["which"], ["that"]):  # "nodule, likely a nipple shadow"; ", which may"
             return commas[-2] + 1 if len(commas) > 1 else lo
         if tail[0] not in ("or", "and", "nor"):
             return commas[-1] + 1
