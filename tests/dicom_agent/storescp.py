@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import ssl
 import threading
 
 from pydicom.dataset import Dataset
@@ -34,10 +35,11 @@ class Receiver:
                 for syntax in cx.transfer_syntax:
                     self.proposed.add((str(cx.abstract_syntax), str(syntax)))
 
-    def start(self) -> Receiver:
+    def start(self, ssl_context: ssl.SSLContext | None = None) -> Receiver:
         self._server = self._ae.start_server(
             ("127.0.0.1", self.port),
             block=False,
+            ssl_context=ssl_context,
             evt_handlers=[(evt.EVT_C_STORE, self._on_store), (evt.EVT_REQUESTED, self._on_requested)],
         )
         return self

@@ -4,12 +4,15 @@ from __future__ import annotations
 
 import json
 import logging
+import shutil
+import ssl
+import subprocess
 from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
 
-from dicom_agent.config import AgentSettings, Destination, load_settings
+from dicom_agent.config import AgentSettings, Destination, TLSSettings, load_settings
 from dicom_agent.errors import ForwardError
 from dicom_agent.forward import backoff_seconds, drain_outbox, enqueue_forward, forward_files
 from dicom_agent.outputs import objects_to_send, write_outputs
@@ -80,6 +83,41 @@ class TestForwardFiles:
             forward_files(_destination(receiver.port), [bad], calling_ae="CXRAUDIT")
         assert info.value.__cause__ is not None
         assert receiver.received == []
+
+
+def _self_signed(folder: Path) -> tuple[Path, Path]:
+    """A throw-away certificate for 127.0.0.1 (openssl CLI)."""
+    cert, key = folder / "cert.pem", folder / "key.pem"
+    subprocess.run(
+        ["openssl", "req", "-x509", "-newkey", "rsa:2048", "-nodes", "-days", "1",
+         "-subj", "/CN=127.0.0.1", "-addext", "subjectAltName=IP:127.0.0.1",
+         "-keyout", str(key), "-out", str(cert)],
+        check=True, capture_output=True, timeout=60,
+    )
+    return cert, key
+
+
+@pytest.mark.skipif(shutil.which("openssl") is None, reason="openssl CLI not installed")
+class TestForwardTLS:
+    def test_delivers_over_tls_and_refuses_an_unknown_ca(
+        self, tmp_path: Path, result_files: list[Path]
+    ) -> None:
+        cert, key = _self_signed(tmp_path)
+        server_context = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
+        server_context.load_cert_chain(cert, key)
+        scp = Receiver(free_port()).start(ssl_context=server_context)
+        try:
+            trusted = _destination(scp.port).model_copy(
+                update={"tls": TLSSettings(enabled=True, ca_file=cert)}
+            )
+            forward_files(trusted, result_files, calling_ae="CXRAUDIT")
+            assert len(scp.received) == len(result_files)
+            untrusted = _destination(scp.port).model_copy(update={"tls": TLSSettings(enabled=True)})
+            with pytest.raises(ForwardError):
+                forward_files(untrusted, result_files, calling_ae="CXRAUDIT")
+            assert len(scp.received) == len(result_files)
+        finally:
+            scp.stop()
 
 
 class TestOutbox:
