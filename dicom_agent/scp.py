@@ -16,11 +16,15 @@ from __future__ import annotations
 
 import hashlib
 import logging
+import multiprocessing
 import socket
 import ssl
 import threading
+import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
+from multiprocessing.process import BaseProcess
+from multiprocessing.synchronize import Event as EventType
 from typing import Any, cast
 
 from pydicom.dataset import Dataset
@@ -36,7 +40,14 @@ from pynetdicom.transport import AssociationSocket, RequestHandler, ThreadedAsso
 
 from dicom_agent import conformance as dc
 from dicom_agent.config import AgentSettings, SCPSettings
-from dicom_agent.errors import ConfigError, DicomInputError, SpoolError, SpoolFullError, StateError
+from dicom_agent.errors import (
+    AgentError,
+    ConfigError,
+    DicomInputError,
+    SpoolError,
+    SpoolFullError,
+    StateError,
+)
 from dicom_agent.spool import FreeSpaceProbe, Spool, read_header
 from dicom_agent.state import StateDB, StoreOutcome
 
@@ -46,6 +57,8 @@ OnStored = Callable[[str], None]
 
 _RECV_CHUNK = 1 << 20
 _SHUTDOWN_POLL_SECONDS = 0.1  # how long stop() may wait for the accept loop to notice
+_WORKER_START_SECONDS = 60.0
+_WORKER_STOP_SECONDS = 10.0
 _ERROR_COMMENT_MAX = 64  # LO VR (PS3.5 6.2)
 
 
@@ -345,24 +358,40 @@ def presentation_contexts(unknown_sop_class: str) -> list[PresentationContext]:
 
 @dataclass
 class Listener:
-    """A running listener; :meth:`stop` shuts it down."""
+    """A running listener; :meth:`stop` shuts it down (and its worker processes)."""
 
     server: ThreadedAssociationServer
     ae: AE
     port: int
     store_context: _StoreContext
+    workers: list[BaseProcess] = field(default_factory=list)
+    _stop_workers: EventType | None = None
+    _stopped: bool = False
 
     @property
     def stats(self) -> dict[str, int]:
-        """C-STORE outcome counters since start (new, duplicate, replaced, malformed...)."""
+        """C-STORE outcome counters of this process since start (new, duplicate, ...)."""
         return dict(self.store_context.stats)
 
     def stop(self) -> None:
-        """Stop accepting, close the listening socket and abort open associations."""
+        """Stop accepting, close the listening socket and abort open associations.
+
+        Idempotent: a second call does nothing."""
+        if self._stopped:
+            return
+        self._stopped = True
+        if self._stop_workers is not None:
+            self._stop_workers.set()
         self.server.shutdown()
         for assoc in self.server.active_associations:
             assoc.abort()
         self.store_context.spool.close()
+        for proc in self.workers:
+            proc.join(timeout=_WORKER_STOP_SECONDS)
+            if proc.is_alive():
+                logger.warning("listener worker %s did not stop; terminating it", proc.name)
+                proc.terminate()
+                proc.join()
 
 
 def start_listener(
@@ -376,10 +405,67 @@ def start_listener(
 
     ``free_space`` replaces the disk probe (tests); ``on_stored(study_uid)`` is called after
     each instance is durably stored (not for an identical duplicate).
+
+    With ``scp.workers`` > 1, ``workers - 1`` more listener processes bind the same port
+    (SO_REUSEPORT; the kernel spreads connections across them) so associations use more than
+    one core. They share the spool and the state DB (SQLite WAL serialises their commits) and
+    use the default disk probe; ``on_stored`` fires only for instances this process received,
+    so a scheduler must not rely on it alone (it is a wake-up hint, the state DB is the truth).
     """
     scp = settings.scp
     if not scp.allowed_calling_aets:
         logger.warning("scp.allowed_calling_aets is empty: any calling AE title is accepted")
+    listener = _start_one(settings, db, free_space, on_stored)
+    if scp.workers > 1:
+        worker_settings = settings.model_copy(
+            update={"scp": scp.model_copy(update={"port": listener.port})}
+        )
+        try:
+            _start_workers(listener, worker_settings, scp.workers - 1)
+        except BaseException:
+            listener.stop()
+            raise
+    return listener
+
+
+def _start_workers(listener: Listener, settings: AgentSettings, count: int) -> None:
+    ctx = multiprocessing.get_context("spawn")  # never fork a process that holds threads
+    listener._stop_workers = ctx.Event()
+    for number in range(1, count + 1):
+        ready = ctx.Event()
+        proc = ctx.Process(
+            target=_worker_main,
+            args=(settings, ready, listener._stop_workers),
+            name=f"dicom-listener-{number}",
+            daemon=True,
+        )
+        proc.start()
+        listener.workers.append(proc)
+        deadline = time.monotonic() + _WORKER_START_SECONDS
+        while not ready.wait(0.1):
+            if not proc.is_alive() or time.monotonic() > deadline:
+                raise AgentError(f"listener worker {number} failed to start")
+    logger.info("%d listener worker processes share port %d", count, listener.port)
+
+
+def _worker_main(settings: AgentSettings, ready: EventType, stop: EventType) -> None:
+    """Body of a listener worker process: serve until the parent sets ``stop``."""
+    db = StateDB(settings.paths.state)
+    listener = _start_one(settings, db, None, None)
+    ready.set()
+    stop.wait()
+    listener.stop()
+    db.close()
+
+
+def _start_one(
+    settings: AgentSettings,
+    db: StateDB,
+    free_space: FreeSpaceProbe | None,
+    on_stored: OnStored | None,
+) -> Listener:
+    """One listening socket with its accept thread, in this process."""
+    scp = settings.scp
     ssl_context = server_ssl_context(scp)
     spool = Spool(
         settings.paths.spool,

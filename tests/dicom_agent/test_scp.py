@@ -8,6 +8,7 @@ import ssl
 import subprocess
 import time
 from collections.abc import Callable, Iterator
+from concurrent.futures import ThreadPoolExecutor
 from io import BytesIO
 from pathlib import Path
 from typing import Any
@@ -421,11 +422,23 @@ class TestAssociationPolicy:
         row = h.db.instance(ds.SOPInstanceUID)
         assert row is not None and row.state == InstanceState.IGNORED
 
-    def test_two_workers_can_share_the_port(self, start: Callable[..., Harness]) -> None:
-        first = start(workers=2)
-        second = start(workers=2, port=first.listener.port)
-        assert second.listener.port == first.listener.port
-        assert _echo(first.listener.port) == 0
+    def test_worker_processes_share_the_port_and_all_store(
+        self, start: Callable[..., Harness]
+    ) -> None:
+        h = start(workers=2)
+        (worker,) = h.listener.workers
+        assert worker.is_alive()
+        datasets = [make_cxr(rows=64, cols=64, seed=i) for i in range(8)]
+        with ThreadPoolExecutor(max_workers=4) as pool:
+            statuses = list(
+                pool.map(lambda chunk: _store(h.listener.port, chunk), [datasets[i::4] for i in range(4)])
+            )
+        assert statuses == [[0, 0]] * 4
+        for ds in datasets:
+            row = h.db.instance(ds.SOPInstanceUID)
+            assert row is not None and Path(row.path).is_file()
+        h.listener.stop()
+        assert not worker.is_alive()
 
 
 # -- TLS ------------------------------------------------------------------------------------
