@@ -200,6 +200,14 @@ class TestBuildSR:
         (group,) = _reread(_sr(study, result)).content.get_planar_roi_measurement_groups()
         assert group.finding_type.value == code
 
+    def test_laterality_of_a_box_qualifies_its_finding_site(self, tmp_path: Path) -> None:
+        study = make_study(tmp_path)
+        left = finding(study, Label.PLEURAL_EFFUSION, (300.0, 330.0, 460.0, 470.0), laterality="left")
+        (group,) = _reread(_sr(study, result_for(study, [left], []))).content.get_planar_roi_measurement_groups()
+        (site,) = group.finding_sites
+        assert site.value.value == "3120008"
+        assert site.laterality is not None and site.laterality.value == "7771000"
+
     def test_library_describes_images_with_full_headers(self, tmp_path: Path) -> None:
         study = make_study(tmp_path)
         sr = _reread(_sr(study, no_finding_result(study)))
