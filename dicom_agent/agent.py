@@ -136,8 +136,13 @@ class Agent:
 
     def _on_stored(self, study_uid: str) -> None:
         self.metrics.instances_stored.labels("stored").inc()
-        log.debug("instance stored", extra=event(event=Event.INSTANCE_STORED,
-                                                  study=study_ref(study_uid)))
+        ref = study_ref(study_uid)
+        log.debug("instance stored", extra=event(event=Event.INSTANCE_STORED, study=ref))
+        if self.db.latest_audit_job(study_uid) is not None:
+            log.info(
+                "late instance: study receiving again, it will be re-audited",
+                extra=event(event=Event.STUDY_REOPENED, study=ref, state=StudyState.RECEIVING),
+            )
 
     def _render_metrics(self) -> bytes:
         self.metrics.refresh(self.db)

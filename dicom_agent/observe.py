@@ -45,7 +45,6 @@ class Event(StrEnum):
     STATE_RECONCILED = "state.reconciled"
     INSTANCE_STORED = "instance.stored"
     STUDY_SETTLED = "study.settled"
-    STUDY_WAITING_DRAFT = "study.waiting_draft"
     STUDY_REOPENED = "study.reopened"
     DRAFT_ACCEPTED = "draft.accepted"
     DRAFT_DUPLICATE = "draft.duplicate"
