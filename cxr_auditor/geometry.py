@@ -63,8 +63,9 @@ class Geometry(BaseModel):
             source_height=height,
             input_width=size,
             input_height=size,
-            content_left=(size - cw) / 2,
-            content_top=(size - ch) / 2,
+            # max(): the long side fills the square, but size - side * (size / side) can be -1e-14
+            content_left=max((size - cw) / 2, 0.0),
+            content_top=max((size - ch) / 2, 0.0),
             content_width=cw,
             content_height=ch,
         )
