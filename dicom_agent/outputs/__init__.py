@@ -178,7 +178,9 @@ def write_outputs(
 
 def _png(picture: Image.Image) -> bytes:
     buffer = BytesIO()
-    picture.save(buffer, format="PNG")
+    # Level 1: on a 3000 x 2500 overlay zlib's default (6) took 1.4 s for a 10 % smaller file,
+    # level 1 about 0.4 s; the worker's output thread should not wait on compression.
+    picture.save(buffer, format="PNG", compress_level=1)
     return buffer.getvalue()
 
 
