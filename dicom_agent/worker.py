@@ -256,6 +256,8 @@ class Worker:
         self._decode = ThreadPoolExecutor(decode_threads, thread_name_prefix="decode")
         self._writer = ThreadPoolExecutor(1, thread_name_prefix="outputs")
         self._idle_seconds = min(0.5, settings.pairing.poll_seconds)
+        self._inflight: set[int] = set()  # claimed jobs not yet done, failed or parked
+        self._inflight_lock = threading.Lock()
 
     # -- lifecycle --------------------------------------------------------------------------
 
@@ -264,12 +266,24 @@ class Worker:
         self._thread.start()
 
     def stop(self, timeout: float = 30.0) -> None:
-        """Stop after the batch in hand; unfinished jobs stay ``running`` for requeue."""
+        """Stop after the batch in hand; jobs claimed but not run go back to the queue."""
         self._stop.set()
         if self._thread is not None:
             self._thread.join(timeout)
         self._decode.shutdown(wait=True, cancel_futures=True)
         self._writer.shutdown(wait=True)
+        with self._inflight_lock:
+            leftover, self._inflight = sorted(self._inflight), set()
+        now = self.clock()
+        for job_id in leftover:
+            try:
+                self.db.transition_job(job_id, JobState.QUEUED, now, next_attempt_at=now)
+            except Exception:  # a crash-style restart requeues it anyway
+                log.warning("job %d left running at shutdown", job_id, exc_info=True)
+
+    def _settled(self, job_id: int) -> None:
+        with self._inflight_lock:
+            self._inflight.discard(job_id)
 
     @property
     def alive(self) -> bool:
@@ -341,6 +355,8 @@ class Worker:
             while len(jobs) < size and time.monotonic() < deadline and not self._stop.is_set():
                 self._stop.wait(min(0.05, self.settings.worker.batch_wait_seconds))
                 jobs += self.db.claim_audit_jobs(size - len(jobs), self.clock())
+        with self._inflight_lock:
+            self._inflight.update(job.id for job in jobs)
         for job in jobs:
             log.info(
                 "audit started (attempt %d)", job.attempts,
@@ -511,6 +527,7 @@ class Worker:
         now = self.clock()
         for prep in group:
             self.db.transition_job(prep.job.id, JobState.WAITING_MODEL, now, next_attempt_at=now)
+            self._settled(prep.job.id)
         log.warning(
             "%d audit jobs waiting for the model (profile %s)", len(group), profile,
             extra=event(event=Event.JOB_WAITING_MODEL, count=len(group), profile=profile),
@@ -541,6 +558,7 @@ class Worker:
             outputs_ms = (time.perf_counter() - t0) * 1000
             now = self.clock()
             self.db.transition_job(job.id, JobState.DONE, now)
+            self._settled(job.id)
             if self.settings.forward.enabled and self.settings.forward.destinations:
                 files = objects_to_send(folder, final)
                 if files:
@@ -571,6 +589,7 @@ class Worker:
 
     def _fail(self, job: JobRow, exc: BaseException) -> None:
         """Record the reason; retry with backoff, or dead-letter after the last attempt."""
+        self._settled(job.id)
         now = self.clock()
         reason = f"{type(exc).__name__}: {exc}"[:2000]
         w = self.settings.worker

@@ -260,3 +260,17 @@ def test_hung_model_call_times_out_and_the_job_retries(
     assert job is not None and job.state == "queued" and job.attempts == 1
     assert "TimeoutError: model call exceeded worker.job_timeout_seconds=0.2" in (job.last_error or "")
     assert worker.models.status()[s.grounding.profile]["state"] == "unavailable"
+
+
+def test_stop_puts_claimed_jobs_that_did_not_run_back_in_the_queue(
+    settings: AgentSettings, db: StateDB, clock: Clock
+) -> None:
+    store(settings, db, "1.2.11.1")
+    job_id = queue(db, "1.2.11.1", clock.now)
+    worker = make_worker(settings, db, clock,
+                         lambda name: Auditor(FakeGrounder.from_rule("mean_brightness"), None))
+    (claimed,) = worker._claim_batch(wait=False)  # claimed, then the agent is asked to stop
+    assert db.job(job_id).state == "running"  # type: ignore[union-attr]
+    worker.stop()
+    job = db.job(job_id)
+    assert job is not None and job.state == "queued" and job.next_attempt_at == clock.now

@@ -3,7 +3,7 @@
 One agent (fake grounding profile, 1 s settle, short draft and study waits) handles every
 pairing case at once, each on its own study:
 
-- A: draft dropped before the images (by accession number);
+- A: draft dropped before the images (by accession number), then a late instance: version 2;
 - B: draft dropped right after the images (JSON, by Study Instance UID);
 - C: no draft: image-only audit (version 1), then a late draft: version 2;
 - D: bad drafts (empty, bad name, bad JSON) end in ``rejected/`` with a reason;
@@ -132,6 +132,15 @@ def test_pairing_cases_end_to_end(agent: AgentProcess, tmp_path: Path) -> None:
     missing = next(f for f in a["flags"] if f["kind"] == "missing")
     assert missing["denied"] is True
 
+    # A again: a late instance re-opens the audited study; it settles and gives version 2.
+    late = make_cxr(rows=128, cols=112, study_uid=uid["A"], accession="ACC-A", seed=7)
+    send(agent, [save(late, tmp_path / "send" / "late.dcm")])
+    a2 = wait_result(agent, uid["A"], version=2)
+    assert sorted(i["image_id"] for i in a2["inputs"]["images"]) == sorted(
+        [a["inputs"]["images"][0]["image_id"], late.SOPInstanceUID])
+    assert a2["mode"] == "full" and a2["inputs"]["draft_sha256"] == sha_a
+    assert result(agent, uid["A"], 1) == a  # version 1 untouched
+
     # B: draft after the images, before the draft wait ran out: one full audit.
     b = wait_result(agent, uid["B"])
     assert b["mode"] == "full" and b["result_version"] == 1
@@ -164,7 +173,8 @@ def test_pairing_cases_end_to_end(agent: AgentProcess, tmp_path: Path) -> None:
     for secret in (SENTINEL_PATIENT_NAME, SENTINEL_PATIENT_ID, "ACC-A", DRAFT_A, uid["A"]):
         assert secret not in log
     events = [json.loads(line).get("event") for line in log.splitlines() if line.startswith("{")]
-    assert {"draft.accepted", "draft.rejected", "draft.orphan", "study.settled", "audit.done"} <= set(events)
+    assert {"draft.accepted", "draft.rejected", "draft.orphan", "study.settled", "study.reopened",
+            "audit.done"} <= set(events)
     health = agent.healthz()
     assert health is not None and health["serving"] and health["model"]["state"] == "ready"
     assert agent.stop() == 0
