@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import logging
 import re
-from typing import Literal
+from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field
 
@@ -24,7 +24,7 @@ from cxr_auditor.parsing import RAW_TEXT_LIMIT, strip_reasoning
 from cxr_auditor.profiles import Profile
 from cxr_auditor.retry import AttemptSettings, run_batch_with_retry
 
-__all__ = ["ClassificationResult", "PatencyClassifier", "interpret_patency"]
+__all__ = ["ClassificationResult", "PatencyClassifier", "interpret_patency", "summarize"]
 
 logger = logging.getLogger(__name__)
 
@@ -106,6 +106,23 @@ def _result(label: PatencyLabel, notes: list[str], raw: str, index: int) -> Clas
         raw_text=raw[:RAW_TEXT_LIMIT],
         notes=notes,
     )
+
+
+def summarize(profile: str, results: list[ClassificationResult]) -> dict[str, Any]:
+    """The study-level value for ``AuditResult.classification``: ``blocked`` when any image is
+    blocked, else ``uncertain`` when any is uncertain (or there is none), else ``patent``; the
+    per-image results follow under ``images``."""
+    labels = {r.label for r in results}
+    label: PatencyLabel = (
+        "blocked" if "blocked" in labels else "patent" if labels == {"patent"} else "uncertain"
+    )
+    return {
+        "profile": profile,
+        "label": label,
+        "urgent": label == "blocked",
+        "needs_review": label == "uncertain",
+        "images": [r.model_dump() for r in results],
+    }
 
 
 class PatencyClassifier:

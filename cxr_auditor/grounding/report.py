@@ -23,6 +23,7 @@ from cxr_auditor.schema import (
     GroundingResult,
     GroundingState,
     ImageFinding,
+    Laterality,
 )
 
 __all__ = ["ReportParser"]
@@ -113,7 +114,7 @@ class ReportParser:
         present = [f.label for f in mentions if f.status is DraftStatus.PRESENT]
         # The side stated in words stays on findings without a box (boxes get theirs from the
         # image geometry in the pipeline).
-        sides = {}
+        sides: dict[Label, Laterality] = {}
         for f in mentions:
             if f.status is DraftStatus.PRESENT and f.laterality is not None:
                 sides.setdefault(f.label, f.laterality)
@@ -136,10 +137,12 @@ class ReportParser:
             if label is Label.NO_FINDING:
                 continue
             label_boxes: list[Box | None] = [*boxed.get(label, [])] or [None]
-            for box in label_boxes:
-                side = sides.get(label) if box is None else None
+            for label_box in label_boxes:
+                side = sides.get(label) if label_box is None else None
                 findings.append(
-                    ImageFinding(label=label, image_index=image_index, box=box, laterality=side)
+                    ImageFinding(
+                        label=label, image_index=image_index, box=label_box, laterality=side
+                    )
                 )
         if not findings and Label.NO_FINDING in present:
             findings.append(ImageFinding(label=Label.NO_FINDING, image_index=image_index))
