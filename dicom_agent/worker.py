@@ -51,7 +51,7 @@ from dicom_agent.pixels import (
     to_display,
     to_model_input,
 )
-from dicom_agent.routing import route_study
+from dicom_agent.routing import ProfileRoutes, route_study
 from dicom_agent.scheduler import retry_delay, study_dir
 from dicom_agent.state import JobRow, JobState, StateDB
 
@@ -186,15 +186,12 @@ class Models:
                 s.profile for s in self._status.values()
                 if s.state == "unavailable" and s.next_retry_at is not None and now >= s.next_retry_at
             ]
-        return any(self._load(p) is not None for p in due)
+        loaded = [self._load(p) for p in due]  # every due profile, not just the first
+        return any(a is not None for a in loaded)
 
     def status(self) -> dict[str, dict[str, Any]]:
         with self._lock:
             return {name: s.as_dict() for name, s in self._status.items()}
-
-    def is_ready(self, profile: str) -> bool:
-        with self._lock:
-            return profile in self._auditors
 
     def close(self) -> None:
         with self._lock:
@@ -296,6 +293,9 @@ class Worker:
         while not self._stop.is_set():
             try:
                 if not self._model_ready():
+                    if pending is not None:  # a prefetched batch waits with the others
+                        self._park(pending.result(), self.settings.grounding.profile)
+                        pending = None
                     self._stop.wait(self._idle_seconds)
                     continue
                 if pending is None:
@@ -371,19 +371,20 @@ class Worker:
     # -- stage 1: prepare (decode pool) -----------------------------------------------------
 
     def _prepare_all(self, jobs: list[JobRow]) -> list[Prepared]:
-        return [self._prepare(job) for job in jobs]
+        routes = self._profile_routes()  # profiles are re-read once per batch, not per job
+        return [self._prepare(job, routes) for job in jobs]
 
-    def _prepare(self, job: JobRow) -> Prepared:
+    def _prepare(self, job: JobRow, routes: dict[str, ProfileRoutes]) -> Prepared:
         prep = Prepared(job=job, started=time.monotonic())
         t0 = time.perf_counter()
         try:
-            self._prepare_into(prep)
+            self._prepare_into(prep, routes)
         except Exception as exc:
             prep.error = exc
         prep.timings["decode"] = (time.perf_counter() - t0) * 1000
         return prep
 
-    def _prepare_into(self, prep: Prepared) -> None:
+    def _prepare_into(self, prep: Prepared, routes: dict[str, ProfileRoutes]) -> None:
         job, settings = prep.job, self.settings
         uid = job.study_instance_uid
         study = self.db.study(uid)
@@ -391,7 +392,7 @@ class Worker:
             self.db.instances_of_study(uid),
             settings.grounding.profile,
             xa_profile=settings.grounding.xa_profile,
-            profile_routes=self._profile_routes(),
+            profile_routes=routes,
         )
         prep.profile = route.profile or settings.grounding.profile
         # The job audits the study's draft as it is now; recording it here tells the
@@ -452,9 +453,9 @@ class Worker:
             result_version=job.result_version or 1,
         )
 
-    def _profile_routes(self) -> dict[str, Any]:
-        """Routing rules of the loaded profiles, so a profile can veto an instance."""
-        out: dict[str, Any] = {}
+    def _profile_routes(self) -> dict[str, ProfileRoutes]:
+        """Routing rules of the configured profiles, so a profile can veto an instance."""
+        out: dict[str, ProfileRoutes] = {}
         for name in (self.settings.grounding.profile, self.settings.grounding.xa_profile):
             if name:
                 try:
