@@ -392,7 +392,7 @@ TRIGGERS: tuple[tuple[str, Trig], ...] = (
         r"|not (?:definitely|clearly) (?:seen|excluded)|\bmay\b|\bpotential\b",
         Trig.PRE_HEDGE,
     ),
-    (r"versus|\bvs\b\.?|\?", Trig.BI_HEDGE),
+    (r"versus|\bvs\b\.?", Trig.BI_HEDGE),
     # negations that precede their finding
     (
         r"no evidence of|no radiographic evidence of|no signs? of|negative for|free of"
@@ -402,12 +402,17 @@ TRIGGERS: tuple[tuple[str, Trig], ...] = (
     ),
     # scope terminators
     (
-        r";|\bbut\b|however|although|\bthough\b|except|apart from|aside from|other than"
-        r"|with the exception of|whereas|\bwhile\b|\byet\b|\s-{1,2}\s"
+        r"\bbut\b|however|although|\bthough\b|except|apart from|aside from|other than"
+        r"|with the exception of|whereas|\bwhile\b|\byet\b"
         r"|\b(?:and|with) (?=(?:small|moderate|large|mild|trace|tiny|minimal|new|increased"
         r"|persistent|stable|unchanged|there|the|an?|now|interval)\b)",
         Trig.TERMINATOR,
     ),
+)
+#: Triggers that are punctuation, not words ("? pneumonia", "no effusion; small ptx").
+PUNCT_TRIGGERS: tuple[tuple[str, Trig], ...] = (
+    (r"\?", Trig.BI_HEDGE),
+    (r";|\s-{1,2}\s", Trig.TERMINATOR),
 )
 
 #: Words that open a new assertion when they follow a comma inside a negation or hedge scope.
@@ -462,11 +467,19 @@ LATERALITY_RE = re.compile(
 )
 
 
-def _alternation(entries: tuple[str, ...]) -> re.Pattern[str]:
-    return re.compile("|".join(f"(?P<g{i}>{p})" for i, p in enumerate(entries)))
+def _groups(patterns: list[str], prefix: str) -> str:
+    return "|".join(f"(?P<{prefix}{i}>{p})" for i, p in enumerate(patterns))
 
 
-PHRASE_RE = _alternation(tuple(e.pattern for e in PHRASES))
-TERM_RE = _alternation(tuple(r"\b(?:" + e.pattern + r")\b" for e in TERMS))
-TRIGGER_RE = re.compile("|".join(f"(?P<t{i}>{rx(p)})" for i, (p, _) in enumerate(TRIGGERS)))
-TRIGGER_KINDS = {f"t{i}": kind for i, (_, kind) in enumerate(TRIGGERS)}
+# One word-start test in front of the whole alternation rather than a \b per alternative: the
+# engine gives up on a position inside or at the end of a word once, not once per alternative
+# (about six times faster than per-alternative word boundaries).
+_WORD_START = r"(?<!\w)(?=[a-z])"
+PHRASE_RE = re.compile(_WORD_START + "(?:" + _groups([e.pattern for e in PHRASES], "g") + ")")
+TERM_RE = re.compile(_WORD_START + "(?:" + _groups([e.pattern for e in TERMS], "g") + r")\b")
+_ALL_TRIGGERS = TRIGGERS + PUNCT_TRIGGERS
+TRIGGER_RE = re.compile(
+    _WORD_START + "(?:" + _groups([rx(p) for p, _ in TRIGGERS], "t") + ")|"
+    + "|".join(f"(?P<t{len(TRIGGERS) + i}>{p})" for i, (p, _) in enumerate(PUNCT_TRIGGERS))
+)
+TRIGGER_KINDS = {f"t{i}": kind for i, (_, kind) in enumerate(_ALL_TRIGGERS)}

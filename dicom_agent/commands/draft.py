@@ -16,7 +16,6 @@ import sys
 from pathlib import Path
 from typing import Annotated, Any
 
-import click
 import typer
 
 from cxr_auditor.drafts import get_parser
@@ -34,7 +33,7 @@ STDIN = "-"
 def _read(source: str) -> str:
     """The text of FILE or stdin; undecodable bytes are replaced and reported."""
     if source == STDIN:
-        data = click.get_binary_stream("stdin").read()
+        data = sys.stdin.buffer.read()
         name = "stdin"
     else:
         path = Path(source)
