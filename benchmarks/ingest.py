@@ -106,13 +106,13 @@ def _stop(proc: subprocess.Popen[bytes]) -> None:
 
 
 @contextmanager
-def receiver(kind: str, work: Path) -> Iterator[tuple[int, str, Path]]:
+def receiver(kind: str, work: Path, workers: int = 1) -> Iterator[tuple[int, str, Path]]:
     """Start one receiver in its own process group; yields (port, called AE, storage dir)."""
     port = _free_port()
     store = work / "store"
     store.mkdir(parents=True)
     if kind == "ours":
-        cmd = [sys.executable, __file__, "--serve-ours", str(work), str(port)]
+        cmd = [sys.executable, __file__, "--serve-ours", str(work), str(port), str(workers)]
         aet, env = OUR_AET, os.environ
     elif kind == "storescp":
         # --fork: one process per association, as dcmtk recommends for concurrent senders.
@@ -174,7 +174,7 @@ def _count_received(kind: str, store: Path) -> int:
     return sum(1 for p in store.rglob(pattern) if p.is_file())
 
 
-def serve_ours(work: Path, port: int) -> None:
+def serve_ours(work: Path, port: int, workers: int) -> None:
     """Run our listener until SIGTERM (the benchmark's receiver process)."""
     import logging
     import threading
@@ -192,7 +192,7 @@ def serve_ours(work: Path, port: int) -> None:
             "state": work / "state.sqlite3",
             "quarantine": work / "quarantine",
         },
-        scp={"port": port, "min_free_bytes": 0},
+        scp={"port": port, "min_free_bytes": 0, "workers": workers},
     )
     settings.ensure_folders()
     db = StateDB(settings.paths.state)
@@ -236,10 +236,11 @@ def main() -> None:
     parser.add_argument("--parallel", type=int, default=4, help="associations of the 2nd run")
     parser.add_argument("--receivers", default="ours,storescp,orthanc")
     parser.add_argument("--workdir", type=Path, default=None, help="default: a temp folder")
-    parser.add_argument("--serve-ours", nargs=2, metavar=("WORKDIR", "PORT"), help=argparse.SUPPRESS)
+    parser.add_argument("--workers", type=int, default=1, help="our scp.workers")
+    parser.add_argument("--serve-ours", nargs=3, metavar=("WORKDIR", "PORT", "WORKERS"), help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.serve_ours:
-        serve_ours(Path(args.serve_ours[0]), int(args.serve_ours[1]))
+        serve_ours(Path(args.serve_ours[0]), int(args.serve_ours[1]), int(args.serve_ours[2]))
         return
     for binary in ("storescu", "echoscu", "storescp", "Orthanc"):
         if shutil.which(binary) is None:
@@ -251,12 +252,12 @@ def main() -> None:
         total = sum(p.stat().st_size for p in files)
         print(f"machine: {machine()}")
         print(f"versions: {versions()}")
-        print(f"{args.n} files, {total / args.n / 1e6:.1f} MB each\n")
+        print(f"{args.n} files, {total / args.n / 1e6:.1f} MB each, ours with scp.workers={args.workers}\n")
         runs: list[Run] = []
         for kind in args.receivers.split(","):
             for assocs in sorted({1, args.parallel}):
                 work = base / f"{kind}-{assocs}"
-                with receiver(kind, work) as (port, aet, store):
+                with receiver(kind, work, args.workers) as (port, aet, store):
                     seconds = send(files, port, aet, assocs)
                     received = _count_received(kind, store)
                 runs.append(Run(kind, assocs, len(files), total, seconds, received))
