@@ -175,9 +175,14 @@ def test_pairing_cases_end_to_end(agent: AgentProcess, tmp_path: Path) -> None:
     events = [json.loads(line).get("event") for line in log.splitlines() if line.startswith("{")]
     assert {"draft.accepted", "draft.rejected", "draft.orphan", "study.settled", "study.reopened",
             "audit.done"} <= set(events)
+    metrics = agent.metrics()
+    assert 'cxr_agent_job_events_total{event="done"} 6.0' in metrics  # A1, A2, B, C1, C2, E
+    assert 'cxr_agent_drafts_total{outcome="rejected_bad_json"} 1.0' in metrics
+    assert SENTINEL_PATIENT_NAME not in metrics and "ACC-" not in metrics
     health = agent.healthz()
     assert health is not None and health["serving"] and health["model"]["state"] == "ready"
     assert agent.stop() == 0
+    assert agent.status()["agent"]["running"] is False
 
 
 def test_sigkill_with_jobs_in_flight_loses_nothing(agent: AgentProcess, tmp_path: Path) -> None:
