@@ -59,15 +59,18 @@ _WHITE = (255, 255, 255)
 _LEGEND_BG = (0, 0, 0, 170)
 
 
-def _flag_applies(flag: Flag, finding: ImageFinding) -> bool:
-    return flag.label is finding.label and (
-        not flag.image_indices or finding.image_index in flag.image_indices
-    )
+def flags_for(result: AuditResult, label: Label, image_index: int) -> list[Flag]:
+    """The flags about ``label`` that apply to image ``image_index`` (no indices = all images)."""
+    return [
+        f
+        for f in result.flags
+        if f.label is label and (not f.image_indices or image_index in f.image_indices)
+    ]
 
 
 def box_style(result: AuditResult, finding: ImageFinding) -> BoxStyle:
     """The style of ``finding``'s box: urgent, then missing, then draft-supported, else plain."""
-    kinds = {f.kind for f in result.flags if _flag_applies(f, finding)}
+    kinds = {f.kind for f in flags_for(result, finding.label, finding.image_index)}
     if FlagKind.URGENT in kinds:
         return BoxStyle.URGENT
     if FlagKind.MISSING in kinds:
@@ -89,7 +92,7 @@ def box_caption(result: AuditResult, finding: ImageFinding) -> str:
     }[style]
     caption = f"{SHORT_NAMES[finding.label]}: {verdict}"
     if style is BoxStyle.URGENT and any(
-        f.kind is FlagKind.MISSING for f in result.flags if _flag_applies(f, finding)
+        f.kind is FlagKind.MISSING for f in flags_for(result, finding.label, finding.image_index)
     ):
         caption += ", MISSING"
     if finding.confidence is not None:

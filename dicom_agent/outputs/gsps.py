@@ -29,6 +29,7 @@ from dicom_agent.outputs.sr import (
     box_polyline,
     contributing_equipment,
     device_uid,
+    referenced_frames,
 )
 
 CONTENT_LABEL = "AI_AUDIT_RSRCH"  # CS, 16 characters at most
@@ -47,12 +48,6 @@ def _layers() -> dict[BoxStyle, hd.pr.GraphicLayer]:
         )
         for order, style in enumerate(BoxStyle, start=1)
     }
-
-
-def _frame_number(ds: Dataset, frame: int | None) -> int | None:
-    if frame is None or int(ds.get("NumberOfFrames", 1) or 1) <= 1:
-        return None
-    return frame + 1
 
 
 def _voi(
@@ -95,8 +90,8 @@ def build_gsps(
     units; a MONOCHROME1 source gets an INVERSE presentation LUT so it displays like the picture.
     """
     layers = _layers()
-    frame = result.inputs.images[image_index].frame if image_index < len(result.inputs.images) else None
-    frame_number = _frame_number(source, frame)
+    frames = referenced_frames(result, image_index, source)
+    frame_number = frames[0] if frames else None
     annotations: list[hd.pr.GraphicAnnotation] = []
     by_style: dict[BoxStyle, tuple[list[hd.pr.GraphicObject], list[hd.pr.TextObject]]] = {}
     for finding in render.boxed_findings(result, image_index):

@@ -29,7 +29,15 @@ from highdicom.sr.templates import Template
 from pydicom.dataset import Dataset
 
 from cxr_auditor.labels import Label
-from cxr_auditor.schema import AuditResult, Flag, FlagKind, ImageFinding, Laterality
+from cxr_auditor.render import flags_for
+from cxr_auditor.schema import (
+    AuditResult,
+    Flag,
+    FlagKind,
+    GroundingState,
+    ImageFinding,
+    Laterality,
+)
 from dicom_agent.errors import OutputError
 from dicom_agent.outputs import codes
 from dicom_agent.outputs.uids import derive_uid
@@ -83,19 +91,12 @@ def library_entry_possible(ds: Dataset) -> bool:
     return bool(ds.get("PatientOrientation")) and bool(ds.get("ImagerPixelSpacing"))
 
 
-def _frame_numbers(result: AuditResult, index: int, ds: Dataset) -> list[int] | None:
+def referenced_frames(result: AuditResult, index: int, ds: Dataset) -> list[int] | None:
+    """Referenced Frame Number(s) of the audited frame of a multi-frame source, else None."""
     frame = result.inputs.images[index].frame if index < len(result.inputs.images) else None
     if frame is None or int(ds.get("NumberOfFrames", 1) or 1) <= 1:
         return None
     return [frame + 1]  # ImageRef.frame is 0-based; Referenced Frame Number is 1-based
-
-
-def _flags_for(result: AuditResult, label: Label, image_index: int) -> list[Flag]:
-    return [
-        f
-        for f in result.flags
-        if f.label is label and (not f.image_indices or image_index in f.image_indices)
-    ]
 
 
 def _flag_evaluations(flags: Sequence[Flag]) -> list[hd.sr.QualitativeEvaluation]:
@@ -191,7 +192,7 @@ class _Builder:
             source_image=hd.sr.SourceImageForRegion(
                 referenced_sop_class_uid=ds.SOPClassUID,
                 referenced_sop_instance_uid=ds.SOPInstanceUID,
-                referenced_frame_numbers=_frame_numbers(self.result, finding.image_index, ds),
+                referenced_frame_numbers=referenced_frames(self.result, finding.image_index, ds),
             ),
         )
         group = hd.sr.PlanarROIMeasurementsAndQualitativeEvaluations(
@@ -203,7 +204,7 @@ class _Builder:
             finding_sites=[_finding_site(finding)],
             measurements=_certainty(finding),
             qualitative_evaluations=_flag_evaluations(
-                _flags_for(self.result, finding.label, finding.image_index)
+                flags_for(self.result, finding.label, finding.image_index)
             ),
         )
         _append_text(group, codes.DRAFT_STATEMENT, _draft_spans(self.result, finding.label))
@@ -214,7 +215,7 @@ class _Builder:
             hd.sr.SourceImageForMeasurementGroup(
                 referenced_sop_class_uid=self.sources[i].SOPClassUID,
                 referenced_sop_instance_uid=self.sources[i].SOPInstanceUID,
-                referenced_frame_numbers=_frame_numbers(self.result, i, self.sources[i]),
+                referenced_frame_numbers=referenced_frames(self.result, i, self.sources[i]),
             )
             for i in sorted(set(indices))
             if i in self.sources
@@ -231,11 +232,26 @@ class _Builder:
             finding_sites=[_finding_site(finding)],
             measurements=_certainty(finding),
             qualitative_evaluations=_flag_evaluations(
-                _flags_for(self.result, finding.label, finding.image_index)
+                flags_for(self.result, finding.label, finding.image_index)
             ),
             source_images=self._source_images([finding.image_index]),
         )
         _append_text(group, codes.DRAFT_STATEMENT, _draft_spans(self.result, finding.label))
+        self.groups.append(group)
+
+    def add_not_analysed(self, index: int) -> None:
+        """TID 1501 without a finding: the algorithm ran on this image and produced nothing usable.
+
+        highdicom needs at least one measurement group, and an audit whose image analysis failed
+        must still say which images it concerned and that they are not normal.
+        """
+        state = self.result.grounding.state.value
+        group = hd.sr.MeasurementsAndQualitativeEvaluations(
+            tracking_identifier=self._tracking(f"Image analysis {state}"),
+            algorithm_id=self.algorithm,
+            source_images=self._source_images([index]),
+        )
+        _append_text(group, codes.COMMENT, [f"Image analysis {state}: no findings computed"])
         self.groups.append(group)
 
     def add_unsupported(self, flag: Flag) -> None:
@@ -313,6 +329,9 @@ def build_report_content(result: AuditResult, sources: dict[int, Dataset], sop_u
             builder.add_image_level(finding)
     for flag in result.flags_of(FlagKind.UNSUPPORTED):
         builder.add_unsupported(flag)
+    if result.grounding.state is not GroundingState.OK:
+        for index in sorted(sources):
+            builder.add_not_analysed(index)
 
     library = [ds for _, ds in sorted(sources.items()) if library_entry_possible(ds)]
     if len(library) < len(sources):
@@ -328,9 +347,17 @@ def build_report_content(result: AuditResult, sources: dict[int, Dataset], sop_u
         imaging_measurements=builder.groups or None,
         referenced_images=library or None,
     )
-    report[0].ContentSequence.insert(
-        0, hd.sr.TextContentItem(codes.COMMENT, result.disclaimer, relationship_type="CONTAINS")
-    )
+    comments = [result.disclaimer]
+    if result.grounding.state is not GroundingState.OK:
+        # an empty report must not read as a normal study (CONTRACT.md: never reported as normal)
+        comments.append(
+            f"Image analysis {result.grounding.state.value}: no findings and no flags were "
+            "computed; this is not a normal study."
+        )
+    for position, text in enumerate(comments):
+        report[0].ContentSequence.insert(
+            position, hd.sr.TextContentItem(codes.COMMENT, text, relationship_type="CONTAINS")
+        )
     return report
 
 
@@ -347,7 +374,8 @@ def build_sr(
 
     ``sources`` maps image index to the source dataset (headers suffice). Patient and study
     identity come from that evidence. ``previous`` is the SR this one supersedes
-    (Predecessor Documents Sequence). Flags: UNVERIFIED, PRELIMINARY, COMPLETE.
+    (Predecessor Documents Sequence). Flags: UNVERIFIED, PRELIMINARY, and COMPLETE unless the
+    image analysis did not succeed (PARTIAL).
     """
     if not sources:
         raise OutputError("an SR needs at least one source image (sources is empty)")
@@ -363,7 +391,7 @@ def build_sr(
             sop_instance_uid=sop_instance_uid,
             instance_number=result.result_version,
             manufacturer=MANUFACTURER,
-            is_complete=True,
+            is_complete=result.grounding.state is GroundingState.OK,
             is_final=False,
             is_verified=False,
             previous_versions=[previous] if previous is not None else None,

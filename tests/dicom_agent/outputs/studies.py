@@ -189,3 +189,10 @@ def unsupported_result(study: Study) -> AuditResult:
         ],
         draft=[draft_finding(Label.PLEURAL_EFFUSION, DraftStatus.PRESENT, span)],
     )
+
+
+def failed_result(study: Study) -> AuditResult:
+    """Grounding failed: no findings, no flags, and nothing may read as a normal study."""
+    return result_for(study, [], [], mode=AuditMode.NO_FLAGS).model_copy(
+        update={"grounding": GroundingResult(state=GroundingState.FAILED, raw_text="{{{")}
+    )

@@ -14,9 +14,24 @@ from pydicom.dataset import Dataset
 
 from cxr_auditor.geometry import Geometry
 from cxr_auditor.labels import Label
-from cxr_auditor.schema import DISCLAIMER, AuditResult, Flag, FlagKind, PixelBox
+from cxr_auditor.schema import (
+    DISCLAIMER,
+    AuditMode,
+    AuditResult,
+    Flag,
+    FlagKind,
+    GroundingResult,
+    GroundingState,
+    PixelBox,
+)
 from dicom_agent.outputs import codes
-from dicom_agent.outputs.sr import MANUFACTURER, build_sr, library_entry_possible
+from dicom_agent.outputs.sr import (
+    MANUFACTURER,
+    build_report_content,
+    build_sr,
+    library_entry_possible,
+    referenced_frames,
+)
 from dicom_agent.outputs.uids import instance_uid, series_uid
 from dicom_agent.outputs.validate import dciodvfy_errors, dsrdump_tree, encode_validated
 from tests.dicom_agent.outputs.studies import (
@@ -207,6 +222,36 @@ class TestBuildSR:
         (site,) = group.finding_sites
         assert site.value.value == "3120008"
         assert site.laterality is not None and site.laterality.value == "7771000"
+
+    def test_failed_image_analysis_is_partial_and_says_it_is_not_normal(self, tmp_path: Path) -> None:
+        study = make_study(tmp_path)
+        failed = result_for(study, [], [], mode=AuditMode.NO_FLAGS).model_copy(
+            update={"grounding": GroundingResult(state=GroundingState.FAILED, raw_text="garbage")}
+        )
+        sr = _reread(_sr(study, failed))
+        assert sr.CompletionFlag == "PARTIAL"
+        comments = [i.TextValue for i in _named(sr, "Comment")]
+        assert comments[1].startswith("Image analysis failed")
+        assert "not a normal study" in comments[1]
+        (group,) = sr.content.get_image_measurement_groups()
+        assert group.finding_type is None
+        assert group.tracking_identifier.startswith("Image analysis failed")
+        assert group.source_images[0].referenced_sop_instance_uid == study.datasets[0].SOPInstanceUID
+        path = tmp_path / "sr.dcm"
+        sr.save_as(path)
+        assert dciodvfy_errors(path) == []
+
+    def test_multi_frame_source_references_the_audited_frame(self, tmp_path: Path) -> None:
+        study = make_study(tmp_path)
+        ds = study.datasets[0]
+        ds.NumberOfFrames = 3
+        result = findings_result(study)
+        images = [result.inputs.images[0].model_copy(update={"frame": 1})]
+        result = result.model_copy(update={"inputs": result.inputs.model_copy(update={"images": images})})
+        assert referenced_frames(result, 0, ds) == [2]
+        content = build_report_content(result, study.datasets, "2.25.9")
+        (ref,) = [i for i in _items(content[0]) if i.ValueType == "IMAGE" and "ReferencedFrameNumber" in i.ReferencedSOPSequence[0]][:1]
+        assert ref.ReferencedSOPSequence[0].ReferencedFrameNumber == 2
 
     def test_library_describes_images_with_full_headers(self, tmp_path: Path) -> None:
         study = make_study(tmp_path)

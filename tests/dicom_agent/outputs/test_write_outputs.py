@@ -19,6 +19,7 @@ from tests.builders import SENTINEL_PATIENT_ID, SENTINEL_PATIENT_NAME
 from tests.dicom_agent.outputs.studies import (
     DRAFT,
     Study,
+    failed_result,
     findings_result,
     make_study,
     no_finding_result,
@@ -27,11 +28,17 @@ from tests.dicom_agent.outputs.studies import (
 
 SCENARIOS: dict[str, Callable[[Study], AuditResult]] = {
     "findings": findings_result,
+    "grounding_failed": failed_result,
     "no_finding": no_finding_result,
     "unsupported": unsupported_result,
 }
 # Measurement groups each scenario must produce (boxes + image-level groups).
-EXPECTED_GROUPS = {"findings": (2, 1), "no_finding": (0, 1), "unsupported": (1, 1)}
+EXPECTED_GROUPS = {
+    "findings": (2, 1),
+    "grounding_failed": (0, 1),
+    "no_finding": (0, 1),
+    "unsupported": (1, 1),
+}
 
 
 def _write(study: Study, result: AuditResult, settings: AgentSettings, **kw: str) -> AuditResult:
