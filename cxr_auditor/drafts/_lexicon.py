@@ -56,7 +56,8 @@ ABSENT, PRESENT, UNCERTAIN = DraftStatus.ABSENT, DraftStatus.PRESENT, DraftStatu
 # Subjects of heart-size statements. "cardiothoracic ratio" only takes "increased".
 _HEART = (
     r"(?:heart(?:\s+size)?|cardiac\s+(?:silhouette|size|shadow|contours?)"
-    r"|cardiomediastinal\s+(?:silhouette|contours?|shadow|size)|size\s+of\s+the\s+heart"
+    r"|cardiomediastinal(?:\s+and\s+hilar)?\s+(?:silhouettes?|contours?|shadow|size)"
+    r"|size\s+of\s+the\s+heart"
     r"|cardiothoracic\s+ratio)"
 )
 # Up to six words between subject and verdict that do not change the verdict ("and mediastinum
@@ -65,7 +66,7 @@ _GAP_NORMAL = (
     r"(?:[\s,:/]+(?!not\b|enlarg|large|border|upper|top\b|high\b|mild|moder|sever|increas"
     r"|but\b|although\b|however\b|though\b|except\b)[a-z-]+){0,6}?[\s,:/]+"
 )
-_GAP_ENLARGED = r"(?:\s+(?!not\b|normal\b|but\b|border|upper\b|top\b)[a-z/-]+){0,4}?\s+"
+_GAP_ENLARGED = r"(?:\s+(?!not\b|normal\b|border|upper\b|top\b)[a-z/-]+){0,6}?\s+"
 
 # Phrases with a status of their own; matched before the single terms.
 PHRASES: tuple[Entry, ...] = (
@@ -375,10 +376,16 @@ TRIGGERS: tuple[tuple[str, Trig], ...] = (
         Trig.POST_HEDGE,
     ),
     (
-        r"(?:likely|probably|possibly|may (?:represent|be)|could (?:represent|be)|representing"
-        r"|(?:most )?consistent with|favou?r(?:ed|ing)?) (?:an? |the )?(?:nipple shadows?"
-        r"|overlapping|overlap|summation|skin folds?|artifact|artefact|vascular shadows?"
-        r"|end-on vessels?)",
+        r"(?:(?:most )?likely |probably |possibly )?(?:represents?|representing|reflects?"
+        r"|(?:may|could|might) (?:represent|reflect|be)|due to|(?:most )?consistent with"
+        r"|favou?r(?:ed|ing)?|likely|probably|possibly) (?:an? |the )?(?:nipple shadows?"
+        r"|overlapping|overlap|overlying|summation|skin folds?|artifact|artefact"
+        r"|vascular shadows?|end-on vessels?|(?:breast|soft) tissues?|external objects?)",
+        Trig.POST_HEDGE,
+    ),
+    (
+        r"(?:(?:is|are) )?(?:not (?:well|clearly|definitely)|poorly|less well) (?:seen|visualized"
+        r"|visualised|demonstrated|evaluated|identified)",
         Trig.POST_HEDGE,
     ),
     # hedges that precede their finding
@@ -389,7 +396,7 @@ TRIGGERS: tuple[tuple[str, Trig], ...] = (
         r"|relate to|correspond to|also represent|be due to)|differential (?:diagnosis )?"
         r"(?:includes?|considerations? includes?|would include)|equivocal|suggestive of"
         r"|suggest(?:s|ing)?|presum(?:ed|ably)|cannot be distinguished from|indistinguishable from"
-        r"|not (?:definitely|clearly) (?:seen|excluded)|\bmay\b|\bpotential\b",
+        r"|\bmay\b|\bpotential\b",
         Trig.PRE_HEDGE,
     ),
     (r"versus|\bvs\b\.?", Trig.BI_HEDGE),
