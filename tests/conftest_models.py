@@ -100,11 +100,12 @@ def write_profiles(tmp_path: Path) -> Callable[..., Path]:
     return write
 
 
-def tiny_profile(name: str, model: Path, **fields: Any) -> dict[str, Any]:
-    """A transformers profile on a tiny CPU model in float32, derived from a shipped one."""
+def tiny_profile(shipped: str, model: Path, **fields: Any) -> dict[str, Any]:
+    """The shipped profile ``shipped`` pointed at a tiny model on the CPU in float32; ``fields``
+    override any key (``name=`` to save it under another name)."""
     from cxr_auditor.profiles import get_profile
 
-    base = get_profile(name).model_dump(mode="json", exclude_none=True)
+    base = get_profile(shipped).model_dump(mode="json", exclude_none=True)
     base.update(model=str(model), dtype="float32", device="cpu", revision=None)
     base.update(fields)
     return {k: v for k, v in base.items() if v is not None}

@@ -1,0 +1,172 @@
+"""Tests of ``cxr-agent audit`` and ``cxr-agent doctor`` through typer's CliRunner."""
+
+# The tiny-model fixtures are imported below; test parameters of the same name are how pytest
+# injects them, which ruff reads as redefinitions.
+# ruff: noqa: F811
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any
+
+import pytest
+from typer.testing import CliRunner
+
+from dicom_agent.cli import app
+from tests import tinymodels as tm
+from tests.builders import SENTINEL_PATIENT_NAME, make_cxr, save
+from tests.conftest_models import (  # noqa: F401 - fixtures
+    tiny_gemma,
+    tiny_profile,
+    tiny_root,
+    trained_gemma,
+    write_profiles,
+    zero_lora_adapter,
+)
+
+runner = CliRunner()
+
+
+@pytest.fixture(autouse=True)
+def _isolated(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Relative default folders land in tmp_path; no site settings leak in."""
+    monkeypatch.chdir(tmp_path)
+    for key in ("CXR_AGENT_CONFIG", "CXR_AGENT__PATHS__PROFILES", "CXR_AGENT__GROUNDING__PROFILE"):
+        monkeypatch.delenv(key, raising=False)
+
+
+def _png(folder: Path, value: int, name: str) -> Path:
+    path = folder / name
+    tm.solid_image(value).save(path)
+    return path
+
+
+def _audit(*args: str) -> dict[str, Any]:
+    result = runner.invoke(app, ["audit", *args])
+    assert result.exit_code == 0, result.output
+    return json.loads(result.stdout)
+
+
+class TestAudit:
+    def test_dicom_file_with_fake_profile_prints_audit_result(self, tmp_path: Path) -> None:
+        ds = make_cxr(rows=256, cols=200)
+        path = save(ds, tmp_path / "cxr.dcm")
+        out = _audit(str(path), "--profile", "fake", "--draft", "Large right pneumothorax.")
+        assert out["inputs"]["images"][0]["sop_instance_uid"] == ds.SOPInstanceUID
+        assert (out["inputs"]["images"][0]["width"], out["inputs"]["images"][0]["height"]) == (200, 256)
+        assert out["grounding"]["state"] == "ok"
+        # The phantom is bright: the fake grounder's bright answer (pneumothorax + effusion).
+        assert [f["label"] for f in out["grounding"]["findings"]] == ["pneumothorax", "pleural_effusion"]
+        assert out["draft"]["state"] == "parsed" and out["models"][0]["profile"] == "fake"
+        flags = {(f["kind"], f["label"]) for f in out["flags"]}
+        assert {("missing", "pleural_effusion"), ("urgent", "pneumothorax")} <= flags
+        assert "RESEARCH" in out["disclaimer"] and SENTINEL_PATIENT_NAME not in json.dumps(out)
+
+    def test_draft_file_is_hashed_and_named(self, tmp_path: Path) -> None:
+        draft = tmp_path / "draft.txt"
+        draft.write_text("No acute cardiopulmonary abnormality.\n")
+        out = _audit(str(_png(tmp_path, 0, "a.png")), "--profile", "fake", "--draft-file", str(draft))
+        assert out["inputs"]["draft_file"] == "draft.txt"
+        assert len(out["inputs"]["draft_sha256"]) == 64 and out["mode"] == "full"
+
+    def test_unknown_profile_lists_known_ones(self, tmp_path: Path) -> None:
+        result = runner.invoke(app, ["audit", str(_png(tmp_path, 0, "a.png")), "--profile", "nope"])
+        assert result.exit_code == 2
+        assert "unknown profile 'nope'" in result.stderr and "cxr-auditor-v2" in result.stderr
+
+    def test_draft_and_draft_file_together_are_refused(self, tmp_path: Path) -> None:
+        png = str(_png(tmp_path, 0, "a.png"))
+        result = runner.invoke(app, ["audit", png, "--draft", "x", "--draft-file", png])
+        assert result.exit_code == 2 and "not both" in result.stderr
+
+    def test_file_that_is_no_image_is_refused(self, tmp_path: Path) -> None:
+        junk = tmp_path / "junk.bin"
+        junk.write_bytes(b"\x00" * 300)
+        result = runner.invoke(app, ["audit", str(junk), "--profile", "fake"])
+        assert result.exit_code == 2 and "neither DICOM nor a readable picture" in result.stderr
+
+    def test_model_that_cannot_load_is_one_line(self, tmp_path: Path, write_profiles: Any, monkeypatch: pytest.MonkeyPatch) -> None:
+        site = write_profiles(tiny_profile("cxr-auditor-v2", tmp_path / "no-such-model", name="broken"))
+        monkeypatch.setenv("CXR_AGENT__PATHS__PROFILES", str(site))
+        result = runner.invoke(app, ["audit", str(_png(tmp_path, 0, "a.png")), "--profile", "broken"])
+        assert result.exit_code == 2
+        assert "profile 'broken': cannot load model" in result.stderr and "Traceback" not in result.output
+
+    @pytest.mark.slow
+    def test_trained_tiny_grounder_end_to_end(
+        self, tmp_path: Path, trained_gemma: Path, write_profiles: Any, monkeypatch: pytest.MonkeyPatch
+    ) -> None:
+        site = write_profiles(
+            tiny_profile("cxr-auditor-v2", trained_gemma, name="tiny-v2", prompt="explain_my_xray")
+        )
+        monkeypatch.setenv("CXR_AGENT__PATHS__PROFILES", str(site))
+        white, black = _png(tmp_path, 255, "white.png"), _png(tmp_path, 0, "black.png")
+        out = _audit(str(white), str(black), "--profile", "tiny-v2", "--draft", "No pneumothorax.")
+        findings = out["grounding"]["findings"]
+        assert [(f["label"], f["image_index"]) for f in findings] == [("pneumothorax", 0)]
+        assert findings[0]["box"] == pytest.approx({"y0": 0.1, "x0": 0.6, "y1": 0.5, "x1": 0.9})
+        assert findings[0]["pixel_box"] == pytest.approx({"x0": 38.4, "y0": 6.4, "x1": 57.6, "y1": 32.0})
+        kinds = {(f["kind"], f.get("denied"), f.get("missed")) for f in out["flags"]}
+        assert ("missing", True, None) in kinds and ("urgent", None, True) in kinds
+        assert out["models"][0]["model_id"] == str(trained_gemma)
+
+    @pytest.mark.slow
+    def test_dsa_profile_fills_classification(
+        self, tmp_path: Path, trained_gemma: Path, write_profiles: Any, monkeypatch: pytest.MonkeyPatch
+    ) -> None:
+        site = write_profiles(tiny_profile("dsa-patency", trained_gemma, name="tiny-dsa", adapter=None))
+        monkeypatch.setenv("CXR_AGENT__PATHS__PROFILES", str(site))
+        out = _audit(str(_png(tmp_path, 255, "run.png")), "--profile", "tiny-dsa")
+        assert out["classification"]["label"] == "blocked" and out["classification"]["urgent"] is True
+        assert out["classification"]["images"][0]["raw_text"] == "The vessel is occluded."
+        assert out["grounding"]["state"] == "skipped" and out["flags"] == []
+
+
+class TestDoctor:
+    def test_configured_profiles_and_checks_one_line_each(self) -> None:
+        result = runner.invoke(app, ["doctor"])
+        lines = result.stdout.splitlines()
+        assert any(line.startswith("ok   dependency pydicom") for line in lines)
+        assert any("folder paths.spool" in line for line in lines)
+        assert any(line.startswith("ok   profile rules (draft_parsing, rules)") for line in lines)
+        (v2,) = [line for line in lines if "profile cxr-auditor-v2 " in line]
+        assert v2.startswith(("ok", "warn")) and "alex-feeel/medgemma-cxr-auditor-v2" in v2
+
+    def test_missing_local_model_fails_with_reason(
+        self, tmp_path: Path, write_profiles: Any, monkeypatch: pytest.MonkeyPatch
+    ) -> None:
+        site = write_profiles(tiny_profile("cxr-auditor-v2", tmp_path / "gone", name="broken"))
+        monkeypatch.setenv("CXR_AGENT__PATHS__PROFILES", str(site))
+        monkeypatch.setenv("CXR_AGENT__GROUNDING__PROFILE", "broken")
+        result = runner.invoke(app, ["doctor"])
+        assert result.exit_code == 1
+        assert f"FAIL profile broken (grounding, transformers): folder {tmp_path / 'gone'} does not exist" in result.stdout
+
+    def test_load_refuses_a_no_op_adapter(
+        self, tiny_gemma: Path, zero_lora_adapter: Path, write_profiles: Any, monkeypatch: pytest.MonkeyPatch
+    ) -> None:
+        site = write_profiles(
+            tiny_profile("cxr-auditor-v2", tiny_gemma, name="tiny-ok"),
+            tiny_profile("cxr-auditor-v2-adapter", tiny_gemma, name="tiny-noop", adapter=str(zero_lora_adapter)),
+        )
+        monkeypatch.setenv("CXR_AGENT__PATHS__PROFILES", str(site))
+        result = runner.invoke(app, ["doctor", "--all", "--load"])
+        lines = result.stdout.splitlines()
+        (ok,) = [line for line in lines if "profile tiny-ok " in line]
+        (noop,) = [line for line in lines if "profile tiny-noop " in line]
+        assert ok.startswith("ok") and "loaded on cpu" in ok
+        assert noop.startswith("FAIL") and "did not change the base weights" in noop
+        assert result.exit_code == 1
+
+    def test_unreachable_openai_server_fails(self, tmp_path: Path, write_profiles: Any, monkeypatch: pytest.MonkeyPatch) -> None:
+        from tests.conftest import free_port
+
+        site = write_profiles(
+            {"name": "remote", "task": "grounding", "backend": "openai", "model": "m",
+             "base_url": f"http://127.0.0.1:{free_port()}/v1"}
+        )
+        monkeypatch.setenv("CXR_AGENT__PATHS__PROFILES", str(site))
+        monkeypatch.setenv("CXR_AGENT__GROUNDING__PROFILE", "remote")
+        result = runner.invoke(app, ["doctor"])
+        assert result.exit_code == 1 and "unreachable (ConnectError)" in result.stdout
