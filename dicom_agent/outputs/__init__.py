@@ -76,14 +76,19 @@ class _Writer:
         name = object_file_name(kind)
         try:
             ds = build()
+        except OutputError as exc:
+            self._fail(name, exc, None)
+            return
+        try:
             data = encode_validated(ds)
         except OutputError as exc:
-            self._fail(name, exc)
+            self._fail(name, exc, ds)
             return
         atomic_write_bytes(self.folder / name, data)
         self.outputs[kind] = str(ds.SOPInstanceUID)
 
-    def _fail(self, name: str, exc: OutputError) -> None:
+    def _fail(self, name: str, exc: OutputError, ds: Dataset | None) -> None:
+        """Keep the reason (and the object, when it was built) in ``failed/`` for inspection."""
         # Only the kind and version go to the log; the reason (which may quote values) goes to
         # the reason file beside the other outputs.
         logger.warning(
@@ -92,8 +97,17 @@ class _Writer:
             self.result.result_version,
             FAILED_DIR,
         )
-        reason = self.study_dir / FAILED_DIR / f"v{self.result.result_version}-{name}.reason.txt"
-        atomic_write_text(reason, f"{exc}\n")
+        stem = self.study_dir / FAILED_DIR / f"v{self.result.result_version}-{name}"
+        atomic_write_text(stem.with_name(stem.name + ".reason.txt"), f"{exc}\n")
+        if ds is None:
+            return
+        buffer = BytesIO()
+        try:
+            # no file-format enforcement: the object is kept as built, invalid parts included
+            ds.save_as(buffer)
+        except (ValueError, TypeError, AttributeError, OverflowError):
+            return  # it cannot even be encoded; the reason file says why
+        atomic_write_bytes(stem, buffer.getvalue())
 
 
 def write_outputs(

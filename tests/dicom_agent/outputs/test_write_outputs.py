@@ -13,7 +13,7 @@ import pytest
 from cxr_auditor.schema import AuditResult
 from dicom_agent.config import AgentSettings
 from dicom_agent.errors import OutputError
-from dicom_agent.outputs import objects_to_send, read_result, write_outputs
+from dicom_agent.outputs import objects_to_send, read_result, validate, write_outputs
 from dicom_agent.outputs.validate import dciodvfy_errors, dsrdump_tree
 from tests.builders import SENTINEL_PATIENT_ID, SENTINEL_PATIENT_NAME
 from tests.dicom_agent.outputs.studies import (
@@ -157,6 +157,26 @@ class TestWriteOutputs:
         assert "synthetic failure" in reason.read_text()
         assert not (study.study_dir / "v1" / "sc-0.dcm").exists()
         assert [p.name for p in objects_to_send(study.study_dir, result)] == ["sr.dcm", "gsps-0.dcm"]
+
+    def test_object_failing_validation_is_kept_in_failed_with_reason(
+        self, tmp_path: Path, settings: AgentSettings, monkeypatch: pytest.MonkeyPatch
+    ) -> None:
+        real = validate.encode_validated
+
+        def refuse_gsps(ds: pydicom.Dataset) -> bytes:
+            if ds.Modality == "PR":
+                raise OutputError("SeriesInstanceUID missing or changed after the round trip")
+            return real(ds)
+
+        monkeypatch.setattr("dicom_agent.outputs.encode_validated", refuse_gsps)
+        study = make_study(tmp_path)
+        result = _write(study, findings_result(study), settings)
+
+        assert set(result.outputs) == {"sr", "sc:0"}
+        failed = study.study_dir / "failed"
+        assert sorted(p.name for p in failed.iterdir()) == ["v1-gsps-0.dcm", "v1-gsps-0.dcm.reason.txt"]
+        assert pydicom.dcmread(failed / "v1-gsps-0.dcm").Modality == "PR"
+        assert "round trip" in (failed / "v1-gsps-0.dcm.reason.txt").read_text()
 
     def test_disabled_outputs_are_not_written(self, tmp_path: Path, settings: AgentSettings) -> None:
         settings.outputs.gsps = False
