@@ -23,6 +23,7 @@ from typing import Any
 from dicom_agent import spool
 from dicom_agent.config import AgentSettings
 from dicom_agent.drafts import DraftReader
+from dicom_agent.errors import ConfigError
 from dicom_agent.observe import (
     Event,
     HealthServer,
@@ -83,14 +84,22 @@ class Agent:
             "state reconciled: %d spool rows rebuilt, %d running jobs requeued", rebuilt, requeued,
             extra=event(event=Event.STATE_RECONCILED, count=rebuilt + requeued),
         )
-        self.listener = start_listener(self.settings, self.db, on_stored=self._on_stored)
+        scp, health = self.settings.scp, self.settings.health
+        try:
+            self.listener = start_listener(self.settings, self.db, on_stored=self._on_stored)
+        except OSError as exc:
+            raise ConfigError(f"scp.port: cannot listen on {scp.host}:{scp.port}: {exc.strerror}") from exc
         self.scheduler.start()
         self.worker.start()
-        if self.settings.health.enabled:
-            self.health = HealthServer(
-                self.settings.health.host, self.settings.health.port, self.snapshot,
-                self._render_metrics,
-            )
+        if health.enabled:
+            try:
+                self.health = HealthServer(
+                    health.host, health.port, self.snapshot, self._render_metrics
+                )
+            except OSError as exc:
+                raise ConfigError(
+                    f"health.port: cannot listen on {health.host}:{health.port}: {exc.strerror}"
+                ) from exc
             self.health.start()
         self.started_at = time.time()
         self.heartbeat()
@@ -125,7 +134,11 @@ class Agent:
 
         signal.signal(signal.SIGTERM, _on_signal)
         signal.signal(signal.SIGINT, _on_signal)
-        self.start()
+        try:
+            self.start()
+        except BaseException:
+            self.stop()  # whatever started must not keep the process alive
+            raise
         try:
             while not stop_requested.wait(0.5):
                 pass

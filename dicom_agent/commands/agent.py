@@ -41,10 +41,9 @@ def serve(config: Path | None = _CONFIG) -> None:
     settings = _settings(config)
     setup_logging(settings.logging)
     try:
-        agent = Agent(settings)
-    except ConfigError as exc:
+        Agent(settings).run_forever()
+    except ConfigError as exc:  # folders that cannot be created, ports that are taken
         fail(str(exc))
-    agent.run_forever()
 
 
 def _read_heartbeat(settings: AgentSettings) -> dict[str, Any] | None:

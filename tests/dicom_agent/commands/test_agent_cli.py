@@ -3,8 +3,11 @@
 from __future__ import annotations
 
 import json
+import logging
 import os
+import socket
 import time
+from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
@@ -59,6 +62,16 @@ def seed(db: StateDB) -> int:
     return dead.id
 
 
+@pytest.fixture
+def restore_logging() -> Iterator[None]:
+    """``serve`` configures the root logger; put pytest's back afterwards."""
+    root = logging.getLogger()
+    handlers, level = list(root.handlers), root.level
+    yield
+    root.handlers[:] = handlers
+    root.setLevel(level)
+
+
 class TestServe:
     def test_bad_config_prints_one_line_per_key_and_exits_2(self, tmp_path: Path) -> None:
         bad = tmp_path / "bad.yaml"
@@ -70,6 +83,21 @@ class TestServe:
         assert any("scp.port" in ln for ln in lines) and any("scp.ae_title" in ln for ln in lines)
         assert any("bogus" in ln for ln in lines)
         assert "Traceback" not in result.output
+
+
+    @pytest.mark.usefixtures("restore_logging")
+    def test_port_in_use_is_one_line_and_exit_2(self, config: Path) -> None:
+        with socket.socket() as taken:
+            taken.bind(("127.0.0.1", 0))
+            taken.listen()
+            port = taken.getsockname()[1]
+            data = yaml.safe_load(config.read_text())
+            data["scp"] = {"port": port}
+            data["health"] = {"enabled": False}
+            config.write_text(yaml.safe_dump(data))
+            result = runner.invoke(app, ["serve", "--config", str(config)])
+        assert result.exit_code == 2
+        assert f"error: scp.port: cannot listen on 127.0.0.1:{port}" in result.output
 
 
 class TestStatus:
