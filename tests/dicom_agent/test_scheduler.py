@@ -212,3 +212,25 @@ class TestSchedulerJobs:
         (job,) = sched.tick()
         assert job.draft_id == db.current_draft("1.20").id  # type: ignore[union-attr]
         assert not sched.running
+
+    def test_forward_outbox_is_drained_only_when_enabled(
+        self, settings: AgentSettings, monkeypatch: pytest.MonkeyPatch,
+        caplog: pytest.LogCaptureFixture,
+    ) -> None:
+        from dicom_agent import forward
+        from dicom_agent.drafts import DraftReader
+        from dicom_agent.scheduler import Scheduler
+
+        db = StateDB(settings.paths.state)
+        off = Scheduler(settings, db, DraftReader(settings, db))
+        assert off._sched.get_job("forward") is None
+        on_settings = settings.model_copy(
+            update={"forward": settings.forward.model_copy(update={"enabled": True})})
+        calls: list[float] = []
+        monkeypatch.setattr(forward, "drain_outbox", lambda db, s, now: calls.append(now) or 2)
+        on = Scheduler(on_settings, db, DraftReader(on_settings, db), clock=lambda: 42.0)
+        assert on._sched.get_job("forward") is not None
+        with caplog.at_level(logging.INFO):
+            on.drain_forward()
+        assert calls == [42.0]
+        assert [r.event for r in caplog.records] == ["sr.forwarded"]  # type: ignore[attr-defined]

@@ -16,7 +16,7 @@ from cxr_auditor.grounding.fake import FakeGrounder
 from cxr_auditor.pipeline import Auditor
 from dicom_agent.config import AgentSettings
 from dicom_agent.scheduler import Reason, queue_audit
-from dicom_agent.state import JobState, StateDB, StudyState
+from dicom_agent.state import JobKind, JobState, StateDB, StudyState
 from dicom_agent.worker import Models, Worker
 from tests.builders import SENTINEL_PATIENT_NAME, make_cxr, save
 
@@ -274,3 +274,24 @@ def test_stop_puts_claimed_jobs_that_did_not_run_back_in_the_queue(
     worker.stop()
     job = db.job(job_id)
     assert job is not None and job.state == "queued" and job.next_attempt_at == clock.now
+
+
+def test_finished_audit_queues_its_dicom_objects_for_research_destinations(
+    settings: AgentSettings, db: StateDB, clock: Clock
+) -> None:
+    s = settings.model_copy(update={"forward": settings.forward.model_validate({
+        "enabled": True,
+        "destinations": [{"name": "pacs", "ae_title": "PACS", "host": "127.0.0.1", "port": 104,
+                          "research": True}]})})
+    store(s, db, "1.2.12.1")
+    queue(db, "1.2.12.1", clock.now)
+    worker = make_worker(s, db, clock,
+                         lambda name: Auditor(FakeGrounder.from_rule("mean_brightness"), None))
+    worker.run_once()
+    worker.stop()
+    (fwd,) = db.jobs(kind=JobKind.FORWARD)
+    payload = json.loads(fwd.payload or "{}")
+    assert payload["destination"] == "pacs" and fwd.state == "queued"
+    names = [Path(p).name for p in payload["files"]]
+    assert names[0] == "sr.dcm" and "gsps-0.dcm" in names
+    assert all(Path(p).parent.name == "v1" for p in payload["files"])
