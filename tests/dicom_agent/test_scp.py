@@ -16,7 +16,13 @@ from typing import Any
 import pytest
 from pydicom import dcmread
 from pydicom.dataset import Dataset
-from pydicom.uid import ExplicitVRLittleEndian, ImplicitVRLittleEndian
+from pydicom.uid import (
+    UID,
+    DeflatedExplicitVRLittleEndian,
+    ExplicitVRBigEndian,
+    ExplicitVRLittleEndian,
+    ImplicitVRLittleEndian,
+)
 from pynetdicom import AE
 from pynetdicom.association import Association
 from pynetdicom.dimse_messages import C_STORE_RQ
@@ -138,7 +144,9 @@ def _echo(port: int) -> int:
 
 
 def _sent_bytes(ds: Dataset, syntax: str = ExplicitVRLittleEndian) -> bytes:
-    data = encode(ds, syntax == ImplicitVRLittleEndian, True)
+    """The data set bytes pynetdicom's SCU puts on the wire for ``syntax``."""
+    uid = UID(syntax)
+    data = encode(ds, uid.is_implicit_VR, uid.is_little_endian, uid.is_deflated)
     assert data is not None
     return data
 
@@ -174,7 +182,12 @@ class TestEcho:
 class TestStore:
     @pytest.mark.parametrize(
         ("modality", "syntax"),
-        [("DX", ExplicitVRLittleEndian), ("CR", ImplicitVRLittleEndian)],
+        [
+            ("DX", ExplicitVRLittleEndian),
+            ("CR", ImplicitVRLittleEndian),
+            ("DX", DeflatedExplicitVRLittleEndian),
+            ("CR", ExplicitVRBigEndian),
+        ],
     )
     def test_instance_lands_on_disk_as_sent_with_its_row(
         self, start: Callable[..., Harness], modality: str, syntax: str
@@ -182,6 +195,7 @@ class TestStore:
         stored: list[str] = []
         h = start(on_stored=stored.append)
         ds = make_cxr(rows=128, cols=128, modality=modality)
+        ds.file_meta.TransferSyntaxUID = syntax  # pynetdicom picks the context by it
         assert _store(h.listener.port, [ds], syntax) == [dc.STATUS_SUCCESS]
         path = h.spool / ds.StudyInstanceUID / ds.SeriesInstanceUID / f"{ds.SOPInstanceUID}.dcm"
         assert h.spool_files() == [path]
