@@ -347,6 +347,9 @@ TRIGGERS: tuple[tuple[str, Trig], ...] = (
     ),
     (r"(?:cannot|can not|can't|can’t|could not) (?:entirely |completely |definitely )?"
      r"(?:exclude|rule out)|not exclude", Trig.PRE_HEDGE),
+    # comparative likelihood: what follows "than" is the less likely option
+    (r"(?:more|less) likely than", Trig.PRE_HEDGE),
+    (r"(?:(?:is|are) )?(?:much )?less likely", Trig.POST_HEDGE),
     # indication / history: not a finding of this study
     (
         r"to (?:document|ensure|confirm|assess|evaluate|evaluate for|assess for|demonstrate) "

@@ -151,6 +151,20 @@ class TestHedging:
     def test_nipple_shadow_hedges_the_nodule(self) -> None:
         check("Nodule in the left lung base, likely a nipple shadow.", {N: u})
 
+    @pytest.mark.parametrize(
+        ("text", "expected"),
+        [
+            ("Hazy right basilar opacity likely represents overlying breast tissue.", {O: u}),
+            ("The previously described nodule is not well seen on this exam.", {N: u}),
+            ("Mild cardiomegaly, which may be accentuated by the AP technique.", {C: u}),
+            ("Pneumonia less likely.", {O: u}),
+            ("Atelectasis more likely than pneumonia.", {O: u}),
+            ("Large mass with postobstructive pneumonitis.", {N: p, O: p}),
+        ],
+    )
+    def test_withdrawn_or_weighed(self, text: str, expected: dict[str, str]) -> None:
+        check(text, expected)
+
 
 class TestHeartSize:
     @pytest.mark.parametrize(
@@ -174,6 +188,9 @@ class TestHeartSize:
             ("Borderline cardiomegaly.", u),
             ("The heart is top normal in size.", u),
             ("Heart size is borderline enlarged.", u),
+            ("Heart/mediastinum: Normal.", a),
+            ("Cardiomediastinal and hilar contours are unremarkable.", a),
+            ("Heart size is difficult to assess but appears enlarged.", p),
         ],
     )
     def test_heart(self, text: str, status: str) -> None:
