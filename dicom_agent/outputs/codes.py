@@ -42,7 +42,6 @@ FLAG_CODES: dict[FlagKind, CodedConcept] = {
 }
 
 # Standard structural and value codes (PS3.16; CID given where the code is taken from one).
-FINDING = CodedConcept("121071", "DCM", "Finding")
 FINDING_CATEGORY_ABNORMAL = CodedConcept("49755003", "SCT", "Morphologically Abnormal Structure")
 PRESENCE = CodedConcept("121052", "DCM", "Presence of property")
 ABSENT = CodedConcept("272519000", "SCT", "Absent")  # CID 240
@@ -54,7 +53,6 @@ HIGHLY_SIGNIFICANT = CodedConcept("371926006", "SCT", "Highly significant")  # C
 PROCEDURE_XR = CodedConcept("43468-8", "LN", "XR unspecified body region")  # CID 100
 DEVICE_OBSERVER = CodedConcept("121007", "DCM", "Device")
 PROCESSING_EQUIPMENT = CodedConcept("109102", "DCM", "Processing Equipment")  # CID 7005
-IMAGE_REGION = CodedConcept("111030", "DCM", "Image Region")
 
 FINDING_CODES: dict[Label, CodedConcept] = {
     Label.PLEURAL_EFFUSION: CodedConcept("60046008", "SCT", "Pleural effusion"),

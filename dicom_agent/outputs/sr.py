@@ -58,7 +58,7 @@ _LATERALITY: dict[Laterality, CodedConcept] = {  # CID 244
 
 
 def agent_version() -> str:
-    """The installed agent version, for SoftwareVersions and the algorithm identification."""
+    """The installed agent version, for SoftwareVersions of every object we write."""
     from importlib.metadata import PackageNotFoundError, version
 
     try:
@@ -68,9 +68,11 @@ def agent_version() -> str:
 
 
 def pixel_spacing_mm(ds: Dataset) -> tuple[float, float] | None:
-    """(row, column) spacing in mm from ImagerPixelSpacing or PixelSpacing; None when absent.
+    """(row, column) spacing in mm, PixelSpacing before ImagerPixelSpacing; None when absent.
 
-    Never guessed: without it a nodule cannot be told from a mass (see :func:`codes.finding_code`).
+    PixelSpacing is calibrated to the patient; ImagerPixelSpacing is at the detector, so a size
+    from it is slightly magnified (PS3.3 C.8.11.4). Never guessed: without either a nodule
+    cannot be told from a mass (see :func:`codes.finding_code`).
     """
     for keyword in ("PixelSpacing", "ImagerPixelSpacing"):
         value = ds.get(keyword)
