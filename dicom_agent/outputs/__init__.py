@@ -19,6 +19,7 @@ import numpy as np
 import pydicom
 from PIL import Image
 from pydicom.dataset import Dataset
+from pydicom.errors import InvalidDicomError
 
 from cxr_auditor.render import render_overlay
 from cxr_auditor.schema import AuditResult
@@ -49,7 +50,7 @@ def object_file_name(kind: str) -> str:
 def _read_header(path: Path) -> Dataset:
     try:
         return pydicom.dcmread(path, stop_before_pixels=True)
-    except (OSError, pydicom.errors.InvalidDicomError) as exc:
+    except (OSError, InvalidDicomError) as exc:
         raise OutputError(f"source instance {path.name} cannot be read") from exc
 
 

@@ -178,6 +178,13 @@ class TestWriteOutputs:
         assert pydicom.dcmread(failed / "v1-gsps-0.dcm").Modality == "PR"
         assert "round trip" in (failed / "v1-gsps-0.dcm.reason.txt").read_text()
 
+    def test_unreadable_source_is_an_output_error(self, tmp_path: Path, settings: AgentSettings) -> None:
+        study = make_study(tmp_path)
+        study.sources[0].write_bytes(b"not dicom")
+        with pytest.raises(OutputError, match="source instance 0.dcm cannot be read"):
+            _write(study, findings_result(study), settings)
+        assert not study.study_dir.exists()
+
     def test_disabled_outputs_are_not_written(self, tmp_path: Path, settings: AgentSettings) -> None:
         settings.outputs.gsps = False
         settings.outputs.secondary_capture = False
