@@ -30,14 +30,26 @@ from collections.abc import Callable
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, TypeVar
+from typing import Any, Protocol, TypeVar
 
+from cxr_auditor.classification import PatencyClassifier, summarize
+from cxr_auditor.comparator import COMPARATOR_VERSION
 from cxr_auditor.errors import ModelUnavailable
 from cxr_auditor.grounding import build_grounder
 from cxr_auditor.grounding.base import ImageInput
 from cxr_auditor.pipeline import AuditItem, Auditor
 from cxr_auditor.profiles import get_profile
-from cxr_auditor.schema import AuditResult, ImageRef, StudyKeys
+from cxr_auditor.schema import (
+    AuditMode,
+    AuditResult,
+    DraftResult,
+    DraftState,
+    GroundingResult,
+    GroundingState,
+    ImageRef,
+    Inputs,
+    StudyKeys,
+)
 from dicom_agent import forward
 from dicom_agent.config import AgentSettings
 from dicom_agent.observe import Event, Metrics, event, study_ref
@@ -59,19 +71,76 @@ log = logging.getLogger(__name__)
 
 _T = TypeVar("_T")
 
-#: Builds the auditor of one profile; raises ModelUnavailable / BackendError / ProfileError.
-AuditorFactory = Callable[[str], Auditor]
+class AuditRunner(Protocol):
+    """What the worker needs of a loaded profile: :class:`Auditor`, or
+    :class:`ClassificationAuditor` for a ``task: classification`` profile."""
+
+    def audit_batch(self, items: list[AuditItem]) -> list[AuditResult]: ...
+
+
+#: Builds the runner of one profile; raises ModelUnavailable / BackendError / ProfileError.
+AuditorFactory = Callable[[str], AuditRunner]
+
+
+class ClassificationAuditor:
+    """Audits with a classification profile (``dsa-patency`` on XA): one classifier call over
+    all images of the batch; the study-level answer goes to ``AuditResult.classification``.
+
+    There is no grounding and no draft comparison, so the mode is ``no_flags``; a blocked
+    vessel is URGENT inside ``classification`` (``urgent: true``).
+    """
+
+    def __init__(self, classifier: PatencyClassifier) -> None:
+        self.classifier = classifier
+
+    def audit_batch(self, items: list[AuditItem]) -> list[AuditResult]:
+        images = [image for item in items for image in item.images]
+        start = time.perf_counter()
+        answers = self.classifier.classify(images) if images else []
+        ms = round((time.perf_counter() - start) * 1000, 3)
+        out: list[AuditResult] = []
+        offset = 0
+        for item in items:
+            mine = answers[offset : offset + len(item.images)]
+            offset += len(item.images)
+            out.append(
+                AuditResult(
+                    study=item.study,
+                    result_version=item.result_version,
+                    inputs=Inputs(
+                        images=item.image_refs,
+                        skipped_images=item.skipped_images,
+                        draft_file=item.draft_file,
+                        draft_sha256=item.draft_sha256,
+                    ),
+                    models=[self.classifier.info],
+                    grounding=GroundingResult(
+                        state=GroundingState.SKIPPED, notes=["classification_profile"]
+                    ),
+                    draft=DraftResult(state=DraftState.NONE, notes=["classification_profile"]),
+                    mode=AuditMode.NO_FLAGS,
+                    comparator_version=COMPARATOR_VERSION,
+                    classification=summarize(self.classifier.profile.name, mine),
+                    timings={"classification": ms},
+                )
+            )
+        return out
+
+    def close(self) -> None:
+        self.classifier.close()
 
 
 def default_auditor_factory(settings: AgentSettings) -> AuditorFactory:
-    """Auditors built from the configured profiles (``paths.profiles`` first) and parser."""
+    """Runners built from the configured profiles (``paths.profiles`` first) and parser."""
 
-    def build(profile_name: str) -> Auditor:
+    def build(profile_name: str) -> AuditRunner:
+        profile = get_profile(profile_name, settings.paths.profiles)
+        if profile.task == "classification":
+            return ClassificationAuditor(PatencyClassifier(profile))
         # Imported here: a parser that cannot be built (missing extra, model-backed parser
         # without weights) makes the model unavailable instead of breaking start-up.
         from cxr_auditor.drafts import get_parser
 
-        profile = get_profile(profile_name, settings.paths.profiles)
         grounder = build_grounder(profile)
         parser = get_parser(settings.drafts.parser)
         return Auditor(grounder, parser, urgent=settings.audit.urgent_labels)
@@ -116,11 +185,11 @@ class Models:
         self._retry = retry_seconds
         self._metrics = metrics
         self._clock = clock
-        self._auditors: dict[str, Auditor] = {}
+        self._auditors: dict[str, AuditRunner] = {}
         self._status: dict[str, ModelStatus] = {}
         self._lock = threading.Lock()
 
-    def get(self, profile: str) -> Auditor | None:
+    def get(self, profile: str) -> AuditRunner | None:
         """The profile's auditor, loading it if due; None while it is unavailable."""
         with self._lock:
             if profile in self._auditors:
@@ -131,7 +200,7 @@ class Models:
                 return None
         return self._load(profile)
 
-    def _load(self, profile: str) -> Auditor | None:
+    def _load(self, profile: str) -> AuditRunner | None:
         now = self._clock()
         with self._lock:
             previous = self._status.get(profile)
@@ -206,9 +275,12 @@ class Models:
             self._metrics.model_available.set(1 if ready else 0)
 
 
-def _close(auditor: Auditor) -> None:
+def _close(runner: AuditRunner) -> None:
     try:
-        auditor.grounder.close()
+        if isinstance(runner, Auditor):
+            runner.grounder.close()
+        elif isinstance(runner, ClassificationAuditor):
+            runner.close()
     except Exception:
         log.warning("closing a grounder failed", exc_info=True)
 
@@ -405,7 +477,8 @@ class Worker:
         for row in route.selected:
             try:
                 ds = read_dataset(Path(row.path))
-                display = to_display(ds)
+                # a contrast run is judged on its fullest frame, a radiograph on its only one
+                display = to_display(ds, frame_rule="max_opacity" if row.modality == "XA" else "first")
                 model_image = to_model_input(display, settings.grounding.input_size)
             except Exception as exc:  # one bad image must not sink the study's other images
                 log.warning(
@@ -509,7 +582,7 @@ class Worker:
                 prep.timings["model"] = model_ms
                 self._writer.submit(self._finish, prep, result)
 
-    def _audit_one(self, auditor: Auditor, prep: Prepared) -> None:
+    def _audit_one(self, auditor: AuditRunner, prep: Prepared) -> None:
         t0 = time.perf_counter()
         item = prep.item
         assert item is not None

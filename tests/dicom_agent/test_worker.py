@@ -295,3 +295,58 @@ def test_finished_audit_queues_its_dicom_objects_for_research_destinations(
     names = [Path(p).name for p in payload["files"]]
     assert names[0] == "sr.dcm" and "gsps-0.dcm" in names
     assert all(Path(p).parent.name == "v1" for p in payload["files"])
+
+
+class _BlockedChat:
+    """A chat backend that says every vessel is blocked."""
+
+    def __init__(self) -> None:
+        self.batches: list[int] = []
+
+    def generate(self, requests, settings):  # type: ignore[no-untyped-def]
+        self.batches.append(len(requests))
+        return ["blocked"] * len(requests)
+
+    def close(self) -> None:
+        pass
+
+
+def test_xa_study_goes_to_the_classification_profile(
+    settings: AgentSettings, db: StateDB, clock: Clock
+) -> None:
+    from cxr_auditor.classification import PatencyClassifier
+    from cxr_auditor.profiles import parse_profile
+    from dicom_agent.worker import ClassificationAuditor
+    from tests.builders import make_xa_run
+
+    s = settings.model_copy(update={"grounding": settings.grounding.model_copy(
+        update={"xa_profile": "dsa-test"})})
+    ds = make_xa_run(rows=64, cols=64)
+    ds.StudyInstanceUID = "1.2.13.1"
+    path = save(ds, s.paths.spool / "xa.dcm")
+    db.record_instance(
+        sop_instance_uid=ds.SOPInstanceUID, study_instance_uid="1.2.13.1",
+        series_instance_uid=ds.SeriesInstanceUID, sop_class_uid=ds.SOPClassUID, modality="XA",
+        transfer_syntax_uid=None, view_position=None, body_part=None, accession_number=None,
+        path=str(path), sha256="x", size=1, now=0)
+    queue(db, "1.2.13.1", clock.now)
+    chat = _BlockedChat()
+    profile = parse_profile({"name": "dsa-test", "task": "classification", "backend": "fake"})
+    loaded: list[str] = []
+
+    def factory(name: str):  # type: ignore[no-untyped-def]
+        loaded.append(name)
+        if name == "dsa-test":
+            return ClassificationAuditor(PatencyClassifier(profile, chat=chat))
+        return Auditor(FakeGrounder.from_rule("mean_brightness"), None)
+
+    worker = make_worker(s, db, clock, factory)
+    worker.run_once()
+    worker.stop()
+    out = sidecar(s, "1.2.13.1")
+    assert loaded == [s.grounding.profile, "dsa-test"]
+    assert out["mode"] == "no_flags" and out["grounding"]["state"] == "skipped"
+    assert out["classification"]["label"] == "blocked" and out["classification"]["urgent"] is True
+    assert out["inputs"]["images"][0]["profile"] == "dsa-test"
+    assert out["inputs"]["images"][0]["frame"] == 5  # the fullest frame of the contrast run
+    assert chat.batches == [1]
