@@ -193,6 +193,10 @@ def drain_outbox(db: StateDB, settings: AgentSettings, now: float) -> int:
             )
         except (ForwardError, ValueError) as exc:
             error = str(exc)
+        except Exception as exc:
+            # not ours to swallow, but the claimed row must not stay "running" until a restart
+            _finish(db, job, now, f"unexpected {type(exc).__name__}", settings.forward)
+            raise
         _finish(db, job, now, error, settings.forward)
         delivered += error is None
     return delivered

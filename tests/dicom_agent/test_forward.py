@@ -179,6 +179,22 @@ class TestOutbox:
         assert "association" in (job.last_error or "")
         assert drain_outbox(db, settings, now=1e9) == 0
 
+    def test_unexpected_error_releases_the_job_and_propagates(
+        self, tmp_path: Path, result_files: list[Path], monkeypatch: pytest.MonkeyPatch
+    ) -> None:
+        def explode(*args: object, **kwargs: object) -> None:
+            raise KeyError("bug")
+
+        monkeypatch.setattr("dicom_agent.forward.forward_files", explode)
+        settings = self._settings(tmp_path, free_port())
+        db = StateDB(tmp_path / "state.sqlite3")
+        (job_id,) = enqueue_forward(db, "1.2.3", result_files, settings.forward.destinations, now=0.0)
+        with pytest.raises(KeyError):
+            drain_outbox(db, settings, now=0.0)
+        job = db.job(job_id)
+        assert job is not None
+        assert (job.state, job.attempts, job.last_error) == ("queued", 1, "unexpected KeyError")
+
     def test_non_research_destination_is_never_queued(
         self, tmp_path: Path, result_files: list[Path], caplog: pytest.LogCaptureFixture
     ) -> None:
