@@ -31,7 +31,6 @@ from pydicom.uid import (
     JPEGLSLossless,
     MRImageStorage,
     SecondaryCaptureImageStorage,
-    generate_uid,
 )
 
 from tests.builders import (
@@ -323,8 +322,18 @@ def _bad_uids() -> Iterator[Mutation]:
 
 def _sop_mismatch() -> Iterator[Mutation]:
     ds = _base()
-    ds.SOPInstanceUID = generate_uid()  # dataset disagrees with the C-STORE request
-    yield _mutation("sop_uid_mismatch", ds, encode(ds), "dataset SOP UID != request SOP UID")
+    data = encode(ds)
+    # pydicom keeps file meta and data set in step when saving, so patch the bytes: the data
+    # set's SOP Instance UID gets another last digit (same length), the file meta keeps its own.
+    uid = str(ds.SOPInstanceUID).encode("ascii")
+    other = uid[:-1] + (b"1" if uid[-1:] != b"1" else b"2")
+    start = dataset_offset(data)
+    yield _mutation(
+        "sop_uid_mismatch",
+        ds,
+        data[:start] + data[start:].replace(uid, other, 1),
+        "data set SOP Instance UID differs from the request's (file meta)",
+    )
     ds = _base()
     data = encode(ds)
     yield _mutation(
@@ -413,6 +422,8 @@ def send_raw(
     _config.VALIDATORS["UI"] = lambda value: (True, "")
     outcomes: dict[str, int | str] = {}
     assoc = None
+    lenient = contextlib.ExitStack()
+    lenient.enter_context(lenient_pydicom())  # pynetdicom reads the (invalid) file meta
     try:
         for path in files:
             if assoc is None or not assoc.is_established:
@@ -426,9 +437,17 @@ def send_raw(
             except ValueError:  # pynetdicom: no accepted context for this class/syntax
                 outcomes[path.stem] = CONTEXT_REJECTED
                 continue
-            outcomes[path.stem] = int(status.Status) if "Status" in status else NO_RESPONSE
+            if "Status" in status:
+                outcomes[path.stem] = int(status.Status)
+            else:
+                # The peer aborted (or timed out): make sure the next file gets a fresh
+                # association instead of racing the dying one.
+                outcomes[path.stem] = NO_RESPONSE
+                assoc.abort()
+                assoc = None
         if assoc is not None and assoc.is_established:
             assoc.release()
     finally:
         _config.STORE_SEND_CHUNKED_DATASET, _config.VALIDATORS["UI"] = saved
+        lenient.close()
     return outcomes
