@@ -60,9 +60,9 @@ def _tls_args(dest: Destination) -> tuple[ssl.SSLContext, str] | None:
     return context, dest.host
 
 
-def _read(path: Path) -> Dataset:
+def _read_header(path: Path) -> Dataset:
     try:
-        return pydicom.dcmread(path)
+        return pydicom.dcmread(path, stop_before_pixels=True)
     except (OSError, InvalidDicomError) as exc:
         raise ForwardError(f"result file {path.name} cannot be read for sending") from exc
 
@@ -74,8 +74,10 @@ def forward_files(dest: Destination, files: list[Path], *, calling_ae: str) -> N
         raise ForwardError(f"destination {dest.name} is not marked research: true")
     if not files:
         return
-    datasets = [_read(path) for path in files]
-    contexts = sorted({(str(ds.SOPClassUID), str(ds.file_meta.TransferSyntaxUID)) for ds in datasets})
+    # Headers only: each file is read whole by pynetdicom when its turn comes, so a batch of
+    # large Secondary Captures is never in memory at once.
+    headers = [_read_header(path) for path in files]
+    contexts = sorted({(str(ds.SOPClassUID), str(ds.file_meta.TransferSyntaxUID)) for ds in headers})
     if len(contexts) > _MAX_CONTEXTS:
         raise ForwardError(f"{len(contexts)} presentation contexts exceed the PS3.8 limit of 128")
     ae = AE(ae_title=calling_ae)
@@ -89,8 +91,8 @@ def forward_files(dest: Destination, files: list[Path], *, calling_ae: str) -> N
         reason = "rejected" if assoc.is_rejected else "failed (peer unreachable or aborted)"
         raise ForwardError(f"destination {dest.name} ({dest.host}:{dest.port}): association {reason}")
     try:
-        for path, ds in zip(files, datasets, strict=True):
-            status = assoc.send_c_store(ds)
+        for path in files:
+            status = assoc.send_c_store(path)
             code = getattr(status, "Status", None)
             if code not in _STORED_STATUSES:
                 shown = "no response" if code is None else f"0x{code:04X}"
