@@ -291,21 +291,15 @@ class Spool:
         *,
         header: InstanceHeader | None = None,
         source_ae_title: str | None = None,
-        state: InstanceState | None = None,
     ) -> StoreResult:
         """Store one instance durably and record it; returns once both are committed.
 
-        ``state`` defaults to STORED for auditable SOP classes and IGNORED otherwise.
-        Identical bytes already stored are a no-op (DUPLICATE); different bytes for a known SOP
+        Auditable SOP classes are recorded STORED, any other class IGNORED. Identical bytes already stored are a no-op (DUPLICATE); different bytes for a known SOP
         Instance UID replace the stored copy atomically (REPLACED). Raises
         :class:`DicomInputError` (malformed), :class:`SpoolFullError` (floor reached or ENOSPC),
         :class:`SpoolError` (other I/O) or :class:`~dicom_agent.errors.StateError`.
         """
         header = header or read_header(data_set, transfer_syntax_uid)
-        if state is None:
-            state = (
-                InstanceState.STORED if is_auditable(header.sop_class_uid) else InstanceState.IGNORED
-            )
         path = self.path_for(header)
         # Hash on a helper thread (hashlib releases the GIL) while this one writes and fsyncs:
         # for a new instance the two overlap; only a known SOP Instance UID waits for it first.
@@ -321,21 +315,14 @@ class Spool:
             meta = encode_file_meta(header, transfer_syntax_uid, source_ae_title)
             self.check_free_space(len(meta) + len(data_set))
             self._write_durably(path, meta, data_set)
-            digest = digest_future.result()
-            outcome = self.db.record_instance(
-                sop_instance_uid=header.sop_instance_uid,
-                study_instance_uid=header.study_instance_uid,
-                series_instance_uid=header.series_instance_uid,
-                sop_class_uid=header.sop_class_uid,
-                modality=header.modality,
-                transfer_syntax_uid=transfer_syntax_uid,
-                view_position=header.view_position,
-                body_part=header.body_part,
-                accession_number=header.accession_number,
-                path=str(path),
-                sha256=digest,
-                size=len(meta) + len(data_set),
-                state=state,
+            outcome = _record(
+                self.db,
+                header,
+                transfer_syntax_uid,
+                path,
+                digest_future.result(),
+                len(meta) + len(data_set),
+                _default_state(header),
             )
             if old is not None and old.path != str(path):
                 # The replacement moved to another study/series folder; the row now points
@@ -397,6 +384,37 @@ class Spool:
         return target
 
 
+def _default_state(header: InstanceHeader) -> InstanceState:
+    """Auditable SOP classes are STORED; anything else (``unknown_sop_class=ignore``) IGNORED."""
+    return InstanceState.STORED if is_auditable(header.sop_class_uid) else InstanceState.IGNORED
+
+
+def _record(
+    db: StateDB,
+    header: InstanceHeader,
+    transfer_syntax_uid: str,
+    path: Path,
+    sha256: str,
+    size: int,
+    state: InstanceState,
+) -> StoreOutcome:
+    return db.record_instance(
+        sop_instance_uid=header.sop_instance_uid,
+        study_instance_uid=header.study_instance_uid,
+        series_instance_uid=header.series_instance_uid,
+        sop_class_uid=header.sop_class_uid,
+        modality=header.modality,
+        transfer_syntax_uid=transfer_syntax_uid,
+        view_position=header.view_position,
+        body_part=header.body_part,
+        accession_number=header.accession_number,
+        path=str(path),
+        sha256=sha256,
+        size=size,
+        state=state,
+    )
+
+
 def reconcile(db: StateDB, spool_root: Path) -> int:
     """Start-up repair of the spool against the state DB; returns the number of rows rebuilt.
 
@@ -426,22 +444,14 @@ def reconcile(db: StateDB, spool_root: Path) -> int:
         except (DicomInputError, OSError) as exc:
             logger.warning("spool file %s unreadable during reconcile: %s", path.name, exc)
             continue
-        outcome = db.record_instance(
-            sop_instance_uid=header.sop_instance_uid,
-            study_instance_uid=header.study_instance_uid,
-            series_instance_uid=header.series_instance_uid,
-            sop_class_uid=header.sop_class_uid,
-            modality=header.modality,
-            transfer_syntax_uid=transfer_syntax,
-            view_position=header.view_position,
-            body_part=header.body_part,
-            accession_number=header.accession_number,
-            path=key,
-            sha256=dataset_sha256(data_set),
-            size=path.stat().st_size,
-            state=InstanceState.STORED
-            if is_auditable(header.sop_class_uid)
-            else InstanceState.IGNORED,
+        outcome = _record(
+            db,
+            header,
+            transfer_syntax,
+            path,
+            dataset_sha256(data_set),
+            path.stat().st_size,
+            _default_state(header),
         )
         if outcome is not StoreOutcome.DUPLICATE:
             rebuilt += 1
