@@ -17,6 +17,7 @@ from __future__ import annotations
 import hashlib
 import logging
 import multiprocessing
+import signal
 import socket
 import ssl
 import threading
@@ -450,6 +451,8 @@ def _start_workers(listener: Listener, settings: AgentSettings, count: int) -> N
 
 def _worker_main(settings: AgentSettings, ready: EventType, stop: EventType) -> None:
     """Body of a listener worker process: serve until the parent sets ``stop``."""
+    # Ctrl-C reaches the whole process group; the parent owns shutdown and sets ``stop``.
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
     db = StateDB(settings.paths.state)
     listener = _start_one(settings, db, None, None)
     ready.set()
