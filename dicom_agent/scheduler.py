@@ -144,12 +144,18 @@ def pair_drafts(db: StateDB, now: float, study_wait_seconds: float) -> tuple[int
     for d in db.drafts((DraftState.PENDING, DraftState.ORPHAN)):
         study_uid = db.study_for_key(d.key)
         if study_uid is not None:
-            db.pair_draft(d.id, study_uid, now)
-            paired += 1
-            log.info(
-                "draft paired",
-                extra=event(event=Event.DRAFT_PAIRED, draft_id=d.id, study=study_ref(study_uid)),
-            )
+            if db.pair_draft(d.id, study_uid, now):
+                paired += 1
+                log.info(
+                    "draft paired",
+                    extra=event(event=Event.DRAFT_PAIRED, draft_id=d.id, study=study_ref(study_uid)),
+                )
+            else:
+                log.info(
+                    "draft identical to the study's current one (other key); no re-audit",
+                    extra=event(event=Event.DRAFT_DUPLICATE, draft_id=d.id,
+                                study=study_ref(study_uid)),
+                )
         elif d.state == DraftState.PENDING.value and is_orphan(d.received_at, now, study_wait_seconds):
             db.set_draft_state(d.id, DraftState.ORPHAN, now)
             orphaned += 1

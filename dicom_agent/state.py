@@ -538,9 +538,25 @@ class StateDB:
         )
         return DraftRow(**dict(rows[0])) if rows else None
 
-    def pair_draft(self, draft_id: int, study_uid: str, now: float) -> None:
-        """Pair a draft with its study; the study's older drafts become superseded."""
+    def pair_draft(self, draft_id: int, study_uid: str, now: float) -> bool:
+        """Pair a draft with its study; the study's older drafts become superseded.
+
+        Returns False when the study's current draft has the same content (the same text
+        sent once by accession number and once by Study UID): the new row is then kept as
+        superseded, so no re-audit follows.
+        """
         with self.transaction() as conn:
+            same = conn.execute(
+                "SELECT 1 FROM drafts d JOIN drafts n ON n.id = ? WHERE d.study_instance_uid = ?"
+                " AND d.state = ? AND d.id != n.id AND d.sha256 = n.sha256",
+                (draft_id, study_uid, DraftState.PAIRED.value),
+            ).fetchone()
+            if same is not None:
+                conn.execute(
+                    "UPDATE drafts SET state=?, study_instance_uid=?, updated_at=? WHERE id=?",
+                    (DraftState.SUPERSEDED.value, study_uid, now, draft_id),
+                )
+                return False
             conn.execute(
                 "UPDATE drafts SET state=?, updated_at=? WHERE study_instance_uid=? AND id<?"
                 " AND state=?",
@@ -550,6 +566,7 @@ class StateDB:
                 "UPDATE drafts SET state=?, study_instance_uid=?, updated_at=? WHERE id=?",
                 (DraftState.PAIRED.value, study_uid, now, draft_id),
             )
+            return True
 
     def set_draft_file_name(self, draft_id: int, file_name: str) -> None:
         """Point a draft row at its file as named in ``processed/`` (after a collision)."""

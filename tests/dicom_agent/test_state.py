@@ -82,6 +82,17 @@ class TestDrafts:
         assert current is not None and current.id == by_acc and current.text == "y"
         assert db.draft(by_uid).state == DraftState.SUPERSEDED.value  # type: ignore[union-attr]
 
+    def test_same_text_under_the_other_key_is_not_a_new_version(self, db: StateDB) -> None:
+        add_instance(db)
+        _, by_acc = db.record_draft(key="ACC1", key_kind="accession", file_name="a", sha256="1",
+                                    text="x", author=None, now=1)
+        _, by_uid = db.record_draft(key=STUDY, key_kind="study_uid", file_name="b", sha256="1",
+                                    text="x", author=None, now=2)
+        assert db.pair_draft(by_acc, STUDY, 3) is True
+        assert db.pair_draft(by_uid, STUDY, 4) is False
+        assert db.current_draft(STUDY).id == by_acc  # type: ignore[union-attr]
+        assert db.draft(by_uid).state == "superseded"  # type: ignore[union-attr]
+
     def test_draft_repr_hides_key_and_text(self, db: StateDB) -> None:
         _, did = db.record_draft(key="ACC-SECRET", key_kind="accession", file_name="ACC-SECRET.txt",
                                  sha256="1", text="SECRET TEXT", author=None, now=1)
