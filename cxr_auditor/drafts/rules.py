@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import logging
 import re
+from bisect import bisect_right
 from dataclasses import dataclass
 from typing import Any
 
@@ -64,6 +65,11 @@ _WRAPPED_TAIL = re.compile(
 )
 _ABBREVIATION = re.compile(r"\b(?:dr|vs|mr|mrs|ms|st|approx|incl|e\.g|i\.e|fig|cf|esp)\Z")
 _SPAN_TRIM = re.compile(r"\A[\s\-*\u2022\u00b7\u2023\u25aa\u25e6]*(?:\d{1,2}[.)]\s+)?")
+MAX_SENTENCE = 1000
+_ANSWER = re.compile(
+    r"\s*(?:none|negative|not seen|no)(?:\s+(?:seen|identified|present|demonstrated|evident))?"
+    r"\s*[.!]?\s*\Z"
+)
 _BARE_NORMAL = frozenset({"normal", "normal study", "normal exam", "negative", "unremarkable"})
 
 _LATERALITY_WORDS = {
@@ -154,8 +160,24 @@ def _sentences(text: str, low: str) -> list[tuple[int, int, int]]:
         pos = start
         for cut in sorted(cuts):
             if low[pos:cut].strip():
-                out.append((pos, cut, kind.value))
+                out.extend((a, b, kind.value) for a, b in _capped(low, pos, cut))
             pos = cut
+    return out
+
+
+def _capped(low: str, start: int, end: int) -> list[tuple[int, int]]:
+    """Cut a sentence longer than MAX_SENTENCE after a comma (else at a space). No report sentence
+    is that long; the cap keeps the per-sentence work (scopes are matched pairwise) linear in the
+    text's length."""
+    out = []
+    while end - start > MAX_SENTENCE:
+        cut = low.rfind(",", start + 1, start + MAX_SENTENCE) + 1
+        if cut <= start + 1:
+            cut = low.rfind(" ", start + 1, start + MAX_SENTENCE)
+        cut = cut if cut > start else start + MAX_SENTENCE
+        out.append((start, cut))
+        start = cut
+    out.append((start, end))
     return out
 
 
@@ -188,6 +210,7 @@ class _Sentence:
             if not any(s <= t.start() < e for s, e in spans)
         ]
         self.terminators = [t.start for t in self.triggers if t.kind is lx.Trig.TERMINATOR]
+        self.cues = [t.start for t in self.triggers if t.kind is not lx.Trig.TERMINATOR]
 
     def _mentions(self) -> list[_Mention]:
         low, s, e = self.low, self.start, self.end
@@ -228,10 +251,8 @@ class _Sentence:
         while pos != -1:
             nxt = low.find(",", pos + 1, limit)
             piece_end = limit if nxt == -1 else nxt
-            has_trigger = any(
-                pos < t.start < piece_end and t.kind is not lx.Trig.TERMINATOR
-                for t in self.triggers
-            )
+            i = bisect_right(self.cues, pos)
+            has_trigger = i < len(self.cues) and self.cues[i] < piece_end
             if not _piece_continues(low[pos + 1 : piece_end], has_trigger):
                 return pos
             pos = nxt
@@ -273,6 +294,7 @@ class _Sentence:
 
     def resolve(self) -> list[_Mention]:
         negated: set[int] = set()
+        answered: set[int] = set()  # "evaluate for pneumothorax: none seen"
         hedged: set[int] = set()
         context: dict[int, lx.Trig] = {}
         for trig in self.triggers:
@@ -284,8 +306,13 @@ class _Sentence:
                     context.setdefault(key, trig.kind)
                 elif trig.kind in (lx.Trig.PRE_NEG, lx.Trig.POST_NEG, lx.Trig.BI_NEG):
                     negated.add(key)
+                    if trig.kind is lx.Trig.POST_NEG:
+                        answered.add(key)
                 else:
                     hedged.add(key)
+        for key in answered:
+            if context.get(key) is lx.Trig.INDICATION:
+                del context[key]
         out: list[_Mention] = []
         for m in self.mentions:
             if m.indirect and self._explained(m):
@@ -328,6 +355,14 @@ class _Sentence:
         return None
 
 
+def _answer_question(question: list[_Mention], end: int) -> None:
+    """A bare "None seen." answers the question just before it ("Assess for pneumothorax.")."""
+    for m in question:
+        if m.context is lx.Trig.INDICATION and not m.fixed:
+            m.context, m.status = None, _ABSENT
+            m.sentence = (m.sentence[0], end)
+
+
 def _span(text: str, sentence: tuple[int, int]) -> tuple[int, int]:
     """The sentence without surrounding blanks, list markers and its closing full stop."""
     start, end = sentence
@@ -360,8 +395,13 @@ class RulesDraftParser(DraftParser):
             return DraftResult(state=DraftState.NONE, parser=self.name)
         low = _lower(text)
         mentions: list[_Mention] = []
+        previous: list[_Mention] = []
         for start, end, rank in _sentences(text, low):
-            mentions.extend(_Sentence(low, start, end, rank).resolve())
+            found = _Sentence(low, start, end, rank).resolve()
+            if not found and _ANSWER.match(low, start, end):
+                _answer_question(previous, end)
+            mentions.extend(found)
+            previous = found
         result = _assemble(text, mentions, self.name)
         logger.debug(
             "parsed draft: %d chars, %d findings, %d unmapped",

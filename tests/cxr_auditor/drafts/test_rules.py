@@ -276,6 +276,14 @@ class TestSections:
     def test_indication_is_not_an_assertion(self, text: str) -> None:
         check(text, {O: a})
 
+    @pytest.mark.parametrize(
+        "text", ["Assess for pneumothorax. None seen.", "Evaluate for pneumothorax: none seen."]
+    )
+    def test_answered_question_is_a_denial(self, text: str) -> None:
+        (finding,) = parse_draft(text).findings
+        assert (finding.label, finding.status) == (Label.PNEUMOTHORAX, DraftStatus.ABSENT)
+        assert finding.span == text.rstrip(".")
+
     def test_history_of_is_kept_outside_the_labels(self) -> None:
         text = "History of right upper lobe pneumonia. Lungs are now clear."
         check(text, {O: a})
@@ -420,6 +428,15 @@ class TestParserObject:
         assert parser.info.backend == "rules"
         with pytest.raises(TypeError, match="no options"):
             get_parser("rules", temperature=0.1)
+
+    def test_overlong_sentence_is_cut_not_lost(self) -> None:
+        text = "no effusion, " * 200 + "and a small left pneumothorax"
+        result = parse_draft(text)
+        assert {f.label: f.status for f in result.findings} == {
+            Label.PLEURAL_EFFUSION: DraftStatus.ABSENT,
+            Label.PNEUMOTHORAX: DraftStatus.PRESENT,
+        }
+        assert all(len(f.span) <= 1000 for f in result.findings)
 
     def test_parse_many_keeps_order(self) -> None:
         results = RulesDraftParser().parse_many(["No ptx.", "", "Cardiomegaly."])
