@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import shutil
+import subprocess
 from io import BytesIO
 from pathlib import Path
 
@@ -9,6 +11,7 @@ import highdicom as hd
 import numpy as np
 import pydicom
 import pytest
+from PIL import Image
 from pydicom.dataset import Dataset
 
 from cxr_auditor import render
@@ -90,6 +93,25 @@ class TestBuildGSPS:
         study = make_study(tmp_path, photometric="MONOCHROME1")
         assert _gsps(study).PresentationLUTShape == "INVERSE"
         assert _gsps(make_study(tmp_path / "m2")).PresentationLUTShape == "IDENTITY"
+
+    @pytest.mark.skipif(shutil.which("dcmp2pgm") is None, reason="dcmtk dcmp2pgm not installed")
+    @pytest.mark.parametrize("photometric", ["MONOCHROME2", "MONOCHROME1"])
+    def test_dcmtk_renders_source_through_gsps_like_our_picture(
+        self, tmp_path: Path, photometric: str
+    ) -> None:
+        """The presentation state reproduces the display window (and inversion) of the pictures."""
+        study = make_study(tmp_path, photometric=photometric, rows=512, cols=480)
+        display = study.display[0]
+        gsps_path = tmp_path / "gsps.dcm"
+        _gsps(study, window=display.window).save_as(gsps_path)
+        rendered = tmp_path / "rendered.pgm"
+        subprocess.run(
+            ["dcmp2pgm", "--pstate", str(gsps_path), str(study.sources[0]), str(rendered)],
+            check=True, capture_output=True, timeout=60,
+        )
+        diff = np.abs(np.asarray(Image.open(rendered)).astype(int) - display.pixels.astype(int))
+        assert diff.max() <= 1
+        assert display.pixels.std() > 10  # a real picture, not a flat one that matches anything
 
     def test_validates_with_dciodvfy(self, tmp_path: Path) -> None:
         study = make_study(tmp_path)
