@@ -467,6 +467,10 @@ class Worker:
             profile_routes=routes,
         )
         prep.profile = route.profile or settings.grounding.profile
+        log.debug(
+            "routed %d images to %s, %d skipped", len(route.selected), prep.profile,
+            len(route.skipped), extra=event(job_id=job.id, study=study_ref(uid), profile=prep.profile),
+        )
         # The job audits the study's draft as it is now; recording it here tells the
         # scheduler that a draft arriving later needs another version.
         draft = self.db.current_draft(uid)
