@@ -46,6 +46,9 @@ class TestBuildSC:
         assert tuple(pixels[2, 2]) == (170, 0, 0)  # the research banner's background
         # the urgent pneumothorax box edge (x0=60) is drawn in the urgent colour
         assert tuple(pixels[130, 60]) == render.COLOURS[BoxStyle.URGENT]
+        # away from the annotations the picture is the windowed source, grey in all channels
+        grey = study.display[0].pixels[300, 240]
+        assert tuple(pixels[300, 240]) == (grey, grey, grey)
 
     def test_same_study_own_series_research_marked(self, tmp_path: Path) -> None:
         study = make_study(tmp_path)
