@@ -150,6 +150,8 @@ def reaudit(
     try:
         if db.study(study_uid) is None:
             fail("unknown study: no instance of it was received")
+        if not db.instances_of_study(study_uid):
+            fail("the study's images are gone (housekeeping.spool_retention_days); send it again")
         draft = db.current_draft(study_uid)
         job = queue_audit(db, study_uid, draft.id if draft else None, Reason.REAUDIT, time.time())
     finally:

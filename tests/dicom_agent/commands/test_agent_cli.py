@@ -161,3 +161,11 @@ class TestReaudit:
         state_db(config).close()
         result = runner.invoke(app, ["reaudit", "1.2.3", "--config", str(config)])
         assert result.exit_code == 2 and "unknown study" in result.output
+
+    def test_reaudit_of_a_study_whose_images_were_purged_exits_2(self, config: Path) -> None:
+        db = state_db(config)
+        seed(db)
+        db.delete_instances([UID + ".1"])
+        db.close()
+        result = runner.invoke(app, ["reaudit", UID, "--config", str(config)])
+        assert result.exit_code == 2 and "images are gone" in result.output
