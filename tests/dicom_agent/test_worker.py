@@ -350,3 +350,20 @@ def test_xa_study_goes_to_the_classification_profile(
     assert out["inputs"]["images"][0]["profile"] == "dsa-test"
     assert out["inputs"]["images"][0]["frame"] == 5  # the fullest frame of the contrast run
     assert chat.batches == [1]
+
+
+def test_study_with_only_lateral_views_gets_a_result_saying_nothing_was_audited(
+    settings: AgentSettings, db: StateDB, clock: Clock
+) -> None:
+    lat = store(settings, db, "1.2.14.1", view_position="LL")
+    job_id = queue(db, "1.2.14.1", clock.now)
+    grounder = FakeGrounder.from_rule("mean_brightness")
+    worker = make_worker(settings, db, clock, lambda name: Auditor(grounder, None))
+    worker.run_once()
+    worker.stop()
+    assert db.job(job_id).state == "done"  # type: ignore[union-attr]
+    out = sidecar(settings, "1.2.14.1")
+    assert out["inputs"]["images"] == []
+    assert out["inputs"]["skipped_images"] == [{"image_id": lat, "reason": "lateral_view"}]
+    assert out["grounding"]["state"] != "ok" and out["flags"] == []
+    assert grounder.batch_sizes == []  # the model was not called for nothing
