@@ -34,7 +34,16 @@ from dicom_agent.outputs.uids import instance_uid, series_uid
 from dicom_agent.outputs.validate import encode_validated
 from dicom_agent.pixels import DisplayImage
 
-__all__ = ["object_file_name", "objects_to_send", "read_result", "write_outputs"]
+__all__ = [
+    "build_gsps",
+    "build_sc",
+    "build_sr",
+    "encode_validated",
+    "object_file_name",
+    "objects_to_send",
+    "read_result",
+    "write_outputs",
+]
 
 logger = logging.getLogger(__name__)
 
