@@ -70,6 +70,7 @@ _ANSWER = re.compile(
     r"\s*(?:none|negative|not seen|no)(?:\s+(?:seen|identified|present|demonstrated|evident))?"
     r"\s*[.!]?\s*\Z"
 )
+_BARE_STRIP = " \t\r\n.!:*-"
 _BARE_NORMAL = frozenset({"normal", "normal study", "normal exam", "negative", "unremarkable"})
 
 _LATERALITY_WORDS = {
@@ -218,10 +219,10 @@ class _Sentence:
         for m in lx.PHRASE_RE.finditer(low, s, e):
             entry = lx.PHRASES[int((m.lastgroup or "g0")[1:])]
             found.append(self._new(entry, m.start(), m.end()))
-        if low[s:e].strip(" \t\r\n.!:*-") in _BARE_NORMAL:
-            body = low[s:e]
-            lead = len(body) - len(body.lstrip(" \t\r\n*-"))
-            word = body.strip(" \t\r\n.!:*-")
+        body = low[s:e]
+        word = body.strip(_BARE_STRIP)
+        if word in _BARE_NORMAL:
+            lead = len(body) - len(body.lstrip(_BARE_STRIP))
             found.append(
                 _Mention((Label.NO_FINDING,), s + lead, s + lead + len(word), _PRESENT, True,
                          False, (s, e), self.rank)
