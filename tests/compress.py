@@ -18,6 +18,7 @@ from pydicom.uid import (
     DeflatedExplicitVRLittleEndian,
     JPEG2000Lossless,
     JPEGBaseline8Bit,
+    JPEGExtended12Bit,
     JPEGLossless,
     JPEGLosslessSV1,
     JPEGLSLossless,
@@ -42,6 +43,7 @@ VARIANTS: dict[str, Variant] = {
     "jpeg-lossless": Variant(JPEGLossless, True, ("dcmcjpeg", "+el", "+sv", "6")),
     # Baseline is 8-bit only: feed it 8-bit sources.
     "jpeg-baseline": Variant(JPEGBaseline8Bit, False, ("dcmcjpeg", "+eb", "+q", "95")),
+    "jpeg-extended": Variant(JPEGExtended12Bit, False, ("dcmcjpeg", "+ee", "+q", "95")),
     "rle": Variant(RLELossless, True, ("dcmcrle",)),
     "jpeg2000-lossless": Variant(JPEG2000Lossless, True),
     "deflate": Variant(DeflatedExplicitVRLittleEndian, True),

@@ -11,8 +11,15 @@ from pathlib import Path
 import numpy as np
 import pytest
 from PIL import Image
+from pydicom.data import get_testdata_file
 from pydicom.dataset import Dataset
-from pydicom.uid import ExplicitVRLittleEndian, JPEGLSLossless, RLELossless
+from pydicom.pixels import get_decoder
+from pydicom.uid import (
+    ExplicitVRLittleEndian,
+    JPEGLosslessSV1,
+    JPEGLSLossless,
+    RLELossless,
+)
 
 from cxr_auditor.schema import PixelBox
 from dicom_agent.errors import DicomInputError
@@ -326,6 +333,27 @@ class TestDecoderPreference:
     def test_measured_preferences(self) -> None:
         assert decode_plugin_for(JPEGLSLossless) == "pyjpegls"
         assert decode_plugin_for(RLELossless) in {"pylibjpeg", "pydicom"}
+
+    def test_lossless_jpeg_goes_to_our_libjpeg_turbo_plugin(self) -> None:
+        assert decode_plugin_for(JPEGLosslessSV1) == "imagecodecs"
+        assert "imagecodecs" in get_decoder(JPEGLosslessSV1).available_plugins
+
+    @needs_dcmtk
+    def test_colour_lossless_jpeg_falls_back_to_another_plugin(self, tmp_path: Path) -> None:
+        # our plugin takes grey frames only; pydicom's own order must then decode the colour one
+        src = save(make_colour_sc(photometric="RGB"), tmp_path / "rgb.dcm")
+        out = compress(src, "jpeg-lossless-sv1", tmp_path / "sv1.dcm")
+        display = to_display(read_dataset(out))
+        assert np.array_equal(display.pixels, colour_pattern(64, 96))
+
+    def test_12_bit_jpeg_that_libjpeg_rejects_still_renders(self) -> None:
+        broken = get_testdata_file("JPEG-lossy.dcm", download=False)
+        clean = get_testdata_file("JPGExtended.dcm", download=False)
+        if broken is None or clean is None:
+            pytest.skip("pydicom test files not installed")
+        # same image; JPEG-lossy.dcm has a marker segment pylibjpeg-libjpeg refuses
+        expected = to_display(read_dataset(Path(clean))).pixels
+        assert np.array_equal(to_display(read_dataset(Path(broken))).pixels, expected)
 
     def test_native_and_unknown_syntaxes_let_pydicom_choose(self) -> None:
         assert decode_plugin_for(ExplicitVRLittleEndian) is None
