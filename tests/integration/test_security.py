@@ -12,7 +12,6 @@
 
 from __future__ import annotations
 
-import json
 import ssl
 import subprocess
 from pathlib import Path
@@ -20,10 +19,10 @@ from pathlib import Path
 import pytest
 
 from tests.agentproc import (
-    AGENT_AET,
     SENDER_AET,
     AgentProcess,
     echo,
+    make_study,
     running_agent,
     store,
     storescu,
@@ -152,3 +151,101 @@ def test_tls_requires_a_client_certificate_from_our_ca(tmp_path: Path, pki: dict
         assert agent.db_query("SELECT COUNT(*) AS n FROM instances")[0]["n"] == 2
     finally:
         agent.stop()
+
+
+# -- a full run with hostile inputs -------------------------------------------------------------
+
+SENTINEL_ACCESSION = "ACCSENT4711"
+
+
+class ReceivingSCP:
+    """A research destination on loopback: a pynetdicom Storage SCP counting what arrives."""
+
+    def __init__(self, ae_title: str = "RESEARCHPACS") -> None:
+        from pynetdicom import AE, ALL_TRANSFER_SYNTAXES, AllStoragePresentationContexts, evt
+
+        self.ae_title = ae_title
+        self.received: list[str] = []
+        ae = AE(ae_title=ae_title)
+        for cx in AllStoragePresentationContexts:
+            ae.add_supported_context(cx.abstract_syntax, ALL_TRANSFER_SYNTAXES)
+
+        def on_store(event: object) -> int:
+            self.received.append(str(event.request.AffectedSOPClassUID))  # type: ignore[attr-defined]
+            return 0
+
+        self._server = ae.start_server(("127.0.0.1", 0), block=False,
+                                       evt_handlers=[(evt.EVT_C_STORE, on_store)])
+        self.port = int(self._server.server_address[1])
+
+    def stop(self) -> None:
+        self._server.shutdown()
+
+
+def test_hostile_run_writes_only_inside_its_folders_and_logs_no_phi(tmp_path: Path) -> None:
+    destination = ReceivingSCP()
+    agent = AgentProcess(tmp_path / "agent", {
+        "scp": {"unknown_sop_class": "ignore"},
+        "forward": {
+            "enabled": True,
+            "retry_backoff_seconds": 0.2,
+            "retry_backoff_max_seconds": 1,
+            "destinations": [{"name": "research", "ae_title": destination.ae_title,
+                              "host": "127.0.0.1", "port": destination.port,
+                              "research": True}],
+        },
+    })
+    studies = [make_study(2, accession=SENTINEL_ACCESSION, size=96),
+               make_study(1, accession="ACCSENT4712", size=96)]
+    agent.start()
+    try:
+        for study in studies:
+            assert store(agent.port, study) == [0] * len(study)
+        agent.drop_draft(f"{SENTINEL_ACCESSION}.txt", "Small right pneumothorax. No effusion.")
+        agent.drop_draft(f"{studies[1][0].StudyInstanceUID}.txt", "Normal chest.")
+        hostile = [m.write(tmp_path / "in") for m in corpus()]
+        send_raw("127.0.0.1", agent.port, hostile, called_aet=agent.config["scp"]["ae_title"])
+        (agent.path("drafts") / "x\\..\\..\\y.txt").write_text("escape attempt")
+        (agent.path("drafts") / "traversal.json").write_text(
+            '{"study_instance_uid": "../../../../tmp/owned", "text": "x"}')
+        uids = [s[0].StudyInstanceUID for s in studies]
+        wait_until(lambda: all(agent.result(u) for u in uids), timeout=90,
+                   what="results", interval=0.5, alive=agent.check_alive)
+        # A re-audit (version 2) through the CLI, and its forwarding.
+        assert agent.cli("reaudit", uids[0]).returncode == 0
+        wait_until(lambda: agent.versions(uids[0]) == [1, 2], timeout=60,
+                   what="version 2", interval=0.5, alive=agent.check_alive)
+        # Every study (the hostile ones too: image-only after the draft wait) is audited and
+        # its results forwarded before the logs are read.
+        wait_until(lambda: agent.db_query("SELECT 1 FROM studies WHERE state='audited'")
+                   and not agent.db_query(
+                       "SELECT study_instance_uid FROM jobs WHERE state NOT IN ('done', 'dead')"
+                       " UNION SELECT study_instance_uid FROM studies"
+                       " WHERE state NOT IN ('audited', 'failed')"),
+                   timeout=90, what="every audit and forward", interval=0.5,
+                   alive=agent.check_alive)
+        status = agent.cli("status")
+        wait_until(lambda: not any(agent.path("drafts").glob("*.*")), timeout=30,
+                   what="drafts handled", alive=agent.check_alive)
+    finally:
+        agent.stop()
+        destination.stop()
+    assert destination.received, "nothing was forwarded"
+    assert "1.2.840.10008.5.1.4.1.1.88.34" in destination.received  # Comprehensive 3D SR
+
+    # Every file the agent wrote is inside one of its configured folders.
+    folders = [agent.path(n).resolve() for n in ("spool", "drafts", "out", "quarantine", "state")]
+    harness = {agent.config_path, agent.log_path}
+    outside = [
+        p for p in agent.files_under_root()
+        if p not in harness and not any(p.resolve().is_relative_to(f) for f in folders)
+    ]
+    assert not outside, outside
+    assert not Path("/tmp/owned").exists() and not Path("/tmp/cxr-owned").exists()
+
+    # No identifying value in any log line (ingest, drafts, audit, SR, forward, CLI output).
+    text = agent.log_text() + status.stdout + status.stderr
+    for secret in (SENTINEL_PATIENT_NAME, "SENTINEL^PHI", SENTINEL_PATIENT_ID,
+                   SENTINEL_BIRTH_DATE, SENTINEL_ACCESSION, "ACCSENT4712", "ACC9999999"):
+        leaks = [line for line in text.splitlines() if secret in line]
+        assert not leaks, f"{secret!r} in the log:\n" + "\n".join(leaks[:5])
