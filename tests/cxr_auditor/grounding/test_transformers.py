@@ -76,7 +76,13 @@ class TestTrainedGrounder:
         assert answers == [tm.BLACK_ANSWER, "The vessel is occluded."]
 
     def test_only_failed_images_are_regenerated_with_the_ladder(self, trained_gemma: Path) -> None:
-        profile = _profile("cxr-auditor-v2", trained_gemma, prompt="explain_my_xray")
+        # 64 new tokens hold the JSON answers and keep the failing rungs short.
+        profile = _profile(
+            "cxr-auditor-v2",
+            trained_gemma,
+            prompt="explain_my_xray",
+            generation={"max_new_tokens": 64, "retries": 2},
+        )
         spy = _Spy(TransformersChat(profile))
         grounder = TransformersGrounder(profile, spy.inner.loaded)
         grounder.chat = spy
