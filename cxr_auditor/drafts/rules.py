@@ -205,10 +205,11 @@ class _Sentence:
         self.low, self.start, self.end, self.rank = low, start, end, rank
         self.mentions = self._mentions()
         spans = [(m.start, m.end) for m in self.mentions if m.fixed]
+        # Triggers only matter around a mention, so a sentence without one skips the scan.
         self.triggers = [
-            _Trigger(t.start(), t.end(), lx.TRIGGER_KINDS[t.lastgroup or ""])
-            for t in lx.TRIGGER_RE.finditer(low, start, end)
-            if not any(s <= t.start() < e for s, e in spans)
+            _Trigger(ts, te, lx.TRIGGER_KINDS[i])
+            for i, ts, te in (lx.TRIGGER_ALT.finditer(low, start, end) if self.mentions else ())
+            if not any(s <= ts < e for s, e in spans)
         ]
         self.terminators = [t.start for t in self.triggers if t.kind is lx.Trig.TERMINATOR]
         self.cues = [t.start for t in self.triggers if t.kind is not lx.Trig.TERMINATOR]
@@ -216,9 +217,8 @@ class _Sentence:
     def _mentions(self) -> list[_Mention]:
         low, s, e = self.low, self.start, self.end
         found: list[_Mention] = []
-        for m in lx.PHRASE_RE.finditer(low, s, e):
-            entry = lx.PHRASES[int((m.lastgroup or "g0")[1:])]
-            found.append(self._new(entry, m.start(), m.end()))
+        for i, ms, me in lx.PHRASE_ALT.finditer(low, s, e):
+            found.append(self._new(lx.PHRASES[i], ms, me))
         body = low[s:e]
         word = body.strip(_BARE_STRIP)
         if word in _BARE_NORMAL:
@@ -227,14 +227,13 @@ class _Sentence:
                 _Mention((Label.NO_FINDING,), s + lead, s + lead + len(word), _PRESENT, True,
                          False, (s, e), self.rank)
             )
-        for m in lx.TERM_RE.finditer(low, s, e):
-            entry = lx.TERMS[int((m.lastgroup or "g0")[1:])]
+        for i, ms, me in lx.TERM_ALT.finditer(low, s, e):
+            entry = lx.TERMS[i]
             if any(
-                f.start < m.end() and m.start() < f.end and set(f.targets) & set(entry.targets)
-                for f in found
+                f.start < me and ms < f.end and set(f.targets) & set(entry.targets) for f in found
             ):
                 continue
-            found.append(self._new(entry, m.start(), m.end()))
+            found.append(self._new(entry, ms, me))
         found.sort(key=lambda x: x.start)
         return found
 
