@@ -419,6 +419,16 @@ class TransformersChat:
             texts, padding=True, add_special_tokens=False, return_tensors="pt"
         )
 
+    def _stop_ids(self) -> list[int]:
+        """End-of-sequence ids of the generation config plus the tokenizer's own: some
+        checkpoints (Nemotron) ship a generation config whose EOS is not the chat's end token."""
+        configured = self.loaded.model.generation_config.eos_token_id
+        ids = [configured] if isinstance(configured, int) else list(configured or [])
+        own = self.loaded.tokenizer.eos_token_id
+        if own is not None and own not in ids:
+            ids.append(own)
+        return ids
+
     def generate(self, requests: list[ChatRequest], settings: AttemptSettings) -> list[str]:
         """Generate one answer per request in one left-padded batch (greedy or sampled)."""
         if not requests:
@@ -431,6 +441,7 @@ class TransformersChat:
         gen: dict[str, Any] = {
             "max_new_tokens": self.generation.max_new_tokens,
             "pad_token_id": loaded.tokenizer.pad_token_id,
+            "eos_token_id": self._stop_ids(),
         }
         if settings.do_sample:
             sampling = self.generation.sampling
