@@ -56,7 +56,8 @@ ABSENT, PRESENT, UNCERTAIN = DraftStatus.ABSENT, DraftStatus.PRESENT, DraftStatu
 
 # Subjects of heart-size statements. "cardiothoracic ratio" only takes "increased".
 _HEART = (
-    r"(?:heart(?:\s+size)?|cardiac\s+(?:silhouette|size|shadow|contours?)"
+    r"(?:heart(?:\s+size)?"
+    r"|cardiac(?:\s+and\s+mediastinal)?\s+(?:silhouettes?|size|shadow|contours?)"
     r"|cardiomediastinal(?:\s+and\s+hilar)?\s+(?:silhouettes?|contours?|shadow|size)"
     r"|size\s+of\s+the\s+heart"
     r"|cardiothoracic\s+ratio)"
@@ -217,7 +218,8 @@ TERMS: tuple[Entry, ...] = (
     _e(
         r"(?:aortic|vascular|atherosclerotic) calcifications?|atherosclero(?:sis|tic)"
         r"|tortuous (?:thoracic )?aorta|tortuosity of the (?:thoracic )?aorta"
-        r"|aortic (?:tortuosity|ectasia|unfolding)|unfolded aorta",
+        r"|aortic (?:tortuosity|ectasia|unfolding)|unfolded aorta"
+        r"|aorta is (?:tortuous|calcified|unfolded|ectatic)",
         "aortic_atherosclerosis",
     ),
     # devices, lines, tubes, surgery

@@ -189,6 +189,7 @@ class TestHeartSize:
             ("The heart is top normal in size.", u),
             ("Heart size is borderline enlarged.", u),
             ("Heart/mediastinum: Normal.", a),
+            ("The cardiac and mediastinal silhouettes are unremarkable.", a),
             ("Cardiomediastinal and hilar contours are unremarkable.", a),
             ("Heart size is difficult to assess but appears enlarged.", p),
         ],
