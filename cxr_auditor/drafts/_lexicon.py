@@ -107,7 +107,7 @@ PHRASES: tuple[Entry, ...] = (
     ),
     Entry(
         _HEART + _GAP_NORMAL.replace(r"(?!not\b|", r"(?!not\b|normal\b|")
-        + r"(?:borderline|(?:at )?(?:the )?upper (?:limits?|range|end) of normal|top[- ]normal"
+        + r"(?:borderline|(?:at )?(?:the )?upper (?:limits?|range|end) (?:of )?normal|top[- ]normal"
         r"|high[- ]normal|upper[- ]normal)".replace(" ", r"\s+"),
         (C,), UNCERTAIN,
     ),
@@ -209,7 +209,11 @@ TERMS: tuple[Entry, ...] = (
         r"|bronchitis|airways? disease",
         "airway_disease",
     ),
-    _e(r"elevat(?:ed|ion of the) (?:(?:left|right) )?hemidiaphragm", "elevated_hemidiaphragm"),
+    _e(
+        r"elevat(?:ed|ion of the) (?:(?:left|right) )?hemidiaphragm"
+        r"|hemidiaphragm (?:is |remains )?(?:mildly |moderately )?elevated",
+        "elevated_hemidiaphragm",
+    ),
     _e(
         r"degenerative (?:changes?|disease)|spondylo(?:sis|tic changes?)|osteophytes?"
         r"|(?:dextro|levo)?scoliosis|kyphosis",
@@ -262,7 +266,12 @@ TERMS: tuple[Entry, ...] = (
     ),
     # pleural effusion
     _e(r"hydropneumothora(?:x|ces)", E, P),
-    _e(r"(?:pleural )?effusions?|pleural fluid|hydrothorax|layering fluid", E),
+    _e(
+        r"(?:pleural )?effusions?|pleural fluid|hydrothorax|layering fluid|fissural fluid"
+        r"|fluid (?:(?:is )?(?:noted |seen |present )?)?(?:with)?in the (?:(?:right|left) )?"
+        r"(?:minor|major|horizontal|oblique) fissure",
+        E,
+    ),
     _e(
         r"blunt(?:ing|ed) (?:of )?(?:the )?(?:(?:left|right|bilateral|both|posterior) )*"
         r"(?:costophrenic|cp) (?:angles?|sulci|sulcus|recesses)"

@@ -66,6 +66,7 @@ _WRAPPED_TAIL = re.compile(
 _ABBREVIATION = re.compile(r"\b(?:dr|vs|mr|mrs|ms|st|approx|incl|e\.g|i\.e|fig|cf|esp)\Z")
 _SPAN_TRIM = re.compile(r"\A[\s\-*\u2022\u00b7\u2023\u25aa\u25e6]*(?:\d{1,2}[.)]\s+)?")
 MAX_SENTENCE = 1000
+_HEAD_WORDS = re.compile(r"\s*\S+(?:\s+\S+)?")
 _ANSWER = re.compile(
     r"\s*(?:none|negative|not seen|no)(?:\s+(?:seen|identified|present|demonstrated|evident))?"
     r"\s*[.!]?\s*\Z"
@@ -251,8 +252,12 @@ class _Sentence:
         while pos != -1:
             nxt = low.find(",", pos + 1, limit)
             piece_end = limit if nxt == -1 else nxt
+            # A cue that opens the piece ("..., possible effusion") starts a new statement; one
+            # further on ("..., or consolidation to suggest pneumonia") stays inside the list.
+            head = _HEAD_WORDS.match(low, pos + 1, piece_end)
+            head_end = head.end() if head else piece_end
             i = bisect_right(self.cues, pos)
-            has_trigger = i < len(self.cues) and self.cues[i] < piece_end
+            has_trigger = i < len(self.cues) and self.cues[i] < head_end
             if not _piece_continues(low[pos + 1 : piece_end], has_trigger):
                 return pos
             pos = nxt

@@ -69,6 +69,7 @@ class TestNegationScope:
             ("No pneumothorax and small left pleural effusion.", {P: a, E: p}),
             ("No effusion, and there is moderate cardiomegaly.", {E: a, C: p}),
             ("No pneumothorax, possible effusion.", {P: a, E: u}),
+            ("No pneumothorax, effusion or consolidation to suggest pneumonia.", {P: a, E: a, O: a}),
             ("Small left effusion, pneumothorax not seen.", {E: p, P: a}),
             ("No acute findings other than a small left effusion.", {E: p}),
         ],
