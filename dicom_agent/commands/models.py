@@ -18,7 +18,7 @@ import importlib.util
 import os
 import shutil
 from pathlib import Path
-from typing import Annotated
+from typing import TYPE_CHECKING, Annotated
 
 import numpy as np
 import typer
@@ -33,21 +33,14 @@ from cxr_auditor.profiles import (
     get_profile,
     load_profiles,
 )
-from cxr_auditor.schema import (
-    AuditMode,
-    AuditResult,
-    DraftResult,
-    DraftState,
-    GroundingResult,
-    GroundingState,
-    ImageRef,
-    Inputs,
-    StudyKeys,
-)
+from cxr_auditor.schema import ImageRef, StudyKeys
 from dicom_agent.cli import app
 from dicom_agent.commands import fail
 from dicom_agent.config import AgentSettings, load_settings
 from dicom_agent.errors import AgentError, ConfigError
+
+if TYPE_CHECKING:
+    from dicom_agent.worker import AuditRunner
 
 _CONFIG = typer.Option(None, "--config", help="YAML file over the embedded defaults.")
 _DICM_OFFSET = 128  # PS3.10 7.1: a 128-byte preamble, then the "DICM" prefix
@@ -116,26 +109,28 @@ def _load_image(path: Path, index: int, size: int, profile: str) -> tuple[ImageI
     return image, ref
 
 
-def _classify(
-    profile: Profile, images: list[ImageInput], refs: list[ImageRef], notes: list[str]
-) -> AuditResult:
-    from cxr_auditor.classification import PatencyClassifier, summarize
+def _runner(profile: Profile, parser_name: str, settings: AgentSettings) -> AuditRunner:
+    """What the worker would run for this profile, with the chosen draft parser."""
+    from cxr_auditor.classification import PatencyClassifier
+    from cxr_auditor.drafts import get_parser
+    from cxr_auditor.grounding import build_grounder
+    from cxr_auditor.pipeline import Auditor
+    from dicom_agent.worker import ClassificationAuditor
 
-    classifier = PatencyClassifier(profile)
-    try:
-        results = classifier.classify(images)
-    finally:
-        classifier.close()
-    return AuditResult(
-        inputs=Inputs(images=refs),
-        models=[classifier.info],
-        grounding=GroundingResult(state=GroundingState.SKIPPED, notes=["classification_profile"]),
-        draft=DraftResult(state=DraftState.NONE, notes=["classification_profile"]),
-        mode=AuditMode.NO_FLAGS,
-        comparator_version="n/a",
-        classification=summarize(profile.name, results),
-        notes=notes,
-    )
+    if profile.task == "classification":
+        return ClassificationAuditor(PatencyClassifier(profile))
+    parser = get_parser(parser_name, profiles_dir=settings.paths.profiles)
+    return Auditor(build_grounder(profile), parser, settings.audit.urgent_labels)
+
+
+def _close(runner: AuditRunner) -> None:
+    from cxr_auditor.pipeline import Auditor
+    from dicom_agent.worker import ClassificationAuditor
+
+    if isinstance(runner, Auditor):
+        runner.grounder.close()
+    elif isinstance(runner, ClassificationAuditor):
+        runner.close()
 
 
 @app.command("audit")
@@ -154,9 +149,7 @@ def audit(
     config: Path | None = _CONFIG,
 ) -> None:
     """Audit IMAGE... as one study and print the AuditResult JSON (research use only)."""
-    from cxr_auditor.drafts import get_parser
-    from cxr_auditor.grounding import build_grounder
-    from cxr_auditor.pipeline import AuditItem, Auditor
+    from cxr_auditor.pipeline import AuditItem
 
     if draft_file is not None and draft is not None:
         fail("give --draft-file or --draft, not both")
@@ -166,6 +159,8 @@ def audit(
         profile = get_profile(name, settings.paths.profiles)
     except CxrAuditError as exc:
         fail(str(exc).splitlines()[0])
+    if profile.task == "draft_parsing":
+        fail(f"profile {profile.name!r} parses drafts; give a grounding or classification profile")
     draft_text, draft_sha = draft, None
     if draft_file is not None:
         try:
@@ -187,28 +182,20 @@ def audit(
         inputs.append(image)
         refs.append(ref)
 
+    item = AuditItem(
+        images=inputs,
+        image_refs=refs,
+        draft_text=draft_text,
+        study=StudyKeys(),
+        draft_file=draft_file.name if draft_file else None,
+        draft_sha256=draft_sha,
+    )
     try:
-        if profile.task == "classification":
-            result = _classify(profile, inputs, refs, ["one_off_audit"])
-        elif profile.task == "grounding":
-            parser = get_parser(
-                parser_name or settings.drafts.parser, profiles_dir=settings.paths.profiles
-            )
-            grounder = build_grounder(profile)
-            try:
-                item = AuditItem(
-                    images=inputs,
-                    image_refs=refs,
-                    draft_text=draft_text,
-                    study=StudyKeys(),
-                    draft_file=draft_file.name if draft_file else None,
-                    draft_sha256=draft_sha,
-                )
-                result = Auditor(grounder, parser, settings.audit.urgent_labels).audit(item)
-            finally:
-                grounder.close()
-        else:
-            fail(f"profile {profile.name!r} parses drafts; give a grounding or classification profile")
+        runner = _runner(profile, parser_name or settings.drafts.parser, settings)
+        try:
+            (result,) = runner.audit_batch([item])
+        finally:
+            _close(runner)
     except CxrAuditError as exc:
         fail(str(exc).splitlines()[0])
     typer.echo(result.to_json())

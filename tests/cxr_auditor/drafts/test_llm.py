@@ -89,6 +89,29 @@ class TestLLMDraftParser:
         assert isinstance(build_draft_parser(get_profile("rules")), RulesDraftParser)
 
 
+class TestOpenAIDraftParser:
+    def test_chat_llm_profile_over_http(self) -> None:
+        from tests.openai_server import ChatServer
+
+        chat = _Script(["<think>\nchecking</think>" + GOOD])
+        server = ChatServer({"draft-parser": chat}).start()
+        try:
+            data = get_profile("chat-llm").model_dump(mode="json")
+            data.update(base_url=server.base_url, generation={"enable_thinking": True})
+            result = LLMDraftParser(parse_profile(data)).parse(DRAFT)
+        finally:
+            server.stop()
+        assert [(f.label, f.status) for f in result.findings] == [
+            (Label.PLEURAL_EFFUSION, DraftStatus.PRESENT),
+            (Label.PNEUMOTHORAX, DraftStatus.ABSENT),
+        ]
+        body = server.requests[0]
+        assert body["chat_template_kwargs"] == {"enable_thinking": True}
+        schema = body["response_format"]["json_schema"]["schema"]
+        assert schema["items"]["properties"]["status"]["enum"] == ["present", "absent", "uncertain"]
+        assert body["messages"][0]["content"] == [{"type": "text", "text": chat.calls[0][0][0].text}]
+
+
 class TestTinyModels:
     """The real chat path on tiny models of the real architectures (answers are random)."""
 

@@ -80,6 +80,10 @@ class TestAudit:
         result = runner.invoke(app, ["audit", png, "--draft", "x", "--draft-file", png])
         assert result.exit_code == 2 and "not both" in result.stderr
 
+    def test_draft_parsing_profile_cannot_audit_images(self, tmp_path: Path) -> None:
+        result = runner.invoke(app, ["audit", str(_png(tmp_path, 0, "a.png")), "--profile", "rules"])
+        assert result.exit_code == 2 and "parses drafts" in result.stderr
+
     def test_file_that_is_no_image_is_refused(self, tmp_path: Path) -> None:
         junk = tmp_path / "junk.bin"
         junk.write_bytes(b"\x00" * 300)
