@@ -14,7 +14,6 @@ client-certificate verification, and SO_REUSEPORT when several listener processe
 
 from __future__ import annotations
 
-import hashlib
 import logging
 import multiprocessing
 import signal
@@ -40,6 +39,7 @@ from pynetdicom.presentation import (
 from pynetdicom.transport import AssociationSocket, RequestHandler, ThreadedAssociationServer
 
 from dicom_agent import conformance as dc
+from dicom_agent import observe
 from dicom_agent.config import AgentSettings, SCPSettings
 from dicom_agent.errors import (
     AgentError,
@@ -61,11 +61,6 @@ _SHUTDOWN_POLL_SECONDS = 0.1  # how long stop() may wait for the accept loop to 
 _WORKER_START_SECONDS = 60.0
 _WORKER_STOP_SECONDS = 10.0
 _ERROR_COMMENT_MAX = 64  # LO VR (PS3.5 6.2)
-
-
-def study_ref(study_uid: str) -> str:
-    """A short, stable reference to a study for log lines (no UID in the log)."""
-    return hashlib.sha256(study_uid.encode("ascii", "replace")).hexdigest()[:12]
 
 
 def _status(code: int, comment: str) -> Dataset:
@@ -170,11 +165,15 @@ def _store(event: Event, ctx: _StoreContext) -> int | Dataset:
             "stored instance of SOP class %s outside the audit set: ignored, never audited",
             header.sop_class_uid,
         )
+    ref = observe.study_ref(header.study_instance_uid)
     logger.info(
         "instance.stored study=%s outcome=%s sop_class=%s",
-        study_ref(header.study_instance_uid),
+        ref,
         result.outcome.value,
         header.sop_class_uid,
+        extra=observe.event(
+            event=observe.Event.INSTANCE_STORED, study=ref, reason=result.outcome.value
+        ),
     )
     if ctx.on_stored is not None and result.outcome is not StoreOutcome.DUPLICATE:
         try:
