@@ -223,7 +223,8 @@ TERMS: tuple[Entry, ...] = (
         r"(?:aortic|vascular|atherosclerotic) calcifications?|atherosclero(?:sis|tic)"
         r"|tortuous (?:thoracic )?aorta|tortuosity of the (?:thoracic )?aorta"
         r"|aortic (?:tortuosity|ectasia|unfolding)|unfolded aorta"
-        r"|aorta is (?:tortuous|calcified|unfolded|ectatic)",
+        r"|aorta is (?:tortuous|calcified|unfolded|ectatic)"
+        r"|(?:unfolding|tortuosity|calcification) of the (?:thoracic )?aorta",
         "aortic_atherosclerosis",
     ),
     # devices, lines, tubes, surgery
@@ -254,7 +255,7 @@ TERMS: tuple[Entry, ...] = (
         "chest_tube",
     ),
     _e(r"tracheostomy(?: tubes?)?|trach tubes?", "tracheostomy"),
-    _e(r"(?:surgical|vascular) clips?", "surgical_clips"),
+    _e(r"(?:surgical|vascular|cholecystectomy|mediastinal|axillary) clips?", "surgical_clips"),
     _e(r"(?:prosthetic|mechanical) (?:aortic |mitral )?valves?|valve replacement", "valve_prosthesis"),
     _e(r"lines and tubes|tubes and lines|support devices?|monitoring (?:leads|devices)",
        "support_devices"),
