@@ -31,7 +31,7 @@ from pydicom.errors import InvalidDicomError
 from pynetdicom import AE
 
 from dicom_agent.config import AgentSettings, Destination, ForwardSettings
-from dicom_agent.errors import ForwardError
+from dicom_agent.errors import ForwardError, StateError
 from dicom_agent.state import JobKind, JobRow, JobState, StateDB
 
 logger = logging.getLogger(__name__)
@@ -143,31 +143,27 @@ def backoff_seconds(attempts: int, forward: ForwardSettings) -> float:
     )
 
 
-def _claim(db: StateDB, job: JobRow, now: float) -> bool:
-    with db.transaction() as conn:
-        cur = conn.execute(
-            "UPDATE jobs SET state=?, updated_at=? WHERE id=? AND state=?",
-            (JobState.RUNNING.value, now, job.id, JobState.QUEUED.value),
-        )
-        return cur.rowcount == 1
+def _claim(db: StateDB, job: JobRow, now: float) -> JobRow | None:
+    """Move a due job to running (counting the attempt); None when another drainer took it."""
+    try:
+        return db.transition_job(job.id, JobState.RUNNING, now)
+    except StateError:
+        return None
 
 
 def _finish(db: StateDB, job: JobRow, now: float, error: str | None, forward: ForwardSettings) -> None:
-    attempts = job.attempts + 1
+    """Done, back to the queue with backoff, or dead after ``forward.max_attempts``."""
     if error is None:
-        state, next_at = JobState.DONE, now
-    elif attempts >= forward.max_attempts:
-        state, next_at = JobState.DEAD, now
-        logger.error("forward job %d dead after %d attempts", job.id, attempts)
+        db.transition_job(job.id, JobState.DONE, now)
+    elif job.attempts >= forward.max_attempts:
+        logger.error("forward job %d dead after %d attempts", job.id, job.attempts)
+        db.transition_job(job.id, JobState.DEAD, now, error=error)
     else:
-        state, next_at = JobState.QUEUED, now + backoff_seconds(attempts, forward)
-        logger.warning("forward job %d failed (attempt %d); retry at %.0f", job.id, attempts, next_at)
-    with db.transaction() as conn:
-        conn.execute(
-            "UPDATE jobs SET state=?, attempts=?, next_attempt_at=?, last_error=?, updated_at=?"
-            " WHERE id=?",
-            (state.value, attempts, next_at, error, now, job.id),
+        next_at = now + backoff_seconds(job.attempts, forward)
+        logger.warning(
+            "forward job %d failed (attempt %d); retry at %.0f", job.id, job.attempts, next_at
         )
+        db.transition_job(job.id, JobState.QUEUED, now, error=error, next_attempt_at=next_at)
 
 
 def drain_outbox(db: StateDB, settings: AgentSettings, now: float) -> int:
@@ -179,9 +175,10 @@ def drain_outbox(db: StateDB, settings: AgentSettings, now: float) -> int:
     destinations = {d.name: d for d in settings.forward.destinations}
     delivered = 0
     for row in rows:
-        job = JobRow(**dict(row))
-        if not _claim(db, job, now):
+        claimed = _claim(db, JobRow(**dict(row)), now)
+        if claimed is None:
             continue  # another drainer took it
+        job = claimed
         error: str | None = None
         try:
             payload = json.loads(job.payload or "{}")
