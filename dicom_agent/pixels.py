@@ -32,7 +32,7 @@ from __future__ import annotations
 import contextlib
 import logging
 import math
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Literal, TypeVar
@@ -105,7 +105,8 @@ MAX_FRAME_PIXELS = 1 << 26
 # Automatic VOI window when the header gives none: these percentiles of the non-padding
 # modality values (robust to collimator edges and burnt-in labels).
 AUTO_WINDOW_PERCENTILES = (0.5, 99.5)
-# The automatic window and the max-opacity rule look at a strided subsample of about this many pixels.
+# The automatic window and the max-opacity rule look at a strided subsample of about this many
+# pixels.
 _SAMPLE_PIXELS = 1 << 18
 # Max-opacity rule: grey threshold = this percentile of the pooled display greys of all frames.
 _OPACITY_PERCENTILE = 5.0
@@ -293,7 +294,8 @@ class _PixelModule:
         rows, cols = int(ds.Rows), int(ds.Columns)
         if rows <= 0 or cols <= 0 or rows * cols > MAX_FRAME_PIXELS:
             raise DicomInputError(
-                f"Rows x Columns must be between 1 and {MAX_FRAME_PIXELS} pixels, got {rows} x {cols}"
+                f"Rows x Columns must be between 1 and {MAX_FRAME_PIXELS} pixels, "
+                f"got {rows} x {cols}"
             )
         bits_allocated = int(ds.BitsAllocated)
         if bits_allocated not in (1, 8, 16, 32):
@@ -301,7 +303,8 @@ class _PixelModule:
         bits_stored = int(ds.get("BitsStored") or bits_allocated)
         if not 1 <= bits_stored <= bits_allocated:
             raise DicomInputError(
-                f"Bits Stored must be between 1 and Bits Allocated ({bits_allocated}), got {bits_stored}"
+                f"Bits Stored must be between 1 and Bits Allocated ({bits_allocated}), "
+                f"got {bits_stored}"
             )
         frames = int(ds.get("NumberOfFrames") or 1)
         if frames < 1:
@@ -361,18 +364,21 @@ def _decode_options(pm: _PixelModule) -> dict[str, Any]:
     }
 
 
-def _decode_frame(ds: Dataset, pm: _PixelModule, index: int) -> tuple[np.ndarray, str]:
-    """One frame's raw array and the photometric interpretation pydicom left it in."""
+def _decoder(pm: _PixelModule) -> Any:
     try:
-        decoder = get_decoder(pm.transfer_syntax)
+        return get_decoder(pm.transfer_syntax)
     except NotImplementedError as exc:
         raise DicomInputError(
             f"unsupported Transfer Syntax {pm.transfer_syntax.name} ({pm.transfer_syntax})"
         ) from exc
-    plugin = decode_plugin_for(pm.transfer_syntax)
+
+
+def _decode_frame(ds: Dataset, pm: _PixelModule, index: int) -> tuple[np.ndarray, str]:
+    """One frame's raw array and the photometric interpretation pydicom left it in."""
+    decoder = _decoder(pm)
     try:
         arr, meta = _with_fallback(
-            plugin,
+            decode_plugin_for(pm.transfer_syntax),
             lambda name: decoder.as_array(
                 ds, index=index, decoding_plugin=name, **_decode_options(pm)
             ),
@@ -384,12 +390,9 @@ def _decode_frame(ds: Dataset, pm: _PixelModule, index: int) -> tuple[np.ndarray
     return arr, str(meta.get("photometric_interpretation", pm.photometric))
 
 
-def _frame_samples(
-    ds: Dataset, pm: _PixelModule, step: int
-) -> Iterator[tuple[np.ndarray, str]]:
+def _frame_samples(ds: Dataset, pm: _PixelModule, step: int) -> list[tuple[np.ndarray, str]]:
     """A strided subsample of every frame with its decoded photometric (max-opacity rule)."""
-    decoder = get_decoder(pm.transfer_syntax)
-    plugin = decode_plugin_for(pm.transfer_syntax)
+    decoder = _decoder(pm)
 
     def run(name: str) -> list[tuple[np.ndarray, str]]:
         return [
@@ -401,7 +404,7 @@ def _frame_samples(
         ]
 
     try:
-        yield from _with_fallback(plugin, run)
+        return _with_fallback(decode_plugin_for(pm.transfer_syntax), run)
     except Exception as exc:
         raise DicomInputError(
             f"cannot decode frames ({pm.transfer_syntax.name}): {type(exc).__name__}: {exc}"
@@ -500,7 +503,7 @@ class _GreyTransform:
         return out
 
     def render(self, frame: np.ndarray) -> np.ndarray:
-        """Apply to a decoded frame: one gather through a per-word table when words are <= 16 bit."""
+        """Apply to a decoded frame: one gather through a per-word table for words <= 16 bit."""
         unsigned = frame.view(f"u{frame.dtype.itemsize}")
         if frame.dtype.itemsize > 2:
             return self.greys(unsigned)
@@ -659,14 +662,14 @@ def _header_window(item: Dataset, notes: list[str]) -> tuple[tuple[float, float]
 def _colour_pixels(ds: Dataset, pm: _PixelModule, arr: np.ndarray, photometric: str) -> np.ndarray:
     """Decoded colour frame -> uint8 RGB (pydicom already converted YBR_FULL/422 to RGB)."""
     if pm.photometric == "PALETTE COLOR":
-        rgb = apply_color_lut(arr, ds)
+        rgb = apply_color_lut(pm.stored_values(arr.view(f"u{arr.dtype.itemsize}")), ds)
         return (rgb >> 8).astype(np.uint8) if rgb.dtype.itemsize > 1 else rgb.astype(np.uint8)
     if photometric != "RGB":
         raise DicomInputError(f"cannot convert {photometric} colour pixels to RGB")
     if arr.dtype == np.uint8:
         return arr
     top = (1 << pm.bits_stored) - 1
-    return np.rint(np.clip(arr.astype(np.float64), 0, top) * (255.0 / top)).astype(np.uint8)
+    return np.rint((arr.astype(np.int64) & top) * (255.0 / top)).astype(np.uint8)
 
 
 # --- frame choice and assembly -----------------------------------------------------------------
@@ -699,7 +702,7 @@ def _choose_frame(
 def _max_opacity_frame(ds: Dataset, pm: _PixelModule) -> int:
     """The frame with the most pixels at or below the pooled 5th-percentile display grey."""
     step = max(1, math.ceil(math.sqrt(pm.rows * pm.cols * pm.frames / _SAMPLE_PIXELS)))
-    decoded = list(_frame_samples(ds, pm, step))
+    decoded = _frame_samples(ds, pm, step)
     samples = [s for s, _ in decoded]
     if pm.samples == 1 and pm.photometric in _MONOCHROME:
         transform, _ = _grey_transform(ds, pm, None, samples, [])

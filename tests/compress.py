@@ -29,7 +29,7 @@ from pydicom.uid import (
 
 @dataclass(frozen=True)
 class Variant:
-    """One way to compress: the resulting transfer syntax and the dcmtk command, if dcmtk does it."""
+    """One way to compress: the resulting transfer syntax and the dcmtk command, if any."""
 
     transfer_syntax: UID
     lossless: bool

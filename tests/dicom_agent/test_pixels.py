@@ -1,4 +1,4 @@
-"""Tests for dicom_agent.pixels: the PS3.3 C.11 grey pipeline, frames, colour, decoders, geometry."""
+"""Tests for dicom_agent.pixels: the C.11 grey pipeline, frames, colour, decoders, geometry."""
 
 from __future__ import annotations
 
@@ -39,7 +39,9 @@ from tests.compress import VARIANTS, compress, have_dcmtk
 needs_dcmtk = pytest.mark.skipif(not have_dcmtk(), reason="dcmtk encoders not installed")
 
 
-def row_image(values: list[int], *, signed: bool = False, bits_stored: int = 16, **attrs: object) -> Dataset:
+def row_image(
+    values: list[int], *, signed: bool = False, bits_stored: int = 16, **attrs: object
+) -> Dataset:
     """A 1 x N monochrome image holding exactly ``values`` (raw 16-bit words when given >= 0)."""
     ds = make_cxr(rows=1, cols=len(values), bits_stored=bits_stored)
     ds.PixelRepresentation = 1 if signed else 0
@@ -268,7 +270,9 @@ class TestFrames:
 
 
 class TestColour:
-    @pytest.mark.parametrize(("photometric", "tolerance"), [("RGB", 0), ("YBR_FULL", 1), ("YBR_FULL_422", 3)])
+    @pytest.mark.parametrize(
+        ("photometric", "tolerance"), [("RGB", 0), ("YBR_FULL", 1), ("YBR_FULL_422", 3)]
+    )
     def test_converted_to_rgb(self, photometric: str, tolerance: int) -> None:
         display = to_display(make_colour_sc(photometric=photometric))
         assert display.photometric == "RGB" and display.pixels.dtype == np.uint8
@@ -363,7 +367,14 @@ class TestDecoderPreference:
 class TestPatientOrientation:
     @pytest.mark.parametrize(
         ("orientation", "expected"),
-        [("L\\F", True), ("R\\F", False), ("LA\\F", True), ("A\\F", None), ("P\\H", None), (None, None)],
+        [
+            ("L\\F", True),
+            ("R\\F", False),
+            ("LA\\F", True),
+            ("A\\F", None),
+            ("P\\H", None),
+            (None, None),
+        ],
     )
     def test_row_direction_decides(self, orientation: str | None, expected: bool | None) -> None:
         ds = make_cxr(rows=8, cols=8, patient_orientation=orientation)
@@ -408,7 +419,8 @@ class TestModelInput:
 
     def test_rejects_non_positive_size(self) -> None:
         with pytest.raises(ValueError, match="size"):
-            to_model_input(DisplayImage(np.zeros((4, 4), np.uint8), "MONOCHROME2", None, None, ()), 0)
+            blank = DisplayImage(np.zeros((4, 4), np.uint8), "MONOCHROME2", None, None, ())
+            to_model_input(blank, 0)
 
     def test_load_for_model_from_file(self, tmp_path: Path) -> None:
         path = save(make_cxr(rows=120, cols=100, window=(2000, 3000)), tmp_path / "cxr.dcm")
@@ -423,7 +435,8 @@ class TestCompressedVariants:
     def test_variant_decodes_like_the_source(self, variant: str, tmp_path: Path) -> None:
         bits = 8 if variant == "jpeg-baseline" else 12
         window = (128, 256) if bits == 8 else (2000, 3000)
-        src = save(make_cxr(rows=200, cols=160, bits_stored=bits, window=window), tmp_path / "src.dcm")
+        ds = make_cxr(rows=200, cols=160, bits_stored=bits, window=window)
+        src = save(ds, tmp_path / "src.dcm")
         out = compress(src, variant, tmp_path / f"{variant}.dcm")
         expected = to_display(read_dataset(src)).pixels.astype(int)
         got = to_display(read_dataset(out)).pixels.astype(int)
@@ -433,14 +446,17 @@ class TestCompressedVariants:
             assert np.abs(got - expected).mean() < 2
 
     @pytest.mark.parametrize("variant", ["jpeg-ls", "rle", "jpeg2000-lossless", "jpeg-lossless-sv1"])
-    def test_signed_source_survives_lossless_compression(self, variant: str, tmp_path: Path) -> None:
+    def test_signed_source_survives_lossless_compression(
+        self, variant: str, tmp_path: Path
+    ) -> None:
         ds = make_cxr(rows=64, cols=64, window=(0, 2000))
         ds.PixelRepresentation = 1
         values = np.random.default_rng(5).integers(-1500, 1500, size=(64, 64))
         ds.PixelData = values.astype("<i2").tobytes()
         src = save(ds, tmp_path / "signed.dcm")
         out = compress(src, variant, tmp_path / f"{variant}.dcm")
-        assert np.array_equal(to_display(read_dataset(out)).pixels, to_display(read_dataset(src)).pixels)
+        expected = to_display(read_dataset(src)).pixels
+        assert np.array_equal(to_display(read_dataset(out)).pixels, expected)
 
 
 def _dcmtk_render(tool: str, path: Path, out: Path, *options: str) -> np.ndarray:
@@ -457,12 +473,17 @@ class TestAgainstDcmtk:
         [
             ({}, ("+Wi", "1")),
             ({}, ("+Ww", "1500", "900")),
-            ({"PhotometricInterpretation": "MONOCHROME1", "PresentationLUTShape": "INVERSE"}, ("+Wi", "1")),
+            (
+                {"PhotometricInterpretation": "MONOCHROME1", "PresentationLUTShape": "INVERSE"},
+                ("+Wi", "1"),
+            ),
             ({"RescaleIntercept": -1024, "WindowCenter": 900}, ("+Wi", "1")),
             ({"VOILUTFunction": "SIGMOID"}, ("+Wi", "1", "+Wfs")),
         ],
     )
-    def test_window_agrees(self, attrs: dict[str, object], options: tuple[str, ...], tmp_path: Path) -> None:
+    def test_window_agrees(
+        self, attrs: dict[str, object], options: tuple[str, ...], tmp_path: Path
+    ) -> None:
         ds = make_cxr(rows=256, cols=200, window=(2000, 3000))
         for keyword, value in attrs.items():
             setattr(ds, keyword, value)
@@ -507,7 +528,7 @@ print(json.dumps(results))
 
 
 def test_pydicom_test_files_render_or_raise_dicom_input_error() -> None:
-    """Every local pydicom test file gives an image or DicomInputError, in a process that survives."""
+    """Each local pydicom test file gives an image or DicomInputError; the process survives."""
     proc = subprocess.run(
         [sys.executable, "-c", _CORPUS_SCRIPT],
         capture_output=True,
@@ -522,5 +543,11 @@ def test_pydicom_test_files_render_or_raise_dicom_input_error() -> None:
         k: v for k, v in results.items() if v not in ("ok", "DicomInputError")
     }
     # the images we must handle really do render
-    for name in ("CT_small.dcm", "MR_small_jpeg_ls_lossless.dcm", "SC_rgb_rle.dcm", "examples_palette.dcm"):
+    must_render = (
+        "CT_small.dcm",
+        "MR_small_jpeg_ls_lossless.dcm",
+        "SC_rgb_rle.dcm",
+        "examples_palette.dcm",
+    )
+    for name in must_render:
         assert results[name] == "ok", name
