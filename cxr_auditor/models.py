@@ -201,7 +201,8 @@ def load_model(profile: TransformersProfile) -> LoadedModel:
         kwargs["attn_implementation"] = profile.attn_implementation
     if quant is not None:
         kwargs["quantization_config"] = quant
-        kwargs["device_map"] = {"": device}
+    if device.startswith("cuda"):
+        kwargs["device_map"] = {"": device}  # weights straight onto the GPU, no host copy
     try:
         if image_text:
             processor = AutoProcessor.from_pretrained(profile.model, revision=profile.revision)
@@ -220,11 +221,6 @@ def load_model(profile: TransformersProfile) -> LoadedModel:
     loaded = LoadedModel(profile.name, model, processor, tokenizer, device, image_text)
     if profile.adapter:
         loaded.model = _merge_adapter(profile, model, loaded)
-    if quant is None:
-        try:
-            loaded.model = loaded.model.to(device)
-        except torch.cuda.OutOfMemoryError as exc:
-            raise _explain_load_error(profile.name, "the model onto the GPU", exc) from exc
     loaded.model.eval()
     logger.info(
         "profile %s loaded on %s (%s)%s",

@@ -111,3 +111,16 @@ def test_dsa_profile_end_to_end_on_the_trained_tiny_model(trained_gemma: Path) -
     results = PatencyClassifier(profile).classify([_xa(0, 0), _xa(255, 1)])
     assert [(r.label, r.urgent) for r in results] == [("patent", False), ("blocked", True)]
     assert results[1].raw_text == "The vessel is occluded."
+
+
+def test_dsa_profile_merges_its_adapter_and_sends_noise_to_review(
+    tiny_gemma: Path, lora_adapter: Path
+) -> None:
+    """With its LoRA merged (delta verified), an untrained model's noise is never 'patent'."""
+    profile = parse_profile(
+        tiny_profile("dsa-patency", tiny_gemma, adapter=str(lora_adapter), generation={"max_new_tokens": 8})
+    )
+    classifier = PatencyClassifier(profile)
+    assert classifier.chat.loaded.merge_delta > 0.01  # type: ignore[attr-defined]
+    (result,) = classifier.classify([_xa(0)])
+    assert (result.label, result.needs_review, result.urgent) == ("uncertain", True, False)
