@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import subprocess
+import sys
+
 import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
@@ -439,6 +442,17 @@ class TestParserObject:
             Label.PNEUMOTHORAX: DraftStatus.PRESENT,
         }
         assert all(len(f.span) <= 1000 for f in result.findings)
+
+    def test_factory_builds_model_parsers_lazily(self) -> None:
+        code = (
+            "import sys, cxr_auditor.drafts as d; "
+            "print('cxr_auditor.drafts.llm' in sys.modules, 'torch' in sys.modules)"
+        )
+        out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
+        assert out.stdout.split() == ["False", "False"], out.stderr
+        parser = get_parser("chat-llm")  # a shipped draft_parsing profile (OpenAI-compatible)
+        assert not isinstance(parser, RulesDraftParser)
+        assert (parser.info.task, parser.info.backend) == ("draft_parsing", "openai")
 
     def test_parse_many_keeps_order(self) -> None:
         results = RulesDraftParser().parse_many(["No ptx.", "", "Cardiomegaly."])
