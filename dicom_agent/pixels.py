@@ -118,7 +118,7 @@ _COLOUR = ("RGB", "YBR_FULL", "YBR_FULL_422", "YBR_ICT", "YBR_RCT")
 _T = TypeVar("_T")
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, eq=False)
 class DisplayImage:
     """Display-ready pixels at source resolution.
 
@@ -126,7 +126,8 @@ class DisplayImage:
     ``photometric`` is ``"MONOCHROME2"``) or rows x cols x 3 for colour (``"RGB"``). ``frame`` is
     the 0-based frame index for multi-frame instances, None for single-frame ones. ``window`` is
     the (centre, width) applied, in modality units; None for a VOI LUT Sequence or colour.
-    ``notes`` are short decision records (never patient data).
+    ``notes`` are short decision records (never patient data). Compared by identity: the
+    fields hold arrays.
     """
 
     pixels: np.ndarray
@@ -136,7 +137,7 @@ class DisplayImage:
     notes: tuple[str, ...]
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, eq=False)
 class ModelImage:
     """The model's square RGB input and where the source sits inside it."""
 
@@ -206,11 +207,19 @@ def to_display(
     absurd dimensions, unsupported photometric interpretation or transfer syntax, undecodable data.
     """
     try:
-        return _to_display(ds, frame, frame_rule)
+        display = _to_display(ds, frame, frame_rule)
     except DicomInputError:
         raise
     except Exception as exc:
         raise DicomInputError(f"pixel conversion failed: {type(exc).__name__}: {exc}") from exc
+    logger.debug(
+        "rendered %s frame %s to %s: %s",
+        "x".join(str(n) for n in display.pixels.shape),
+        display.frame,
+        display.photometric,
+        "; ".join(display.notes),
+    )
+    return display
 
 
 def to_model_input(display: DisplayImage, size: int) -> ModelImage:
@@ -727,7 +736,9 @@ def _to_display(ds: Dataset, frame: int | None, rule: FrameRule) -> DisplayImage
         transform, window = _grey_transform(ds, pm, chosen, [_subsample(arr)], notes)
         pixels = transform.render(arr)
         return DisplayImage(pixels, "MONOCHROME2", chosen, window, tuple(notes))
-    pixels = _colour_pixels(ds, pm, arr, photometric)
+    # native RGB may come back as a read-only view on the dataset's Pixel Data: give callers
+    # their own C-ordered array
+    pixels = np.require(_colour_pixels(ds, pm, arr, photometric), requirements=["C", "W"])
     if pm.photometric != "RGB":
         notes.append(f"colour: {pm.photometric} converted to RGB")
-    return DisplayImage(np.ascontiguousarray(pixels), "RGB", chosen, None, tuple(notes))
+    return DisplayImage(pixels, "RGB", chosen, None, tuple(notes))

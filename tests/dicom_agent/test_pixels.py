@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import logging
 import shutil
 import subprocess
 import sys
@@ -33,7 +34,15 @@ from dicom_agent.pixels import (
     to_display,
     to_model_input,
 )
-from tests.builders import colour_pattern, make_colour_sc, make_cxr, make_xa_run, save
+from tests.builders import (
+    SENTINEL_PATIENT_ID,
+    SENTINEL_PATIENT_NAME,
+    colour_pattern,
+    make_colour_sc,
+    make_cxr,
+    make_xa_run,
+    save,
+)
 from tests.compress import VARIANTS, compress, have_dcmtk
 
 needs_dcmtk = pytest.mark.skipif(not have_dcmtk(), reason="dcmtk encoders not installed")
@@ -279,6 +288,13 @@ class TestColour:
         error = np.abs(display.pixels.astype(int) - colour_pattern(64, 96))
         assert error.max() <= tolerance
 
+    def test_native_rgb_pixels_belong_to_the_caller(self) -> None:
+        ds = make_colour_sc(photometric="RGB")
+        before = bytes(ds.PixelData)
+        display = to_display(ds)
+        display.pixels[:] = 0
+        assert ds.PixelData == before
+
     def test_jpeg_baseline_ybr_full_422(self, tmp_path: Path) -> None:
         if not have_dcmtk():
             pytest.skip("dcmtk encoders not installed")
@@ -287,6 +303,14 @@ class TestColour:
         assert read_dataset(out).PhotometricInterpretation == "YBR_FULL_422"
         display = to_display(read_dataset(out))
         assert np.abs(display.pixels.astype(int) - colour_pattern(64, 96)).mean() < 3
+
+
+def test_debug_log_names_decisions_not_patients(caplog: pytest.LogCaptureFixture) -> None:
+    with caplog.at_level(logging.DEBUG, logger="dicom_agent.pixels"):
+        to_display(make_cxr(rows=16, cols=16, window=(2000, 3000)))
+    assert "header window" in caplog.text
+    for sentinel in (SENTINEL_PATIENT_NAME, SENTINEL_PATIENT_ID, "ACC0001"):
+        assert sentinel not in caplog.text
 
 
 class TestErrors:
