@@ -366,19 +366,21 @@ def cache_root(basetemp: Path) -> Path:
 def cached(root: Path, name: str, build: Any, key: str = "") -> Path:
     """``root/name-<fingerprint>``, built once with ``build(folder)``.
 
-    The build happens in a private folder that is renamed into place, so parallel test workers
-    never see a half-written model; the loser of a race uses the winner's copy.
+    A lock file makes parallel test workers wait for one build instead of each training its
+    own; the build happens in a private folder renamed into place, so a crashed build never
+    leaves a half-written model behind.
     """
+    import fcntl
+
     root.mkdir(parents=True, exist_ok=True)
     folder = root / f"{name}-{builder_fingerprint(key)}"
-    if folder.is_dir():
-        return folder
-    scratch = root / f".{folder.name}.{os.getpid()}"
-    if scratch.exists():
-        shutil.rmtree(scratch)
-    build(scratch)
-    try:
+    with (root / f".{folder.name}.lock").open("w") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        if folder.is_dir():
+            return folder
+        scratch = root / f".{folder.name}.{os.getpid()}"
+        if scratch.exists():
+            shutil.rmtree(scratch)
+        build(scratch)
         scratch.rename(folder)
-    except OSError:
-        shutil.rmtree(scratch)
     return folder
