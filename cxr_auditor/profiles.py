@@ -27,6 +27,24 @@ from cxr_auditor.errors import ProfileError
 from cxr_auditor.labels import Label
 from cxr_auditor.prompts import PROMPTS
 
+__all__ = [
+    "PARSER_TASKS",
+    "PATENCY_LABELS",
+    "SHIPPED_PROFILES",
+    "FakeProfile",
+    "Generation",
+    "OpenAIProfile",
+    "Profile",
+    "RoutingRule",
+    "RulesProfile",
+    "Sampling",
+    "TransformersProfile",
+    "get_profile",
+    "load_profiles",
+    "parse_profile",
+    "read_profile",
+]
+
 logger = logging.getLogger(__name__)
 
 #: Profiles shipped with the package (a source checkout keeps them beside the packages).
@@ -240,7 +258,6 @@ Profile = Annotated[
     TransformersProfile | OpenAIProfile | FakeProfile | RulesProfile,
     Field(discriminator="backend"),
 ]
-ProfileBase = _ProfileBase
 
 _ADAPTER: TypeAdapter[Any] = TypeAdapter(Profile)
 
