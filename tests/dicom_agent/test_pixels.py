@@ -11,6 +11,8 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
 from PIL import Image
 from pydicom.data import get_testdata_file
 from pydicom.dataset import Dataset
@@ -105,6 +107,52 @@ class TestVoiFunctions:
     def test_width_one_linear_is_a_threshold(self) -> None:
         ds = row_image([99, 100, 101], WindowCenter=100.5, WindowWidth=1)
         assert greys(ds) == [0, 0, 255]
+
+
+def _direct_grey(
+    words: np.ndarray, bits: int, signed: bool, slope: float, intercept: float, c: float, w: float
+) -> np.ndarray:
+    """Per-pixel LINEAR_EXACT oracle straight from C.11 (no table), for the property below."""
+    stored = words.astype(np.int64) & ((1 << bits) - 1)
+    if signed:
+        stored = np.where(stored >= 1 << (bits - 1), stored - (1 << bits), stored)
+    x = stored * slope + intercept
+    return np.clip(np.floor(((x - c) / w + 0.5) * 255.0 + 0.5), 0, 255).astype(np.uint8)
+
+
+@settings(max_examples=40, deadline=None)
+@given(
+    bits=st.integers(1, 16),
+    signed=st.booleans(),
+    slope=st.sampled_from([1.0, 0.5, 2.0, 3.25]),
+    intercept=st.integers(-2000, 2000),
+    center=st.floats(-3000, 3000),
+    width=st.floats(1, 5000),
+    seed=st.integers(0, 2**16),
+)
+def test_folded_table_equals_direct_evaluation(
+    bits: int,
+    signed: bool,
+    slope: float,
+    intercept: int,
+    center: float,
+    width: float,
+    seed: int,
+) -> None:
+    """The one-table path (unused bits, sign, rescale, window) equals per-pixel evaluation."""
+    words = np.random.default_rng(seed).integers(0, 1 << 16, size=64)  # junk in unused bits too
+    ds = row_image(
+        [int(v) for v in words],
+        signed=signed,
+        bits_stored=bits,
+        RescaleSlope=slope,
+        RescaleIntercept=intercept,
+        WindowCenter=center,
+        WindowWidth=width,
+        VOILUTFunction="LINEAR_EXACT",
+    )
+    expected = _direct_grey(words, bits, signed, slope, intercept, center, width)
+    assert np.array_equal(to_display(ds).pixels.ravel(), expected)
 
 
 class TestModalityLut:
