@@ -17,6 +17,7 @@ import json
 import re
 import socket
 import struct
+import subprocess
 import threading
 import time
 from dataclasses import dataclass, field
@@ -27,6 +28,7 @@ from pydicom import dcmread
 from pydicom.dataset import Dataset
 
 from tests.agentproc import AgentProcess, StubModelServer, echo, make_study, store, wait_until
+from tests.orthanc import ORTHANC, OrthancServer, _port_open, start_orthanc
 
 pytestmark = [pytest.mark.integration, pytest.mark.slow]
 
@@ -640,3 +642,72 @@ def test_stalled_or_aborting_peer_leaves_nothing_and_blocks_no_one(
     assert {ds.SOPInstanceUID for ds in other} <= spool_names & rows
     assert not leftovers
     assert silent_closed_after < 15
+
+
+def _relaunch(server: OrthancServer) -> OrthancServer:
+    """Start a stopped Orthanc again from the same config file (same ports and storage)."""
+    with (server.folder / "orthanc.log").open("ab") as log:
+        process = subprocess.Popen([ORTHANC, str(server.folder / "orthanc.json")], stdout=log,
+                                   stderr=subprocess.STDOUT, cwd=server.folder)
+    again = OrthancServer(server.folder, server.ae_title, server.dicom_port, server.http_port,
+                          process)
+    try:
+        wait_until(lambda: _port_open(again.http_port) and _port_open(again.dicom_port),
+                   timeout=30, what="Orthanc ports", interval=0.05)
+    except TimeoutError:
+        again.stop()
+        raise
+    return again
+
+
+def test_results_wait_in_the_outbox_while_the_pacs_is_down(tmp_path: Path) -> None:
+    orthanc = start_orthanc(tmp_path / "orthanc")  # fixes its ports and config, then goes down
+    orthanc.stop()
+    # While "down", its ports stay bound but not listening: connections are refused, and no
+    # other process on this shared machine can start a server there in the meantime.
+    placeholders = []
+    for port in (orthanc.dicom_port, orthanc.http_port):
+        sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+        sock.bind(("127.0.0.1", port))
+        placeholders.append(sock)
+    agent = AgentProcess(tmp_path / "agent", {"forward": {
+        "enabled": True,
+        "max_attempts": 100,
+        "retry_backoff_seconds": 0.3,
+        "retry_backoff_max_seconds": 1,
+        "destinations": [{"name": "pacs", "ae_title": orthanc.ae_title, "host": "127.0.0.1",
+                          "port": orthanc.dicom_port, "research": True}],
+    }})
+    study = make_study(1, accession="DOWN01", size=128)
+    uid = study[0].StudyInstanceUID
+    agent.start()
+    try:
+        assert store(agent.port, study) == [0]
+        agent.drop_draft("DOWN01.txt", NORMAL_DRAFT)
+        audit = wait_until(lambda: agent.result(uid), timeout=60, what="the audit",
+                           alive=agent.check_alive)
+        held = wait_until(
+            lambda: agent.db_query("SELECT * FROM jobs WHERE kind='forward' AND attempts >= 2"
+                                   " AND state != 'done'"),
+            timeout=60, what="forward retries while the PACS is down", alive=agent.check_alive,
+        )
+        assert all(j["last_error"] for j in held), held
+        for sock in placeholders:
+            sock.close()
+        orthanc = _relaunch(orthanc)
+        wanted = set(audit["outputs"].values())
+        arrived = wait_until(
+            lambda: wanted <= {i["MainDicomTags"]["SOPInstanceUID"]
+                               for i in orthanc.study_instances(uid)} and orthanc.study_instances(uid),
+            timeout=60, what="results in the PACS", interval=0.5, alive=agent.check_alive,
+        )
+        forwards = agent.db_query("SELECT state, attempts FROM jobs WHERE kind='forward'")
+    finally:
+        for sock in placeholders:
+            sock.close()
+        agent.stop()
+        orthanc.stop()
+    assert len(arrived) == len(wanted)  # each object once (the source study was never sent)
+    assert all(j["state"] == "done" for j in forwards)
+    print(f"PACS down: held through {max(j['attempts'] for j in forwards)} attempts, "
+          f"then {len(arrived)} objects delivered once")
