@@ -115,7 +115,10 @@ def parse_draft(
             fail("input is empty: no JSON lines to parse")
         records, bad = _records(text)
         draft_parser = _parser(parser, config)
-        results = draft_parser.parse_many([t for _, t in records])
+        try:
+            results = draft_parser.parse_many([t for _, t in records])
+        except CxrAuditError as exc:  # a model backend that cannot answer
+            fail(f"parser {parser!r}: {str(exc).splitlines()[0]}")
         for (rid, _), result in zip(records, results, strict=True):
             line = {"id": rid, "state": result.state.value, "labels": as_records(result)}
             sys.stdout.write(json.dumps(line, ensure_ascii=False) + "\n")
@@ -126,5 +129,9 @@ def parse_draft(
     text = _read(source)
     if not text.strip():
         fail("draft is empty")
-    result = _parser(parser, config).parse(text)
+    draft_parser = _parser(parser, config)
+    try:
+        result = draft_parser.parse(text)
+    except CxrAuditError as exc:
+        fail(f"parser {parser!r}: {str(exc).splitlines()[0]}")
     typer.echo(json.dumps(as_records(result), indent=2, ensure_ascii=False))

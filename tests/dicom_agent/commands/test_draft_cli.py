@@ -5,8 +5,11 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
+import pytest
 from typer.testing import CliRunner
 
+from cxr_auditor.drafts.rules import RulesDraftParser
+from cxr_auditor.errors import BackendError
 from dicom_agent.cli import app
 
 runner = CliRunner()
@@ -100,3 +103,15 @@ def test_unknown_parser_is_one_line(tmp_path: Path) -> None:
     assert out.exit_code == 2
     assert out.stderr.startswith("error: parser 'no-such-profile':")
     assert len(out.stderr.strip().splitlines()) == 1
+
+
+def test_unreachable_model_parser_is_one_line(monkeypatch: pytest.MonkeyPatch) -> None:
+    def refuse(self: RulesDraftParser, text: str) -> None:
+        raise BackendError("server at http://127.0.0.1:9/v1 failed after 4 attempts")
+
+    monkeypatch.setattr(RulesDraftParser, "parse", refuse)
+    out = runner.invoke(app, ["parse-draft", "-"], input="No ptx.")
+    assert out.exit_code == 2
+    assert out.stderr.strip() == (
+        "error: parser 'rules': server at http://127.0.0.1:9/v1 failed after 4 attempts"
+    )
