@@ -176,6 +176,11 @@ def _quantization(profile: TransformersProfile, device: str) -> Any:
     )
 
 
+def _looks_local(ref: str) -> bool:
+    """A path rather than a hub id (``owner/name``): absolute, home- or dot-relative."""
+    return ref.startswith(("/", "~", ".")) or Path(ref).is_dir()
+
+
 def load_model(profile: TransformersProfile) -> LoadedModel:
     """Load the profile's model (and merge its adapter) once, in eval mode.
 
@@ -191,6 +196,9 @@ def load_model(profile: TransformersProfile) -> LoadedModel:
         AutoTokenizer,
     )
 
+    for what, ref in (("model", profile.model), ("adapter", profile.adapter)):
+        if ref and _looks_local(ref) and not Path(ref).expanduser().is_dir():
+            raise ModelUnavailable(f"profile {profile.name!r}: {what} folder {ref} does not exist")
     device = resolve_device(profile.device, profile.name)
     quant = _quantization(profile, device)
     image_text = profile.model_class == "image_text_to_text"

@@ -145,8 +145,13 @@ class TestLoading:
             load_model(_profile("explain-my-xray", tiny_gemma, adapter=str(lora_adapter)))
 
     def test_missing_weights_name_profile_and_cause(self, tmp_path: Path) -> None:
-        with pytest.raises(ModelUnavailable, match="profile 'cxr-auditor-v2': cannot load model"):
+        with pytest.raises(ModelUnavailable, match="profile 'cxr-auditor-v2': model folder .* does not exist"):
             load_model(_profile("cxr-auditor-v2", tmp_path / "absent"))
+
+    def test_folder_without_weights_names_the_cause(self, tmp_path: Path) -> None:
+        (tmp_path / "empty").mkdir()
+        with pytest.raises(ModelUnavailable, match="profile 'cxr-auditor-v2': cannot load model"):
+            load_model(_profile("cxr-auditor-v2", tmp_path / "empty"))
 
     def test_4bit_on_cpu_is_refused(self, tiny_gemma: Path) -> None:
         with pytest.raises(ModelUnavailable, match="4-bit loading needs a CUDA GPU"):

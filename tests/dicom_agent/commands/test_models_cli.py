@@ -95,7 +95,7 @@ class TestAudit:
         monkeypatch.setenv("CXR_AGENT__PATHS__PROFILES", str(site))
         result = runner.invoke(app, ["audit", str(_png(tmp_path, 0, "a.png")), "--profile", "broken"])
         assert result.exit_code == 2
-        assert "profile 'broken': cannot load model" in result.stderr and "Traceback" not in result.output
+        assert "profile 'broken': model folder" in result.stderr and "does not exist" in result.stderr and "Traceback" not in result.output
 
     @pytest.mark.slow
     def test_trained_tiny_grounder_end_to_end(
