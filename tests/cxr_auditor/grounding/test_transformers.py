@@ -51,8 +51,9 @@ class _Spy:
 class TestTrainedGrounder:
     """The trained tiny model answers black → no_finding, white → pneumothorax with a box."""
 
-    def test_batch_of_images_yields_each_images_answer(self, trained_gemma: Path) -> None:
-        grounder = build_grounder(_profile("cxr-auditor-v2", trained_gemma, prompt="explain_my_xray"))
+    @pytest.mark.parametrize("shipped", ["cxr-auditor-v2", "cxr-auditor-v1"])
+    def test_batch_of_images_yields_each_images_answer(self, trained_gemma: Path, shipped: str) -> None:
+        grounder = build_grounder(_profile(shipped, trained_gemma, prompt="explain_my_xray"))
         assert isinstance(grounder, TransformersGrounder)
         results = grounder.ground([_image(0, 0), _image(255, 1), _image(0, 2, size=96)])
         assert [r.state for r in results] == [GroundingState.OK] * 3
@@ -61,7 +62,7 @@ class TestTrainedGrounder:
         assert ptx.label is Label.PNEUMOTHORAX and ptx.image_index == 1
         assert ptx.box is not None and ptx.box.as_list() == pytest.approx([0.1, 0.6, 0.5, 0.9])
         assert results[2].findings[0].image_index == 2 and results[0].attempts == 1
-        assert grounder.info.profile == "cxr-auditor-v2" and grounder.info.prompt_hash
+        assert grounder.info.profile == shipped and grounder.info.prompt_hash
 
     def test_left_padding_keeps_rows_of_different_length_exact(self, trained_gemma: Path) -> None:
         chat = TransformersChat(_profile("cxr-auditor-v2", trained_gemma))
