@@ -11,34 +11,20 @@ from typing import Any
 import typer
 
 from dicom_agent.cli import app
-from dicom_agent.commands import fail
-from dicom_agent.config import AgentSettings, load_settings
+from dicom_agent.commands import CONFIG_OPTION, fail, settings_or_fail
+from dicom_agent.config import AgentSettings
 from dicom_agent.errors import ConfigError
 
 #: A heartbeat older than this many seconds means the agent is not running.
 HEARTBEAT_STALE_SECONDS = 15.0
 
-_CONFIG = typer.Option(None, "--config", help="YAML file over the embedded defaults.")
-
-
-def _settings(config: Path | None) -> AgentSettings:
-    """Load settings; each bad key is one ``error:`` line on stderr, exit code 2."""
-    try:
-        return load_settings(config)
-    except ConfigError as exc:
-        lines = str(exc).splitlines()
-        for line in lines[:-1]:
-            typer.echo(f"error: {line}", err=True)
-        fail(lines[-1] if lines else "invalid configuration")
-
-
 @app.command("serve")
-def serve(config: Path | None = _CONFIG) -> None:
+def serve(config: Path | None = CONFIG_OPTION) -> None:
     """Receive studies, pair drafts and audit them until SIGTERM / Ctrl-C."""
     from dicom_agent.agent import Agent
     from dicom_agent.observe import setup_logging
 
-    settings = _settings(config)
+    settings = settings_or_fail(config)
     setup_logging(settings.logging)
     try:
         Agent(settings).run_forever()
@@ -123,11 +109,11 @@ def _print_status(body: dict[str, Any]) -> None:
 
 @app.command("status")
 def status(
-    config: Path | None = _CONFIG,
+    config: Path | None = CONFIG_OPTION,
     as_json: bool = typer.Option(False, "--json", help="Print JSON."),
 ) -> None:
     """Queue depths, studies waiting for drafts, orphans, failures and the model state."""
-    body = collect_status(_settings(config))
+    body = collect_status(settings_or_fail(config))
     if as_json:
         typer.echo(json.dumps(body, indent=2, default=str))
     else:
@@ -137,13 +123,13 @@ def status(
 @app.command("reaudit")
 def reaudit(
     study_uid: str = typer.Argument(..., help="Study Instance UID to audit again."),
-    config: Path | None = _CONFIG,
+    config: Path | None = CONFIG_OPTION,
 ) -> None:
     """Queue a new audit version of a study (a running agent picks it up)."""
     from dicom_agent.scheduler import Reason, queue_audit
     from dicom_agent.state import StateDB
 
-    settings = _settings(config)
+    settings = settings_or_fail(config)
     if not settings.paths.state.exists():
         fail(f"no state database at {settings.paths.state}")
     db = StateDB(settings.paths.state)

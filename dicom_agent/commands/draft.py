@@ -23,9 +23,7 @@ from cxr_auditor.drafts.base import DraftParser
 from cxr_auditor.drafts.rules import as_records
 from cxr_auditor.errors import CxrAuditError
 from dicom_agent.cli import app
-from dicom_agent.commands import fail, warn
-from dicom_agent.config import load_settings
-from dicom_agent.errors import ConfigError
+from dicom_agent.commands import fail, settings_or_fail, warn
 
 STDIN = "-"
 
@@ -56,10 +54,7 @@ def _read(source: str) -> str:
 def _parser(name: str, config: Path | None) -> DraftParser:
     profiles_dir = None
     if config is not None:
-        try:
-            profiles_dir = load_settings(config).paths.profiles
-        except ConfigError as exc:
-            fail(str(exc).splitlines()[0])
+        profiles_dir = settings_or_fail(config).paths.profiles
     try:
         return get_parser(name, profiles_dir=profiles_dir)
     except CxrAuditError as exc:

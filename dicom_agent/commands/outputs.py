@@ -10,9 +10,8 @@ from typing import Annotated
 import typer
 
 from dicom_agent.cli import app
-from dicom_agent.commands import fail
-from dicom_agent.config import load_settings
-from dicom_agent.errors import ConfigError, OutputError
+from dicom_agent.commands import fail, settings_or_fail
+from dicom_agent.errors import OutputError
 from dicom_agent.forward import drain_outbox, enqueue_forward
 from dicom_agent.outputs import objects_to_send
 from dicom_agent.outputs.sidecar import SIDECAR_NAME, read_result
@@ -35,10 +34,7 @@ def resend(
     """Send the study's latest validated SR/GSPS/SC again to every research destination."""
     if not _UID.match(study_uid) or len(study_uid) > 64:
         fail("STUDY_UID must be a DICOM UID (digits and dots, at most 64 characters)")
-    try:
-        settings = load_settings(config)
-    except ConfigError as exc:
-        fail(str(exc).splitlines()[0])
+    settings = settings_or_fail(config)
     destinations = [d for d in settings.forward.destinations if d.research]
     if not destinations:
         fail("no destination with research: true in forward.destinations; see docs/outputs.md")
