@@ -28,6 +28,7 @@ from pydicom import dcmread
 from pydicom.dataset import Dataset
 
 from tests.agentproc import AgentProcess, StubModelServer, echo, make_study, store, wait_until
+from tests.mutations import corpus, send_raw
 from tests.orthanc import ORTHANC, OrthancServer, _port_open, start_orthanc
 
 pytestmark = [pytest.mark.integration, pytest.mark.slow]
@@ -558,7 +559,7 @@ def test_model_backend_failure_dead_letters_while_ingest_continues(
 
 
 def test_free_space_floor_refuses_with_out_of_resources_then_recovers(tmp_path: Path) -> None:
-    agent = AgentProcess(tmp_path, {"scp": {"min_free_bytes": 1 << 60}})  # 1 EiB: always short
+    agent = AgentProcess(tmp_path / "agent", {"scp": {"min_free_bytes": 1 << 60}})  # 1 EiB
     study = make_study(3, accession="FULL01", size=64)
     agent.start()
     try:
@@ -567,6 +568,12 @@ def test_free_space_floor_refuses_with_out_of_resources_then_recovers(tmp_path: 
         assert not _temp_files(agent.path("spool"))
         assert not agent.db_query("SELECT * FROM instances")
         assert "out of resources" in agent.log_text().lower()
+        # Refused input is not kept either while below the floor: the quarantine must not be
+        # the way a peer fills the disk.
+        bad = next(m for m in corpus() if m.name == "uid_sop_traversal").write(tmp_path / "in")
+        (outcome,) = send_raw("127.0.0.1", agent.port, [bad], called_aet="CXRAUDIT").values()
+        assert outcome in (0xA700, 0xC210)
+        assert not [p for p in agent.path("quarantine").rglob("*") if p.is_file()]
         agent.stop()
         agent.config["scp"]["min_free_bytes"] = 0  # space came back
         agent.write_config()
