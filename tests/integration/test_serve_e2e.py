@@ -256,6 +256,8 @@ def test_model_unavailable_keeps_receiving_and_drains_once_it_loads(tmp_path: Pa
             "name: cxr-auditor-v2\ntask: grounding\nbackend: fake\n", encoding="utf-8")
         body = wait_result(proc, study)
         assert body["mode"] == "full" and ("missing", "pleural_effusion") in flags(body)
-        assert proc.status()["model"]["state"] == "ready"
+        # status reads the heartbeat, written every couple of seconds: wait for the next one
+        wait_until(lambda: proc.status()["model"]["state"] == "ready", timeout=30,
+                   what="model ready in status", alive=proc.check_alive)
     finally:
         proc.kill()
