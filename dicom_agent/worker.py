@@ -142,7 +142,7 @@ def default_auditor_factory(settings: AgentSettings) -> AuditorFactory:
         from cxr_auditor.drafts import get_parser
 
         grounder = build_grounder(profile)
-        parser = get_parser(settings.drafts.parser)
+        parser = get_parser(settings.drafts.parser, profiles_dir=settings.paths.profiles)
         return Auditor(grounder, parser, urgent=settings.audit.urgent_labels)
 
     return build

@@ -367,3 +367,23 @@ def test_study_with_only_lateral_views_gets_a_result_saying_nothing_was_audited(
     assert out["inputs"]["skipped_images"] == [{"image_id": lat, "reason": "lateral_view"}]
     assert out["grounding"]["state"] != "ok" and out["flags"] == []
     assert grounder.batch_sizes == []  # the model was not called for nothing
+
+
+def test_default_factory_finds_site_only_profiles_for_grounder_and_parser(
+    settings: AgentSettings, tmp_path: Path
+) -> None:
+    """Both the grounding profile and the draft parser may live only in ``paths.profiles``."""
+    from dicom_agent.config import load_settings
+    from dicom_agent.worker import default_auditor_factory
+
+    site = tmp_path / "site-profiles"
+    site.mkdir()
+    (site / "g.yaml").write_text("name: site-fake\ntask: grounding\nbackend: fake\n")
+    (site / "p.yaml").write_text("name: site-rules\ntask: draft_parsing\nbackend: rules\n")
+    site_settings = load_settings(
+        paths={**settings.paths.model_dump(), "profiles": site},
+        drafts={"parser": "site-rules"},
+    )
+    runner = default_auditor_factory(site_settings)("site-fake")
+    assert isinstance(runner, Auditor)
+    assert runner.draft_parser is not None and runner.draft_parser.name == "rules"
