@@ -14,12 +14,14 @@ import time
 from collections.abc import Iterable
 from dataclasses import dataclass, field
 
+from cxr_auditor.classification import PatencyClassifier, summarize
 from cxr_auditor.comparator import COMPARATOR_VERSION, compare
 from cxr_auditor.drafts.base import DraftParser
 from cxr_auditor.errors import BackendError
 from cxr_auditor.grounding.base import Grounder, ImageInput
 from cxr_auditor.labels import DEFAULT_URGENT, Label, parse_urgent
 from cxr_auditor.schema import (
+    AuditMode,
     AuditResult,
     DraftResult,
     DraftState,
@@ -38,6 +40,7 @@ __all__ = [
     "MIDLINE_BAND",
     "AuditItem",
     "Auditor",
+    "ClassificationAuditor",
     "box_laterality",
     "merge_grounding",
     "place_findings",
@@ -74,6 +77,15 @@ class AuditItem:
 
     def __repr__(self) -> str:  # the draft and study keys are PHI: keep them out of logs
         return f"AuditItem(images={len(self.images)}, draft={self.draft_text is not None})"
+
+    def inputs(self) -> Inputs:
+        """The ``inputs`` block of this study's result."""
+        return Inputs(
+            images=self.image_refs,
+            skipped_images=self.skipped_images,
+            draft_file=self.draft_file,
+            draft_sha256=self.draft_sha256,
+        )
 
 
 def box_laterality(
@@ -239,12 +251,7 @@ class Auditor:
                 AuditResult(
                     study=item.study,
                     result_version=item.result_version,
-                    inputs=Inputs(
-                        images=item.image_refs,
-                        skipped_images=item.skipped_images,
-                        draft_file=item.draft_file,
-                        draft_sha256=item.draft_sha256,
-                    ),
+                    inputs=item.inputs(),
                     models=self._models(draft),
                     grounding=grounding,
                     draft=draft,
@@ -291,3 +298,46 @@ class Auditor:
         if self.draft_parser is not None and draft.state is not DraftState.NONE:
             models.append(self.draft_parser.info)
         return models
+
+
+class ClassificationAuditor:
+    """Audits with a classification profile (``dsa-patency`` on XA): one classifier call over
+    all images of the batch; the study-level answer goes to ``AuditResult.classification``.
+
+    There is no grounding and no draft comparison, so the mode is ``no_flags``; a blocked
+    vessel is URGENT inside ``classification`` (``urgent: true``).
+    """
+
+    def __init__(self, classifier: PatencyClassifier) -> None:
+        self.classifier = classifier
+
+    def audit_batch(self, items: list[AuditItem]) -> list[AuditResult]:
+        images = [image for item in items for image in item.images]
+        start = time.perf_counter()
+        answers = self.classifier.classify(images) if images else []
+        ms = _ms(start)
+        out: list[AuditResult] = []
+        offset = 0
+        for item in items:
+            mine = answers[offset : offset + len(item.images)]
+            offset += len(item.images)
+            out.append(
+                AuditResult(
+                    study=item.study,
+                    result_version=item.result_version,
+                    inputs=item.inputs(),
+                    models=[self.classifier.info],
+                    grounding=GroundingResult(
+                        state=GroundingState.SKIPPED, notes=["classification_profile"]
+                    ),
+                    draft=DraftResult(state=DraftState.NONE, notes=["classification_profile"]),
+                    mode=AuditMode.NO_FLAGS,
+                    comparator_version=COMPARATOR_VERSION,
+                    classification=summarize(self.classifier.profile.name, mine),
+                    timings={"classification": ms},
+                )
+            )
+        return out
+
+    def close(self) -> None:
+        self.classifier.close()

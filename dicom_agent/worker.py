@@ -32,22 +32,15 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Protocol, TypeVar
 
-from cxr_auditor.classification import PatencyClassifier, summarize
-from cxr_auditor.comparator import COMPARATOR_VERSION
+from cxr_auditor.classification import PatencyClassifier
 from cxr_auditor.errors import ModelUnavailable
 from cxr_auditor.grounding import build_grounder
 from cxr_auditor.grounding.base import ImageInput
-from cxr_auditor.pipeline import AuditItem, Auditor
+from cxr_auditor.pipeline import AuditItem, Auditor, ClassificationAuditor
 from cxr_auditor.profiles import get_profile
 from cxr_auditor.schema import (
-    AuditMode,
     AuditResult,
-    DraftResult,
-    DraftState,
-    GroundingResult,
-    GroundingState,
     ImageRef,
-    Inputs,
     StudyKeys,
 )
 from dicom_agent import forward
@@ -80,54 +73,6 @@ class AuditRunner(Protocol):
 
 #: Builds the runner of one profile; raises ModelUnavailable / BackendError / ProfileError.
 AuditorFactory = Callable[[str], AuditRunner]
-
-
-class ClassificationAuditor:
-    """Audits with a classification profile (``dsa-patency`` on XA): one classifier call over
-    all images of the batch; the study-level answer goes to ``AuditResult.classification``.
-
-    There is no grounding and no draft comparison, so the mode is ``no_flags``; a blocked
-    vessel is URGENT inside ``classification`` (``urgent: true``).
-    """
-
-    def __init__(self, classifier: PatencyClassifier) -> None:
-        self.classifier = classifier
-
-    def audit_batch(self, items: list[AuditItem]) -> list[AuditResult]:
-        images = [image for item in items for image in item.images]
-        start = time.perf_counter()
-        answers = self.classifier.classify(images) if images else []
-        ms = round((time.perf_counter() - start) * 1000, 3)
-        out: list[AuditResult] = []
-        offset = 0
-        for item in items:
-            mine = answers[offset : offset + len(item.images)]
-            offset += len(item.images)
-            out.append(
-                AuditResult(
-                    study=item.study,
-                    result_version=item.result_version,
-                    inputs=Inputs(
-                        images=item.image_refs,
-                        skipped_images=item.skipped_images,
-                        draft_file=item.draft_file,
-                        draft_sha256=item.draft_sha256,
-                    ),
-                    models=[self.classifier.info],
-                    grounding=GroundingResult(
-                        state=GroundingState.SKIPPED, notes=["classification_profile"]
-                    ),
-                    draft=DraftResult(state=DraftState.NONE, notes=["classification_profile"]),
-                    mode=AuditMode.NO_FLAGS,
-                    comparator_version=COMPARATOR_VERSION,
-                    classification=summarize(self.classifier.profile.name, mine),
-                    timings={"classification": ms},
-                )
-            )
-        return out
-
-    def close(self) -> None:
-        self.classifier.close()
 
 
 def default_auditor_factory(settings: AgentSettings) -> AuditorFactory:

@@ -114,8 +114,7 @@ def _runner(profile: Profile, parser_name: str, settings: AgentSettings) -> Audi
     from cxr_auditor.classification import PatencyClassifier
     from cxr_auditor.drafts import get_parser
     from cxr_auditor.grounding import build_grounder
-    from cxr_auditor.pipeline import Auditor
-    from dicom_agent.worker import ClassificationAuditor
+    from cxr_auditor.pipeline import Auditor, ClassificationAuditor
 
     if profile.task == "classification":
         return ClassificationAuditor(PatencyClassifier(profile))
@@ -124,8 +123,7 @@ def _runner(profile: Profile, parser_name: str, settings: AgentSettings) -> Audi
 
 
 def _close(runner: AuditRunner) -> None:
-    from cxr_auditor.pipeline import Auditor
-    from dicom_agent.worker import ClassificationAuditor
+    from cxr_auditor.pipeline import Auditor, ClassificationAuditor
 
     if isinstance(runner, Auditor):
         runner.grounder.close()

@@ -315,8 +315,8 @@ def test_xa_study_goes_to_the_classification_profile(
     settings: AgentSettings, db: StateDB, clock: Clock
 ) -> None:
     from cxr_auditor.classification import PatencyClassifier
+    from cxr_auditor.pipeline import ClassificationAuditor
     from cxr_auditor.profiles import parse_profile
-    from dicom_agent.worker import ClassificationAuditor
     from tests.builders import make_xa_run
 
     s = settings.model_copy(update={"grounding": settings.grounding.model_copy(
