@@ -312,7 +312,8 @@ class Trig(Enum):
     """Trigger kinds.
 
     PRE_* look forward from the trigger, POST_* look back; BI_* look back when a mention sits
-    right before them, forward otherwise. PSEUDO triggers assert nothing: they only keep "no" in
+    right before them, forward otherwise. ARTEFACT is a backward hedge that explains the finding
+    away ("likely a nipple shadow"): an explicit denial in the same section outranks it. PSEUDO triggers assert nothing: they only keep "no" in
     "no change in" from reading as a denial. HISTORY and INDICATION mark mentions that are not
     findings of this study ("history of", "evaluate for").
     """
@@ -323,6 +324,7 @@ class Trig(Enum):
     PRE_HEDGE = "pre_hedge"
     POST_HEDGE = "post_hedge"
     BI_HEDGE = "bi_hedge"
+    ARTEFACT = "artefact"
     PSEUDO = "pseudo"
     HISTORY = "history"
     INDICATION = "indication"
@@ -359,8 +361,11 @@ TRIGGERS: tuple[tuple[str, Trig], ...] = (
         r"|definitely |totally |fully )?(?:excluded|ruled out)",
         Trig.POST_HEDGE,
     ),
+    (r"(?:is|are) (?:difficult|hard) to (?:entirely |completely )?(?:exclude|rule out)",
+     Trig.POST_HEDGE),
     (r"(?:cannot|can not|can't|can’t|could not) (?:entirely |completely |definitely )?"
-     r"(?:exclude|rule out)|not exclude", Trig.PRE_HEDGE),
+     r"(?:exclude|rule out)|not exclude|(?:difficult|hard) to (?:entirely |completely )?"
+     r"(?:exclude|rule out)", Trig.PRE_HEDGE),
     # comparative likelihood: what follows "than" is the less likely option
     (r"(?:more|less) likely than", Trig.PRE_HEDGE),
     (r"(?:(?:is|are) )?(?:much )?less likely", Trig.POST_HEDGE),
@@ -385,19 +390,20 @@ TRIGGERS: tuple[tuple[str, Trig], ...] = (
     (r"none(?: (?:seen|identified|present|noted))?|ruled out|excluded", Trig.POST_NEG),
     # hedges that follow their finding
     (
+        r"(?:(?:is|are|was|were) )?(?:(?:most )?likely |probably |possibly )?(?:represents?"
+        r"|representing|reflects?|(?:may|could|might) (?:represent|reflect|be)|due to|related to"
+        r"|secondary to|attributable to|caused by|(?:most )?consistent with"
+        r"|favou?r(?:ed|ing)?|likely|probably|possibly) (?:an? |the )?(?:nipple shadows?"
+        r"|overlapping|overlap|overlying|summation|skin folds?|artifact|artefact"
+        r"|vascular shadows?|end-on vessels?|(?:breast|soft) tissues?|external objects?)",
+        Trig.ARTEFACT,
+    ),
+    (
         r"(?:is|are|was|were) (?:also |again )?(?:possible|possibly present|suspected|questioned"
         r"|a (?:consideration|possibility)|considered|likely|probable|favou?red|not excluded)"
         r"|(?:may|might|could) (?:also )?be present|unlikely"
         r"|(?:may|might|could) be (?:partly |partially )?(?:accentuated|exaggerated|magnified"
         r"|overestimated)",
-        Trig.POST_HEDGE,
-    ),
-    (
-        r"(?:(?:most )?likely |probably |possibly )?(?:represents?|representing|reflects?"
-        r"|(?:may|could|might) (?:represent|reflect|be)|due to|(?:most )?consistent with"
-        r"|favou?r(?:ed|ing)?|likely|probably|possibly) (?:an? |the )?(?:nipple shadows?"
-        r"|overlapping|overlap|overlying|summation|skin folds?|artifact|artefact"
-        r"|vascular shadows?|end-on vessels?|(?:breast|soft) tissues?|external objects?)",
         Trig.POST_HEDGE,
     ),
     (

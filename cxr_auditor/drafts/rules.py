@@ -49,6 +49,9 @@ NOTE_NORMAL_OVERRIDDEN = "normal-study statement overridden by an asserted or he
 
 _PRESENT, _ABSENT, _UNCERTAIN = DraftStatus.PRESENT, DraftStatus.ABSENT, DraftStatus.UNCERTAIN
 _LATERAL_LABELS = frozenset(POSITIVE_LABELS) - {Label.CARDIOMEGALY}
+_BACKWARD = (lx.Trig.POST_NEG, lx.Trig.POST_HEDGE, lx.Trig.ARTEFACT)
+# Within one section: a hedge outranks a denial, which outranks an artefact explanation.
+_WEIGHT = {_PRESENT: 3, _UNCERTAIN: 2, _ABSENT: 1}
 
 _SENTENCE_END = re.compile(
     r"(?:[.!]|(?<=\w)\?)(?=[\s\"')\]]|\Z)"  # full stop before a space or the end ("? pna" is a hedge)
@@ -93,6 +96,7 @@ class _Mention:
     sentence: tuple[int, int]
     rank: int
     context: lx.Trig | None = None  # HISTORY or INDICATION when such a cue covers it
+    withdrawn: bool = False  # hedged only by an artefact explanation
     laterality: Laterality | None = None
 
 
@@ -283,10 +287,10 @@ class _Sentence:
         """The mentions a trigger applies to."""
         kind = trig.kind
         before: list[_Mention] = []
-        if kind in (lx.Trig.POST_NEG, lx.Trig.POST_HEDGE, lx.Trig.BI_NEG, lx.Trig.BI_HEDGE):
+        if kind in _BACKWARD or kind in (lx.Trig.BI_NEG, lx.Trig.BI_HEDGE):
             lo = self._backward_limit(trig)
             before = [m for m in self.mentions if m.start >= lo and m.end <= trig.start]
-        if kind in (lx.Trig.POST_NEG, lx.Trig.POST_HEDGE):
+        if kind in _BACKWARD:
             return before
         is_versus = kind is lx.Trig.BI_HEDGE and self.low[trig.start] != "?"
         if kind in (lx.Trig.BI_NEG, lx.Trig.BI_HEDGE) and before and not is_versus:
@@ -301,6 +305,7 @@ class _Sentence:
         negated: set[int] = set()
         answered: set[int] = set()  # "evaluate for pneumothorax: none seen"
         hedged: set[int] = set()
+        explained: set[int] = set()  # hedged by "likely a nipple shadow" and the like
         context: dict[int, lx.Trig] = {}
         for trig in self.triggers:
             if trig.kind in (lx.Trig.TERMINATOR, lx.Trig.PSEUDO):
@@ -313,6 +318,8 @@ class _Sentence:
                     negated.add(key)
                     if trig.kind is lx.Trig.POST_NEG:
                         answered.add(key)
+                elif trig.kind is lx.Trig.ARTEFACT:
+                    explained.add(key)
                 else:
                     hedged.add(key)
         for key in answered:
@@ -327,8 +334,9 @@ class _Sentence:
             if not m.fixed:
                 if key in negated:
                     m.status = _ABSENT
-                elif key in hedged:
+                elif key in hedged or key in explained:
                     m.status = _UNCERTAIN
+                    m.withdrawn = key not in hedged
             m.laterality = self._laterality(m)
             out.append(m)
         return out
@@ -379,11 +387,12 @@ def _span(text: str, sentence: tuple[int, int]) -> tuple[int, int]:
 
 
 def _choose(cands: list[_Mention]) -> _Mention:
-    """Present anywhere wins; else the higher section, then uncertain over absent, then first."""
+    """Present anywhere wins; else the higher section, then uncertain over absent (but absent
+    over a finding explained away as an artefact), then first."""
     present = [c for c in cands if c.status is _PRESENT]
     if present:
         return max(present, key=lambda c: (c.rank, -c.start))
-    return max(cands, key=lambda c: (c.rank, c.status is _UNCERTAIN, -c.start))
+    return max(cands, key=lambda c: (c.rank, _WEIGHT[c.status] - c.withdrawn * 2, -c.start))
 
 
 class RulesDraftParser(DraftParser):
@@ -440,7 +449,9 @@ def _assemble(text: str, mentions: list[_Mention], parser: str) -> DraftResult:
     if normal is not None and asserted:
         notes.append(NOTE_NORMAL_OVERRIDDEN)
         normal = None
-    if normal is None and not asserted and _looks_normal(chosen, chosen_unmapped):
+    # A finding explained away as an artefact was still seen: no normal study is inferred.
+    seen = any(m.withdrawn for m in mentions)
+    if normal is None and not asserted and not seen and _looks_normal(chosen, chosen_unmapped):
         normal = chosen[Label.LUNG_OPACITY_CONSOLIDATION]
         notes.append(NOTE_INFERRED_NORMAL)
     findings = [_finding(text, lab, chosen[lab]) for lab in sort_labels(chosen)]
