@@ -76,7 +76,7 @@ PHRASES: tuple[Entry, ...] = (
     _e(
         r"(?:no|without) (?:(?:radiographic|x-?ray|plain film) )?(?:(?:evidence|signs?) of )?"
         r"(?:any )?(?:(?:definite|obvious|significant|evident) )?(?:acute|active) "
-        r"(?:(?:cardiopulmonary|cardiothoracic|intrathoracic|thoracic"
+        r"(?:radiographic )?(?:(?:cardiopulmonary|cardiothoracic|intrathoracic|thoracic"
         r"|pulmonary|chest|cardiac or pulmonary|cardiopulmonary or thoracic|radiographic) )?"
         r"(?:abnormalit(?:y|ies)|process(?:es)?|disease|findings?|pathology|changes?|issues?)",
         NF, fixed=PRESENT,

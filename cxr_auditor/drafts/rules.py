@@ -286,6 +286,10 @@ class _Sentence:
     def _covered(self, trig: _Trigger) -> list[_Mention]:
         """The mentions a trigger applies to."""
         kind = trig.kind
+        # A cue between a term's subject and its verdict ("heart size is likely enlarged").
+        inside = [m for m in self.mentions if m.start < trig.start and trig.end <= m.end]
+        if inside:
+            return inside
         before: list[_Mention] = []
         if kind in _BACKWARD or kind in (lx.Trig.BI_NEG, lx.Trig.BI_HEDGE):
             lo = self._backward_limit(trig)
