@@ -722,3 +722,43 @@ def test_results_wait_in_the_outbox_while_the_pacs_is_down(tmp_path: Path) -> No
     assert all(j["state"] == "done" for j in forwards)
     print(f"PACS down: held through {max(j['attempts'] for j in forwards)} attempts, "
           f"then {len(arrived)} objects delivered once")
+
+
+def test_a_backlog_is_not_pulled_into_memory(tmp_path: Path) -> None:
+    """When outputs are slower than the model, claimed jobs must not pile up in memory.
+
+    60 studies wait for drafts, then all drafts arrive at once. While the backlog drains, the
+    number of jobs the worker holds (``running``: decoded, audited, waiting to be written) must
+    stay within a few batches, whatever the backlog; RSS follows that number.
+    """
+    batch = 2
+    agent = AgentProcess(tmp_path, {
+        "pairing": {"no_draft_policy": "wait", "draft_wait_seconds": 3600},
+        "worker": {"batch_size": batch},
+    })
+    studies = [make_study(1, accession=f"BACK{k:03d}", size=64) for k in range(60)]
+    agent.start()
+    try:
+        threads = [threading.Thread(target=lambda s=share: [store(agent.port, x) for x in s])
+                   for share in (studies[0::2], studies[1::2])]
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join(120)
+        for study in studies:
+            agent.drop_draft(f"{study[0].AccessionNumber}.txt", NORMAL_DRAFT)
+        peak = 0
+
+        def drained() -> bool:
+            nonlocal peak
+            rows = {r["state"]: r["n"] for r in agent.db_query(
+                "SELECT state, COUNT(*) AS n FROM jobs WHERE kind='audit' GROUP BY state")}
+            peak = max(peak, rows.get("running", 0))
+            return rows.get("done", 0) == len(studies)
+
+        wait_until(drained, timeout=180, what="the backlog to drain", interval=0.2,
+                   alive=agent.check_alive)
+    finally:
+        agent.stop()
+    assert peak <= 4 * batch, f"{peak} jobs held at once with batch_size {batch}"
+    print(f"backlog: peak {peak} jobs in memory for a backlog of {len(studies)}")
