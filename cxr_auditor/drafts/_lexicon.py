@@ -68,7 +68,7 @@ _GAP_NORMAL = (
     r"(?:[\s,:/]+(?!not\b|enlarg|large|border|upper|top\b|high\b|mild|moder|sever|increas"
     r"|but\b|although\b|however\b|though\b|except\b)[a-z-]+){0,6}?[\s,:/]+"
 )
-_GAP_ENLARGED = r"(?:\s+(?!not\b|normal\b|border|upper\b|top\b)[a-z/-]+){0,6}?\s+"
+_GAP_ENLARGED = r"(?:\s+(?!not\b|normal\b|border|upper\b|top\b)[a-z/-]+){0,10}?\s+"
 
 # Phrases with a status of their own; matched before the single terms.
 PHRASES: tuple[Entry, ...] = (
@@ -121,7 +121,12 @@ PHRASES: tuple[Entry, ...] = (
         r"|cardiomediastinal (?:silhouette|contours?|size))",
         C, fixed=ABSENT,
     ),
-    # clear lungs
+    # clear lungs (and pleural spaces)
+    _e(
+        r"(?:lungs?|lung fields?) and pleural (?:spaces?|surfaces?) (?:are |appear |remain )?clear"
+        r"|clear (?:lungs?|lung fields?) and pleural (?:spaces?|surfaces?)",
+        O, E, fixed=ABSENT,
+    ),
     Entry(
         r"(?:lungs?|lung\s+fields?|lung\s+bases|lung\s+parenchyma)"
         r"(?:[\s:]+(?!not\b|no\b)[a-z-]+){0,4}?[\s:]+clear\b(?!\s+of\b)",
@@ -288,7 +293,9 @@ TERMS: tuple[Entry, ...] = (
         r"(?:(?:airspace|air-space|air space|alveolar|parenchymal) (?:opacit(?:y|ies)|disease"
         r"|process|consolidations?|opacification))|consolidat(?:ion|ions|ive (?:opacit(?:y|ies)"
         r"|process|changes?))|ground[- ]glass(?: opacit(?:y|ies))?|opacit(?:y|ies)|opacification"
-        r"|infiltrat(?:e|es|ion|ive)|(?:broncho)?pneumonias?|pneumonitis",
+        r"|infiltrat(?:e|es|ion|ive)|(?:broncho)?pneumonias?|pneumonitis|haziness"
+        r"|(?:(?:airspace|air-space|air space|alveolar) )?shadowing"
+        r"|(?:lung |pulmonary )?parenchymal abnormalit(?:y|ies)",
         O,
     ),
     # nodule / mass

@@ -74,6 +74,14 @@ _ANSWER = re.compile(
     r"\s*(?:none|negative|not seen|no)(?:\s+(?:seen|identified|present|demonstrated|evident))?"
     r"\s*[.!]?\s*\Z"
 )
+# "It has resolved." / "These are no longer seen.": a pronoun subject whose finding was named in
+# the sentence before.
+_RESOLVED_PRONOUN = re.compile(
+    r"\s*(?:it|this|these|they|this finding|these findings|the latter)\s+"
+    r"(?:(?:has|have|had)\s+)?(?:(?:now|since|completely|entirely|fully|subsequently)\s+)?"
+    r"(?:(?:been\s+)?(?:resolved|cleared)|(?:is|are)\s+(?:now\s+)?no\s+longer\s+"
+    r"(?:seen|visible|present|evident|identified|demonstrated|apparent))\b"
+)
 _BARE_STRIP = " \t\r\n.!:*-"
 _BARE_NORMAL = frozenset({"normal", "normal study", "normal exam", "negative", "unremarkable"})
 
@@ -380,6 +388,14 @@ def _answer_question(question: list[_Mention], end: int) -> None:
             m.sentence = (m.sentence[0], end)
 
 
+def _resolve_antecedent(antecedent: list[_Mention], end: int) -> None:
+    """"It has resolved." denies what the sentence just before asserted or hedged."""
+    for m in antecedent:
+        if not m.fixed and m.context is None and m.status is not _ABSENT:
+            m.status = _ABSENT
+            m.sentence = (m.sentence[0], end)
+
+
 def _span(text: str, sentence: tuple[int, int]) -> tuple[int, int]:
     """The sentence without surrounding blanks, list markers and its closing full stop."""
     start, end = sentence
@@ -418,6 +434,8 @@ class RulesDraftParser(DraftParser):
             found = _Sentence(low, start, end, rank).resolve()
             if not found and _ANSWER.match(low, start, end):
                 _answer_question(previous, end)
+            elif not found and _RESOLVED_PRONOUN.match(low, start, end):
+                _resolve_antecedent(previous, end)
             mentions.extend(found)
             previous = found
         result = _assemble(text, mentions, self.name)
@@ -443,7 +461,7 @@ def _assemble(text: str, mentions: list[_Mention], parser: str) -> DraftResult:
             else:
                 unmapped.setdefault(target, []).append(m)
 
-    chosen = {lab: _choose(c) for lab, c in labels.items()}
+    chosen = {lab: _sided(_choose(c), c) for lab, c in labels.items()}
     chosen_unmapped = {term: _choose(c) for term, c in unmapped.items()}
     notes: list[str] = []
     asserted = any(
@@ -470,6 +488,16 @@ def _assemble(text: str, mentions: list[_Mention], parser: str) -> DraftResult:
         state=DraftState.PARSED, parser=parser, findings=findings, unmapped_mentions=extras,
         notes=notes,
     )
+
+
+def _sided(chosen: _Mention, cands: list[_Mention]) -> _Mention:
+    """The deciding statement, or, when it names no side, the highest-ranked statement of the same
+    status that does ("FINDINGS: Small left effusion. IMPRESSION: Small effusion." is a left
+    effusion with the findings sentence as its span, so the span states the side)."""
+    if chosen.laterality is not None:
+        return chosen
+    sided = [c for c in cands if c.status is chosen.status and c.laterality is not None]
+    return max(sided, key=lambda c: (c.rank, -c.start)) if sided else chosen
 
 
 def _looks_normal(chosen: dict[Label, _Mention], unmapped: dict[str, _Mention]) -> bool:

@@ -170,6 +170,55 @@ class TestHedging:
         check(text, expected)
 
 
+class TestRealReportLanguage:
+    """Rules added after the holdout2 batches of MIMIC-, IU- and NHS-style reports."""
+
+    @pytest.mark.parametrize(
+        ("text", "expected"),
+        [
+            ("Difficult to exclude a small left pleural effusion.", {E: u}),
+            ("A small left effusion is difficult to exclude.", {E: u}),
+            ("Heart size is likely enlarged.", {C: u}),
+            ("Heart size difficult to assess on this AP film but is probably enlarged.", {C: u}),
+        ],
+    )
+    def test_hedges(self, text: str, expected: dict[str, str]) -> None:
+        check(text, expected)
+
+    @pytest.mark.parametrize(
+        ("text", "expected"),
+        [
+            # an artefact explanation yields to an explicit denial in the same section
+            ("Hazy opacity at the left base is likely related to overlying soft tissue. "
+             "No consolidation.", {O: a}),
+            ("Right effusion was noted on the previous study. This has now resolved.", {E: a}),
+            ("Previous left lower lobe consolidation. It has now cleared.", {O: a}),
+            ("Large left effusion. It has increased since the previous film.", {E: p}),
+            ("Right basal consolidation. This is likely infective.", {O: p}),
+            ("Lungs and pleural spaces are clear.", {O: a, E: a}),
+            ("Clear lungs and pleural spaces.", {O: a, E: a}),
+            ("Patchy haziness at the left base.", {O: p}),
+            ("Bilateral airspace shadowing unchanged.", {O: p}),
+            ("No parenchymal abnormality.", {O: a}),
+        ],
+    )
+    def test_statuses(self, text: str, expected: dict[str, str]) -> None:
+        check(text, expected)
+
+    def test_no_normal_study_inferred_after_an_explained_finding(self) -> None:
+        text = ("The heart size is normal. Hazy opacity likely related to overlying soft tissue. "
+                "No consolidation.")
+        assert NF not in statuses(text)
+
+    def test_acute_radiographic_wording_is_normal(self) -> None:
+        check("IMPRESSION: 1. No acute radiographic cardiopulmonary process.", {NF: p})
+
+    def test_side_from_a_sided_statement_of_the_same_status(self) -> None:
+        result = parse_draft("FINDINGS: Small left effusion. IMPRESSION: Small effusion.")
+        (finding,) = result.findings
+        assert (finding.laterality, finding.span) == (Laterality.LEFT, "Small left effusion")
+
+
 class TestHeartSize:
     @pytest.mark.parametrize(
         ("text", "status"),
