@@ -407,9 +407,15 @@ def _span(text: str, sentence: tuple[int, int]) -> tuple[int, int]:
 
 
 def _choose(cands: list[_Mention]) -> _Mention:
-    """Present anywhere wins; else the higher section, then uncertain over absent (but absent
+    """Present anywhere wins (a sign such as costophrenic blunting only while the label is not
+    hedged outright elsewhere); else the higher section, then uncertain over absent (but absent
     over a finding explained away as an artefact), then first."""
     present = [c for c in cands if c.status is _PRESENT]
+    hedged = [c for c in cands if c.status is _UNCERTAIN and not c.indirect]
+    if present and hedged and all(c.indirect for c in present):
+        # A sign alone ("blunting of the costophrenic angle") yields to the report's own hedged
+        # reading of it elsewhere ("possibly trace effusion").
+        present, cands = [], hedged
     if present:
         return max(present, key=lambda c: (c.rank, -c.start))
     return max(cands, key=lambda c: (c.rank, _WEIGHT[c.status] - c.withdrawn * 2, -c.start))

@@ -205,6 +205,13 @@ class TestRealReportLanguage:
     def test_statuses(self, text: str, expected: dict[str, str]) -> None:
         check(text, expected)
 
+    def test_sign_yields_to_a_hedged_reading_elsewhere(self) -> None:
+        text = ("FINDINGS: Minimal blunting of the left costophrenic angle.\n"
+                "IMPRESSION: Blunting of the left costophrenic angle, possibly trace effusion.")
+        check(text, {E: u})
+        check("FINDINGS: Blunting of the left costophrenic angle. IMPRESSION: No pneumonia.",
+              {E: p, O: a})
+
     def test_no_normal_study_inferred_after_an_explained_finding(self) -> None:
         text = ("The heart size is normal. Hazy opacity likely related to overlying soft tissue. "
                 "No consolidation.")
