@@ -65,7 +65,7 @@ _HEART = (
 # Up to six words between subject and verdict that do not change the verdict ("and mediastinum
 # are", "size is"). Words that would (enlarged, borderline, not, but) may not be skipped.
 _GAP_NORMAL = (
-    r"(?:[\s,:/]+(?!not\b|enlarg|large|border|upper|top\b|high\b|mild|moder|sever|increas"
+    r"(?:[\s,:/]+(?!not\b|enlarg|promin|large|border|upper|top\b|high\b|mild|moder|sever|increas"
     r"|but\b|although\b|however\b|though\b|except\b)[a-z-]+){0,6}?[\s,:/]+"
 )
 _GAP_ENLARGED = r"(?:\s+(?!not\b|normal\b|border|upper\b|top\b)[a-z/-]+){0,10}?\s+"
@@ -98,9 +98,10 @@ PHRASES: tuple[Entry, ...] = (
         NF, fixed=PRESENT,
     ),
     _e(r"no (?:significant )?abnormalit(?:y|ies)(?! of)", NF, fixed=PRESENT),
+    _e(r"nad\b", NF, fixed=PRESENT),  # British "no abnormality detected"
     # heart size: borderline first, then normal
     _e(
-        r"(?:borderline|top[- ]normal|upper[- ]normal|high[- ]normal) "
+        r"(?:borderline|top[- ]normal|upper[- ]normal|high[- ]normal|prominent) "
         r"(?:cardiomegaly|enlarged heart|(?:heart|cardiac) (?:size|enlargement|silhouette)"
         r"|sized heart)",
         C, fixed=UNCERTAIN,
@@ -108,7 +109,7 @@ PHRASES: tuple[Entry, ...] = (
     Entry(
         _HEART + _GAP_NORMAL.replace(r"(?!not\b|", r"(?!not\b|normal\b|")
         + r"(?:borderline|(?:at )?(?:the )?upper (?:limits?|range|end) (?:of )?normal|top[- ]normal"
-        r"|high[- ]normal|upper[- ]normal)".replace(" ", r"\s+"),
+        r"|high[- ]normal|upper[- ]normal|prominent)".replace(" ", r"\s+"),
         (C,), UNCERTAIN,
     ),
     Entry(
@@ -274,7 +275,8 @@ TERMS: tuple[Entry, ...] = (
     _e(r"hydropneumothora(?:x|ces)", E, P),
     _e(
         r"(?:pleural )?effusions?|pleural fluid|hydrothorax|layering fluid|fissural fluid"
-        r"|fluid (?:(?:is )?(?:noted |seen |present )?)?(?:with)?in the (?:(?:right|left) )?"
+        r"|fluid (?:(?:is )?(?:noted |seen |present |tracking )?)?(?:(?:with)?in|along|into) the "
+        r"(?:(?:right|left) )?"
         r"(?:minor|major|horizontal|oblique) fissure",
         E,
     ),
@@ -392,6 +394,8 @@ TRIGGERS: tuple[tuple[str, Trig], ...] = (
     # negations that follow their finding
     (rf"(?:(?:is|are|was|were|has been|have been) )?(?:not|no longer) {_VIEWED}", Trig.POST_NEG),
     (r"(?:is|are|was|were) (?:now )?(?:absent|gone)|(?:is|are) no longer present", Trig.POST_NEG),
+    # "Pneumothorax: absent." (structured reports) as well as "absent costophrenic blunting"
+    (r"\babsent\b", Trig.BI_NEG),
     (r"(?:(?:has|have|had) )?(?:(?:now|since|completely|entirely|fully) )?(?:resolved|cleared)"
      r"|(?:has|have) been (?:removed|resolved)|removed", Trig.BI_NEG),
     (r"none(?: (?:seen|identified|present|noted))?|ruled out|excluded", Trig.POST_NEG),
@@ -434,7 +438,7 @@ TRIGGERS: tuple[tuple[str, Trig], ...] = (
     (
         r"no evidence of|no radiographic evidence of|no signs? of|negative for|free of"
         r"|absence of|resolution of|clearing of|removal of|clear of|without|\bno\b|\bnot\b|\bnor\b"
-        r"|\bneither\b|\babsent\b",
+        r"|\bneither\b",
         Trig.PRE_NEG,
     ),
     # scope terminators
@@ -448,6 +452,7 @@ TRIGGERS: tuple[tuple[str, Trig], ...] = (
 )
 #: Triggers that are punctuation, not words ("? pneumonia", "no effusion; small ptx").
 PUNCT_TRIGGERS: tuple[tuple[str, Trig], ...] = (
+    (r"\?(?=[a-z])|\+/-|\+/\u2212", Trig.PRE_HEDGE),  # "?nodule", "consolidation +/- effusion"
     (r"\?", Trig.BI_HEDGE),
     (r";|\s-{1,2}\s", Trig.TERMINATOR),
 )

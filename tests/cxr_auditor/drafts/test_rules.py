@@ -200,6 +200,14 @@ class TestRealReportLanguage:
             ("Patchy haziness at the left base.", {O: p}),
             ("Bilateral airspace shadowing unchanged.", {O: p}),
             ("No parenchymal abnormality.", {O: a}),
+            ("CXR PA: NAD.", {NF: p}),
+            ("Pneumothorax: absent.", {P: a}),
+            ("Fluid tracking along the right major fissure.", {E: p}),
+            ("The cardiac silhouette is prominent.", {C: u}),
+            ("Prominent cardiac silhouette.", {C: u}),
+            ("Cardiac silhouette is prominent but within normal limits.", {C: u}),
+            ("Well-defined opacity in the right upper zone, ?nodule.", {O: p, N: u}),
+            ("Left lower zone consolidation +/- small effusion.", {O: p, E: u}),
         ],
     )
     def test_statuses(self, text: str, expected: dict[str, str]) -> None:
