@@ -5,8 +5,10 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
-want_debs=(dcmtk dicom3tools orthanc strace)
+want_debs=(openssl dcmtk dicom3tools orthanc strace)
 missing=()
+# Debian's python3 needs python3-venv for `-m venv` (a python with ensurepip does not).
+"${PYTHON:-python3}" -c "import ensurepip" 2>/dev/null || missing+=(python3-venv)
 for pkg in "${want_debs[@]}"; do
   dpkg-query -W -f='${Status}' "$pkg" 2>/dev/null | grep -q "install ok installed" || missing+=("$pkg")
 done

@@ -4,8 +4,9 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 bash scripts/setup.sh
-export PATH="$PWD/.venv/bin:$PATH"
-echo "== ruff"; ruff check .
-echo "== mypy (core)"; mypy cxr_auditor
+# .venv/bin stays off PATH: pynetdicom installs its own storescu/echoscu scripts there, and the
+# tests must reach dcmtk's (Debian) tools of the same names.
+echo "== ruff"; .venv/bin/ruff check .
+echo "== mypy (core)"; .venv/bin/mypy cxr_auditor
 echo "== pytest"
-exec pytest -n 2 --dist loadfile -p no:cacheprovider "$@"
+exec .venv/bin/python -m pytest -n 2 --dist loadfile -p no:cacheprovider "$@"
