@@ -306,11 +306,21 @@ TERMS: tuple[Entry, ...] = (
         r"|(?:lung )?cancer|malignanc(?:y|ies)|metastas(?:is|es)|metastatic (?:disease|lesions?)",
         N,
     ),
-    # cardiomegaly
+    # cardiomegaly. A wide cardiomediastinal silhouette is only a sign of it (the mediastinum or
+    # a pericardial effusion may be the cause), so it defers to an explicit hedged cardiomegaly.
     _e(
-        r"cardiomegaly|enlarged (?:heart|cardiac (?:silhouette|shadow|size)|cardiomediastinal "
-        r"silhouette)|cardiac enlargement|enlargement of the (?:heart|cardiac (?:silhouette|shadow)"
-        r"|cardiomediastinal silhouette)|(?:increased|enlarged) cardiothoracic ratio",
+        r"(?:enlarged|enlargement of the) cardiomediastinal "
+        r"(?:silhouette|contours?)",
+        C, indirect=True,
+    ),
+    Entry(
+        r"cardiomediastinal\s+(?:silhouette|contours?)" + _GAP_ENLARGED + r"enlarged\b",
+        (C,), indirect=True,
+    ),
+    _e(
+        r"cardiomegaly|enlarged (?:heart|cardiac (?:silhouette|shadow|size))|cardiac enlargement"
+        r"|enlargement of the (?:heart|cardiac (?:silhouette|shadow))"
+        r"|(?:increased|enlarged) cardiothoracic ratio",
         C,
     ),
     Entry(_HEART + _GAP_ENLARGED + r"(?:enlarged|increased)\b", (C,)),

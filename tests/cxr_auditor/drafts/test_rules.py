@@ -201,6 +201,9 @@ class TestRealReportLanguage:
             ("Bilateral airspace shadowing unchanged.", {O: p}),
             ("No parenchymal abnormality.", {O: a}),
             ("CXR PA: NAD.", {NF: p}),
+            ("The cardiomediastinal silhouette is enlarged.", {C: p}),
+            ("The cardiomediastinal silhouette is enlarged, which may be due to pericardial "
+             "effusion or cardiomegaly.", {C: u}),
             ("Pneumothorax: absent.", {P: a}),
             ("Fluid tracking along the right major fissure.", {E: p}),
             ("The cardiac silhouette is prominent.", {C: u}),
