@@ -259,14 +259,15 @@ class StateDB:
                 raise StateError(f"state database busy or failing: {exc}") from exc
             try:
                 yield self._conn
-            except BaseException:
-                self._conn.execute("ROLLBACK")
-                raise
-            try:
                 self._conn.execute("COMMIT")
-            except sqlite3.Error as exc:
-                self._conn.execute("ROLLBACK")
-                raise StateError(f"state commit failed: {exc}") from exc
+            except BaseException as exc:
+                # SQLite may already have rolled back by itself (disk full, I/O error); a second
+                # ROLLBACK would then raise and hide the real error.
+                if self._conn.in_transaction:
+                    self._conn.execute("ROLLBACK")
+                if isinstance(exc, sqlite3.Error):
+                    raise StateError(f"state database failed: {exc}") from exc
+                raise
 
     def query(self, sql: str, params: tuple[Any, ...] | dict[str, Any] = ()) -> list[sqlite3.Row]:
         with self._lock:

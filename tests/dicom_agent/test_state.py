@@ -172,3 +172,24 @@ class TestAuditJobs:
         job = db.queue_audit(STUDY, None, "reaudit", 1)
         assert db.renumber_job(job.id, 3, 2) == 3
         assert db.job(job.id).result_version == 3  # type: ignore[union-attr]
+
+
+def test_a_database_that_fills_up_raises_state_error_and_keeps_working(tmp_path: Path) -> None:
+    """A full database is a StateError (the listener answers Out of Resources), not a raw
+    sqlite3 error hidden behind a failed ROLLBACK."""
+    db = StateDB(tmp_path / "s.sqlite3")
+    pages = db.query("PRAGMA page_count")[0][0]
+    db.query(f"PRAGMA max_page_count = {pages}")
+    big = "x" * 50_000
+    with pytest.raises(StateError):
+        for i in range(50):
+            db.record_instance(
+                sop_instance_uid=f"1.2.{i}", study_instance_uid="1.2", series_instance_uid="1.2.3",
+                sop_class_uid="1.2.840.10008.5.1.4.1.1.1.1", modality="DX",
+                transfer_syntax_uid=None, view_position="PA", body_part="CHEST",
+                accession_number=None, path=big, sha256="h", size=1,
+            )
+    db.query("PRAGMA max_page_count = 1000000")
+    with db.transaction() as conn:  # no transaction left open: the next one starts cleanly
+        conn.execute("DELETE FROM instances")
+    assert db.query("SELECT COUNT(*) FROM instances")[0][0] == 0
