@@ -15,6 +15,7 @@ read.
 
 from __future__ import annotations
 
+import os
 import time
 from pathlib import Path
 
@@ -174,6 +175,10 @@ def test_hostile_drafts_end_processed_or_rejected(tmp_path: Path) -> None:
         }
         for name, data in hostile.items():
             (drafts / name).write_bytes(data)
+        # A file name that is not UTF-8 (as a Windows share may produce), valid JSON inside.
+        raw_name = os.fsencode(drafts) + b"/\xff\xfeNAME.json"
+        with open(raw_name, "wb") as fh:
+            fh.write(b'{"accession_number": "RAWNAME01", "text": "No pneumothorax."}')
         # Duplicate names: the same file name dropped twice with different content.
         (drafts / "DUP01.txt").write_text("Small left pleural effusion.")
         wait_until(lambda: not (drafts / "DUP01.txt").exists(), timeout=30,
@@ -190,7 +195,8 @@ def test_hostile_drafts_end_processed_or_rejected(tmp_path: Path) -> None:
         good.write_text('{"accession_number": "GOOD01", "text": "No acute findings."}')
 
         names = [*hostile, "DUP01.txt", "GROW01.txt", "ZZZ-GOOD.json"]
-        wait_until(lambda: all(not (drafts / n).exists() for n in names), timeout=60,
+        wait_until(lambda: all(not (drafts / n).exists() for n in names)
+                   and not os.path.exists(raw_name), timeout=60,
                    what="every draft to leave the drafts folder", alive=agent.check_alive)
         places = {n: _final_place(drafts, n) for n in names}
         rows = agent.db_query("SELECT key, file_name, text FROM drafts")
@@ -204,6 +210,7 @@ def test_hostile_drafts_end_processed_or_rejected(tmp_path: Path) -> None:
     assert places["ACC..01.txt"] == "processed"  # an odd but valid SH accession
     dup = sorted(p.name for p in (drafts / "processed").glob("DUP01*"))
     assert len(dup) == 2, dup  # both versions kept, neither overwritten
+    assert [r["key"] for r in rows if r["key"] == "RAWNAME01"] == ["RAWNAME01"]
     grow = [r for r in rows if r["key"] == "GROW01"]
     assert [r["text"] for r in grow] == [final_text]  # read once, complete
     reasons = list((drafts / "rejected").glob("*.reason.txt"))

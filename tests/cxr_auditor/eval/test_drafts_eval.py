@@ -81,6 +81,27 @@ def test_holdout_set_is_well_formed() -> None:
     assert not {g.text for g in gold} & {g.text for g in load_gold(DATA / "drafts_dev.jsonl")}
 
 
+def test_holdout2_set_is_well_formed_and_new() -> None:
+    gold = load_gold(DATA / "drafts_holdout2.jsonl")
+    assert len(gold) >= 120
+    assert len({g.id for g in gold}) == len(gold)
+    earlier = load_gold(DATA / "drafts_dev.jsonl") + load_gold(DATA / "drafts_holdout.jsonl")
+    assert not {g.text for g in gold} & {g.text for g in earlier}
+
+
+def test_regression_gate_on_all_gold_sets() -> None:
+    """The holdout sets were unseen when written; after the rules they prompted, they guard
+    against regressions (their first-run figures are in docs/draft-parser.md)."""
+    gold = [
+        g for name in ("drafts_dev.jsonl", "drafts_holdout.jsonl", "drafts_holdout2.jsonl")
+        for g in load_gold(DATA / name)
+    ]
+    m = evaluate(gold)
+    assert m.macro_f1 >= 0.97, format_table(m)
+    assert m.negation_accuracy >= 0.99, format_table(m)
+    assert m.hedge_accuracy >= 0.95, format_table(m)
+
+
 def test_main_prints_table_and_json(capsys: pytest.CaptureFixture[str], tmp_path: Path) -> None:
     path = tmp_path / "g.jsonl"
     path.write_text(json.dumps({"id": "a", "text": "No pneumothorax.",
