@@ -29,6 +29,7 @@ from dicom_agent import forward
 from dicom_agent.config import AgentSettings, PairingSettings
 from dicom_agent.drafts import DraftReader
 from dicom_agent.observe import Event, event, study_ref
+from dicom_agent.spool import expire_study
 from dicom_agent.state import (
     DraftRow,
     DraftState,
@@ -220,14 +221,9 @@ def housekeeping(db: StateDB, settings: AgentSettings, now: float) -> tuple[int,
     for study in db.studies((StudyState.AUDITED,)):
         uid = study.study_instance_uid
         if expired(study.last_instance_at, now, hk.spool_retention_days):
-            gone: list[str] = []
-            for inst in db.instances_of_study(uid):
-                path = Path(inst.path).resolve()
-                if path.is_relative_to(spool_root):  # never delete outside the spool
-                    path.unlink(missing_ok=True)
-                    files += 1
-                gone.append(inst.sop_instance_uid)
-            db.delete_instances(gone)
+            files += expire_study(
+                db, spool_root, uid, now - hk.spool_retention_days * DAY_SECONDS
+            )
         result_dir = study_dir(settings, uid)
         if expired(study.updated_at, now, hk.results_retention_days) and result_dir.is_dir():
             shutil.rmtree(result_dir)

@@ -252,15 +252,14 @@ class Spool:
         """Serialise stores of one SOP Instance UID across threads *and* listener processes.
 
         A thread lock per stripe, then an flock on the stripe's file under ``.locks``: flock
-        excludes other processes (``scp.workers`` > 1), not other threads of this one.
+        excludes other processes (``scp.workers`` > 1) and other open descriptions of the file
+        (housekeeping), not other threads sharing this descriptor.
         """
-        stripe = zlib.crc32(sop_instance_uid.encode("ascii")) % _LOCK_STRIPES
+        stripe = _stripe(sop_instance_uid)
         with self._locks[stripe]:
             fd = self._lock_files.get(stripe)
             if fd is None:
-                folder = self.root / LOCKS_DIR
-                folder.mkdir(exist_ok=True)
-                fd = os.open(folder / f"{stripe:02d}", os.O_RDWR | os.O_CREAT, 0o640)
+                fd = _open_stripe(self.root, stripe)
                 self._lock_files[stripe] = fd
             fcntl.flock(fd, fcntl.LOCK_EX)
             try:
@@ -382,6 +381,42 @@ class Spool:
             note += f"transfer_syntax_uid: {transfer_syntax_uid}\n"
         (self.quarantine_root / f"{stem}{REASON_SUFFIX}").write_text(note, encoding="utf-8")
         return target
+
+
+def _stripe(sop_instance_uid: str) -> int:
+    return zlib.crc32(sop_instance_uid.encode("ascii")) % _LOCK_STRIPES
+
+
+def _open_stripe(root: Path, stripe: int) -> int:
+    folder = root / LOCKS_DIR
+    folder.mkdir(exist_ok=True)
+    return os.open(folder / f"{stripe:02d}", os.O_RDWR | os.O_CREAT, 0o640)
+
+
+def expire_study(db: StateDB, spool_root: Path, study_uid: str, last_instance_before: float) -> int:
+    """Housekeeping: forget an audited study's instances and delete their spool files.
+
+    The rows go first, in one transaction that re-checks the study is still audited and quiet
+    since ``last_instance_before`` (a late C-STORE re-opens it). Each file is then removed under
+    the same stripe lock a store takes, and only if no new row for that SOP Instance UID was
+    committed meanwhile: an instance acknowledged after the check is never deleted.
+    Returns the number of files removed.
+    """
+    root = spool_root.resolve()
+    removed = 0
+    for row in db.take_expired_instances(study_uid, last_instance_before):
+        path = Path(row.path).resolve()
+        if not path.is_relative_to(root):  # never delete outside the spool
+            continue
+        fd = _open_stripe(root, _stripe(row.sop_instance_uid))
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX)
+            if db.instance(row.sop_instance_uid) is None:
+                path.unlink(missing_ok=True)
+                removed += 1
+        finally:
+            os.close(fd)  # closing the descriptor releases the flock
+    return removed
 
 
 def _default_state(header: InstanceHeader) -> InstanceState:

@@ -470,15 +470,30 @@ class StateDB:
         )
         return str(rows[0]["study_instance_uid"]) if rows else None
 
-    def delete_instances(self, sop_instance_uids: list[str]) -> int:
-        """Forget instances whose spool files housekeeping removed."""
+    def take_expired_instances(
+        self, study_uid: str, last_instance_before: float
+    ) -> list[InstanceRow]:
+        """Delete and return the instance rows of an audited study quiet since the cutoff.
+
+        Returns nothing when the study is no longer audited or an instance arrived after the
+        cutoff (both re-checked inside the transaction, so a late store wins).
+        """
         with self.transaction() as conn:
-            n = 0
-            for uid in sop_instance_uids:
-                n += conn.execute(
-                    "DELETE FROM instances WHERE sop_instance_uid = ?", (uid,)
-                ).rowcount
-            return n
+            study = conn.execute(
+                "SELECT state, last_instance_at FROM studies WHERE study_instance_uid=?",
+                (study_uid,),
+            ).fetchone()
+            if (
+                study is None
+                or study["state"] != StudyState.AUDITED.value
+                or study["last_instance_at"] > last_instance_before
+            ):
+                return []
+            rows = conn.execute(
+                "SELECT * FROM instances WHERE study_instance_uid=?", (study_uid,)
+            ).fetchall()
+            conn.execute("DELETE FROM instances WHERE study_instance_uid=?", (study_uid,))
+            return [InstanceRow(**dict(r)) for r in rows]
 
     # -- drafts -------------------------------------------------------------------------------
 

@@ -23,7 +23,7 @@ from dicom_agent.scheduler import (
     retry_delay,
     schedule_studies,
 )
-from dicom_agent.state import DraftRow, JobRow, JobState, StateDB, StudyRow, StudyState
+from dicom_agent.state import DraftRow, InstanceRow, JobRow, JobState, StateDB, StudyRow, StudyState
 
 PAIRING = PairingSettings(settle_seconds=10, draft_wait_seconds=60, study_wait_seconds=600)
 
@@ -181,6 +181,61 @@ class TestHousekeeping:
         assert not (s.paths.spool / "1.10.1.dcm").exists() and not (s.paths.out / "1.10").exists()
         assert (s.paths.spool / "1.11.1.dcm").exists() and (s.paths.out / "1.11").exists()
         assert db.instances_of_study("1.10") == [] and len(db.instances_of_study("1.11")) == 1
+
+    def test_an_instance_stored_during_housekeeping_is_never_deleted(
+        self, settings: AgentSettings
+    ) -> None:
+        """A late store (new row) between the expiry check and the unlink keeps its file."""
+        from dicom_agent import spool as spool_mod
+
+        db = StateDB(settings.paths.state)
+        f = settings.paths.spool / "1.12.1.dcm"
+        f.write_bytes(b"old")
+        db.record_instance(
+            sop_instance_uid="1.12.1", study_instance_uid="1.12", series_instance_uid="1.12.2",
+            sop_class_uid="1.2", modality="DX", transfer_syntax_uid=None, view_position="PA",
+            body_part="CHEST", accession_number=None, path=str(f), sha256="a", size=1, now=0,
+        )
+        db.set_study_state("1.12", StudyState.AUDITED, 0)
+        taken = db.take_expired_instances
+
+        def take_then_a_store_lands(study_uid: str, cutoff: float) -> list[InstanceRow]:
+            rows = taken(study_uid, cutoff)
+            f.write_bytes(b"new")  # the same SOP Instance re-sent and acknowledged meanwhile
+            db.record_instance(
+                sop_instance_uid="1.12.1", study_instance_uid="1.12",
+                series_instance_uid="1.12.2", sop_class_uid="1.2", modality="DX",
+                transfer_syntax_uid=None, view_position="PA", body_part="CHEST",
+                accession_number=None, path=str(f), sha256="b", size=1, now=5,
+            )
+            return rows
+
+        db.take_expired_instances = take_then_a_store_lands  # type: ignore[method-assign]
+        assert spool_mod.expire_study(db, settings.paths.spool, "1.12", 10) == 0
+        assert f.read_bytes() == b"new" and db.instance("1.12.1") is not None
+        # once the study is quiet and audited again, it expires normally
+        db.take_expired_instances = taken  # type: ignore[method-assign]
+        db.set_study_state("1.12", StudyState.AUDITED, 6)
+        assert spool_mod.expire_study(db, settings.paths.spool, "1.12", 10) == 1
+        assert not f.exists()
+
+    def test_a_study_reopened_by_a_late_instance_is_not_expired(
+        self, settings: AgentSettings
+    ) -> None:
+        db = StateDB(settings.paths.state)
+        db.record_instance(
+            sop_instance_uid="1.13.1", study_instance_uid="1.13", series_instance_uid="1.13.2",
+            sop_class_uid="1.2", modality="DX", transfer_syntax_uid=None, view_position="PA",
+            body_part="CHEST", accession_number=None, path="/nowhere", sha256="a", size=1, now=0,
+        )
+        db.set_study_state("1.13", StudyState.AUDITED, 0)
+        db.record_instance(  # a late instance: the study is receiving again
+            sop_instance_uid="1.13.9", study_instance_uid="1.13", series_instance_uid="1.13.2",
+            sop_class_uid="1.2", modality="DX", transfer_syntax_uid=None, view_position="PA",
+            body_part="CHEST", accession_number=None, path="/nowhere2", sha256="c", size=1, now=1,
+        )
+        assert db.take_expired_instances("1.13", 10) == []
+        assert len(db.instances_of_study("1.13")) == 2
 
 
 class TestSchedulerJobs:

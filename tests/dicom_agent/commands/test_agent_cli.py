@@ -165,7 +165,7 @@ class TestReaudit:
     def test_reaudit_of_a_study_whose_images_were_purged_exits_2(self, config: Path) -> None:
         db = state_db(config)
         seed(db)
-        db.delete_instances([UID + ".1"])
+        assert len(db.take_expired_instances(UID, 10)) == 1
         db.close()
         result = runner.invoke(app, ["reaudit", UID, "--config", str(config)])
         assert result.exit_code == 2 and "images are gone" in result.output
