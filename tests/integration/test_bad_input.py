@@ -113,8 +113,9 @@ def test_pydicom_test_files_and_mutations_never_kill_the_listener(tmp_path: Path
     refused = [k for k, v in outcomes.items() if v in REFUSALS]
     stored = [k for k, v in outcomes.items() if v == STORED]
     assert outcomes["valid"] == STORED
-    # Every refusal has its log line; every stored instance has its state row.
+    # Every refusal and every store has its log line; every stored instance has its state row.
     assert log.count("C-STORE refused") >= len(refused)
+    assert log.count("instance.stored") >= len(stored)
     unrecorded = [name for name in stored if sop_of[name] not in rows]
     assert not unrecorded, unrecorded
     assert health is not None and health["serving"] is True
