@@ -22,6 +22,7 @@ GPU) never loses work: jobs wait in ``waiting_model`` and the load is retried ev
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import logging
 import threading
@@ -286,6 +287,13 @@ class Worker:
             self._thread.join(timeout)
         self._decode.shutdown(wait=True, cancel_futures=True)
         self._writer.shutdown(wait=True)
+        self._requeue_inflight()
+
+    def _requeue_inflight(self) -> None:
+        """Put claimed jobs that are neither done, failed nor parked back in the queue.
+
+        Call only when no output write is pending (the writer would finish those jobs).
+        """
         with self._inflight_lock:
             leftover, self._inflight = sorted(self._inflight), set()
         now = self.clock()
@@ -293,7 +301,7 @@ class Worker:
             try:
                 self.db.transition_job(job_id, JobState.QUEUED, now, next_attempt_at=now)
             except Exception:  # a crash-style restart requeues it anyway
-                log.warning("job %d left running at shutdown", job_id, exc_info=True)
+                log.warning("job %d left running", job_id, exc_info=True)
 
     def _settled(self, job_id: int) -> None:
         with self._inflight_lock:
@@ -328,7 +336,14 @@ class Worker:
                 self._audit(prepared)
             except Exception:  # the worker must survive anything; the jobs are retried
                 log.exception("worker loop error")
-                pending = None
+                if pending is not None:  # let a prefetch in progress finish before requeueing
+                    with contextlib.suppress(Exception):
+                        pending.result()
+                    pending = None
+                # Jobs claimed for this or the prefetched batch would stay "running" until a
+                # restart: once the writer has finished what it holds, queue the rest again.
+                self._writer.submit(lambda: None).result()
+                self._requeue_inflight()
                 self._stop.wait(self._idle_seconds)
         if pending is not None:
             pending.cancel()
@@ -579,13 +594,14 @@ class Worker:
                 previous_sr_uid=_previous_sr_uid(folder, result.result_version),
             )
             outputs_ms = (time.perf_counter() - t0) * 1000
-            now = self.clock()
-            self.db.transition_job(job.id, JobState.DONE, now)
-            self._settled(job.id)
+            # Queue the sends before the job is done: a crash in between re-runs the job and
+            # queues them again (same UIDs, so the PACS keeps one copy) instead of losing them.
             if self.settings.forward.enabled and self.settings.forward.destinations:
                 files = objects_to_send(folder, final)
                 if files:
                     forward.enqueue_forward(self.db, uid, files, self.settings.forward.destinations)
+            self.db.transition_job(job.id, JobState.DONE, self.clock())
+            self._settled(job.id)
         except Exception as exc:
             self._fail(job, exc)
             return

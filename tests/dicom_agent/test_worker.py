@@ -230,6 +230,38 @@ class TestThreadedLoop:
         assert db.counts()["jobs"] == {"done": 4}
         assert sum(grounder.batch_sizes) == 4 and max(grounder.batch_sizes) <= 2
 
+    def test_a_loop_error_puts_claimed_jobs_back_and_they_finish(
+        self, settings: AgentSettings, db: StateDB, monkeypatch: pytest.MonkeyPatch
+    ) -> None:
+        """An unexpected error outside any job's handling leaves no job stuck in ``running``."""
+        import time
+
+        for n in range(3):
+            store(settings, db, f"1.2.8.{n}")
+            queue(db, f"1.2.8.{n}", 0)
+        s = settings.model_copy(update={"worker": settings.worker.model_copy(
+            update={"batch_size": 1, "batch_wait_seconds": 0.0})})
+        worker = Worker(s, db, Models(
+            lambda name: Auditor(FakeGrounder.from_rule("mean_brightness"), None), 60))
+        real_audit, calls = worker._audit, []
+
+        def audit_failing_once(prepared):  # type: ignore[no-untyped-def]
+            calls.append(len(prepared))
+            if len(calls) == 1:
+                raise RuntimeError("unexpected worker bug")
+            return real_audit(prepared)
+
+        monkeypatch.setattr(worker, "_audit", audit_failing_once)
+        worker.start()
+        try:
+            deadline = time.monotonic() + 20
+            while db.counts()["jobs"].get("done", 0) < 3 and time.monotonic() < deadline:
+                time.sleep(0.05)
+        finally:
+            worker.stop()
+        assert db.counts()["jobs"] == {"done": 3}
+        assert len(calls) >= 4  # the failed batch ran again
+
 
 class _Hung:
     """A grounder whose backend never answers in time."""
