@@ -201,7 +201,11 @@ class DraftReader:
             self._seen[name] = cur
             if not is_stable(prev, cur, now, self.stable_seconds):
                 continue
-            self._handle(Path(entry.path), cur, now, report)
+            try:
+                self._handle(Path(entry.path), cur, now, report)
+            except OSError as exc:  # a move that failed: retried next poll, other drafts go on
+                self._seen.pop(name, None)
+                log.warning("draft could not be filed (%s); retrying", _os_reason(exc))
         for gone in set(self._seen) - present:
             del self._seen[gone]
         return report
@@ -217,8 +221,8 @@ class DraftReader:
             log.info("draft changed while read; retrying", extra=event(event=Event.DRAFT_RETRY))
             self._count("retried")
             return
-        except OSError:
-            log.warning("draft file could not be read; retrying", exc_info=True)
+        except OSError as exc:  # the message would name the file, i.e. the accession number
+            log.warning("draft file could not be read (%s); retrying", _os_reason(exc))
             return
         sha = hashlib.sha256(data).hexdigest()
         try:
@@ -349,3 +353,8 @@ def _move_unique(src: Path, folder: Path, sha: str) -> Path:
         src.unlink()
         return dest
     raise OSError(f"no free name in {folder} for a draft")
+
+
+def _os_reason(exc: OSError) -> str:
+    """An OSError without its file names (draft names carry accession numbers)."""
+    return exc.strerror or type(exc).__name__

@@ -313,9 +313,13 @@ def _guarded(fn: Callable[[], object], name: str) -> Callable[[], None]:
     def run() -> None:
         try:
             fn()
-        except Exception:
-            log.exception(
-                "scheduler job %s failed", name, extra=event(event=Event.SCHEDULER_ERROR)
+        except Exception as exc:
+            # Exception texts can name files (draft names carry accession numbers): the
+            # traceback goes to DEBUG only, the ERROR line names the type.
+            log.error(
+                "scheduler job %s failed: %s", name, type(exc).__name__,
+                extra=event(event=Event.SCHEDULER_ERROR),
             )
+            log.debug("scheduler job %s traceback", name, exc_info=True)
 
     return run

@@ -210,3 +210,35 @@ class TestNames:
     def test_safe_name_strips_traversal_and_odd_characters(self) -> None:
         assert safe_name("../../etc/pass wd\n.txt") == "_.._etc_pass_wd_.txt"
         assert "/" not in safe_name("a/b") and not safe_name("..x").startswith(".")
+
+
+class TestFileErrors:
+    @pytest.mark.parametrize("stage", ["read", "move"])
+    def test_os_errors_are_retried_and_never_name_the_file(
+        self,
+        reader: DraftReader,
+        stage: str,
+        monkeypatch: pytest.MonkeyPatch,
+        caplog: pytest.LogCaptureFixture,
+    ) -> None:
+        """An unreadable or unmovable draft is retried later; the log line has no file name
+        (a draft's name is its accession number)."""
+        import dicom_agent.drafts as drafts_mod
+
+        (folder(reader) / "ACC77665544.txt").write_text("Small left effusion.")
+        path_error = FileNotFoundError(2, "No such file or directory", "drafts/ACC77665544.txt")
+
+        def boom(*args: object, **kwargs: object) -> object:
+            raise path_error
+
+        if stage == "read":
+            monkeypatch.setattr(reader, "_read_stable", boom)
+        else:
+            monkeypatch.setattr(drafts_mod, "_move_unique", boom)
+        with caplog.at_level(logging.DEBUG):
+            poll_until_read(reader)
+        assert "ACC77665544" not in caplog.text
+        assert "No such file or directory" in caplog.text
+        monkeypatch.undo()
+        poll_until_read(reader, t=10.0)  # the next polls file it
+        assert (folder(reader) / "processed" / "ACC77665544.txt").exists()
