@@ -39,6 +39,7 @@ REPO = Path(__file__).resolve().parents[1]
 if str(REPO) not in sys.path:
     sys.path.insert(0, str(REPO))  # run as a script from anywhere: reuse the test harness
 
+from pydicom.dataset import FileMetaDataset  # noqa: E402
 from pydicom.uid import generate_uid  # noqa: E402
 
 from tests.agentproc import AgentProcess, storescu, wait_until  # noqa: E402
@@ -104,11 +105,10 @@ class StudyFactory:
             self._n += 1
             n = self._n
         study_uid, series_uid = generate_uid(), generate_uid()
-        ds = self.template
         files = []
         for k in range(self.images):
             ds = self.template.copy()
-            ds.file_meta = self.template.file_meta.copy()
+            ds.file_meta = FileMetaDataset(self.template.file_meta)
             ds.StudyInstanceUID, ds.SeriesInstanceUID = study_uid, series_uid
             ds.SOPInstanceUID = ds.file_meta.MediaStorageSOPInstanceUID = generate_uid()
             ds.AccessionNumber = f"LOAD{n:07d}"

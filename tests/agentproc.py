@@ -33,6 +33,7 @@ from tests.conftest import free_port
 T = TypeVar("T")
 
 AGENT_AET = "CXRAUDIT"
+VERIFICATION = "1.2.840.10008.1.1"  # Verification SOP Class (PS3.4 Annex A)
 SENDER_AET = "TESTSCU"
 # The console script, not ``python -m dicom_agent.cli``: run as __main__, cli.py would be a
 # second module object and the command modules register on the other copy's app.
@@ -383,11 +384,10 @@ def echo(port: int, *, called_aet: str = AGENT_AET, calling_aet: str = SENDER_AE
     ``tls``: a client context; the association then runs over TLS (PS3.15 Annex B.1).
     """
     from pynetdicom import AE
-    from pynetdicom.sop_class import Verification
 
     ae = AE(ae_title=calling_aet)
     ae.acse_timeout = ae.dimse_timeout = ae.network_timeout = timeout
-    ae.add_requested_context(Verification)
+    ae.add_requested_context(VERIFICATION)
     assoc = ae.associate(host, port, ae_title=called_aet,
                          tls_args=(tls, host) if tls is not None else None)
     if not assoc.is_established:

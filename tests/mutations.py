@@ -23,6 +23,7 @@ from pathlib import Path
 from pydicom import config as pydicom_config
 from pydicom.dataset import Dataset
 from pydicom.uid import (
+    UID,
     CTImageStorage,
     ExplicitVRBigEndian,
     ExplicitVRLittleEndian,
@@ -296,7 +297,7 @@ def _other_modalities() -> Iterator[Mutation]:
 def _set_uid(ds: Dataset, keyword: str, value: str) -> None:
     setattr(ds, keyword, value)
     if keyword == "SOPInstanceUID":
-        ds.file_meta.MediaStorageSOPInstanceUID = value
+        ds.file_meta.MediaStorageSOPInstanceUID = UID(value)
 
 
 def _bad_uids() -> Iterator[Mutation]:

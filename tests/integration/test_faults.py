@@ -21,6 +21,7 @@ import subprocess
 import threading
 import time
 from dataclasses import dataclass, field
+from functools import partial
 from pathlib import Path
 
 import pytest
@@ -475,16 +476,17 @@ def test_sigkill_during_audit_and_output_writing_redoes_the_job_once(tmp_path: P
         # just appeared, then holds its first file, then three (polled every 2 ms).
         stub.delay = 0.0
         version = agent.path("out") / uid / "v1"
+        def writing(files: int) -> bool:
+            if agent.result(uid):
+                return True
+            return version.is_dir() and len(
+                [p for p in version.iterdir() if not p.name.startswith(".")]
+            ) >= files
+
         for written in (0, 1, 3):
             agent.start()
-            wait_until(
-                lambda w=written: agent.result(uid) or (
-                    version.is_dir()
-                    and len([p for p in version.iterdir() if not p.name.startswith(".")]) >= w
-                ),
-                timeout=60, what="outputs being written", interval=0.002,
-                alive=agent.check_alive,
-            )
+            wait_until(partial(writing, written), timeout=60, what="outputs being written",
+                       interval=0.002, alive=agent.check_alive)
             if agent.result(uid):
                 break  # the writing finished between two polls: nothing left to interrupt
             agent.kill()
@@ -604,11 +606,15 @@ def _partial_store(port: int, ds: Dataset, *, fragments: int, then: str) -> None
     req.AffectedSOPClassUID = ds.SOPClassUID
     req.AffectedSOPInstanceUID = ds.SOPInstanceUID
     req.Priority = 2
-    req.DataSet = BytesIO(encode(ds, False, True))  # Explicit VR Little Endian
+    encoded = encode(ds, False, True)  # Explicit VR Little Endian
+    assert encoded is not None
+    req.DataSet = BytesIO(encoded)
     msg = C_STORE_RQ()
     msg.primitive_to_message(req)
     context_id = assoc.accepted_contexts[0].context_id
+    assert context_id is not None and assoc.dul.socket is not None
     sock = assoc.dul.socket.socket
+    assert sock is not None
     for n, primitive in enumerate(msg.encode_msg(context_id, 8192)):
         if n >= fragments:
             break
@@ -657,6 +663,7 @@ def test_stalled_or_aborting_peer_leaves_nothing_and_blocks_no_one(
 
 def _relaunch(server: OrthancServer) -> OrthancServer:
     """Start a stopped Orthanc again from the same config file (same ports and storage)."""
+    assert ORTHANC is not None
     with (server.folder / "orthanc.log").open("ab") as log:
         process = subprocess.Popen([ORTHANC, str(server.folder / "orthanc.json")], stdout=log,
                                    stderr=subprocess.STDOUT, cwd=server.folder)

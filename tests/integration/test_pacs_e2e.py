@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import io
 import subprocess
+from functools import partial
 from pathlib import Path
 from typing import Any
 
@@ -130,8 +131,7 @@ def test_orthanc_sends_studies_and_receives_sr_gsps_sc_in_the_same_study(
     results = {}
     for study in (bright, dark):
         uid = study[0].StudyInstanceUID
-        results[uid] = wait_until(lambda uid=uid: _results_in_pacs(orthanc, agent, uid),
-                                  timeout=120,
+        results[uid] = wait_until(partial(_results_in_pacs, orthanc, agent, uid), timeout=120,
                                   what="SR, GSPS and SC in Orthanc", interval=0.5,
                                   alive=agent.check_alive)
 

@@ -168,15 +168,17 @@ class ReceivingSCP:
         self.received: list[str] = []
         ae = AE(ae_title=ae_title)
         for cx in AllStoragePresentationContexts:
-            ae.add_supported_context(cx.abstract_syntax, ALL_TRANSFER_SYNTAXES)
+            ae.add_supported_context(str(cx.abstract_syntax), ALL_TRANSFER_SYNTAXES)
 
         def on_store(event: object) -> int:
             self.received.append(str(event.request.AffectedSOPClassUID))  # type: ignore[attr-defined]
             return 0
 
-        self._server = ae.start_server(("127.0.0.1", 0), block=False,
-                                       evt_handlers=[(evt.EVT_C_STORE, on_store)])
-        self.port = int(self._server.server_address[1])
+        server = ae.start_server(("127.0.0.1", 0), block=False,
+                                 evt_handlers=[(evt.EVT_C_STORE, on_store)])
+        assert server is not None
+        self._server = server
+        self.port = int(server.server_address[1])
 
     def stop(self) -> None:
         self._server.shutdown()
