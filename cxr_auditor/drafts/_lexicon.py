@@ -332,7 +332,8 @@ class Trig(Enum):
 
     PRE_* look forward from the trigger, POST_* look back; BI_* look back when a mention sits
     right before them, forward otherwise. ARTEFACT is a backward hedge that explains the finding
-    away ("likely a nipple shadow"): an explicit denial in the same section outranks it. PSEUDO triggers assert nothing: they only keep "no" in
+    away ("likely a nipple shadow"): an explicit denial in the same section outranks it.
+    UNASSESSED looks back and, like INDICATION, drops what it covers ("X cannot be assessed"). PSEUDO triggers assert nothing: they only keep "no" in
     "no change in" from reading as a denial. HISTORY and INDICATION mark mentions that are not
     findings of this study ("history of", "evaluate for").
     """
@@ -344,11 +345,19 @@ class Trig(Enum):
     POST_HEDGE = "post_hedge"
     BI_HEDGE = "bi_hedge"
     ARTEFACT = "artefact"
+    UNASSESSED = "unassessed"
     PSEUDO = "pseudo"
     HISTORY = "history"
     INDICATION = "indication"
     TERMINATOR = "terminator"
 
+
+# After "X is likely": what may follow and still leave X itself hedged ("is likely present",
+# "is likely given the history"). Any other word names X's cause ("is likely scarring").
+_NO_CAUSE_FOLLOWS = (
+    r"(?![ \t\r\n]+(?!(?:present|seen|noted|identified|visible|given|in|on|at|with|based|and"
+    r"|or|but|although|though|if)\b)[a-z])"
+)
 
 _VIEWED = (
     r"(?:seen|identified|visualized|visualised|demonstrated|evident|present|appreciated|noted"
@@ -409,6 +418,12 @@ TRIGGERS: tuple[tuple[str, Trig], ...] = (
     (r"(?:(?:has|have|had) )?(?:(?:now|since|completely|entirely|fully) )?(?:resolved|cleared)"
      r"|(?:has|have) been (?:removed|resolved)|removed", Trig.BI_NEG),
     (r"none(?: (?:seen|identified|present|noted))?|ruled out|excluded", Trig.POST_NEG),
+    # "pneumothorax cannot be assessed": the finding was not evaluated, nothing is claimed
+    (
+        r"(?:cannot|can not|can't|can’t|could not) be (?:accurately |reliably |adequately "
+        r"|well |fully )?(?:assessed|evaluated)|(?:is|are) not (?:assessable|evaluable)",
+        Trig.UNASSESSED,
+    ),
     # hedges that follow their finding
     (
         r"(?:(?:is|are|was|were) )?(?:(?:most )?likely |probably |possibly )?(?:represents?"
@@ -422,9 +437,10 @@ TRIGGERS: tuple[tuple[str, Trig], ...] = (
     (
         r"(?:is|are|was|were) (?:also |again )?(?:possible|possibly present|suspected|questioned"
         r"|a (?:consideration|possibility)|considered|likely|probable|favou?red|not excluded)"
-        r"|(?:may|might|could) (?:also )?be present|unlikely"
-        r"|(?:may|might|could) be (?:partly |partially )?(?:accentuated|exaggerated|magnified"
-        r"|overestimated)",
+        # "The opacity is likely scarring": a named cause follows, and only the cause is hedged.
+        + _NO_CAUSE_FOLLOWS + r"|(?:may|might|could) (?:also )?be present|unlikely"
+        r"|(?:(?:may|might|could) be|(?:is|are) (?:likely|probably|possibly|partly|partially))"
+        r" (?:partly |partially )?(?:accentuated|exaggerated|magnified|overestimated)",
         Trig.POST_HEDGE,
     ),
     (

@@ -49,7 +49,7 @@ NOTE_NORMAL_OVERRIDDEN = "normal-study statement overridden by an asserted or he
 
 _PRESENT, _ABSENT, _UNCERTAIN = DraftStatus.PRESENT, DraftStatus.ABSENT, DraftStatus.UNCERTAIN
 _LATERAL_LABELS = frozenset(POSITIVE_LABELS) - {Label.CARDIOMEGALY}
-_BACKWARD = (lx.Trig.POST_NEG, lx.Trig.POST_HEDGE, lx.Trig.ARTEFACT)
+_BACKWARD = (lx.Trig.POST_NEG, lx.Trig.POST_HEDGE, lx.Trig.ARTEFACT, lx.Trig.UNASSESSED)
 # Within one section: a hedge outranks a denial, which outranks an artefact explanation.
 _WEIGHT = {_PRESENT: 3, _UNCERTAIN: 2, _ABSENT: 1}
 
@@ -326,6 +326,8 @@ class _Sentence:
                 key = id(m)
                 if trig.kind in (lx.Trig.HISTORY, lx.Trig.INDICATION):
                     context.setdefault(key, trig.kind)
+                elif trig.kind is lx.Trig.UNASSESSED:
+                    context.setdefault(key, lx.Trig.INDICATION)
                 elif trig.kind in (lx.Trig.PRE_NEG, lx.Trig.POST_NEG, lx.Trig.BI_NEG):
                     negated.add(key)
                     if trig.kind is lx.Trig.POST_NEG:

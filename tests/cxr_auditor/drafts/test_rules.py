@@ -201,6 +201,12 @@ class TestRealReportLanguage:
             ("Bilateral airspace shadowing unchanged.", {O: p}),
             ("No parenchymal abnormality.", {O: a}),
             ("CXR PA: NAD.", {NF: p}),
+            ("An ill-defined opacity is unchanged and is likely scarring.", {O: p}),
+            ("The opacity is likely to represent atelectasis.", {O: p}),
+            ("Small bilateral effusions are likely present.", {E: u}),
+            ("Pneumonia is likely.", {O: u}),
+            ("Cardiomegaly is likely accentuated by AP technique.", {C: u}),
+            ("The apex is not well evaluated, and a small pneumothorax cannot be assessed.", {}),
             ("The cardiomediastinal silhouette is enlarged.", {C: p}),
             ("The cardiomediastinal silhouette is enlarged, which may be due to pericardial "
              "effusion or cardiomegaly.", {C: u}),
