@@ -510,8 +510,9 @@ class StateDB:
     ) -> tuple[DraftOutcome, int]:
         """Record a draft for ``key``; an identical copy of the current one is a no-op.
 
-        A different version supersedes every earlier draft of the key (and, once paired, of
-        its study), so there is always at most one current draft per study.
+        A different version supersedes the key's earlier unpaired drafts at once; a paired
+        one stays current until :meth:`pair_draft` pairs the new version, so a job prepared in
+        between still sees a draft (never a spurious image-only audit).
         """
         with self.transaction() as conn:
             current = conn.execute(
@@ -522,8 +523,9 @@ class StateDB:
             if current is not None and current["sha256"] == sha256:
                 return DraftOutcome.DUPLICATE, int(current["id"])
             conn.execute(
-                "UPDATE drafts SET state=?, updated_at=? WHERE key=? AND state != ?",
-                (DraftState.SUPERSEDED.value, now, key, DraftState.SUPERSEDED.value),
+                "UPDATE drafts SET state=?, updated_at=? WHERE key=? AND state IN (?,?)",
+                (DraftState.SUPERSEDED.value, now, key, DraftState.PENDING.value,
+                 DraftState.ORPHAN.value),
             )
             cur = conn.execute(
                 "INSERT INTO drafts (key, key_kind, file_name, sha256, text, author, state,"

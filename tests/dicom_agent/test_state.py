@@ -193,3 +193,21 @@ def test_a_database_that_fills_up_raises_state_error_and_keeps_working(tmp_path:
     with db.transaction() as conn:  # no transaction left open: the next one starts cleanly
         conn.execute("DELETE FROM instances")
     assert db.query("SELECT COUNT(*) FROM instances")[0][0] == 0
+
+
+def test_a_paired_draft_stays_current_until_its_new_version_is_paired(tmp_path: Path) -> None:
+    """No window without a draft: a job prepared between the new version's arrival and its
+    pairing still audits against the old text, never image-only."""
+    db = StateDB(tmp_path / "s.sqlite3")
+    add_instance(db)
+    _, first = db.record_draft(key="ACC1", key_kind="accession", file_name="ACC1.txt",
+                               sha256="a", text="old", author=None, now=1)
+    assert db.pair_draft(first, STUDY, 2)
+    _, second = db.record_draft(key="ACC1", key_kind="accession", file_name="ACC1.txt",
+                                sha256="b", text="new", author=None, now=3)
+    current = db.current_draft(STUDY)
+    assert current is not None and current.id == first
+    assert db.pair_draft(second, STUDY, 4)
+    current = db.current_draft(STUDY)
+    assert current is not None and current.id == second
+    assert {d.id: d.state for d in db.drafts()}[first] == "superseded"
