@@ -65,11 +65,12 @@ def wait_until(
         time.sleep(interval)
 
 
-def _deep_merge(base: dict[str, Any], over: dict[str, Any]) -> dict[str, Any]:
+def deep_merge(base: dict[str, Any], over: dict[str, Any]) -> dict[str, Any]:
+    """``over`` merged into ``base`` key by key (nested mappings merge, other values replace)."""
     out = dict(base)
     for key, value in over.items():
         if isinstance(value, dict) and isinstance(out.get(key), dict):
-            out[key] = _deep_merge(out[key], value)
+            out[key] = deep_merge(out[key], value)
         else:
             out[key] = value
     return out
@@ -116,7 +117,7 @@ def agent_config(root: Path, overrides: dict[str, Any] | None = None) -> dict[st
         "logging": {"level": "INFO"},
         "health": {"enabled": True, "host": "127.0.0.1", "port": free_port()},
     }
-    return _deep_merge(config, overrides or {})
+    return deep_merge(config, overrides or {})
 
 
 class AgentDied(RuntimeError):

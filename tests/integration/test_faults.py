@@ -24,13 +24,22 @@ from dataclasses import dataclass, field
 from functools import partial
 from pathlib import Path
 
+import httpx
 import pytest
 from pydicom import dcmread
 from pydicom.dataset import Dataset
 
-from tests.agentproc import AgentProcess, StubModelServer, echo, make_study, store, wait_until
+from tests.agentproc import (
+    AgentProcess,
+    StubModelServer,
+    deep_merge,
+    echo,
+    make_study,
+    store,
+    wait_until,
+)
 from tests.mutations import corpus, send_raw
-from tests.orthanc import ORTHANC, OrthancServer, _port_open, start_orthanc
+from tests.orthanc import ORTHANC, OrthancServer, start_orthanc
 
 pytestmark = [pytest.mark.integration, pytest.mark.slow]
 
@@ -425,14 +434,7 @@ def _stub_agent(tmp_path: Path, stub: StubModelServer, overrides: dict | None = 
     profiles = tmp_path / "profiles"
     name = stub.write_profile(profiles, timeout_seconds=timeout_seconds)
     base = {"paths": {"profiles": str(profiles)}, "grounding": {"profile": name}}
-    return AgentProcess(tmp_path / "agent", _merge(base, overrides or {}))
-
-
-def _merge(base: dict, over: dict) -> dict:
-    out = dict(base)
-    for key, value in over.items():
-        out[key] = _merge(out[key], value) if isinstance(value, dict) and key in out else value
-    return out
+    return AgentProcess(tmp_path / "agent", deep_merge(base, overrides or {}))
 
 
 def _output_problems(out: Path) -> list[str]:
@@ -669,9 +671,16 @@ def _relaunch(server: OrthancServer) -> OrthancServer:
                                    stderr=subprocess.STDOUT, cwd=server.folder)
     again = OrthancServer(server.folder, server.ae_title, server.dicom_port, server.http_port,
                           process)
+
+    def answering() -> bool:  # a C-ECHO on its DICOM port and its REST API
+        try:
+            return (echo(again.dicom_port, called_aet=again.ae_title) == 0
+                    and again.client.get("/system").status_code == 200)
+        except httpx.HTTPError:
+            return False
+
     try:
-        wait_until(lambda: _port_open(again.http_port) and _port_open(again.dicom_port),
-                   timeout=30, what="Orthanc ports", interval=0.05)
+        wait_until(answering, timeout=30, what="Orthanc to answer", interval=0.1)
     except TimeoutError:
         again.stop()
         raise
