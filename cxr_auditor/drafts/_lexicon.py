@@ -142,6 +142,11 @@ PHRASES: tuple[Entry, ...] = (
     ),
     _e(r"sharp (?:costophrenic|cp) (?:angles?|sulci)", E, fixed=ABSENT),
     _e(r"pleural spaces? (?:are |is )?clear", E, fixed=ABSENT),
+    _e(
+        r"no pleural abnormalit(?:y|ies)|(?:pleura|pleural spaces?):? (?:is |are |appear )?"
+        r"(?:normal|unremarkable)",
+        E, fixed=ABSENT,
+    ),
 )
 
 # Single terms; their status comes from negation and hedging. Longer alternatives come first,
@@ -480,6 +485,7 @@ TRIGGERS: tuple[tuple[str, Trig], ...] = (
 PUNCT_TRIGGERS: tuple[tuple[str, Trig], ...] = (
     (r"\?(?=[a-z])|\+/-|\+/\u2212", Trig.PRE_HEDGE),  # "?nodule", "consolidation +/- effusion"
     (r"\?", Trig.BI_HEDGE),
+    (r":[ \t]*no(?=[ \t]*(?:[.,;]|\r?\n|\Z))", Trig.POST_NEG),  # "Pneumothorax: No."
     (r";|\s-{1,2}\s", Trig.TERMINATOR),
 )
 

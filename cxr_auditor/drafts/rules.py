@@ -320,7 +320,15 @@ class _Sentence:
         explained: set[int] = set()  # hedged by "likely a nipple shadow" and the like
         context: dict[int, lx.Trig] = {}
         for trig in self.triggers:
-            if trig.kind in (lx.Trig.TERMINATOR, lx.Trig.PSEUDO):
+            if trig.kind is lx.Trig.PSEUDO:
+                # "No enlargement of the cardiac silhouette": the change word opens the mention
+                # itself, so the "no" denies it rather than describing a change.
+                if self.low.startswith(("no", "without"), trig.start):
+                    negated.update(
+                        id(m) for m in self.mentions if trig.start < m.start < trig.end
+                    )
+                continue
+            if trig.kind is lx.Trig.TERMINATOR:
                 continue
             for m in self._covered(trig):
                 key = id(m)
