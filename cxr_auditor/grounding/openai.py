@@ -22,7 +22,7 @@ from typing import Any
 import httpx
 from PIL import Image
 
-from cxr_auditor.errors import BackendError
+from cxr_auditor.errors import BackendError, ModelUnavailable
 from cxr_auditor.grounding._common import ChatGrounder
 from cxr_auditor.labels import LABELS
 from cxr_auditor.models import ChatRequest
@@ -123,15 +123,18 @@ class OpenAIChat:
     def _post(self, body: dict[str, Any]) -> str:
         profile = self.profile
         last = ""
+        unreachable = True  # every attempt failed to connect: nobody is serving the model
         for attempt in range(profile.max_retries + 1):
             if attempt:
                 time.sleep(profile.backoff_seconds * 2 ** (attempt - 1))
             try:
                 response = self._client.post("chat/completions", json=body)
             except httpx.TransportError as exc:
+                unreachable = unreachable and isinstance(exc, httpx.ConnectError)
                 last = f"{type(exc).__name__}"
                 logger.warning("profile %s: %s (attempt %d)", profile.name, last, attempt + 1)
                 continue
+            unreachable = False
             if response.status_code in _RETRY_STATUS:
                 last = f"HTTP {response.status_code}"
                 logger.warning("profile %s: %s (attempt %d)", profile.name, last, attempt + 1)
@@ -148,10 +151,13 @@ class OpenAIChat:
                 raise BackendError(
                     f"profile {profile.name!r}: malformed chat-completions response"
                 ) from exc
-        raise BackendError(
+        message = (
             f"profile {profile.name!r}: {profile.base_url} failed after "
             f"{profile.max_retries + 1} attempts ({last})"
         )
+        # A server that is down or restarting makes the model unavailable (jobs wait for it);
+        # one that answers with errors or times out fails the job, which retries and may die.
+        raise ModelUnavailable(message) if unreachable else BackendError(message)
 
     def generate(self, requests: list[ChatRequest], settings: AttemptSettings) -> list[str]:
         """One answer per request; requests run concurrently up to ``concurrency``."""

@@ -12,7 +12,7 @@ from typing import Any
 import pytest
 from PIL import Image
 
-from cxr_auditor.errors import BackendError
+from cxr_auditor.errors import BackendError, ModelUnavailable
 from cxr_auditor.geometry import Geometry
 from cxr_auditor.grounding import build_grounder
 from cxr_auditor.grounding.base import ImageInput
@@ -131,9 +131,10 @@ class TestOpenAIChatErrors:
             chat.generate([ChatRequest("x", tm.solid_image(0))], attempt_settings(1))
         assert len(server.requests) == 1
 
-    def test_connection_refused_is_a_backend_error(self) -> None:
+    def test_a_server_nobody_serves_makes_the_model_unavailable(self) -> None:
+        """Connection refused on every try: the jobs wait for the model, they do not die."""
         chat = OpenAIChat(_profile(f"http://127.0.0.1:{free_port()}/v1", max_retries=1))
-        with pytest.raises(BackendError, match="ConnectError"):
+        with pytest.raises(ModelUnavailable, match="ConnectError"):
             chat.generate([ChatRequest("x", tm.solid_image(0))], attempt_settings(1))
 
     def test_sampling_rung_sends_temperature_and_top_p(self, server: ChatServer) -> None:
