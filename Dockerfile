@@ -21,8 +21,9 @@ COPY pyproject.toml README.md LICENSE NOTICE DISCLAIMER.md ./
 COPY cxr_auditor ./cxr_auditor
 COPY dicom_agent ./dicom_agent
 COPY config ./config
-# The default PyPI torch wheel is a CUDA build, which is what this image is for.
-RUN pip install --upgrade pip && pip install ".[models]"
+# The default PyPI torch wheel is a CUDA build, which is what this image is for. Editable
+# install: the agent reads config/agent.yaml and config/profiles/ beside its packages in /app.
+RUN pip install --upgrade pip && pip install -e ".[models]"
 
 COPY docker/agent.yaml /etc/cxr-agent/agent.yaml
 

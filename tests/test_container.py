@@ -45,6 +45,22 @@ def test_every_copied_path_exists() -> None:
             assert (ROOT / src).exists(), f"Dockerfile copies missing path {src}"
 
 
+def test_install_keeps_the_config_folder_beside_the_packages() -> None:
+    """dicom_agent.config and cxr_auditor.profiles read ``config/`` next to the packages, so
+    the image must install editable from the folder it copied them to."""
+    from cxr_auditor import profiles
+    from dicom_agent import config
+
+    assert config.EMBEDDED_CONFIG == ROOT / "config" / "agent.yaml"
+    assert Path(profiles.__file__).resolve().parent.parent == ROOT
+    workdir = Path(_one("WORKDIR"))
+    runs = [rest for w, rest in _instructions() if w == "RUN" and "pip install" in rest]
+    assert any('pip install -e ".[models]"' in r for r in runs)
+    copied = {shlex.split(rest)[-1] for w, rest in _instructions() if w == "COPY"}
+    assert {"./config", "./cxr_auditor", "./dicom_agent"} <= copied
+    assert workdir == Path("/app")
+
+
 def test_entrypoint_and_cmd_are_real_cli_commands(tmp_path: Path) -> None:
     entry = json.loads(_one("ENTRYPOINT"))
     cmd = json.loads(_one("CMD"))
