@@ -121,6 +121,14 @@ def _laterality_flags(
     return list(flags.values())
 
 
+def _partially_grounded(grounding: GroundingResult) -> bool:
+    """True when some audited image was not read (``pipeline.merge_grounding`` notes each such
+    image as ``image<i>:grounding_failed`` / ``grounding_inconclusive``)."""
+    return any(
+        note.endswith((":grounding_failed", ":grounding_inconclusive")) for note in grounding.notes
+    )
+
+
 def compare(
     grounding: GroundingResult, draft: DraftResult, *, urgent: frozenset[Label]
 ) -> tuple[AuditMode, list[Flag], list[str]]:
@@ -166,8 +174,13 @@ def compare(
                     denied=label in denied,
                 )
             )
-        for label in asserted.keys() - image_labels.keys():
-            flags.append(_flag(FlagKind.UNSUPPORTED, "default", label, [], asserted[label]))
+        if _partially_grounded(grounding):
+            # A view the model could not read might show what the draft asserts: no
+            # UNSUPPORTED from the views that were read alone (CONTRACT: failed -> no flags).
+            notes.append("grounding_partial:unsupported_not_computed")
+        else:
+            for label in asserted.keys() - image_labels.keys():
+                flags.append(_flag(FlagKind.UNSUPPORTED, "default", label, [], asserted[label]))
         for label in urgent & image_labels.keys():
             variant = "missed" if label in missing else "stated"
             flags.append(

@@ -179,6 +179,28 @@ class TestDegradedModes:
         assert (mode, flags, notes) == (AuditMode.NO_FLAGS, [], [f"grounding_{state.value}:no_flags"])
 
 
+    @pytest.mark.parametrize("other", [GroundingState.FAILED, GroundingState.INCONCLUSIVE])
+    def test_a_view_not_read_stops_unsupported_but_not_missing(
+        self, other: GroundingState
+    ) -> None:
+        """One view read, one not: what the read view shows is still MISSING from the draft,
+        but nothing the draft asserts can be called UNSUPPORTED."""
+        grounding = GroundingResult(
+            state=GroundingState.OK,
+            findings=[ImageFinding(label=P, image_index=0)],
+            notes=[f"image1:grounding_{other.value}"],
+        )
+        mode, flags, notes = compare(
+            grounding, _draft((C, DraftStatus.PRESENT, None)), urgent=DEFAULT_URGENT
+        )
+        assert mode is AuditMode.FULL
+        assert _summary(flags) == [
+            ("missing", "pneumothorax", False, None),
+            ("urgent", "pneumothorax", None, True),
+        ]
+        assert "grounding_partial:unsupported_not_computed" in notes
+
+
 class TestLaterality:
     L, R, B = Laterality.LEFT, Laterality.RIGHT, Laterality.BILATERAL
 
