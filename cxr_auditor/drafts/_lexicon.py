@@ -373,6 +373,12 @@ _VIEWED = (
 TRIGGERS: tuple[tuple[str, Trig], ...] = (
     # pseudo-negation and partial change (the finding is still there)
     (r"not only", Trig.PSEUDO),
+    # "not seen on the prior study": new, not denied
+    (
+        rf"(?:(?:is|are|was|were) )?not (?:previously {_VIEWED}|{_VIEWED} (?:on|in) (?:the )?"
+        r"(?:prior|previous|earlier|older|comparison)\b)",
+        Trig.PSEUDO,
+    ),
     (
         r"(?:no|without) (?:(?:significant|appreciable|substantial|definite|interval|significant "
         r"interval|further|marked|notable) )?(?:change|changes|increase|decrease|worsening"
