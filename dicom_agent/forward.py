@@ -32,7 +32,7 @@ from pynetdicom import AE
 
 from dicom_agent.config import AgentSettings, Destination, ForwardSettings
 from dicom_agent.errors import ForwardError, StateError
-from dicom_agent.state import JobKind, JobRow, JobState, StateDB
+from dicom_agent.state import JobKind, JobRow, JobState, StateDB, retry_delay
 
 logger = logging.getLogger(__name__)
 
@@ -137,10 +137,7 @@ def enqueue_forward(
 
 def backoff_seconds(attempts: int, forward: ForwardSettings) -> float:
     """Delay before the next try after ``attempts`` failures: base doubling, capped."""
-    return min(
-        forward.retry_backoff_seconds * (2 ** max(attempts - 1, 0)),
-        forward.retry_backoff_max_seconds,
-    )
+    return retry_delay(attempts, forward.retry_backoff_seconds, forward.retry_backoff_max_seconds)
 
 
 def _claim(db: StateDB, job: JobRow, now: float) -> JobRow | None:

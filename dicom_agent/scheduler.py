@@ -6,7 +6,7 @@ pass the clock and never sleep (mercure's "complete means quiet for N seconds"):
 - :func:`is_settled`: no new instance for ``pairing.settle_seconds``;
 - :func:`decide`: what a study needs next (wait for a draft, queue an audit, nothing);
 - :func:`is_orphan`: a draft whose study has not arrived after ``pairing.study_wait_seconds``;
-- :func:`retry_delay`: exponential backoff of failed jobs.
+- exponential backoff of failed jobs: :func:`dicom_agent.state.retry_delay`.
 
 :class:`Scheduler` applies them from apscheduler interval jobs (BackgroundScheduler): the
 drafts poll, the pairing tick, housekeeping, the forward outbox and the status heartbeat. A
@@ -56,13 +56,6 @@ def is_settled(last_instance_at: float, now: float, settle_seconds: float) -> bo
 def is_orphan(received_at: float, now: float, study_wait_seconds: float) -> bool:
     """A draft is an orphan once its study has not arrived for ``study_wait_seconds``."""
     return now - received_at >= study_wait_seconds
-
-
-def retry_delay(attempts: int, base_seconds: float, max_seconds: float) -> float:
-    """Backoff before the next attempt after ``attempts`` failed ones: base, 2*base, 4*base..."""
-    if attempts < 1:
-        return 0.0
-    return float(min(base_seconds * 2 ** (attempts - 1), max_seconds))
 
 
 class Action(StrEnum):

@@ -51,6 +51,7 @@ from dicom_agent.conformance import (
     is_valid_uid,
 )
 from dicom_agent.errors import DicomInputError, SpoolError, SpoolFullError
+from dicom_agent.files import fsync_dir
 from dicom_agent.state import InstanceState, StateDB, StoreOutcome
 
 logger = logging.getLogger(__name__)
@@ -202,14 +203,6 @@ def dataset_sha256(data_set: bytes) -> str:
     return hashlib.sha256(data_set).hexdigest()
 
 
-def _fsync_dir(folder: Path) -> None:
-    fd = os.open(folder, os.O_RDONLY | os.O_DIRECTORY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-
-
 class Spool:
     """Durable storage of received instances, plus the quarantine for bytes we cannot use.
 
@@ -340,7 +333,7 @@ class Spool:
                 fh.flush()
                 os.fsync(fh.fileno())
             os.replace(tmp, path)
-            _fsync_dir(path.parent)
+            fsync_dir(path.parent)
         except BaseException as exc:
             # Whatever failed, no temp file is left behind.
             tmp.unlink(missing_ok=True)
@@ -362,7 +355,7 @@ class Spool:
             probe = probe.parent
         folder.mkdir(parents=True, exist_ok=True)
         for created in reversed(missing):
-            _fsync_dir(created.parent)
+            fsync_dir(created.parent)
         with self._dirs_lock:
             self._durable_dirs.add(folder)
 

@@ -805,5 +805,12 @@ class StateDB:
         return JobRow(**dict(row))
 
 
+def retry_delay(attempts: int, base_seconds: float, max_seconds: float) -> float:
+    """Backoff (audit and forward jobs alike) before the next attempt after ``attempts`` failed ones: base, 2*base, 4*base..."""
+    if attempts < 1:
+        return 0.0
+    return float(min(base_seconds * 2 ** (attempts - 1), max_seconds))
+
+
 def _split_sql(script: str) -> list[str]:
     return [s.strip() for s in script.split(";") if s.strip()]

@@ -14,7 +14,7 @@ While the model works on one batch the decode pool already prepares the next, an
 batch's outputs are being written, so CPU work overlaps with the model.
 
 Errors are caught per job: a failure records its reason in the job row and schedules a retry
-with exponential backoff (:func:`dicom_agent.scheduler.retry_delay`); after
+with exponential backoff (:func:`dicom_agent.state.retry_delay`); after
 ``worker.max_attempts`` the job is dead-lettered. A model that cannot be loaded (no weights, no
 GPU) never loses work: jobs wait in ``waiting_model`` and the load is retried every
 ``worker.model_retry_seconds``.
@@ -58,8 +58,8 @@ from dicom_agent.pixels import (
     to_model_input,
 )
 from dicom_agent.routing import ProfileRoutes, route_study
-from dicom_agent.scheduler import retry_delay, study_dir
-from dicom_agent.state import JobRow, JobState, StateDB
+from dicom_agent.scheduler import study_dir
+from dicom_agent.state import JobRow, JobState, StateDB, retry_delay
 
 log = logging.getLogger(__name__)
 

@@ -20,10 +20,18 @@ from dicom_agent.scheduler import (
     is_orphan,
     is_settled,
     pair_drafts,
-    retry_delay,
     schedule_studies,
 )
-from dicom_agent.state import DraftRow, InstanceRow, JobRow, JobState, StateDB, StudyRow, StudyState
+from dicom_agent.state import (
+    DraftRow,
+    InstanceRow,
+    JobRow,
+    JobState,
+    StateDB,
+    StudyRow,
+    StudyState,
+    retry_delay,
+)
 
 PAIRING = PairingSettings(settle_seconds=10, draft_wait_seconds=60, study_wait_seconds=600)
 
