@@ -13,8 +13,10 @@ Pipeline for one draft (CONTRACT.md "Draft parsing"; the rules and their reasons
    and continues across a comma only into list items ("no effusion, consolidation, or
    pneumothorax"), never into a new assertion ("no pneumothorax, small left effusion").
 4. Each mention gets ``absent`` when a negation covers it, else ``uncertain`` when a hedge covers
-   it, else ``present``. One finding per label: ``present`` anywhere wins; otherwise the higher
-   section wins (ADDENDUM > IMPRESSION > FINDINGS), then ``uncertain`` over ``absent``.
+   it, else ``present``. A pronoun sentence that resolves ("It has now cleared.") denies what the
+   sentence before named. One finding per label: ``present`` anywhere wins; otherwise the higher
+   section wins (ADDENDUM > IMPRESSION > FINDINGS), then ``uncertain`` over ``absent`` over a
+   finding explained away as an artefact ("likely a nipple shadow").
 5. ``no_finding`` is present for an explicit normal statement, or for a normal heart plus clear
    lungs, and only while no label is present or uncertain.
 """
@@ -50,7 +52,7 @@ NOTE_NORMAL_OVERRIDDEN = "normal-study statement overridden by an asserted or he
 _PRESENT, _ABSENT, _UNCERTAIN = DraftStatus.PRESENT, DraftStatus.ABSENT, DraftStatus.UNCERTAIN
 _LATERAL_LABELS = frozenset(POSITIVE_LABELS) - {Label.CARDIOMEGALY}
 _BACKWARD = (lx.Trig.POST_NEG, lx.Trig.POST_HEDGE, lx.Trig.ARTEFACT, lx.Trig.UNASSESSED)
-# Within one section: a hedge outranks a denial, which outranks an artefact explanation.
+# Within one section: a hedge outranks a denial, which outranks an artefact explanation (0).
 _WEIGHT = {_PRESENT: 3, _UNCERTAIN: 2, _ABSENT: 1}
 
 _SENTENCE_END = re.compile(
@@ -428,7 +430,7 @@ def _choose(cands: list[_Mention]) -> _Mention:
         present, cands = [], hedged
     if present:
         return max(present, key=lambda c: (c.rank, -c.start))
-    return max(cands, key=lambda c: (c.rank, _WEIGHT[c.status] - c.withdrawn * 2, -c.start))
+    return max(cands, key=lambda c: (c.rank, 0 if c.withdrawn else _WEIGHT[c.status], -c.start))
 
 
 class RulesDraftParser(DraftParser):
