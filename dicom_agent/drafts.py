@@ -33,6 +33,7 @@ from pathlib import Path
 from pydantic import BaseModel, ConfigDict, ValidationError, field_validator, model_validator
 
 from dicom_agent.config import AgentSettings
+from dicom_agent.conformance import is_valid_uid
 from dicom_agent.files import atomic_write_text
 from dicom_agent.observe import Event, Metrics, event, study_ref
 from dicom_agent.state import DraftOutcome, StateDB
@@ -44,7 +45,6 @@ REJECTED_DIR = "rejected"
 REASON_SUFFIX = ".reason.txt"
 IGNORED_SUFFIXES = (".tmp", ".part")
 
-_UID_RE = re.compile(r"^(0|[1-9][0-9]*)(\.(0|[1-9][0-9]*))+$")
 _ACCESSION_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,15}$")
 _UNSAFE_NAME_RE = re.compile(r"[^A-Za-z0-9._-]")
 
@@ -66,8 +66,9 @@ class Reject:
 
 
 def is_study_uid(value: str) -> bool:
-    """True for a syntactically valid UI value (PS3.5 section 9.1)."""
-    return len(value) <= 64 and bool(_UID_RE.match(value))
+    """True for a valid UID (PS3.5 9.1) of at least two components: a single number is read
+    as an accession number, which may well be all digits."""
+    return "." in value and is_valid_uid(value)
 
 
 def is_accession(value: str) -> bool:

@@ -27,6 +27,7 @@ from apscheduler.schedulers.background import BackgroundScheduler
 
 from dicom_agent import forward
 from dicom_agent.config import AgentSettings, PairingSettings
+from dicom_agent.conformance import is_valid_uid
 from dicom_agent.drafts import DraftReader
 from dicom_agent.observe import Event, event, study_ref
 from dicom_agent.spool import expire_study
@@ -231,7 +232,7 @@ def housekeeping(db: StateDB, settings: AgentSettings, now: float) -> tuple[int,
 
 def study_dir(settings: AgentSettings, study_uid: str) -> Path:
     """``out/<StudyInstanceUID>/``; the UID is checked so it cannot name another folder."""
-    if not study_uid or "/" in study_uid or study_uid.startswith("."):
+    if not is_valid_uid(study_uid):  # PS3.5 9.1: digits and dots only, never a path
         raise ValueError("study UID is not usable as a folder name")
     return settings.paths.out / study_uid
 

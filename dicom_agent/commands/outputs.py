@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import re
 import time
 from pathlib import Path
 from typing import Annotated
@@ -11,13 +10,12 @@ import typer
 
 from dicom_agent.cli import app
 from dicom_agent.commands import fail, settings_or_fail
+from dicom_agent.conformance import is_valid_uid
 from dicom_agent.errors import OutputError
 from dicom_agent.forward import drain_outbox, enqueue_forward
 from dicom_agent.outputs import objects_to_send
 from dicom_agent.outputs.sidecar import SIDECAR_NAME, read_result
 from dicom_agent.state import JobState, StateDB
-
-_UID = re.compile(r"^[0-9]+(\.[0-9]+)*$")  # PS3.5 9.1; also keeps the path inside paths.out
 
 
 @app.command("resend")
@@ -32,7 +30,7 @@ def resend(
     ] = False,
 ) -> None:
     """Send the study's latest validated SR/GSPS/SC again to every research destination."""
-    if not _UID.match(study_uid) or len(study_uid) > 64:
+    if not is_valid_uid(study_uid):  # PS3.5 9.1; also keeps the path inside paths.out
         fail("STUDY_UID must be a DICOM UID (digits and dots, at most 64 characters)")
     settings = settings_or_fail(config)
     destinations = [d for d in settings.forward.destinations if d.research]
