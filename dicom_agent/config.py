@@ -157,7 +157,6 @@ class HousekeepingSettings(_Section):
 class LoggingSettings(_Section):
     level: str = "INFO"
     json_lines: bool = False
-    log_phi: bool = False
 
 
 class HealthSettings(_Section):

@@ -28,6 +28,7 @@ from typing import Any
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
 from prometheus_client.exposition import CONTENT_TYPE_LATEST
+from pynetdicom import _config as pynetdicom_config
 
 from dicom_agent.config import LoggingSettings
 from dicom_agent.files import atomic_write_text
@@ -160,6 +161,10 @@ def setup_logging(cfg: LoggingSettings, stream: Any = None) -> None:
     root.setLevel(cfg.level.upper())
     for noisy in ("pynetdicom", "apscheduler"):
         logging.getLogger(noisy).setLevel(logging.WARNING)
+    # Belt and braces: even if someone lowers pynetdicom's level, no query/response
+    # identifiers (patient data) are logged.
+    pynetdicom_config.LOG_REQUEST_IDENTIFIERS = False
+    pynetdicom_config.LOG_RESPONSE_IDENTIFIERS = False
 
 
 # -- metrics -----------------------------------------------------------------------------------

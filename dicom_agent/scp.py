@@ -452,6 +452,10 @@ def _worker_main(settings: AgentSettings, ready: EventType, stop: EventType) -> 
     """Body of a listener worker process: serve until the parent sets ``stop``."""
     # Ctrl-C reaches the whole process group; the parent owns shutdown and sets ``stop``.
     signal.signal(signal.SIGINT, signal.SIG_IGN)
+    # A spawned process starts bare: same log format and the same salted study references
+    # as the parent, so its lines can be read and matched with the parent's.
+    observe.setup_logging(settings.logging)
+    observe.load_salt(settings.paths.state.parent)
     db = StateDB(settings.paths.state)
     listener = _start_one(settings, db, None, None)
     ready.set()
