@@ -208,6 +208,11 @@ TERMS: tuple[Entry, ...] = (
         "emphysema",
     ),
     _e(r"(?:(?:hiatal|hiatus|diaphragmatic|paraesophageal) )?hernias?", "hernia"),
+    _e(
+        r"(?:widened|widening of the|wide) (?:superior )?mediastinum|mediastinal widening"
+        r"|mediastinum (?:is |appears )?(?:mildly |slightly )?(?:widened|wide)",
+        "mediastinal_widening",
+    ),
     _e(r"pneumomediastinum", "pneumomediastinum"),
     _e(r"pneumoperitoneum|free (?:intraperitoneal |subdiaphragmatic )?air", "pneumoperitoneum"),
     _e(
@@ -449,7 +454,8 @@ TRIGGERS: tuple[tuple[str, Trig], ...] = (
         r"(?:is|are|was|were) (?:also |again )?(?:possible|possibly present|suspected|questioned"
         r"|a (?:consideration|possibility)|considered|likely|probable|favou?red|not excluded)"
         # "The opacity is likely scarring": a named cause follows, and only the cause is hedged.
-        + _NO_CAUSE_FOLLOWS + r"|(?:may|might|could) (?:also )?be present|unlikely"
+        + _NO_CAUSE_FOLLOWS + r"|(?:may|might|could) (?:also )?be (?:present|obscured|hidden|masked)"
+        r"|unlikely"
         r"|(?:(?:may|might|could) be|(?:is|are) (?:likely|probably|possibly|partly|partially))"
         r" (?:partly |partially )?(?:accentuated|exaggerated|magnified|overestimated)",
         Trig.POST_HEDGE,
@@ -470,7 +476,7 @@ TRIGGERS: tuple[tuple[str, Trig], ...] = (
         r"|\bmay\b|\bpotential\b",
         Trig.PRE_HEDGE,
     ),
-    (r"versus|\bvs\b\.?", Trig.BI_HEDGE),
+    (r"versus|\bvs\b\.?|and/or", Trig.BI_HEDGE),
     # negations that precede their finding
     (
         r"no evidence of|no radiographic evidence of|no signs? of|negative for|free of"

@@ -51,6 +51,7 @@ NOTE_NORMAL_OVERRIDDEN = "normal-study statement overridden by an asserted or he
 
 _PRESENT, _ABSENT, _UNCERTAIN = DraftStatus.PRESENT, DraftStatus.ABSENT, DraftStatus.UNCERTAIN
 _LATERAL_LABELS = frozenset(POSITIVE_LABELS) - {Label.CARDIOMEGALY}
+_HEDGES = frozenset({lx.Trig.PRE_HEDGE, lx.Trig.POST_HEDGE, lx.Trig.BI_HEDGE})
 _BACKWARD = (lx.Trig.POST_NEG, lx.Trig.POST_HEDGE, lx.Trig.ARTEFACT, lx.Trig.UNASSESSED)
 # Within one section: a hedge outranks a denial, which outranks an artefact explanation (0).
 _WEIGHT = {_PRESENT: 3, _UNCERTAIN: 2, _ABSENT: 1}
@@ -221,11 +222,16 @@ class _Sentence:
         self.mentions = self._mentions()
         spans = [(m.start, m.end) for m in self.mentions if m.fixed]
         # Triggers only matter around a mention, so a sentence without one skips the scan.
-        self.triggers = [
+        triggers = [
             _Trigger(ts, te, lx.TRIGGER_KINDS[i])
             for i, ts, te in (lx.TRIGGER_ALT.finditer(low, start, end) if self.mentions else ())
-            if not any(s <= ts < e for s, e in spans)
         ]
+        self.triggers = [t for t in triggers if not any(s <= t.start < e for s, e in spans)]
+        # A phrase's own words never negate it ("no acute process"), but a hedge inside it
+        # ("heart size is likely normal") withdraws its confidence.
+        self.hedged_phrases = {
+            (s, e) for s, e in spans for t in triggers if t.kind in _HEDGES and s <= t.start < e
+        }
         self.terminators = [t.start for t in self.triggers if t.kind is lx.Trig.TERMINATOR]
         self.cues = [t.start for t in self.triggers if t.kind is not lx.Trig.TERMINATOR]
 
@@ -349,12 +355,15 @@ class _Sentence:
         for key in answered:
             if context.get(key) is lx.Trig.INDICATION:
                 del context[key]
+        hedged.update(id(m) for m in self._signs_with_hedged_cause())
         out: list[_Mention] = []
         for m in self.mentions:
             if m.indirect and self._explained(m):
                 continue  # the explicit mention in its clause speaks for it
             key = id(m)
             m.context = context.get(key)
+            if m.fixed and m.status is _ABSENT and (m.start, m.end) in self.hedged_phrases:
+                m.status = _UNCERTAIN
             if not m.fixed:
                 if key in negated:
                     m.status = _ABSENT
@@ -364,6 +373,23 @@ class _Sentence:
             m.laterality = self._laterality(m)
             out.append(m)
         return out
+
+    def _signs_with_hedged_cause(self) -> list[_Mention]:
+        """Indirect signs followed in their clause by a hedged cause ("blunting ..., likely due to
+        pleural thickening"): the sign itself is then only a possible finding."""
+        signs = [m for m in self.mentions if m.indirect]
+        if not signs:
+            return []
+        causes = [t for t in self.triggers if t.kind in (lx.Trig.PRE_HEDGE, lx.Trig.BI_HEDGE)]
+        return [
+            m for m in signs
+            if any(
+                t.start >= m.end
+                and not any(m.end <= p < t.start for p in self.terminators)
+                and any(c is not m for c in self._covered(t))
+                for t in causes
+            )
+        ]
 
     def _explained(self, sign: _Mention) -> bool:
         """Is an indirect sign named outright in its own clause ("blunting ... effusion")?"""

@@ -201,6 +201,11 @@ class TestRealReportLanguage:
             ("Bilateral airspace shadowing unchanged.", {O: p}),
             ("No parenchymal abnormality.", {O: a}),
             ("CXR PA: NAD.", {NF: p}),
+            ("The heart size is likely normal.", {C: u}),
+            ("Lungs are probably clear.", {O: u}),
+            ("Obscured hemidiaphragm, compatible with effusion and/or atelectasis.", {E: u}),
+            ("No effusion is evident, though a small effusion could be obscured.", {E: u}),
+            ("Blunting of the left costophrenic angle, likely due to pleural thickening.", {E: u}),
             ("Possible nodule in the left upper lobe, not seen on prior.", {N: u}),
             ("Right apical nodule, not previously seen.", {N: p}),
             ("The nodule is not seen on this study.", {N: a}),
@@ -236,6 +241,11 @@ class TestRealReportLanguage:
         check(text, {E: u})
         check("FINDINGS: Blunting of the left costophrenic angle. IMPRESSION: No pneumonia.",
               {E: p, O: a})
+
+    def test_widened_mediastinum_is_outside_the_labels(self) -> None:
+        text = "The mediastinum is widened, likely due to positioning. Heart normal. Lungs clear."
+        assert "mediastinal_widening" in unmapped(text)
+        assert NF not in statuses(text)
 
     def test_no_normal_study_inferred_after_an_explained_finding(self) -> None:
         text = ("The heart size is normal. Hazy opacity likely related to overlying soft tissue. "
