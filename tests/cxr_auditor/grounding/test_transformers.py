@@ -149,6 +149,31 @@ class TestLoading:
         with pytest.raises(ModelUnavailable, match="profile 'cxr-auditor-v2': model folder .* does not exist"):
             load_model(_profile("cxr-auditor-v2", tmp_path / "absent"))
 
+    @pytest.mark.parametrize("offline", [True, False])
+    def test_uncached_hub_weights_fail_fast_when_the_hub_is_out_of_reach(
+        self, offline: bool, monkeypatch: pytest.MonkeyPatch, tmp_path: Path
+    ) -> None:
+        """No retry ladder against an unreachable hub: the model is unavailable at once."""
+        import time
+
+        from huggingface_hub import constants
+
+        from tests.conftest import free_port
+
+        monkeypatch.setenv("HF_HUB_CACHE", str(tmp_path / "empty-cache"))
+        monkeypatch.setattr(constants, "HF_HUB_CACHE", str(tmp_path / "empty-cache"))
+        monkeypatch.setattr(constants, "HF_HUB_OFFLINE", offline)
+        monkeypatch.setattr(constants, "ENDPOINT", f"http://127.0.0.1:{free_port()}")
+        profile = parse_profile(
+            {"name": "hub-model", "task": "grounding", "backend": "transformers",
+             "model": "someone/not-cached-anywhere", "dtype": "float32"}
+        )
+        start = time.monotonic()
+        with pytest.raises(ModelUnavailable, match="not in the local cache") as info:
+            load_model(profile)
+        assert time.monotonic() - start < 10
+        assert ("offline" in str(info.value)) is offline
+
     def test_folder_without_weights_names_the_cause(self, tmp_path: Path) -> None:
         (tmp_path / "empty").mkdir()
         with pytest.raises(ModelUnavailable, match="profile 'cxr-auditor-v2': cannot load model"):
