@@ -1,0 +1,33 @@
+"""dicom_agent: everything about where studies come from and where results go.
+
+The package layout follows the data flow (ARCHITECTURE.md): ``scp`` (C-STORE listener) →
+``spool`` (durable storage) → ``state`` (SQLite) → ``drafts`` / ``scheduler`` (pairing) →
+``worker`` (``pixels``, ``routing``, the :mod:`cxr_auditor` pipeline) → ``outputs`` (SR, GSPS,
+SC, JSON) → ``forward`` (C-STORE back to a research PACS). ``agent`` runs them together under
+``cxr-agent serve``; ``cli`` and ``commands`` are the command line; ``config``, ``errors``,
+``observe``, ``conformance`` and ``files`` serve them all.
+
+Modules are imported on use (``from dicom_agent.scp import start_listener``): importing this
+package loads nothing heavy. ``__all__`` names the public modules; a test keeps it complete.
+"""
+
+__all__ = [
+    "agent",
+    "cli",
+    "commands",
+    "config",
+    "conformance",
+    "drafts",
+    "errors",
+    "files",
+    "forward",
+    "observe",
+    "outputs",
+    "pixels",
+    "routing",
+    "scheduler",
+    "scp",
+    "spool",
+    "state",
+    "worker",
+]
