@@ -273,7 +273,9 @@ def main(argv: list[str] | None = None) -> int:
     agent = AgentProcess(
         root / "agent",
         {
-            "scp": {"max_associations": max(16, args.senders)},
+            # Headroom: a sender's next association can arrive while its previous one is
+            # still winding down, which pynetdicom counts against the limit.
+            "scp": {"max_associations": args.senders + 4},
             "logging": {"level": "WARNING"},
             "pairing": {"draft_wait_seconds": 0},  # no drafts are sent: audit image-only at once
         },
