@@ -105,10 +105,10 @@ def decide(
     if state is StudyState.RECEIVING:
         if not is_settled(study.last_instance_at, now, pairing.settle_seconds):
             return _NOTHING
+        if latest_job is not None:  # audited before: new images arrived since
+            return Decision(Action.QUEUE, Reason.LATE_INSTANCE)
         if draft is not None:
             return Decision(Action.QUEUE, Reason.DRAFT)
-        if latest_job is not None:
-            return Decision(Action.QUEUE, Reason.LATE_INSTANCE)
         return Decision(Action.WAIT_DRAFT)
     if state is StudyState.WAITING_DRAFT:
         if draft is not None:

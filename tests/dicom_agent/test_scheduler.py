@@ -83,6 +83,10 @@ class TestDecide:
         d = decide(study(StudyState.RECEIVING, last=100), None, job(None), 110, PAIRING)
         assert (d.action, d.reason) == (Action.QUEUE, Reason.LATE_INSTANCE)
 
+    def test_late_instance_on_a_study_audited_with_its_draft_says_so(self) -> None:
+        d = decide(study(StudyState.RECEIVING, last=100), draft(), job(draft().id), 110, PAIRING)
+        assert (d.action, d.reason) == (Action.QUEUE, Reason.LATE_INSTANCE)
+
     def test_draft_wait_expiry_gives_image_only(self) -> None:
         s = study(StudyState.WAITING_DRAFT, settled=100)
         assert decide(s, None, None, 159, PAIRING).action is Action.NOTHING
