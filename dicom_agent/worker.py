@@ -63,6 +63,9 @@ from dicom_agent.state import JobRow, JobState, StateDB, retry_delay
 
 log = logging.getLogger(__name__)
 
+#: Batches the worker holds at once: decoding, on the model, being written.
+_PIPELINE_BATCHES = 3
+
 _T = TypeVar("_T")
 
 class AuditRunner(Protocol):
@@ -380,7 +383,17 @@ class Worker:
         return False
 
     def _claim_batch(self, *, wait: bool) -> list[JobRow]:
+        """Claim the next batch, unless the pipeline already holds its share of jobs.
+
+        Back-pressure: at most ``_PIPELINE_BATCHES`` batches are held at once (one decoding,
+        one on the model, one being written). When outputs are slower than the model the
+        worker stops claiming instead of pulling the whole backlog into memory.
+        """
         size = self.settings.worker.batch_size
+        with self._inflight_lock:
+            room = _PIPELINE_BATCHES * size - len(self._inflight)
+        if room < size:
+            return []
         jobs = self.db.claim_audit_jobs(size, self.clock())
         if wait and jobs and len(jobs) < size:
             deadline = time.monotonic() + self.settings.worker.batch_wait_seconds
