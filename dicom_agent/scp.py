@@ -190,8 +190,10 @@ def _refuse_malformed(
     try:
         kept = ctx.spool.quarantine(data_set, str(exc), transfer_syntax)
         logger.warning("C-STORE refused (0x%04X): %s; quarantined as %s", code, exc, kept.name)
+    except SpoolError:
+        logger.warning("C-STORE refused (0x%04X): %s; not quarantined (free-space floor)", code, exc)
     except OSError as qexc:
-        logger.error("C-STORE refused (0x%04X): %s; quarantine failed: %s", code, exc, qexc)
+        logger.error("C-STORE refused (0x%04X): %s; quarantine failed: %s", code, exc, qexc.strerror)
     return _status(code, str(exc))
 
 

@@ -51,7 +51,7 @@ from dicom_agent.conformance import (
     is_valid_uid,
 )
 from dicom_agent.errors import DicomInputError, SpoolError, SpoolFullError
-from dicom_agent.files import fsync_dir
+from dicom_agent.files import atomic_write_bytes, atomic_write_text, fsync_dir
 from dicom_agent.state import InstanceState, StateDB, StoreOutcome
 
 logger = logging.getLogger(__name__)
@@ -365,14 +365,16 @@ class Spool:
         The name is a timestamp and random token, never anything from the data. ``reason`` must
         not contain PHI (callers pass our own messages, which name attributes, not values).
         """
+        # Below the free-space floor nothing is kept: refused input must not be the way a
+        # peer fills the disk (raises SpoolFullError).
+        self.check_free_space(len(data))
         self.quarantine_root.mkdir(parents=True, exist_ok=True)
         stem = f"{time.strftime('%Y%m%dT%H%M%S')}-{secrets.token_hex(6)}"
-        target = self.quarantine_root / f"{stem}.bin"
-        target.write_bytes(data)
         note = f"reason: {reason}\n"
         if transfer_syntax_uid:
             note += f"transfer_syntax_uid: {transfer_syntax_uid}\n"
-        (self.quarantine_root / f"{stem}{REASON_SUFFIX}").write_text(note, encoding="utf-8")
+        target = atomic_write_bytes(self.quarantine_root / f"{stem}.bin", data)
+        atomic_write_text(self.quarantine_root / f"{stem}{REASON_SUFFIX}", note)
         return target
 
 
