@@ -24,6 +24,7 @@ from dicom_agent import spool
 from dicom_agent.config import AgentSettings
 from dicom_agent.drafts import DraftReader
 from dicom_agent.errors import ConfigError
+from dicom_agent.files import remove_stale_temps
 from dicom_agent.observe import (
     Event,
     HealthServer,
@@ -80,6 +81,11 @@ class Agent:
     def start(self) -> None:
         rebuilt = spool.reconcile(self.db, self.settings.paths.spool)
         requeued = self.db.requeue_running()
+        # A crash while outputs were written leaves temp files; their jobs were just
+        # requeued and write everything again.
+        temps = remove_stale_temps(self.settings.paths.out)
+        if temps:
+            log.info("%d output temp files of a crashed run removed", temps)
         log.info(
             "state reconciled: %d spool rows rebuilt, %d running jobs requeued", rebuilt, requeued,
             extra=event(event=Event.STATE_RECONCILED, count=rebuilt + requeued),

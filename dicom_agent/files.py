@@ -29,6 +29,20 @@ def atomic_write_bytes(path: Path, data: bytes) -> Path:
     return path
 
 
+def remove_stale_temps(folder: Path) -> int:
+    """Delete the temp files :func:`atomic_write_bytes` leaves when the process dies mid-write.
+
+    Their names are ``.<name>.<random>.tmp``. Call it at start-up, before anything writes under
+    ``folder``; returns the number removed.
+    """
+    removed = 0
+    for path in folder.rglob(".*.tmp"):
+        if path.is_file():
+            path.unlink(missing_ok=True)
+            removed += 1
+    return removed
+
+
 def atomic_write_text(path: Path, text: str) -> Path:
     """Write ``text`` as UTF-8 to ``path`` atomically and durably."""
     return atomic_write_bytes(path, text.encode("utf-8"))
