@@ -28,6 +28,7 @@ import shutil
 import threading
 import time
 import zlib
+from collections import OrderedDict
 from collections.abc import Callable, Iterator
 from concurrent.futures import ThreadPoolExecutor
 from contextlib import contextmanager
@@ -65,6 +66,7 @@ LOCKS_DIR = ".locks"
 _PREAMBLE = b"\x00" * 128 + b"DICM"
 _PIXEL_DATA = 0x7FE00010
 _LOCK_STRIPES = 64
+_DURABLE_DIRS_MAX = 4096
 _HASH_THREADS = 4
 
 _HEADER_KEYWORDS = (
@@ -227,7 +229,9 @@ class Spool:
         self._locks = [threading.Lock() for _ in range(_LOCK_STRIPES)]
         self._lock_files: dict[int, int] = {}
         self._hasher = ThreadPoolExecutor(max_workers=_HASH_THREADS, thread_name_prefix="spool-sha")
-        self._durable_dirs: set[Path] = set()
+        # Folders known to exist durably, most recent last. Bounded: a set of every series
+        # folder ever made grew by ~0.6 KiB per series for the life of the process.
+        self._durable_dirs: OrderedDict[Path, None] = OrderedDict()
         self._dirs_lock = threading.Lock()
         self.root.mkdir(parents=True, exist_ok=True)
 
@@ -347,6 +351,7 @@ class Spool:
         """Create ``folder`` (and parents) so that its entry survives a power loss."""
         with self._dirs_lock:
             if folder in self._durable_dirs:
+                self._durable_dirs.move_to_end(folder)
                 return
         missing: list[Path] = []
         probe = folder
@@ -357,7 +362,9 @@ class Spool:
         for created in reversed(missing):
             fsync_dir(created.parent)
         with self._dirs_lock:
-            self._durable_dirs.add(folder)
+            self._durable_dirs[folder] = None
+            if len(self._durable_dirs) > _DURABLE_DIRS_MAX:
+                self._durable_dirs.popitem(last=False)  # forgotten: probed again if reused
 
     def quarantine(self, data: bytes, reason: str, transfer_syntax_uid: str | None = None) -> Path:
         """Keep bytes we refused under ``paths.quarantine`` with a ``.reason.txt`` beside them.
