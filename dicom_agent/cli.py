@@ -75,4 +75,8 @@ def main() -> None:
 
 
 if __name__ == "__main__":  # pragma: no cover
-    main()
+    # As ``python -m dicom_agent.cli`` this file runs as ``__main__``, a second module object:
+    # the command modules registered themselves on the importable ``dicom_agent.cli``'s app.
+    from dicom_agent.cli import main as _main
+
+    _main()
