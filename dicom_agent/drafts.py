@@ -207,6 +207,9 @@ class DraftReader:
             except OSError as exc:  # a move that failed: retried next poll, other drafts go on
                 self._seen.pop(name, None)
                 log.warning("draft could not be filed (%s); retrying", _os_reason(exc))
+            except Exception as exc:  # one bad file must never block the drafts behind it
+                self._seen.pop(name, None)
+                log.error("draft could not be handled (%s); retrying", type(exc).__name__)
         for gone in set(self._seen) - present:
             del self._seen[gone]
         return report
@@ -233,7 +236,7 @@ class DraftReader:
             report.rejected.append(rej.code)
             return
         outcome, draft_id = self.db.record_draft(
-            key=key, key_kind=kind, file_name=path.name, sha256=sha, text=text, author=author,
+            key=key, key_kind=kind, file_name=_text_name(path.name), sha256=sha, text=text, author=author,
             now=now,
         )
         dest = _move_unique(path, self.folder / PROCESSED_DIR, sha)
@@ -248,7 +251,7 @@ class DraftReader:
             return
         if dest.name != path.name:
             # keep the row pointing at the file as it is named in processed/
-            self.db.set_draft_file_name(draft_id, dest.name)
+            self.db.set_draft_file_name(draft_id, _text_name(dest.name))
         report.accepted.append(draft_id)
         self._count("accepted")
         log.info(
@@ -297,6 +300,8 @@ class DraftReader:
                 doc = DraftFile.model_validate(json.loads(text))
             except json.JSONDecodeError as exc:
                 raise _Rejected(Reject.BAD_JSON, f"not JSON (line {exc.lineno})") from None
+            except RecursionError:  # "[[[[…" deeper than the parser's stack, within max_bytes
+                raise _Rejected(Reject.BAD_JSON, "JSON nested too deeply") from None
             except ValidationError as exc:
                 problems = "; ".join(
                     f"{'.'.join(str(p) for p in e['loc']) or 'document'}: {e['msg']}"
@@ -359,3 +364,9 @@ def _move_unique(src: Path, folder: Path, sha: str) -> Path:
 def _os_reason(exc: OSError) -> str:
     """An OSError without its file names (draft names carry accession numbers)."""
     return exc.strerror or type(exc).__name__
+
+
+def _text_name(name: str) -> str:
+    """A file name as storable text: bytes that are not UTF-8 (a Windows share, say) arrive as
+    surrogate escapes, which SQLite cannot store; they become U+FFFD."""
+    return name.encode("utf-8", "surrogateescape").decode("utf-8", "replace")
