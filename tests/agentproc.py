@@ -35,8 +35,7 @@ T = TypeVar("T")
 AGENT_AET = "CXRAUDIT"
 VERIFICATION = "1.2.840.10008.1.1"  # Verification SOP Class (PS3.4 Annex A)
 SENDER_AET = "TESTSCU"
-# The console script, not ``python -m dicom_agent.cli``: run as __main__, cli.py would be a
-# second module object and the command modules register on the other copy's app.
+# The console script the package installs: the entry point a deployment runs.
 CXR_AGENT = str(Path(sys.executable).parent / "cxr-agent")
 
 
