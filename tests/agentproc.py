@@ -235,10 +235,6 @@ class AgentProcess:
                 self.proc.kill()
         self.proc.wait(timeout=30)
 
-    def kill_agent_only(self) -> None:
-        """SIGKILL the agent process, leaving a wrapper (strace) to record the death."""
-        os.kill(self.pid, signal.SIGKILL)
-
     def stop(self, timeout: float = 30.0) -> int | None:
         """SIGTERM and wait (clean shutdown); SIGKILL when it does not exit in time."""
         if self.proc is None or self.proc.poll() is not None:
@@ -251,10 +247,6 @@ class AgentProcess:
         except subprocess.TimeoutExpired:
             self.kill()
             return None
-
-    def restart(self, *, timeout: float = 60.0) -> None:
-        self.kill()
-        self.start(timeout=timeout)
 
     # -- observation -----------------------------------------------------------------------
 
