@@ -31,6 +31,7 @@ from pydicom.pixels import get_decoder  # noqa: E402
 
 from dicom_agent.pixels import (  # noqa: E402
     DECODER_PREFERENCE,
+    RESIZE_REDUCING_GAP,
     load_for_model,
     read_dataset,
     to_display,
@@ -160,13 +161,18 @@ def resize_table(path: Path, label: str, runs: int) -> list[str]:
     image = Image.fromarray(pixels)
     rows, cols = pixels.shape
     target = (round(cols * SIZE / max(rows, cols)), round(rows * SIZE / max(rows, cols)))
-    filters = {f.name: f for f in (Image.Resampling.LANCZOS, Image.Resampling.BICUBIC,
-                                  Image.Resampling.BILINEAR, Image.Resampling.BOX)}
-    times = medians_ms({n: (lambda f=f: image.resize(target, f)) for n, f in filters.items()}, runs)
-    reference = np.asarray(image.resize(target, Image.Resampling.LANCZOS), dtype=np.int16)
+    R = Image.Resampling
+    resizes: dict[str, Callable[[], Image.Image]] = {
+        f.name: (lambda f=f: image.resize(target, f))
+        for f in (R.LANCZOS, R.BICUBIC, R.BILINEAR, R.BOX)
+    }
+    ours = f"BILINEAR, reducing_gap {RESIZE_REDUCING_GAP} (ours)"
+    resizes[ours] = lambda: image.resize(target, R.BILINEAR, reducing_gap=RESIZE_REDUCING_GAP)
+    times = medians_ms(resizes, runs)
+    reference = np.asarray(resizes["LANCZOS"](), dtype=np.int16)
     lines = []
-    for name, resample in filters.items():
-        diff = np.abs(np.asarray(image.resize(target, resample), dtype=np.int16) - reference)
+    for name, resize in resizes.items():
+        diff = np.abs(np.asarray(resize(), dtype=np.int16) - reference)
         lines.append(
             f"| {label} | {name} | {times[name][0]:.1f} / {times[name][1]:.1f} | {diff.mean():.2f} |"
         )

@@ -110,6 +110,11 @@ AUTO_WINDOW_PERCENTILES = (0.5, 99.5)
 _SAMPLE_PIXELS = 1 << 18
 # Max-opacity rule: grey threshold = this percentile of the pooled display greys of all frames.
 _OPACITY_PERCENTILE = 5.0
+# Letterbox resize: Pillow first shrinks by a whole factor with a box filter (``reduce``) as long
+# as at least this much reduction is left for the BILINEAR pass. For a 3000 x 2500 radiograph to
+# 896 that halves the resize (11 -> 6 ms) at 0.71 instead of 0.57 mean grey levels from Lanczos
+# (BOX alone: 0.77); measured by benchmarks/pixels.py, table in docs/benchmarks.md.
+RESIZE_REDUCING_GAP = 1.5
 # Pixels per block of the table gather (64 Ki: the intp indices stay in L2 cache).
 _GATHER_BLOCK = 1 << 16
 _MONOCHROME = ("MONOCHROME1", "MONOCHROME2")
@@ -227,9 +232,10 @@ def to_model_input(display: DisplayImage, size: int) -> ModelImage:
 
     The content is resized to whole pixels (long side exactly ``size``) with Pillow's BILINEAR
     filter, whose support widens with the reduction factor (a true triangle-filter antialias, not
-    point sampling). It is the filter MedGemma's own image processor uses, and against Lanczos it
-    differs by under one grey level on average while taking a third of the time (measured in
-    ``benchmarks/pixels.py``). The returned :class:`Geometry` is the exact integer content
+    point sampling), after a whole-factor box reduction for large reductions
+    (``RESIZE_REDUCING_GAP``). BILINEAR is the filter MedGemma's own image processor uses, and
+    against Lanczos the result differs by under one grey level on average while taking a fifth of
+    the time (measured in ``benchmarks/pixels.py``). The returned :class:`Geometry` is the exact integer content
     rectangle, so it differs from :meth:`Geometry.letterbox` by under half a pixel on the short
     side and maps boxes back without that error.
     """
@@ -242,7 +248,9 @@ def to_model_input(display: DisplayImage, size: int) -> ModelImage:
     left, top = (size - content_w) // 2, (size - content_h) // 2
     source = Image.fromarray(display.pixels)
     if (content_w, content_h) != (cols, rows):
-        source = source.resize((content_w, content_h), Image.Resampling.BILINEAR)
+        source = source.resize(
+            (content_w, content_h), Image.Resampling.BILINEAR, reducing_gap=RESIZE_REDUCING_GAP
+        )
     canvas = Image.new("RGB", (size, size), 0)
     canvas.paste(source.convert("RGB"), (left, top))
     geometry = Geometry(
@@ -384,10 +392,15 @@ def _decoder(pm: _PixelModule) -> Any:
 
 def _decode_frame(ds: Dataset, pm: _PixelModule, index: int) -> tuple[np.ndarray, str]:
     """One frame's raw array and the photometric interpretation pydicom left it in."""
+    plugin = decode_plugin_for(pm.transfer_syntax)
+    if plugin == _imagecodecs_plugin.LABEL and pm.frames == 1 and pm.samples == 1:
+        arr = _decode_single_frame_directly(ds, pm)
+        if arr is not None:
+            return arr, pm.photometric
     decoder = _decoder(pm)
     try:
         arr, meta = _with_fallback(
-            decode_plugin_for(pm.transfer_syntax),
+            plugin,
             lambda name: decoder.as_array(
                 ds, index=index, decoding_plugin=name, **_decode_options(pm)
             ),
@@ -397,6 +410,23 @@ def _decode_frame(ds: Dataset, pm: _PixelModule, index: int) -> tuple[np.ndarray
             f"cannot decode frame {index} ({pm.transfer_syntax.name}): {type(exc).__name__}: {exc}"
         ) from exc
     return arr, str(meta.get("photometric_interpretation", pm.photometric))
+
+
+def _decode_single_frame_directly(ds: Dataset, pm: _PixelModule) -> np.ndarray | None:
+    """The grey frame of a single-frame lossless JPEG without pydicom's runner, or None.
+
+    None (pydicom's path decides, with its own error) when the data is not plain encapsulated
+    JPEG, or when the decoded words disagree with Rows, Columns or Bits Allocated, e.g. an 8-bit
+    stream in 16-bit words, whose layout pydicom's runner knows how to fix.
+    """
+    try:
+        arr = _imagecodecs_plugin.decode_single_frame(ds.PixelData)
+    except Exception as exc:
+        logger.debug("direct lossless JPEG decode failed (%s); using pydicom's path", exc)
+        return None
+    if arr.shape != (pm.rows, pm.cols) or arr.dtype.itemsize * 8 != pm.bits_allocated:
+        return None
+    return arr
 
 
 def _frame_samples(ds: Dataset, pm: _PixelModule, step: int) -> list[tuple[np.ndarray, str]]:

@@ -16,6 +16,7 @@ from hypothesis import strategies as st
 from PIL import Image
 from pydicom.data import get_testdata_file
 from pydicom.dataset import Dataset
+from pydicom.encaps import encapsulate, generate_fragments, generate_frames
 from pydicom.pixels import get_decoder
 from pydicom.uid import (
     ExplicitVRLittleEndian,
@@ -25,6 +26,7 @@ from pydicom.uid import (
 )
 
 from cxr_auditor.schema import PixelBox
+from dicom_agent._imagecodecs_plugin import decode_single_frame
 from dicom_agent.errors import DicomInputError
 from dicom_agent.pixels import (
     DisplayImage,
@@ -390,8 +392,6 @@ class TestErrors:
     def test_undecodable_compressed_data(self) -> None:
         ds = make_cxr(rows=8, cols=8)
         ds.file_meta.TransferSyntaxUID = JPEGLSLossless
-        from pydicom.encaps import encapsulate
-
         ds.PixelData = encapsulate([b"\xff\xd8 not a codestream \xff\xd9"])
         with pytest.raises(DicomInputError, match="decode"):
             to_display(ds)
@@ -434,6 +434,62 @@ class TestDecoderPreference:
     def test_native_and_unknown_syntaxes_let_pydicom_choose(self) -> None:
         assert decode_plugin_for(ExplicitVRLittleEndian) is None
         assert decode_plugin_for("1.2.3.4") is None
+
+
+class TestDirectLosslessJpeg:
+    """Single-frame grey lossless JPEG skips pydicom's runner; it must decode exactly alike."""
+
+    @staticmethod
+    def _lossless(tmp_path: Path) -> Dataset:
+        src = save(make_cxr(rows=96, cols=80, window=(2000, 3000)), tmp_path / "src.dcm")
+        return read_dataset(compress(src, "jpeg-lossless-sv1", tmp_path / "sv1.dcm"))
+
+    @needs_dcmtk
+    def test_same_words_as_pydicoms_runner(self, tmp_path: Path) -> None:
+        ds = self._lossless(tmp_path)
+        direct = decode_single_frame(ds.PixelData)
+        runner = get_decoder(JPEGLosslessSV1).as_array(ds, decoding_plugin="imagecodecs")[0]
+        assert direct.dtype == np.uint16
+        assert np.array_equal(direct, runner)
+
+    @needs_dcmtk
+    def test_frame_split_over_fragments(self, tmp_path: Path) -> None:
+        ds = self._lossless(tmp_path)
+        expected = to_display(ds).pixels
+        ds.PixelData = encapsulate([next(generate_frames(ds.PixelData))], fragments_per_frame=3)
+        assert len(list(generate_fragments(ds.PixelData))) == 4  # offset table + 3 fragments
+        assert np.array_equal(to_display(ds).pixels, expected)
+        assert decode_single_frame(ds.PixelData).shape == (96, 80)
+
+    @pytest.mark.parametrize(
+        "pixel_data",
+        [b"", b"\x00" * 16, b"\xfe\xff\x00\xe0\x00\x00\x00\x00", b"\xfe\xff\x00\xe0\xff\x00\x00\x00"],
+        ids=["empty", "no-item-tag", "offset-table-only", "item-past-the-end"],
+    )
+    def test_malformed_encapsulation_is_refused(self, pixel_data: bytes) -> None:
+        with pytest.raises(ValueError):
+            decode_single_frame(pixel_data)
+
+    def test_malformed_encapsulation_still_gives_a_clear_error(self) -> None:
+        ds = make_cxr(rows=8, cols=8)
+        ds.file_meta.TransferSyntaxUID = JPEGLosslessSV1
+        ds.PixelData = b"\x00" * 16
+        with pytest.raises(DicomInputError, match="decode"):
+            to_display(ds)
+
+    def test_8_bit_stream_in_16_bit_words_goes_through_pydicom(self) -> None:
+        # libjpeg-turbo returns bytes for a precision-8 stream; pydicom's runner, not the direct
+        # path, knows to read them as the 16-bit words the header declares
+        import imagecodecs
+
+        words = (np.arange(64 * 48) % 251).astype(np.uint8).reshape(64, 48)
+        native = make_cxr(rows=64, cols=48, bits_stored=8, window=(128, 256))
+        native.PixelData = words.astype("<u2").tobytes()
+        ds = make_cxr(rows=64, cols=48, bits_stored=8, window=(128, 256))
+        ds.file_meta.TransferSyntaxUID = JPEGLosslessSV1
+        ds.PixelData = encapsulate([imagecodecs.jpeg8_encode(words, lossless=True)])
+        assert decode_single_frame(ds.PixelData).dtype == np.uint8
+        assert np.array_equal(to_display(ds).pixels, to_display(native).pixels)
 
 
 class TestPatientOrientation:
@@ -581,6 +637,7 @@ _CORPUS_SCRIPT = """
 import json, sys
 from pathlib import Path
 import pydicom.data
+from dicom_agent._imagecodecs_plugin import decode_single_frame
 from dicom_agent.errors import DicomInputError
 from dicom_agent.pixels import read_dataset, to_display
 folders = [Path(pydicom.data.__file__).parent / "test_files"]
