@@ -216,6 +216,24 @@ JOB_TRANSITIONS: dict[JobState, frozenset[JobState]] = {
 }
 
 
+# What a replacement (same SOP Instance UID, different bytes) overwrites: all but the key and
+# received_at.
+_INSTANCE_UPDATED_COLUMNS = (
+    "study_instance_uid",
+    "series_instance_uid",
+    "sop_class_uid",
+    "modality",
+    "transfer_syntax_uid",
+    "view_position",
+    "body_part",
+    "path",
+    "sha256",
+    "size",
+    "state",
+    "updated_at",
+)
+
+
 class StoreOutcome(StrEnum):
     NEW = "new"
     DUPLICATE = "duplicate"  # identical bytes: no-op
@@ -318,50 +336,29 @@ class StateDB:
             ).fetchone()
             if old is not None and old["sha256"] == sha256:
                 return StoreOutcome.DUPLICATE
-            if old is None:
-                conn.execute(
-                    "INSERT INTO instances VALUES (?,?,?,?,?,?,?,?,?,?,?,?,?,?)",
-                    (
-                        sop_instance_uid,
-                        study_instance_uid,
-                        series_instance_uid,
-                        sop_class_uid,
-                        modality,
-                        transfer_syntax_uid,
-                        view_position,
-                        body_part,
-                        path,
-                        sha256,
-                        size,
-                        state.value,
-                        now,
-                        now,
-                    ),
-                )
-                outcome = StoreOutcome.NEW
-            else:
-                conn.execute(
-                    "UPDATE instances SET study_instance_uid=?, series_instance_uid=?,"
-                    " sop_class_uid=?, modality=?, transfer_syntax_uid=?, view_position=?,"
-                    " body_part=?, path=?, sha256=?, size=?, state=?, updated_at=?"
-                    " WHERE sop_instance_uid=?",
-                    (
-                        study_instance_uid,
-                        series_instance_uid,
-                        sop_class_uid,
-                        modality,
-                        transfer_syntax_uid,
-                        view_position,
-                        body_part,
-                        path,
-                        sha256,
-                        size,
-                        state.value,
-                        now,
-                        sop_instance_uid,
-                    ),
-                )
-                outcome = StoreOutcome.REPLACED
+            # one upsert for a new and a replaced instance; received_at keeps the first arrival
+            conn.execute(
+                "INSERT INTO instances VALUES (?,?,?,?,?,?,?,?,?,?,?,?,?,?)"
+                " ON CONFLICT(sop_instance_uid) DO UPDATE SET"
+                f" {', '.join(f'{c}=excluded.{c}' for c in _INSTANCE_UPDATED_COLUMNS)}",
+                (
+                    sop_instance_uid,
+                    study_instance_uid,
+                    series_instance_uid,
+                    sop_class_uid,
+                    modality,
+                    transfer_syntax_uid,
+                    view_position,
+                    body_part,
+                    path,
+                    sha256,
+                    size,
+                    state.value,
+                    now,
+                    now,
+                ),
+            )
+            outcome = StoreOutcome.NEW if old is None else StoreOutcome.REPLACED
             self._touch_study(conn, study_instance_uid, accession_number, now)
             return outcome
 

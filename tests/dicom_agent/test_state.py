@@ -14,6 +14,7 @@ from dicom_agent.state import (
     DraftState,
     JobState,
     StateDB,
+    StoreOutcome,
     StudyState,
 )
 
@@ -33,6 +34,26 @@ def add_instance(db: StateDB, study: str = STUDY, sop: str = "1.2.3.4.1", now: f
 @pytest.fixture
 def db(tmp_path: Path) -> StateDB:
     return StateDB(tmp_path / "state.sqlite3")
+
+
+class TestInstances:
+    def _record(self, db: StateDB, sha: str, now: float, size: int = 1) -> StoreOutcome:
+        return db.record_instance(
+            sop_instance_uid="1.2.3.4.1", study_instance_uid=STUDY,
+            series_instance_uid=STUDY + ".9", sop_class_uid="1.2.840.10008.5.1.4.1.1.1.1",
+            modality="DX", transfer_syntax_uid=None, view_position="PA", body_part="CHEST",
+            accession_number="ACC1", path="/x/1.dcm", sha256=sha, size=size, now=now,
+        )
+
+    def test_new_duplicate_and_replaced(self, db: StateDB) -> None:
+        assert self._record(db, "aa", now=10.0) is StoreOutcome.NEW
+        assert self._record(db, "aa", now=20.0) is StoreOutcome.DUPLICATE
+        assert self._record(db, "bb", now=30.0, size=7) is StoreOutcome.REPLACED
+        row = db.instance("1.2.3.4.1")
+        assert row is not None
+        # a replacement updates what the new bytes say and keeps the first arrival time
+        assert (row.sha256, row.size, row.received_at, row.updated_at) == ("bb", 7, 10.0, 30.0)
+        assert len(db.instances_of_study(STUDY)) == 1
 
 
 class TestMigrations:
