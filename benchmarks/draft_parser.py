@@ -20,7 +20,7 @@ from pathlib import Path
 from cxr_auditor.drafts.rules import RulesDraftParser
 
 DATA = Path(__file__).resolve().parents[1] / "tests" / "data"
-SETS = ("drafts_dev.jsonl", "drafts_holdout.jsonl", "drafts_holdout2.jsonl")
+SETS = ("drafts_dev.jsonl", "drafts_holdout.jsonl", "drafts_holdout2.jsonl", "drafts_holdout3.jsonl")
 
 
 def load_texts() -> list[str]:

@@ -54,11 +54,13 @@ def _e(
 
 ABSENT, PRESENT, UNCERTAIN = DraftStatus.ABSENT, DraftStatus.PRESENT, DraftStatus.UNCERTAIN
 
+# "cardiomediastinal", also written "cardio-mediastinal" and "cardio mediastinal"
+_CM = r"cardio(?:-|\s+)?mediastinal"
 # Subjects of heart-size statements. "cardiothoracic ratio" only takes "increased".
 _HEART = (
     r"(?:heart(?:\s+size)?"
     r"|cardiac(?:\s+and\s+mediastinal)?\s+(?:silhouettes?|size|shadow|contours?)"
-    r"|cardiomediastinal(?:\s+and\s+hilar)?\s+(?:silhouettes?|contours?|shadow|size)"
+    rf"|{_CM}(?:\s+and\s+hilar)?\s+(?:silhouettes?|contours?|shadow|size)"
     r"|size\s+of\s+the\s+heart"
     r"|cardiothoracic\s+ratio)"
 )
@@ -68,7 +70,7 @@ _GAP_NORMAL = (
     r"(?:[\s,:/]+(?!not\b|enlarg|promin|large|border|upper|top\b|high\b|mild|moder|sever|increas"
     r"|but\b|although\b|however\b|though\b|except\b)[a-z-]+){0,6}?[\s,:/]+"
 )
-_GAP_ENLARGED = r"(?:\s+(?!not\b|normal\b|border|upper\b|top\b)[a-z/-]+){0,10}?\s+"
+_GAP_ENLARGED = r"(?:[\s,:]+(?!not\b|normal\b|border|upper\b|top\b)[a-z/-]+){0,10}?[\s,:]+"
 
 # Phrases with a status of their own; matched before the single terms.
 PHRASES: tuple[Entry, ...] = (
@@ -99,6 +101,12 @@ PHRASES: tuple[Entry, ...] = (
     ),
     _e(r"no (?:significant )?abnormalit(?:y|ies)(?! of)", NF, fixed=PRESENT),
     _e(r"nad\b", NF, fixed=PRESENT),  # British "no abnormality detected"
+    # "Heart and lungs normal." states both; it must win over the heart-only phrases below
+    _e(
+        r"(?:the )?heart and lungs (?:are |appear |look )?(?:normal|unremarkable"
+        r"|within normal limits)",
+        C, O, fixed=ABSENT,
+    ),
     # heart size: borderline first, then normal
     _e(
         r"(?:borderline|top[- ]normal|upper[- ]normal|high[- ]normal|prominent) "
@@ -119,8 +127,14 @@ PHRASES: tuple[Entry, ...] = (
     ),
     _e(
         r"normal(?:[- ]sized?| size)? (?:heart(?: size)?|cardiac (?:silhouette|size|contours?)"
-        r"|cardiomediastinal (?:silhouette|contours?|size))",
+        rf"|{_CM} (?:silhouette|contours?|size))",
         C, fixed=ABSENT,
+    ),
+    # normal lungs: clear of opacity ("normal in volume" says nothing about opacity)
+    _e(
+        r"(?:lungs?|lung fields?) (?:are |is |appear |look )?(?:normal|unremarkable)\b"
+        r"(?! in (?:volume|size|expansion|inflation))",
+        O, fixed=ABSENT,
     ),
     # clear lungs (and pleural spaces)
     _e(
@@ -200,7 +214,7 @@ TERMS: tuple[Entry, ...] = (
     _e(r"atelecta(?:sis|ses|tic)|(?:lobar |lobe |segmental |subsegmental )?collapse|volume loss",
        "atelectasis"),
     _e(r"pleural (?:thickening|plaques?|calcifications?)", "pleural_thickening"),
-    _e(r"scar(?:s|ring)?|fibrosis|fibrotic|cicatricial", "scarring"),
+    _e(r"scar(?:s|ring)?|(?:post-?radiation |radiation )?fibrosis|fibrotic|cicatricial", "scarring"),
     _e(r"fractures?|\bfx\b", "fracture"),
     _e(
         r"emphysema(?:tous)?(?: changes?)?|hyperinfla(?:tion|ted)|hyperexpan(?:sion|ded)|\bcopd\b"
@@ -277,7 +291,7 @@ TERMS: tuple[Entry, ...] = (
        "support_devices"),
     _e(
         r"post-?surgical changes?|post-?operative changes?|(?:upper |lower |middle )?lobectom(?:y|ies)"
-        r"|(?:post-?)?pneumonectomy|post-?radiation changes?|radiation (?:fibrosis|changes?)"
+        r"|(?:post-?)?pneumonectomy|post-?radiation changes?|radiation changes?"
         r"|mastectomy|thoracotomy",
         "post_surgical",
     ),
@@ -319,12 +333,12 @@ TERMS: tuple[Entry, ...] = (
     # cardiomegaly. A wide cardiomediastinal silhouette is only a sign of it (the mediastinum or
     # a pericardial effusion may be the cause), so it defers to an explicit hedged cardiomegaly.
     _e(
-        r"(?:enlarged|enlargement of the) cardiomediastinal "
+        rf"(?:enlarged|enlargement of the) {_CM} "
         r"(?:silhouette|contours?)",
         C, indirect=True,
     ),
     Entry(
-        r"cardiomediastinal\s+(?:silhouette|contours?)" + _GAP_ENLARGED + r"enlarged\b",
+        _CM + r"\s+(?:silhouette|contours?)" + _GAP_ENLARGED + r"enlarged\b",
         (C,), indirect=True,
     ),
     _e(
@@ -381,7 +395,8 @@ TRIGGERS: tuple[tuple[str, Trig], ...] = (
     # "not seen on the prior study": new, not denied
     (
         rf"(?:(?:is|are|was|were) )?not (?:previously {_VIEWED}|{_VIEWED} (?:on|in) (?:the )?"
-        r"(?:prior|previous|earlier|older|comparison)\b)",
+        r"(?:prior|previous|earlier|older|comparison|initial|original|frontal|lateral|pa|ap"
+        r"|portable|same-day|other)\b)",
         Trig.PSEUDO,
     ),
     (
@@ -456,7 +471,18 @@ TRIGGERS: tuple[tuple[str, Trig], ...] = (
         # "The opacity is likely scarring": a named cause follows, and only the cause is hedged.
         + _NO_CAUSE_FOLLOWS + r"|(?:may|might|could) (?:also )?be (?:present|obscured|hidden|masked)"
         r"|unlikely"
-        r"|(?:(?:may|might|could) be|(?:is|are) (?:likely|probably|possibly|partly|partially))"
+        r"|(?:(?:may|might|could) be|(?:is|are) (?:likely|probably|possibly|partly|partially)"
+        r"|possibly|probably|likely|partly|partially|perhaps)"
+        r" (?:partly |partially )?(?:accentuated|exaggerated|magnified|overestimated)"
+        # "Small effusions likely.": a hedge word that closes the sentence looks back
+        r"|(?:likely|probable|possible|suspected|questionable)(?=[ \t]*[.!;]?[ \t\r\n]*\Z)",
+        Trig.POST_HEDGE,
+    ),
+    # "enlarged but this may be exaggerated by the AP projection": the "but" only introduces
+    # the hedge of what comes before it, so this is matched before the terminators
+    (
+        r"(?:but|although|though|however)(?:,)? (?:this|it|which|that|the latter) "
+        r"(?:(?:may|might|could) (?:also )?be|is (?:likely|probably|possibly|partly|partially))"
         r" (?:partly |partially )?(?:accentuated|exaggerated|magnified|overestimated)",
         Trig.POST_HEDGE,
     ),
@@ -532,7 +558,12 @@ _SECTION_WORDS: tuple[tuple[str, SectionKind], ...] = (
     (
         r"indications?|\bhx|clinical (?:indications?|history|information|data|notes?|question"
         r"|details)|(?:brief )?history|reason for (?:exam(?:ination)?|study|request|referral)"
-        r"|reason|comparisons?|technique|examination|exam|procedure|views?|type of "
+        r"|reason",
+        SectionKind.IGNORE,
+    ),
+    # one-line sections: they end where a new capitalised line starts (see LINE_SECTIONS)
+    (
+        r"comparisons?|technique|examination|exam|procedure|views?|type of "
         r"(?:exam(?:ination)?|study)|prior(?: studies| study| exams?)?",
         SectionKind.IGNORE,
     ),
@@ -540,6 +571,9 @@ _SECTION_WORDS: tuple[tuple[str, SectionKind], ...] = (
 
 _SECTION_ALT = "|".join(f"(?P<s{i}>{rx(p)})" for i, (p, _) in enumerate(_SECTION_WORDS))
 SECTION_KINDS = {f"s{i}": kind for i, (_, kind) in enumerate(_SECTION_WORDS)}
+#: Header groups of sections that hold one line (COMPARISON, TECHNIQUE, ...): unlike a free-text
+#: indication, such a section ends at a line that starts a new capitalised sentence.
+LINE_SECTIONS = frozenset({f"s{len(_SECTION_WORDS) - 1}"})
 
 #: A header: at the start, after a line break or a sentence end, then a colon, or alone on its line.
 HEADER_RE = re.compile(

@@ -44,7 +44,7 @@ from cxr_auditor.schema import (
 
 logger = logging.getLogger(__name__)
 
-RULES_VERSION = "1.1"
+RULES_VERSION = "1.2"
 
 NOTE_INFERRED_NORMAL = "no_finding inferred from a normal heart and clear lungs"
 NOTE_NORMAL_OVERRIDDEN = "normal-study statement overridden by an asserted or hedged finding"
@@ -126,21 +126,23 @@ def _lower(text: str) -> str:
     return "".join(ch.lower() if len(ch.lower()) == 1 else ch for ch in text)
 
 
-def _sections(low: str) -> list[tuple[int, int, lx.SectionKind]]:
+def _sections(text: str, low: str) -> list[tuple[int, int, lx.SectionKind]]:
     """Cut the text into (start, end, kind) parts; text before any header counts as FINDINGS."""
-    parts: list[tuple[int, int, lx.SectionKind]] = []
-    pos, kind = 0, lx.SectionKind.FINDINGS
+    parts: list[tuple[int, int, lx.SectionKind, bool]] = []
+    pos, kind, one_line = 0, lx.SectionKind.FINDINGS, False
     for m in lx.HEADER_RE.finditer(low):
-        parts.append((pos, m.start(), kind))
+        parts.append((pos, m.start(), kind, one_line))
         group = m.lastgroup or ""
         kind = lx.SECTION_KINDS.get(group, lx.SectionKind.FINDINGS)
+        one_line = group in lx.LINE_SECTIONS
         pos = m.end()
-    parts.append((pos, len(low), kind))
+    parts.append((pos, len(low), kind, one_line))
     out: list[tuple[int, int, lx.SectionKind]] = []
-    for start, end, kind in parts:
+    for start, end, kind, one_line in parts:
         if kind is lx.SectionKind.IGNORE:
-            # An indication line ends at a paragraph break; text after it is a findings body.
-            brk = _paragraph_break(low, start, end)
+            # An indication ends at a paragraph break, a one-line section also where a new
+            # sentence starts a line; text after it is a findings body.
+            brk = _section_break(text, low, start, end, one_line)
             if brk is not None:
                 out.append((start, brk, kind))
                 out.append((brk, end, lx.SectionKind.FINDINGS))
@@ -149,22 +151,40 @@ def _sections(low: str) -> list[tuple[int, int, lx.SectionKind]]:
     return [p for p in out if p[1] > p[0]]
 
 
+_SKIPPED = lx.SectionKind.IGNORE.value
+# "CLINICAL QUESTION: ?effusion" then a line "None seen.": the answer starts the findings.
+_ANSWER_LINE = re.compile(
+    r"\r?\n(?=[ \t]*(?:none|negative)(?:[ \t]+(?:seen|identified|present|demonstrated|evident))?"
+    r"[ \t]*(?:[.!]|\r?\n|\Z))"
+)
+_SIMILAR = re.compile(r"\bsimilar(?:[ \t]+[a-z]+)?[ \t]+\Z")
 _PARAGRAPH = re.compile(r"\r?\n[ \t]*\r?\n|[.?!][ \t]*\r?\n")
 
 
-def _paragraph_break(low: str, start: int, end: int) -> int | None:
-    m = _PARAGRAPH.search(low, start, end)
-    if m is None or not low[m.end() : end].strip():
+def _section_break(text: str, low: str, start: int, end: int, one_line: bool) -> int | None:
+    """Where a skipped section ends early: a paragraph break, or for a one-line section a line
+    that starts with a capitalised word after a line with content that does not run on
+    ("Comparison: ___" then "The heart is enlarged."), as in sentence splitting."""
+    cuts = []
+    for m in (_PARAGRAPH.search(low, start, end), _ANSWER_LINE.search(low, start, end)):
+        if m is not None:
+            cuts.append(m.end())
+    for line in _CAPITAL_LINE.finditer(text, start, end) if one_line else ():
+        if low[start : line.start()].strip() and not _WRAPPED_TAIL.search(
+            low, max(start, line.start() - 20), line.start()
+        ):
+            cuts.append(line.start())
+            break
+    cut = min(cuts, default=None)
+    if cut is None or not low[cut:end].strip():
         return None
-    return m.end()
+    return cut
 
 
 def _sentences(text: str, low: str) -> list[tuple[int, int, int]]:
-    """(start, end, rank) of every sentence outside IGNORE sections."""
+    """(start, end, rank) of every sentence; rank is the section kind's value (IGNORE is 0)."""
     out: list[tuple[int, int, int]] = []
-    for start, end, kind in _sections(low):
-        if kind is lx.SectionKind.IGNORE:
-            continue
+    for start, end, kind in _sections(text, low):
         cuts = {end}
         for m in _SENTENCE_END.finditer(low, start, end):
             if m.group().startswith(".") and _ABBREVIATION.search(low, max(start, m.start() - 6),
@@ -310,6 +330,10 @@ class _Sentence:
         if kind in _BACKWARD or kind in (lx.Trig.BI_NEG, lx.Trig.BI_HEDGE):
             lo = self._backward_limit(trig)
             before = [m for m in self.mentions if m.start >= lo and m.end <= trig.start]
+        if kind is lx.Trig.ARTEFACT and not before:
+            # "A nodule projects over the left lung, ..., and may represent a nipple shadow":
+            # an explanation with its subject left out explains the sentence's last finding
+            before = self._last_before(trig)
         if kind in _BACKWARD:
             return before
         is_versus = kind is lx.Trig.BI_HEDGE and self.low[trig.start] != "?"
@@ -320,6 +344,21 @@ class _Sentence:
         if is_versus:
             return before[-1:] + after
         return after
+
+    def _last_before(self, trig: _Trigger) -> list[_Mention]:
+        """The last finding term before a trigger, within its terminators."""
+        lo = max([p + 1 for p in self.terminators if p < trig.start] + [self.start])
+        terms = [m for m in self.mentions if not m.fixed and lo <= m.start and m.end <= trig.start]
+        return terms[-1:]
+
+    def _repeats_earlier(self, m: _Mention) -> bool:
+        """"... a nipple shadow, as a similar nodule is seen on the left": "similar" points back
+        to a finding of the same kind earlier in the sentence, which speaks for both."""
+        if m.fixed or not _SIMILAR.search(self.low, max(self.start, m.start - 20), m.start):
+            return False
+        return any(
+            o.end <= m.start and set(o.targets) & set(m.targets) for o in self.mentions
+        )
 
     def resolve(self) -> list[_Mention]:
         negated: set[int] = set()
@@ -358,8 +397,8 @@ class _Sentence:
         hedged.update(id(m) for m in self._signs_with_hedged_cause())
         out: list[_Mention] = []
         for m in self.mentions:
-            if m.indirect and self._explained(m):
-                continue  # the explicit mention in its clause speaks for it
+            if m.indirect and self._explained(m) or self._repeats_earlier(m):
+                continue  # the explicit or earlier mention in its clause speaks for it
             key = id(m)
             m.context = context.get(key)
             if m.fixed and m.status is _ABSENT and (m.start, m.end) in self.hedged_phrases:
@@ -418,11 +457,12 @@ class _Sentence:
         return None
 
 
-def _answer_question(question: list[_Mention], end: int) -> None:
-    """A bare "None seen." answers the question just before it ("Assess for pneumothorax.")."""
+def _answer_question(question: list[_Mention], end: int, rank: int) -> None:
+    """A bare "None seen." answers the question just before it ("Assess for pneumothorax.", or
+    "CLINICAL QUESTION: Pneumothorax after line placement?"), with the answer's section rank."""
     for m in question:
         if m.context is lx.Trig.INDICATION and not m.fixed:
-            m.context, m.status = None, _ABSENT
+            m.context, m.status, m.rank = None, _ABSENT, rank
             m.sentence = (m.sentence[0], end)
 
 
@@ -476,8 +516,12 @@ class RulesDraftParser(DraftParser):
         previous: list[_Mention] = []
         for start, end, rank in _sentences(text, low):
             found = _Sentence(low, start, end, rank).resolve()
-            if not found and _ANSWER.match(low, start, end):
-                _answer_question(previous, end)
+            if rank == _SKIPPED:
+                # an indication asserts nothing, but a bare "None seen." may answer its question
+                for m in found:
+                    m.context = lx.Trig.INDICATION
+            elif not found and _ANSWER.match(low, start, end):
+                _answer_question(previous, end, rank)
             elif not found and _RESOLVED_PRONOUN.match(low, start, end):
                 _resolve_antecedent(previous, end)
             mentions.extend(found)
@@ -516,7 +560,7 @@ def _assemble(text: str, mentions: list[_Mention], parser: str) -> DraftResult:
         notes.append(NOTE_NORMAL_OVERRIDDEN)
         normal = None
     # A finding explained away as an artefact was still seen: no normal study is inferred.
-    seen = any(m.withdrawn for m in mentions)
+    seen = any(m.withdrawn and m.context is not lx.Trig.INDICATION for m in mentions)
     if normal is None and not asserted and not seen and _looks_normal(chosen, chosen_unmapped):
         normal = chosen[Label.LUNG_OPACITY_CONSOLIDATION]
         notes.append(NOTE_INFERRED_NORMAL)

@@ -261,6 +261,73 @@ class TestRealReportLanguage:
         assert (finding.laterality, finding.span) == (Laterality.LEFT, "Small left effusion")
 
 
+class TestHoldout3Language:
+    """Rules added after the first run of holdout3 (docs/draft-parser.md, third holdout)."""
+
+    @pytest.mark.parametrize(
+        ("text", "expected"),
+        [
+            # a one-line section ends where a capitalised sentence starts the next line
+            ("Comparison: ___\nThe heart is enlarged. No pneumothorax.", {P: a, C: p}),
+            ("COMPARISON: Chest radiograph from ___ and\nCT from ___.\nLungs are clear.", {O: a}),
+            # a free-text indication does not: its second line is still the indication
+            ("INDICATION: Cough\nPneumonia?\nFINDINGS: Lungs are clear.", {O: a}),
+            # a bare answer to the clinical question of a skipped section
+            ("CLINICAL QUESTION: Pneumothorax after line placement?\nNone seen. Lungs are clear.",
+             {P: a, O: a}),
+            ("CLINICAL QUESTION: ?effusion\nNone seen. Heart normal.", {E: a, C: a}),
+            ("INDICATION: ?pneumothorax\nFINDINGS: Lungs are clear.", {O: a}),
+        ],
+    )
+    def test_sections(self, text: str, expected: dict[str, str]) -> None:
+        check(text, expected)
+
+    @pytest.mark.parametrize(
+        ("text", "expected"),
+        [
+            ("Heart size is stable, mildly enlarged.", {C: p}),
+            ("Heart: Mildly enlarged.", {C: p}),
+            ("Cardio mediastinal silhouette is unremarkable.", {C: a}),
+            ("Cardio-mediastinal silhouette is enlarged.", {C: p}),
+            ("Heart size is stable, within normal limits.", {C: a}),
+            ("The cardiac silhouette is mildly enlarged, possibly accentuated by AP technique.",
+             {C: u}),
+            ("The heart appears enlarged but this may be exaggerated by the AP projection.",
+             {C: u}),
+            ("Heart is enlarged but this is not new.", {C: p}),
+            ("Heart and lungs normal.", {C: a, O: a, NF: p}),
+            ("Lungs are normal in volume. Small left effusion.", {E: p}),
+        ],
+    )
+    def test_heart_and_lungs(self, text: str, expected: dict[str, str]) -> None:
+        check(text, expected)
+
+    @pytest.mark.parametrize(
+        ("text", "expected"),
+        [
+            ("Small b/l effusions likely.", {E: u}),
+            ("Right lower lobe opacity. Atelectasis likely.", {O: p}),
+            # where it was not seen is not a denial
+            ("ADDENDUM: A small left pleural effusion is present, not appreciated on the frontal "
+             "view.", {E: p}),
+            # an explanation whose subject is left out explains the sentence's last finding
+            ("A 7 mm nodule projects over the left mid lung, not clearly seen on the prior study, "
+             "and may represent a nipple shadow.", {N: u}),
+            # "a similar nodule" is the other nipple, not a second finding
+            ("A 9 mm nodule over the right mid lung is likely a nipple shadow, as a similar "
+             "nodule is seen in a symmetric location on the left.", {N: u}),
+            ("Right effusion. A similar small effusion on the left.", {E: p}),
+        ],
+    )
+    def test_hedges_and_explanations(self, text: str, expected: dict[str, str]) -> None:
+        check(text, expected)
+
+    def test_radiation_fibrosis_is_a_finding_not_post_surgical_change(self) -> None:
+        text = "Post-radiation fibrosis in the left lung, stable. No consolidation. Heart normal."
+        assert NF not in statuses(text)
+        assert unmapped(text) == {"scarring": p}
+
+
 class TestHeartSize:
     @pytest.mark.parametrize(
         ("text", "status"),
