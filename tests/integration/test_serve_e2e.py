@@ -10,7 +10,9 @@ pairing case at once, each on its own study:
 - E: draft with no study becomes an orphan, then pairs when the study arrives.
 
 A second agent is SIGKILLed while audits are queued or running and restarted: every
-acknowledged instance is audited, each study exactly once per version.
+acknowledged instance is audited, each study exactly once per version. A third runs a real
+transformers grounder: the tiny Gemma 3 trained in a fixture (tests/conftest_models.py), so the
+flags come from what a model generated, parsed and compared.
 
 The fake grounder answers by brightness: the default phantom gets a pneumothorax (box on the
 image right) and a pleural effusion (image left); the dark-windowed one gets no_finding.
@@ -26,10 +28,12 @@ from typing import Any
 
 import pydicom
 import pytest
+import yaml
 from pydicom.uid import generate_uid
 
 from tests.agentproc import AgentProcess, storescu, wait_until
 from tests.builders import SENTINEL_PATIENT_ID, SENTINEL_PATIENT_NAME, make_cxr, save
+from tests.conftest_models import tiny_profile, tiny_root, trained_gemma  # noqa: F401 - fixtures
 
 pytestmark = [pytest.mark.integration, pytest.mark.slow]
 
@@ -261,3 +265,54 @@ def test_model_unavailable_keeps_receiving_and_drains_once_it_loads(tmp_path: Pa
                    what="model ready in status", alive=proc.check_alive)
     finally:
         proc.kill()
+
+
+def solid_study(root: Path, study_uid: str, accession: str, stored: int) -> list[Path]:
+    """One square PA image of a single stored value: under its 0-4095 window, 4095 renders
+    white and 0 black, the two images the trained tiny model has learned to answer."""
+    ds = make_cxr(rows=64, cols=64, study_uid=study_uid, accession=accession, window=(2048, 4096))
+    ds.PixelData = bytes([stored & 0xFF, stored >> 8]) * (64 * 64)
+    return [save(ds, root / "send" / study_uid / "0.dcm")]
+
+
+def test_serve_with_a_trained_tiny_transformers_grounder(
+    tmp_path: Path, trained_gemma: Path  # noqa: F811 - fixture
+) -> None:
+    site = tmp_path / "profiles"
+    site.mkdir()
+    profile = tiny_profile("cxr-auditor-v2", trained_gemma, name="tiny-v2", prompt="explain_my_xray")
+    (site / "tiny-v2.yaml").write_text(yaml.safe_dump(profile), encoding="utf-8")
+    proc = AgentProcess(
+        tmp_path / "agent",
+        {**OVERRIDES, "grounding": {"profile": "tiny-v2", "input_size": 64},
+         "paths": {"profiles": str(site)}},
+        env={"HF_HUB_OFFLINE": "1"},
+    )
+    white, black = generate_uid(), generate_uid()
+    try:
+        proc.start()
+        drop(proc, "ACC-W.txt", b"No pneumothorax.")
+        drop(proc, "ACC-K.txt", b"Small left pleural effusion.")
+        send(proc, solid_study(tmp_path, white, "ACC-W", 4095))
+        send(proc, solid_study(tmp_path, black, "ACC-K", 0))
+        # first audit loads torch and the model in the worker: allow for it
+        bodies = {
+            uid: wait_until(lambda u=uid: result(proc, u), timeout=180, what="audit with the model",
+                            alive=proc.check_alive)
+            for uid in (white, black)
+        }
+    finally:
+        proc.kill()
+
+    lit, dark = bodies[white], bodies[black]
+    assert lit["models"][0]["model_id"] == str(trained_gemma)
+    # white: the model answers a pneumothorax box on the image right, which the draft denies
+    (finding,) = lit["grounding"]["findings"]
+    assert finding["label"] == "pneumothorax"
+    assert finding["box"] == pytest.approx({"y0": 0.1, "x0": 0.6, "y1": 0.5, "x1": 0.9})
+    kinds = {(f["kind"], f["label"], f.get("denied"), f.get("missed")) for f in lit["flags"]}
+    assert ("missing", "pneumothorax", True, None) in kinds
+    assert ("urgent", "pneumothorax", None, True) in kinds
+    # black: the model answers no_finding, so the draft's effusion is unsupported
+    assert [f["label"] for f in dark["grounding"]["findings"]] == ["no_finding"]
+    assert flags(dark) == {("unsupported", "pleural_effusion")}
