@@ -20,7 +20,13 @@ from pathlib import Path
 from cxr_auditor.drafts.rules import RulesDraftParser
 
 DATA = Path(__file__).resolve().parents[1] / "tests" / "data"
-SETS = ("drafts_dev.jsonl", "drafts_holdout.jsonl", "drafts_holdout2.jsonl", "drafts_holdout3.jsonl")
+SETS = (
+    "drafts_dev.jsonl",
+    "drafts_holdout.jsonl",
+    "drafts_holdout2.jsonl",
+    "drafts_holdout3.jsonl",
+    "drafts_holdout4.jsonl",
+)
 
 
 def load_texts() -> list[str]:

@@ -60,6 +60,7 @@ _CM = r"cardio(?:-|\s+)?mediastinal"
 _HEART = (
     r"(?:heart(?:\s+size)?"
     r"|cardiac(?:\s+and\s+mediastinal)?\s+(?:silhouettes?|size|shadow|contours?)"
+    r"|cardiothymic\s+(?:silhouettes?|contours?|shadow)"
     rf"|{_CM}(?:\s+and\s+hilar)?\s+(?:silhouettes?|contours?|shadow|size)"
     r"|size\s+of\s+the\s+heart"
     r"|cardiothoracic\s+ratio)"
@@ -70,7 +71,7 @@ _GAP_NORMAL = (
     r"(?:[\s,:/]+(?!not\b|enlarg|promin|large|border|upper|top\b|high\b|mild|moder|sever|increas"
     r"|but\b|although\b|however\b|though\b|except\b)[a-z-]+){0,6}?[\s,:/]+"
 )
-_GAP_ENLARGED = r"(?:[\s,:]+(?!not\b|normal\b|border|upper\b|top\b)[a-z/-]+){0,10}?[\s,:]+"
+_GAP_ENLARGED = r"(?:[\s,:]+(?!not\b|normal\b|border|upper\b|top\b)[a-z/-]+){0,12}?[\s,:]+"
 
 # Phrases with a status of their own; matched before the single terms.
 PHRASES: tuple[Entry, ...] = (
@@ -95,8 +96,13 @@ PHRASES: tuple[Entry, ...] = (
         NF, fixed=PRESENT,
     ),
     _e(
-        r"(?:chest|study|exam(?:ination)?|radiograph|chest radiograph|chest x-?ray|cxr) "
-        r"(?:is |are |appears )?(?:normal|unremarkable|negative|within normal limits)",
+        r"(?:chest|study|exam(?:ination)?|radiographs?|chest radiographs?|chest x-?rays?|cxr) "
+        r"(?:is |are |appears? )?(?:normal|unremarkable|negative|within normal limits)",
+        NF, fixed=PRESENT,
+    ),
+    _e(
+        r"(?:cxr|chest x-?ray|chest radiograph)(?: (?:\d\s?v(?:iews?)?|pa/lat|pa and lat(?:eral)?"
+        r"|portable|ap|pa))?: (?:neg|negative|nl|normal)\b",
         NF, fixed=PRESENT,
     ),
     _e(r"no (?:significant )?abnormalit(?:y|ies)(?! of)", NF, fixed=PRESENT),
@@ -122,11 +128,13 @@ PHRASES: tuple[Entry, ...] = (
     ),
     Entry(
         _HEART + _GAP_NORMAL
-        + r"(?:normal|unremarkable|within\s+normal\s+limits|wnl|not\s+(?:significantly\s+)?enlarged)\b",
+        + r"(?:normal|nl|unremarkable|within\s+normal\s+limits|wnl"
+        r"|not\s+(?:significantly\s+)?enlarged)\b",
         (C,), ABSENT,
     ),
     _e(
-        r"normal(?:[- ]sized?| size)? (?:heart(?: size)?|cardiac (?:silhouette|size|contours?)"
+        r"(?:normal|nl)(?:[- ]sized?| size)? (?:heart(?: size)?|cardiac (?:silhouette|size|contours?)"
+        r"|cardiothymic (?:silhouette|contours?)"
         rf"|{_CM} (?:silhouette|contours?|size))",
         C, fixed=ABSENT,
     ),
@@ -144,7 +152,7 @@ PHRASES: tuple[Entry, ...] = (
     ),
     Entry(
         r"(?:lungs?|lung\s+fields?|lung\s+bases|lung\s+parenchyma)"
-        r"(?:[\s:]+(?!not\b|no\b)[a-z-]+){0,4}?[\s:]+clear\b(?!\s+of\b)",
+        r"(?:[\s:]+(?!not\b|no\b)[a-z/-]+){0,4}?[\s:]+clear\b(?!\s+of\b)",
         (O,), ABSENT,
     ),
     _e(r"clear (?:lungs?|lung fields?)", O, fixed=ABSENT),
@@ -236,7 +244,7 @@ TERMS: tuple[Entry, ...] = (
     ),
     _e(
         r"peribronchial (?:thickening|cuffing)|bronchial wall thickening|bronchiectasis"
-        r"|bronchitis|airways? disease",
+        r"|bronchitis|airways? disease|air trapping|hyperlucen(?:cy|t)",
         "airway_disease",
     ),
     _e(
@@ -298,7 +306,8 @@ TERMS: tuple[Entry, ...] = (
     # pleural effusion
     _e(r"hydropneumothora(?:x|ces)", E, P),
     _e(
-        r"(?:pleural )?effusions?|pleural fluid|hydrothorax|layering fluid|fissural fluid"
+        r"(?:pleural )?effusions?|(?:pleural )?effs?\b|pleural fluid|hydrothorax|layering fluid"
+        r"|fissural fluid"
         r"|fluid (?:(?:is )?(?:noted |seen |present |tracking )?)?(?:(?:with)?in|along|into) the "
         r"(?:(?:right|left) )?"
         r"(?:minor|major|horizontal|oblique) fissure",
@@ -319,7 +328,7 @@ TERMS: tuple[Entry, ...] = (
         r"(?:(?:airspace|air-space|air space|alveolar|parenchymal) (?:opacit(?:y|ies)|disease"
         r"|process|consolidations?|opacification))|consolidat(?:ion|ions|ive (?:opacit(?:y|ies)"
         r"|process|changes?))|ground[- ]glass(?: opacit(?:y|ies))?|opacit(?:y|ies)|opacification"
-        r"|infiltrat(?:e|es|ion|ive)|(?:broncho)?pneumonias?|pneumonitis|haziness"
+        r"|infiltrat(?:e|es|ion|ive)|(?:broncho)?pneumonias?|pna\b|pneumonitis|haziness"
         r"|(?:(?:airspace|air-space|air space|alveolar) )?shadowing"
         r"|(?:lung |pulmonary )?parenchymal abnormalit(?:y|ies)",
         O,
@@ -392,6 +401,12 @@ _VIEWED = (
 TRIGGERS: tuple[tuple[str, Trig], ...] = (
     # pseudo-negation and partial change (the finding is still there)
     (r"not only", Trig.PSEUDO),
+    # a recommendation, not an indication: "Recommend CT follow-up of the nodule"
+    (
+        r"recommend(?:s|ed|ation)?(?: (?:a|an|the))?(?: (?:ct|chest ct|imaging|radiographic"
+        r"|short-term|interval|further))? follow-?up (?:of|for)",
+        Trig.PSEUDO,
+    ),
     # "not seen on the prior study": new, not denied
     (
         rf"(?:(?:is|are|was|were) )?not (?:previously {_VIEWED}|{_VIEWED} (?:on|in) (?:the )?"
@@ -423,7 +438,7 @@ TRIGGERS: tuple[tuple[str, Trig], ...] = (
     (r"(?:is|are) (?:difficult|hard) to (?:entirely |completely )?(?:exclude|rule out)",
      Trig.POST_HEDGE),
     (r"(?:cannot|can not|can't|can’t|could not) (?:entirely |completely |definitely )?"
-     r"(?:exclude|rule out)|not exclude|(?:difficult|hard) to (?:entirely |completely )?"
+     r"(?:exclude|rule out|r/o)|not exclude|(?:difficult|hard) to (?:entirely |completely )?"
      r"(?:exclude|rule out)", Trig.PRE_HEDGE),
     # comparative likelihood: what follows "than" is the less likely option
     (r"(?:more|less) likely than", Trig.PRE_HEDGE),
@@ -436,7 +451,8 @@ TRIGGERS: tuple[tuple[str, Trig], ...] = (
     ),
     (
         r"(?:evaluat(?:e|ion) (?:for|of)|eval (?:for|of)|assess(?:ment)? (?:for|of)|rule out"
-        r"|to rule out|\br/o|to exclude|check for|query|to evaluate|for (?:further )?evaluation of)",
+        r"|to rule out|\br/o|to exclude|check for|query|to evaluate|for (?:further )?evaluation of"
+        r"|follow-?up (?:of|for)|\bf/u\b)",
         Trig.INDICATION,
     ),
     (r"(?:history of|\bhx of|\bh/o|status post|\bs/p\b|\bpmh\b|past medical history of)",
@@ -495,7 +511,7 @@ TRIGGERS: tuple[tuple[str, Trig], ...] = (
     (
         r"possibl[ey]|probabl[ey]|(?:most |more )?likely|questionabl[ey]|question of|questioned"
         r"|suspicious (?:for|of)|suspicion (?:of|for)|suspected|suspect|concerning for|concern for"
-        r"|worrisome for|worrisome|(?:may|might|could) (?:represent|reflect|indicate|be|have"
+        r"|worrisome for|worrisome|\bc/f\b|(?:may|might|could) (?:represent|reflect|indicate|be|have"
         r"|relate to|correspond to|also represent|be due to)|differential (?:diagnosis )?"
         r"(?:includes?|considerations? includes?|would include)|equivocal|suggestive of"
         r"|suggest(?:s|ing)?|presum(?:ed|ably)|cannot be distinguished from|indistinguishable from"
@@ -506,7 +522,8 @@ TRIGGERS: tuple[tuple[str, Trig], ...] = (
     # negations that precede their finding
     (
         r"no evidence of|no radiographic evidence of|no signs? of|negative for|free of"
-        r"|absence of|resolution of|clearing of|removal of|clear of|without|\bno\b|\bnot\b|\bnor\b"
+        r"|absence of|resolution of|clearing of|removal of|clear of|without|\bw/o\b|\bno\b"
+        r"|\bnot\b|\bnor\b"
         r"|\bneither\b",
         Trig.PRE_NEG,
     ),
@@ -515,7 +532,10 @@ TRIGGERS: tuple[tuple[str, Trig], ...] = (
         r"\bbut\b|however|although|\bthough\b|except|apart from|aside from|other than"
         r"|with the exception of|whereas|\bwhile\b|\byet\b"
         r"|\b(?:and|with) (?=(?:small|moderate|large|mild|trace|tiny|minimal|new|increased"
-        r"|persistent|stable|unchanged|there|the|an?|now|interval)\b)",
+        r"|persistent|stable|unchanged|there|the|an?|now|interval)\b)"
+        # (lookbehinds bracket their space: rx() would make a bare one variable-width)
+        r"|(?<!of[ ])(?<!in[ ])(?<!at[ ])(?<!to[ ])(?<!on[ ])(?<!by[ ])\bthe (?=(?:heart|lungs?|cardiac"
+        r"|cardiomediastinal|mediastinum|(?:right|left) lung)\b)",
         Trig.TERMINATOR,
     ),
 )

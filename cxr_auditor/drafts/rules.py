@@ -44,7 +44,7 @@ from cxr_auditor.schema import (
 
 logger = logging.getLogger(__name__)
 
-RULES_VERSION = "1.2"
+RULES_VERSION = "1.3"
 
 NOTE_INFERRED_NORMAL = "no_finding inferred from a normal heart and clear lungs"
 NOTE_NORMAL_OVERRIDDEN = "normal-study statement overridden by an asserted or hedged finding"
@@ -152,6 +152,14 @@ def _sections(text: str, low: str) -> list[tuple[int, int, lx.SectionKind]]:
 
 
 _SKIPPED = lx.SectionKind.IGNORE.value
+# A line of three or more words that ends a sentence with a full stop (a dictated finding).
+_DICTATED_LINE = re.compile(r"[ \t]*[A-Z][^\n.]*?[ \t][^\n.]*?[ \t][^\n.]*?\.(?:\s|\Z)")
+# "Evaluation of the lungs shows consolidation": what the study shows is a finding.
+_REPORTING_VERB = re.compile(r"\b(?:shows?|showed|demonstrates?|reveals?|revealed)\b")
+_RUN_ON_OPENER = re.compile(
+    r"[ \t]+(?=(?:small|moderate|large|mild|trace|tiny|minimal|new|increased|persistent)\b)"
+)
+_INLINE_SENTENCE_END = re.compile(r"[.!?][ \t]+(?=[A-Z])")
 # "CLINICAL QUESTION: ?effusion" then a line "None seen.": the answer starts the findings.
 _ANSWER_LINE = re.compile(
     r"\r?\n(?=[ \t]*(?:none|negative)(?:[ \t]+(?:seen|identified|present|demonstrated|evident))?"
@@ -162,19 +170,30 @@ _PARAGRAPH = re.compile(r"\r?\n[ \t]*\r?\n|[.?!][ \t]*\r?\n")
 
 
 def _section_break(text: str, low: str, start: int, end: int, one_line: bool) -> int | None:
-    """Where a skipped section ends early: a paragraph break, or for a one-line section a line
-    that starts with a capitalised word after a line with content that does not run on
-    ("Comparison: ___" then "The heart is enlarged."), as in sentence splitting."""
+    """Where a skipped section ends early: a paragraph break, or a line that starts with a
+    capitalised word after a line with content that does not run on, as in sentence splitting.
+    A one-line section (COMPARISON ...) ends at any such line ("Comparison: ___" then "The heart
+    is enlarged.") and at its first sentence end ("Comparison: CT chest ___. The nodule ...");
+    a free-text one (INDICATION ...) only at a line that reads as a dictated sentence of three
+    or more words ("Hx: SOB" then "Cardiomegaly with vascular congestion."), so that a second
+    indication line such as "Pneumonia?" stays in it."""
     cuts = []
     for m in (_PARAGRAPH.search(low, start, end), _ANSWER_LINE.search(low, start, end)):
         if m is not None:
             cuts.append(m.end())
-    for line in _CAPITAL_LINE.finditer(text, start, end) if one_line else ():
-        if low[start : line.start()].strip() and not _WRAPPED_TAIL.search(
-            low, max(start, line.start() - 20), line.start()
+    for line in _CAPITAL_LINE.finditer(text, start, end):
+        if (
+            low[start : line.start()].strip()
+            and not _WRAPPED_TAIL.search(low, max(start, line.start() - 20), line.start())
+            and (one_line or _DICTATED_LINE.match(text, line.end(), end))
         ):
             cuts.append(line.start())
             break
+    if one_line:
+        for stop in _INLINE_SENTENCE_END.finditer(text, start, end):
+            if not _ABBREVIATION.search(low, max(start, stop.start() - 6), stop.start()):
+                cuts.append(stop.end())
+                break
     cut = min(cuts, default=None)
     if cut is None or not low[cut:end].strip():
         return None
@@ -252,8 +271,21 @@ class _Sentence:
         self.hedged_phrases = {
             (s, e) for s, e in spans for t in triggers if t.kind in _HEDGES and s <= t.start < e
         }
-        self.terminators = [t.start for t in self.triggers if t.kind is lx.Trig.TERMINATOR]
+        self.terminators = sorted(
+            [t.start for t in self.triggers if t.kind is lx.Trig.TERMINATOR]
+            + self._run_on_openers()
+        )
         self.cues = [t.start for t in self.triggers if t.kind is not lx.Trig.TERMINATOR]
+        self.negations = [t.start for t in self.triggers if t.kind is lx.Trig.PRE_NEG]
+
+    def _run_on_openers(self) -> list[int]:
+        """Dictation without punctuation: a size word right after a finding starts a new
+        statement ("... versus infiltrate  small left effusion cannot be excluded")."""
+        return [
+            o.end()
+            for m in self.mentions
+            if (o := _RUN_ON_OPENER.match(self.low, m.end, self.end)) is not None
+        ]
 
     def _mentions(self) -> list[_Mention]:
         low, s, e = self.low, self.start, self.end
@@ -286,7 +318,15 @@ class _Sentence:
 
     # --- scopes ------------------------------------------------------------------------------
     def _forward_limit(self, trig: _Trigger) -> int:
-        limit = min([p for p in self.terminators if p >= trig.end] + [self.end])
+        stops = self.terminators
+        if trig.kind in (lx.Trig.HISTORY, lx.Trig.INDICATION):
+            # "status post chest tube removal  no significant effusion", "f/u PNA: improving
+            # consolidation", "evaluation of the lungs shows ...": a negation, a colon or a
+            # reporting verb starts a statement about this study
+            colons = [i for i in range(trig.end, self.end) if self.low[i] == ":"]
+            verbs = [m.start() for m in _REPORTING_VERB.finditer(self.low, trig.end, self.end)]
+            stops = stops + self.negations + colons + verbs
+        limit = min([p for p in stops if p >= trig.end] + [self.end])
         low = self.low
         pos = low.find(",", trig.end, limit)
         while pos != -1:
@@ -595,7 +635,10 @@ def _looks_normal(chosen: dict[Label, _Mention], unmapped: dict[str, _Mention]) 
     if heart is None or lungs is None or heart.status is not _ABSENT or lungs.status is not _ABSENT:
         return False
     return all(
-        m.status is _ABSENT or term in lx.INCIDENTAL_TERMS or term.startswith("history_of_")
+        m.status is _ABSENT
+        or term in lx.INCIDENTAL_TERMS
+        or term.startswith("history_of_")
+        or m.context is lx.Trig.HISTORY  # "history of breast cancer"
         for term, m in unmapped.items()
     )
 

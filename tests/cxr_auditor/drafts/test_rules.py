@@ -328,6 +328,79 @@ class TestHoldout3Language:
         assert unmapped(text) == {"scarring": p}
 
 
+class TestHoldout4Language:
+    """Rules added after the first run of holdout4 (docs/draft-parser.md, fourth holdout)."""
+
+    @pytest.mark.parametrize(
+        ("text", "expected"),
+        [
+            # emergency-department shorthand
+            ("RLL consolidation c/w PNA. No eff or ptx. Heart nl size.", {E: a, P: a, O: p, C: a}),
+            ("No ptx/eff. Heart WNL.", {E: a, P: a, C: a}),
+            ("Small L eff possible. Lungs o/w clear.", {E: u, O: a}),
+            ("Bibasilar opacities, likely atelectasis, can't r/o early PNA.", {O: p}),
+            ("CXR 2v: neg. No ptx.", {P: a, NF: p}),
+            ("Mediastinum nl w/o widening. Heart size nl.", {C: a}),
+            # paediatric heart, plural normal radiographs
+            ("Normal cardiothymic silhouette. No effusion.", {E: a, C: a}),
+            ("Cardiothymic silhouette is normal.", {C: a}),
+            ("PA and lateral chest radiographs are normal.", {NF: p}),
+            ("The cardiac silhouette has decreased in size compared with the pre-procedure "
+             "radiograph but remains enlarged.", {C: p}),
+        ],
+    )
+    def test_vocabulary(self, text: str, expected: dict[str, str]) -> None:
+        check(text, expected)
+
+    @pytest.mark.parametrize(
+        ("text", "expected"),
+        [
+            # a one-line section ends at its first sentence end
+            ("Comparison: CT chest ___. The 1.2 cm right lower lobe nodule is faintly visible.",
+             {N: p}),
+            ("Comparison: Jan. 5 2020. Stable small effusion.", {E: p}),
+            # a free-text section ends at a dictated sentence on its next line ...
+            ("Hx: SOB, h/o CHF\nCardiomegaly w/ pulm vascular congestion. No ptx.", {P: a, C: p}),
+            # ... but not at a one-word line
+            ("INDICATION: Fever\nPneumonia.\nFINDINGS: No effusion.", {E: a}),
+            # follow-up as an indication, not as a recommendation
+            ("7-year-old, follow-up of left lower lobe pneumonia. Lungs are clear.", {O: a}),
+            ("CXR f/u PNA: improving LLL consolidation.", {O: p}),
+            ("Recommend CT follow-up of the right upper lobe nodule.", {N: p}),
+            ("Evaluation of the lungs shows right basal consolidation.", {O: p}),
+        ],
+    )
+    def test_context(self, text: str, expected: dict[str, str]) -> None:
+        check(text, expected)
+
+    @pytest.mark.parametrize(
+        ("text", "expected"),
+        [
+            # dictation without punctuation
+            ("possible small left pleural effusion  no pneumothorax the heart appears mildly "
+             "enlarged", {E: u, P: a, C: p}),
+            ("opacities could be atelectasis versus infiltrate  small left pleural effusion "
+             "cannot be excluded", {O: p, E: u}),
+            ("No pneumothorax small left effusion.", {P: a, E: p}),
+            ("No pneumothorax or small effusion.", {P: a, E: a}),
+            ("Small right apical pneumothorax status post chest tube removal  no significant "
+             "effusion the lungs are otherwise clear", {P: p, E: a, O: a}),
+            ("No enlargement of the heart.", {C: a}),
+        ],
+    )
+    def test_run_on_dictation(self, text: str, expected: dict[str, str]) -> None:
+        check(text, expected)
+
+    def test_history_of_a_cancer_elsewhere_allows_a_normal_study(self) -> None:
+        text = ("History of breast cancer status post left mastectomy. No pulmonary nodules. "
+                "Lungs are clear. Heart size normal.")
+        assert statuses(text) == {O: a, N: a, C: a, NF: p}
+
+    def test_air_trapping_blocks_an_inferred_normal_study(self) -> None:
+        text = "Hyperlucency of the left lung suggesting air trapping. No consolidation. Heart normal."
+        assert NF not in statuses(text)
+
+
 class TestHeartSize:
     @pytest.mark.parametrize(
         ("text", "status"),

@@ -100,12 +100,24 @@ def test_holdout3_set_is_well_formed_and_new() -> None:
     assert not {g.text for g in gold} & {g.text for g in earlier}
 
 
+def test_holdout4_set_is_well_formed_and_new() -> None:
+    gold = load_gold(DATA / "drafts_holdout4.jsonl")
+    assert len(gold) >= 150
+    assert len({g.id for g in gold}) == len(gold)
+    earlier = [
+        g for name in ("drafts_dev.jsonl", "drafts_holdout.jsonl", "drafts_holdout2.jsonl",
+                       "drafts_holdout3.jsonl")
+        for g in load_gold(DATA / name)
+    ]
+    assert not {g.text for g in gold} & {g.text for g in earlier}
+
+
 def test_regression_gate_on_all_gold_sets() -> None:
     """The holdout sets were unseen when written; after the rules they prompted, they guard
     against regressions (their first-run figures are in docs/draft-parser.md)."""
     gold = [
         g for name in ("drafts_dev.jsonl", "drafts_holdout.jsonl", "drafts_holdout2.jsonl",
-                       "drafts_holdout3.jsonl")
+                       "drafts_holdout3.jsonl", "drafts_holdout4.jsonl")
         for g in load_gold(DATA / name)
     ]
     m = evaluate(gold)
