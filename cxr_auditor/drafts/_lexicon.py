@@ -602,7 +602,8 @@ HEADER_RE = re.compile(
 )
 
 LATERALITY_RE = re.compile(
-    r"\b(?:left|right|bilateral(?:ly)?|both|bibasilar|bibasal|biapical|bilat)\b"
+    r"\b(?:left|right|bilateral(?:ly)?|both|bibasilar|bibasal|biapical|bilat|rul|rml|rll|lul|lll"
+    r"|lingula(?:r)?)\b"
     r"|(?<![\w/])[lr](?![\w/])"
 )
 

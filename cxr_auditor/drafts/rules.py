@@ -93,6 +93,14 @@ _LATERALITY_WORDS = {
     "l": Laterality.LEFT,
     "right": Laterality.RIGHT,
     "r": Laterality.RIGHT,
+    # lobes, as abbreviated in reports ("RLL consolidation"); the lingula is in the left lung
+    "rul": Laterality.RIGHT,
+    "rml": Laterality.RIGHT,
+    "rll": Laterality.RIGHT,
+    "lul": Laterality.LEFT,
+    "lll": Laterality.LEFT,
+    "lingula": Laterality.LEFT,
+    "lingular": Laterality.LEFT,
 }
 
 
