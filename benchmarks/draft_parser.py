@@ -26,6 +26,7 @@ SETS = (
     "drafts_holdout2.jsonl",
     "drafts_holdout3.jsonl",
     "drafts_holdout4.jsonl",
+    "drafts_holdout5.jsonl",
 )
 
 

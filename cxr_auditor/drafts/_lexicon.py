@@ -127,6 +127,11 @@ PHRASES: tuple[Entry, ...] = (
         (C,), UNCERTAIN,
     ),
     Entry(
+        _HEART + _GAP_NORMAL.replace(r"(?!not\b|", r"(?!not\b|normal\b|")
+        + r"(?:accentuated|exaggerated|magnified)\b",
+        (C,), UNCERTAIN,
+    ),
+    Entry(
         _HEART + _GAP_NORMAL
         + r"(?:normal|nl|unremarkable|within\s+normal\s+limits|wnl"
         r"|not\s+(?:significantly\s+)?enlarged)\b",
@@ -156,6 +161,9 @@ PHRASES: tuple[Entry, ...] = (
         (O,), ABSENT,
     ),
     _e(r"clear (?:lungs?|lung fields?)", O, fixed=ABSENT),
+    # "Lungs: Right basal atelectasis, otherwise clear.": the match is the subject alone (the
+    # rest is a lookahead), so a finding named in between stays a mention of its own
+    _e(r"(?:lungs?|lung fields?)\b(?=[^.;\n]{0,60}?, (?:but )?otherwise clear\b)", O, fixed=ABSENT),
     # sharp costophrenic angles
     _e(
         r"(?:costophrenic|cp) (?:angles?|sulci|sulcus|recesses) (?:are |is |remain )?"
@@ -163,7 +171,7 @@ PHRASES: tuple[Entry, ...] = (
         E, fixed=ABSENT,
     ),
     _e(r"sharp (?:costophrenic|cp) (?:angles?|sulci)", E, fixed=ABSENT),
-    _e(r"pleural spaces? (?:are |is )?clear", E, fixed=ABSENT),
+    _e(r"pleural spaces?:? (?:are |is )?clear", E, fixed=ABSENT),
     _e(
         r"no pleural abnormalit(?:y|ies)|(?:pleura|pleural spaces?):? (?:is |are |appear )?"
         r"(?:normal|unremarkable)",

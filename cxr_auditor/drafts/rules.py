@@ -44,7 +44,7 @@ from cxr_auditor.schema import (
 
 logger = logging.getLogger(__name__)
 
-RULES_VERSION = "1.3"
+RULES_VERSION = "1.4"
 
 NOTE_INFERRED_NORMAL = "no_finding inferred from a normal heart and clear lungs"
 NOTE_NORMAL_OVERRIDDEN = "normal-study statement overridden by an asserted or hedged finding"
@@ -167,6 +167,12 @@ _REPORTING_VERB = re.compile(r"\b(?:shows?|showed|demonstrates?|reveals?|reveale
 _RUN_ON_OPENER = re.compile(
     r"[ \t]+(?=(?:small|moderate|large|mild|trace|tiny|minimal|new|increased|persistent)\b)"
 )
+# In a free-text section on one line, a sentence about the chest itself ends the indication
+# ("Hx: fever, r/o pna. Lungs clear. No effusion.").
+_FINDING_SENTENCE = re.compile(
+    r"[.!?][ \t]+(?=(?:the )?(?:lungs?|lung fields?|heart|cardiac|cardiomediastinal|mediastin\w*"
+    r"|pleura\w*|costophrenic|cp angles?|no|there (?:is|are)|bones?|osseous)\b)"
+)
 _INLINE_SENTENCE_END = re.compile(r"[.!?][ \t]+(?=[A-Z])")
 # "CLINICAL QUESTION: ?effusion" then a line "None seen.": the answer starts the findings.
 _ANSWER_LINE = re.compile(
@@ -184,7 +190,8 @@ def _section_break(text: str, low: str, start: int, end: int, one_line: bool) ->
     is enlarged.") and at its first sentence end ("Comparison: CT chest ___. The nodule ...");
     a free-text one (INDICATION ...) only at a line that reads as a dictated sentence of three
     or more words ("Hx: SOB" then "Cardiomegaly with vascular congestion."), so that a second
-    indication line such as "Pneumonia?" stays in it."""
+    indication line such as "Pneumonia?" stays in it, or at a sentence about the chest itself
+    ("Hx: fever, r/o pna. Lungs clear.")."""
     cuts = []
     for m in (_PARAGRAPH.search(low, start, end), _ANSWER_LINE.search(low, start, end)):
         if m is not None:
@@ -197,11 +204,11 @@ def _section_break(text: str, low: str, start: int, end: int, one_line: bool) ->
         ):
             cuts.append(line.start())
             break
-    if one_line:
-        for stop in _INLINE_SENTENCE_END.finditer(text, start, end):
-            if not _ABBREVIATION.search(low, max(start, stop.start() - 6), stop.start()):
-                cuts.append(stop.end())
-                break
+    inline = _INLINE_SENTENCE_END if one_line else _FINDING_SENTENCE
+    for stop in inline.finditer(text if one_line else low, start, end):
+        if not _ABBREVIATION.search(low, max(start, stop.start() - 6), stop.start()):
+            cuts.append(stop.end())
+            break
     cut = min(cuts, default=None)
     if cut is None or not low[cut:end].strip():
         return None

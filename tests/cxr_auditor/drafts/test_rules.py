@@ -401,6 +401,25 @@ class TestHoldout4Language:
         assert NF not in statuses(text)
 
 
+class TestHoldout5Language:
+    """Rules added after the first (untuned) run of holdout5 (docs/draft-parser.md)."""
+
+    @pytest.mark.parametrize(
+        ("text", "expected"),
+        [
+            ("Lungs: Right basal atelectasis, otherwise clear.", {O: a}),
+            ("Lungs: right basal consolidation, otherwise clear.", {O: p}),
+            ("Heart size is accentuated by AP technique.", {C: u}),
+            ("Pleural spaces: Clear.", {E: a}),
+            # an indication on the same line as the findings ends at a sentence about the chest
+            ("Hx: fever, r/o pna. Lungs clear. No effusion or ptx.", {O: a, E: a, P: a}),
+            ("INDICATION: Cough. No fever. Evaluate for pneumonia.", {}),
+        ],
+    )
+    def test_cases(self, text: str, expected: dict[str, str]) -> None:
+        check(text, expected)
+
+
 class TestHeartSize:
     @pytest.mark.parametrize(
         ("text", "status"),

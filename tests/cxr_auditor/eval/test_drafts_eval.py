@@ -82,6 +82,7 @@ GOLD_SETS = (
     ("drafts_holdout2.jsonl", 120),
     ("drafts_holdout3.jsonl", 230),
     ("drafts_holdout4.jsonl", 150),
+    ("drafts_holdout5.jsonl", 110),
 )
 
 
