@@ -23,6 +23,7 @@ Pipeline for one draft (CONTRACT.md "Draft parsing"; the rules and their reasons
 
 from __future__ import annotations
 
+import itertools
 import logging
 import re
 from bisect import bisect_right
@@ -164,6 +165,7 @@ _SKIPPED = lx.SectionKind.IGNORE.value
 _DICTATED_LINE = re.compile(r"[ \t]*[A-Z][^\n.]*?[ \t][^\n.]*?[ \t][^\n.]*?\.(?:\s|\Z)")
 # "Evaluation of the lungs shows consolidation": what the study shows is a finding.
 _REPORTING_VERB = re.compile(r"\b(?:shows?|showed|demonstrates?|reveals?|revealed)\b")
+_OWN_VERB = re.compile(r"[ \t]+(?:is|are|was|were|appears?|remains?|has|have)\b")
 _RUN_ON_OPENER = re.compile(
     r"[ \t]+(?=(?:small|moderate|large|mild|trace|tiny|minimal|new|increased|persistent)\b)"
 )
@@ -294,13 +296,22 @@ class _Sentence:
         self.negations = [t.start for t in self.triggers if t.kind is lx.Trig.PRE_NEG]
 
     def _run_on_openers(self) -> list[int]:
-        """Dictation without punctuation: a size word right after a finding starts a new
-        statement ("... versus infiltrate  small left effusion cannot be excluded")."""
-        return [
-            o.end()
-            for m in self.mentions
-            if (o := _RUN_ON_OPENER.match(self.low, m.end, self.end)) is not None
+        """Dictation without punctuation: a size word right after a finding ("... versus
+        infiltrate  small left effusion cannot be excluded"), or a finding right after another
+        that is the subject of its own verb ("no pneumothorax cardiomegaly is stable"), starts
+        a new statement."""
+        low, found = self.low, self.mentions
+        sized = [
+            o.end() for m in found if (o := _RUN_ON_OPENER.match(low, m.end, self.end)) is not None
         ]
+        subjects = [
+            m.start
+            for prev, m in itertools.pairwise(found)
+            if prev.end <= m.start
+            and not low[prev.end : m.start].strip()
+            and _OWN_VERB.match(low, m.end, self.end)
+        ]
+        return sized + subjects
 
     def _mentions(self) -> list[_Mention]:
         low, s, e = self.low, self.start, self.end

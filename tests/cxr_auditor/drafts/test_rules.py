@@ -414,6 +414,9 @@ class TestHoldout5Language:
             # an indication on the same line as the findings ends at a sentence about the chest
             ("Hx: fever, r/o pna. Lungs clear. No effusion or ptx.", {O: a, E: a, P: a}),
             ("INDICATION: Cough. No fever. Evaluate for pneumonia.", {}),
+            # dictation: a finding with its own verb right after another starts a statement
+            ("there is no pneumothorax cardiomegaly is stable", {P: a, C: p}),
+            ("No pneumothorax or effusion is seen.", {P: a, E: a}),
         ],
     )
     def test_cases(self, text: str, expected: dict[str, str]) -> None:
