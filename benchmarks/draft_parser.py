@@ -27,6 +27,7 @@ SETS = (
     "drafts_holdout3.jsonl",
     "drafts_holdout4.jsonl",
     "drafts_holdout5.jsonl",
+    "drafts_holdout6.jsonl",
 )
 
 

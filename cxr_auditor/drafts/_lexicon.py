@@ -167,7 +167,7 @@ PHRASES: tuple[Entry, ...] = (
     # sharp costophrenic angles
     _e(
         r"(?:costophrenic|cp) (?:angles?|sulci|sulcus|recesses) (?:are |is |remain )?"
-        r"(?:sharp(?:ly defined)?|clear|preserved|normal)",
+        r"(?:sharp(?:ly defined)?|clear|free|preserved|normal)",
         E, fixed=ABSENT,
     ),
     _e(r"sharp (?:costophrenic|cp) (?:angles?|sulci)", E, fixed=ABSENT),
@@ -314,7 +314,7 @@ TERMS: tuple[Entry, ...] = (
     # pleural effusion
     _e(r"hydropneumothora(?:x|ces)", E, P),
     _e(
-        r"(?:pleural )?effusions?|(?:pleural )?effs?\b|pleural fluid|hydrothorax|layering fluid"
+        r"(?:pleural )?eff?uss?ions?|(?:pleural )?effs?\b|pleural fluid|hydrothorax|layering fluid"
         r"|fissural fluid"
         r"|fluid (?:(?:is )?(?:noted |seen |present |tracking )?)?(?:(?:with)?in|along|into) the "
         r"(?:(?:right|left) )?"
@@ -330,12 +330,13 @@ TERMS: tuple[Entry, ...] = (
         E, indirect=True,
     ),
     # pneumothorax
-    _e(r"pneumothora(?:x|ces)|\bptx\b", P),
+    _e(r"(?:pneumo|numo|pnuemo)[ -]?th?ora(?:x|ces)|pneumothroax|\bptx\b", P),
     # lung opacity / consolidation
     _e(
         r"(?:(?:airspace|air-space|air space|alveolar|parenchymal) (?:opacit(?:y|ies)|disease"
         r"|process|consolidations?|opacification))|consolidat(?:ion|ions|ive (?:opacit(?:y|ies)"
-        r"|process|changes?))|ground[- ]glass(?: opacit(?:y|ies))?|opacit(?:y|ies)|opacification"
+        r"|process|changes?))|consolodations?|ground[- ]glass(?: opacit(?:y|ies))?|opacit(?:y|ies)"
+        r"|opacification"
         r"|infiltrat(?:e|es|ion|ive)|(?:broncho)?pneumonias?|pna\b|pneumonitis|haziness"
         r"|(?:(?:airspace|air-space|air space|alveolar) )?shadowing"
         r"|(?:lung |pulmonary )?parenchymal abnormalit(?:y|ies)",
@@ -359,7 +360,7 @@ TERMS: tuple[Entry, ...] = (
         (C,), indirect=True,
     ),
     _e(
-        r"cardiomegaly|enlarged (?:heart|cardiac (?:silhouette|shadow|size))|cardiac enlargement"
+        r"cardiomegall?y|enlarged (?:heart|cardiac (?:silhouette|shadow|size))|cardiac enlargement"
         r"|enlargement of the (?:heart|cardiac (?:silhouette|shadow))"
         r"|(?:increased|enlarged) cardiothoracic ratio",
         C,
@@ -505,7 +506,7 @@ TRIGGERS: tuple[tuple[str, Trig], ...] = (
     # "enlarged but this may be exaggerated by the AP projection": the "but" only introduces
     # the hedge of what comes before it, so this is matched before the terminators
     (
-        r"(?:but|although|though|however)(?:,)? (?:this|it|which|that|the latter) "
+        r"(?:but|although|though|however)(?:,)? (?:(?:this|it|which|that|the latter) )?"
         r"(?:(?:may|might|could) (?:also )?be|is (?:likely|probably|possibly|partly|partially))"
         r" (?:partly |partially )?(?:accentuated|exaggerated|magnified|overestimated)",
         Trig.POST_HEDGE,

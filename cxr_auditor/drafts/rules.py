@@ -45,7 +45,7 @@ from cxr_auditor.schema import (
 
 logger = logging.getLogger(__name__)
 
-RULES_VERSION = "1.4"
+RULES_VERSION = "1.5"
 
 NOTE_INFERRED_NORMAL = "no_finding inferred from a normal heart and clear lungs"
 NOTE_NORMAL_OVERRIDDEN = "normal-study statement overridden by an asserted or hedged finding"
@@ -403,7 +403,13 @@ class _Sentence:
         if kind in _BACKWARD:
             return before
         is_versus = kind is lx.Trig.BI_HEDGE and self.low[trig.start] != "?"
-        if kind in (lx.Trig.BI_NEG, lx.Trig.BI_HEDGE) and before and not is_versus:
+        # "blunting, ? pleural thickening or minimal effusion": a "?" that opens a comma piece
+        # asks about what follows it
+        asks_forward = (
+            kind is lx.Trig.BI_HEDGE and self.low[self.start : trig.start].rstrip().endswith(",")
+        )
+        bi = kind in (lx.Trig.BI_NEG, lx.Trig.BI_HEDGE)
+        if bi and before and not is_versus and not asks_forward:
             return before
         hi = self._forward_limit(trig)
         after = [m for m in self.mentions if m.start >= trig.end and m.start < hi]

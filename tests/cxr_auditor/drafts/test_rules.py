@@ -423,6 +423,28 @@ class TestHoldout5Language:
         check(text, expected)
 
 
+class TestHoldout6Language:
+    """Rules added after the first (untuned) run of holdout6 (docs/draft-parser.md)."""
+
+    @pytest.mark.parametrize(
+        ("text", "expected"),
+        [
+            ("Cardiac silhouette is enlarged but may be exaggerated by AP technique.", {C: u}),
+            ("Small right plural effusion. No pneumo thorax.", {E: p, P: a}),
+            ("No numo thorax.", {P: a}),
+            ("Right lower zone consolodation. Cardiomegally.", {O: p, C: p}),
+            ("Small left effussion.", {E: p}),
+            ("Both CP angles are free.", {E: a}),
+            # a "?" that opens a comma piece asks about what follows it
+            ("Left CP angle blunting, ? pleural thickening or minimal effusion.", {E: u}),
+            ("Right basal opacity, ? infection.", {O: p}),
+            ("Pneumonia? No effusion.", {O: u, E: a}),
+        ],
+    )
+    def test_cases(self, text: str, expected: dict[str, str]) -> None:
+        check(text, expected)
+
+
 class TestHeartSize:
     @pytest.mark.parametrize(
         ("text", "status"),
