@@ -165,6 +165,8 @@ _SKIPPED = lx.SectionKind.IGNORE.value
 _DICTATED_LINE = re.compile(r"[ \t]*[A-Z][^\n.]*?[ \t][^\n.]*?[ \t][^\n.]*?\.(?:\s|\Z)")
 # "Evaluation of the lungs shows consolidation": what the study shows is a finding.
 _REPORTING_VERB = re.compile(r"\b(?:shows?|showed|demonstrates?|reveals?|revealed)\b")
+# in or right after a hedge: "may represent", "likely represents", "may reflect"
+_EXPLAINS = re.compile(r"\b(?:represent|reflect)")
 _OWN_VERB = re.compile(r"[ \t]+(?:is|are|was|were|appears?|remains?|has|have)\b")
 _RUN_ON_OPENER = re.compile(
     r"[ \t]+(?=(?:small|moderate|large|mild|trace|tiny|minimal|new|increased|persistent)\b)"
@@ -345,6 +347,11 @@ class _Sentence:
     # --- scopes ------------------------------------------------------------------------------
     def _forward_limit(self, trig: _Trigger) -> int:
         stops = self.terminators
+        explains = _EXPLAINS.search(self.low, trig.start, min(trig.end + 12, self.end))
+        if trig.kind is lx.Trig.PRE_HEDGE and explains:
+            # "likely represents atelectasis and small effusion": the explanation is the whole
+            # coordinated phrase, so "and small" does not end it
+            stops = [p for p in stops if not self.low.startswith(("and", "with"), p)]
         if trig.kind in (lx.Trig.HISTORY, lx.Trig.INDICATION):
             # "status post chest tube removal  no significant effusion", "f/u PNA: improving
             # consolidation", "evaluation of the lungs shows ...": a negation, a colon or a

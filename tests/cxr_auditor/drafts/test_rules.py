@@ -439,6 +439,9 @@ class TestHoldout6Language:
             ("Left CP angle blunting, ? pleural thickening or minimal effusion.", {E: u}),
             ("Right basal opacity, ? infection.", {O: p}),
             ("Pneumonia? No effusion.", {O: u, E: a}),
+            # an explanation covers its whole coordinated phrase; a plain hedge does not
+            ("Hazy opacity likely represents atelectasis and small effusion.", {O: p, E: u}),
+            ("Possible right lower lobe pneumonia and small effusion.", {O: u, E: p}),
         ],
     )
     def test_cases(self, text: str, expected: dict[str, str]) -> None:
