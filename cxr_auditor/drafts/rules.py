@@ -89,6 +89,34 @@ _RESOLVED_PRONOUN = re.compile(
 _BARE_STRIP = " \t\r\n.!:*-"
 _BARE_NORMAL = frozenset({"normal", "normal study", "normal exam", "negative", "unremarkable"})
 
+# Where skipped sections end and where a statement starts in dictation without punctuation.
+_SKIPPED = lx.SectionKind.IGNORE.value
+# A line of three or more words that ends a sentence with a full stop (a dictated finding).
+_DICTATED_LINE = re.compile(r"[ \t]*[A-Z][^\n.]*?[ \t][^\n.]*?[ \t][^\n.]*?\.(?:\s|\Z)")
+# "Evaluation of the lungs shows consolidation": what the study shows is a finding.
+_REPORTING_VERB = re.compile(r"\b(?:shows?|showed|demonstrates?|reveals?|revealed)\b")
+# in or right after a hedge: "may represent", "likely represents", "may reflect"
+_EXPLAINS = re.compile(r"\b(?:represent|reflect)")
+# "no pneumothorax cardiomegaly is stable": a finding followed by its own verb is a subject.
+_OWN_VERB = re.compile(r"[ \t]+(?:is|are|was|were|appears?|remains?|has|have)\b")
+# "... versus infiltrate  small left effusion": a size word after a finding opens a new one.
+_RUN_ON_OPENER = re.compile(
+    r"[ \t]+(?=(?:small|moderate|large|mild|trace|tiny|minimal|new|increased|persistent)\b)"
+)
+# In a free-text section on one line, a sentence about the chest itself ends the indication
+# ("Hx: fever, r/o pna. Lungs clear. No effusion.").
+_FINDING_SENTENCE = re.compile(
+    r"[.!?][ \t]+(?=(?:the )?(?:lungs?|lung fields?|heart|cardiac|cardiomediastinal|mediastin\w*"
+    r"|pleura\w*|costophrenic|cp angles?|no|there (?:is|are)|bones?|osseous)\b)"
+)
+_INLINE_SENTENCE_END = re.compile(r"[.!?][ \t]+(?=[A-Z])")
+# "CLINICAL QUESTION: ?effusion" then a line "None seen.": the answer starts the findings.
+_ANSWER_LINE = re.compile(
+    r"\r?\n(?=[ \t]*(?:none|negative)(?:[ \t]+(?:seen|identified|present|demonstrated|evident))?"
+    r"[ \t]*(?:[.!]|\r?\n|\Z))"
+)
+_SIMILAR = re.compile(r"\bsimilar(?:[ \t]+[a-z]+)?[ \t]+\Z")
+
 _LATERALITY_WORDS = {
     "left": Laterality.LEFT,
     "l": Laterality.LEFT,
@@ -160,30 +188,6 @@ def _sections(text: str, low: str) -> list[tuple[int, int, lx.SectionKind]]:
     return [p for p in out if p[1] > p[0]]
 
 
-_SKIPPED = lx.SectionKind.IGNORE.value
-# A line of three or more words that ends a sentence with a full stop (a dictated finding).
-_DICTATED_LINE = re.compile(r"[ \t]*[A-Z][^\n.]*?[ \t][^\n.]*?[ \t][^\n.]*?\.(?:\s|\Z)")
-# "Evaluation of the lungs shows consolidation": what the study shows is a finding.
-_REPORTING_VERB = re.compile(r"\b(?:shows?|showed|demonstrates?|reveals?|revealed)\b")
-# in or right after a hedge: "may represent", "likely represents", "may reflect"
-_EXPLAINS = re.compile(r"\b(?:represent|reflect)")
-_OWN_VERB = re.compile(r"[ \t]+(?:is|are|was|were|appears?|remains?|has|have)\b")
-_RUN_ON_OPENER = re.compile(
-    r"[ \t]+(?=(?:small|moderate|large|mild|trace|tiny|minimal|new|increased|persistent)\b)"
-)
-# In a free-text section on one line, a sentence about the chest itself ends the indication
-# ("Hx: fever, r/o pna. Lungs clear. No effusion.").
-_FINDING_SENTENCE = re.compile(
-    r"[.!?][ \t]+(?=(?:the )?(?:lungs?|lung fields?|heart|cardiac|cardiomediastinal|mediastin\w*"
-    r"|pleura\w*|costophrenic|cp angles?|no|there (?:is|are)|bones?|osseous)\b)"
-)
-_INLINE_SENTENCE_END = re.compile(r"[.!?][ \t]+(?=[A-Z])")
-# "CLINICAL QUESTION: ?effusion" then a line "None seen.": the answer starts the findings.
-_ANSWER_LINE = re.compile(
-    r"\r?\n(?=[ \t]*(?:none|negative)(?:[ \t]+(?:seen|identified|present|demonstrated|evident))?"
-    r"[ \t]*(?:[.!]|\r?\n|\Z))"
-)
-_SIMILAR = re.compile(r"\bsimilar(?:[ \t]+[a-z]+)?[ \t]+\Z")
 _PARAGRAPH = re.compile(r"\r?\n[ \t]*\r?\n|[.?!][ \t]*\r?\n")
 
 
