@@ -28,6 +28,7 @@ SETS = (
     "drafts_holdout4.jsonl",
     "drafts_holdout5.jsonl",
     "drafts_holdout6.jsonl",
+    "drafts_holdout7.jsonl",
 )
 
 

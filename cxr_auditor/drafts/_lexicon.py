@@ -542,9 +542,14 @@ TRIGGERS: tuple[tuple[str, Trig], ...] = (
         r"|with the exception of|whereas|\bwhile\b|\byet\b"
         r"|\b(?:and|with) (?=(?:small|moderate|large|mild|trace|tiny|minimal|new|increased"
         r"|persistent|stable|unchanged|there|the|an?|now|interval)\b)"
-        # (lookbehinds bracket their space: rx() would make a bare one variable-width)
-        r"|(?<!of[ ])(?<!in[ ])(?<!at[ ])(?<!to[ ])(?<!on[ ])(?<!by[ ])\bthe (?=(?:heart|lungs?|cardiac"
-        r"|cardiomediastinal|mediastinum|(?:right|left) lung)\b)",
+        # only as the subject of its own verb and not after a preposition, so "nodule seen in
+        # the right lung is no longer visible" and "opacity over the left lung base is ..." stay
+        # one clause (the lookbehinds bracket their space: rx() would make a bare one
+        # variable-width)
+        r"|(?<!of[ ])(?<!in[ ])(?<!at[ ])(?<!to[ ])(?<!on[ ])(?<!by[ ])(?<!over[ ])(?<!from[ ])"
+        r"(?<!with[ ])(?<!into[ ])(?<!within[ ])"
+        r"\bthe (?=(?:heart|lungs?|cardiac silhouette|cardiomediastinal silhouette|mediastinum"
+        r"|(?:right|left) lung) (?:is|are|appears?|remains?|was|were|looks?|size)\b)",
         Trig.TERMINATOR,
     ),
 )

@@ -442,6 +442,10 @@ class TestHoldout6Language:
             # an explanation covers its whole coordinated phrase; a plain hedge does not
             ("Hazy opacity likely represents atelectasis and small effusion.", {O: p, E: u}),
             ("Possible right lower lobe pneumonia and small effusion.", {O: u, E: p}),
+            # holdout7: "the left lung" after a preposition is no new clause
+            ("Mild hazy opacity over the left lung base is likely due\nto overlying breast "
+             "tissue.  No focal consolidation.", {O: a}),
+            ("Nodule previously seen in the right lung is no longer visible.", {N: a}),
         ],
     )
     def test_cases(self, text: str, expected: dict[str, str]) -> None:

@@ -84,6 +84,7 @@ GOLD_SETS = (
     ("drafts_holdout4.jsonl", 150),
     ("drafts_holdout5.jsonl", 110),
     ("drafts_holdout6.jsonl", 110),
+    ("drafts_holdout7.jsonl", 90),
 )
 
 
