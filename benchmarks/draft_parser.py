@@ -29,6 +29,7 @@ SETS = (
     "drafts_holdout5.jsonl",
     "drafts_holdout6.jsonl",
     "drafts_holdout7.jsonl",
+    "drafts_holdout8.jsonl",
 )
 
 

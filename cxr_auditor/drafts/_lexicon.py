@@ -482,8 +482,8 @@ TRIGGERS: tuple[tuple[str, Trig], ...] = (
     ),
     # hedges that follow their finding
     (
-        r"(?:(?:is|are|was|were) )?(?:(?:most )?likely |probably |possibly )?(?:represents?"
-        r"|representing|reflects?|(?:may|could|might) (?:represent|reflect|be)|due to|related to"
+        r"(?:(?:is|are|was|were) )?(?:(?:most )?likely |probably |possibly )?(?:represent(?:s|ed)?"
+        r"|representing|reflect(?:s|ed)?|(?:may|could|might) (?:represent|reflect|be)|due to|related to"
         r"|secondary to|attributable to|caused by|(?:most )?consistent with"
         r"|favou?r(?:ed|ing)?|likely|probably|possibly) (?:an? |the )?(?:nipple shadows?"
         r"|overlapping|overlap|overlying|summation|skin folds?|artifact|artefact"

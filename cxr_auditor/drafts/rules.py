@@ -45,7 +45,7 @@ from cxr_auditor.schema import (
 
 logger = logging.getLogger(__name__)
 
-RULES_VERSION = "1.6"
+RULES_VERSION = "1.7"
 
 NOTE_INFERRED_NORMAL = "no_finding inferred from a normal heart and clear lungs"
 NOTE_NORMAL_OVERRIDDEN = "normal-study statement overridden by an asserted or hedged finding"

@@ -446,6 +446,10 @@ class TestHoldout6Language:
             ("Mild hazy opacity over the left lung base is likely due\nto overlying breast "
              "tissue.  No focal consolidation.", {O: a}),
             ("Nodule previously seen in the right lung is no longer visible.", {N: a}),
+            # holdout8: an explanation in the past tense
+            ("The left lower lobe opacity questioned on the preliminary read is not seen on the "
+             "lateral view and likely represented overlapping soft tissue. The lungs are clear.",
+             {O: a}),
         ],
     )
     def test_cases(self, text: str, expected: dict[str, str]) -> None:

@@ -85,6 +85,7 @@ GOLD_SETS = (
     ("drafts_holdout5.jsonl", 110),
     ("drafts_holdout6.jsonl", 110),
     ("drafts_holdout7.jsonl", 90),
+    ("drafts_holdout8.jsonl", 90),
 )
 
 
