@@ -32,6 +32,9 @@ ROOT = Path(__file__).resolve().parent.parent
 if str(ROOT) not in sys.path:
     sys.path.insert(0, str(ROOT))
 
+from benchmarks.machine import cpu_model  # noqa: E402
+from tests.conftest import free_port, var_paths  # noqa: E402
+
 DCMTK_ENV = {**os.environ, "TCP_NODELAY": "1"}
 OUR_AET = "CXRAUDIT"
 
@@ -52,12 +55,6 @@ class Run:
     @property
     def mb_per_s(self) -> float:
         return self.total_bytes / 1e6 / self.seconds
-
-
-def _free_port() -> int:
-    from tests.conftest import free_port
-
-    return free_port()
 
 
 def make_inputs(folder: Path, n: int, side: int) -> list[Path]:
@@ -108,7 +105,7 @@ def _stop(proc: subprocess.Popen[bytes]) -> None:
 @contextmanager
 def receiver(kind: str, work: Path, workers: int = 1) -> Iterator[tuple[int, str, Path]]:
     """Start one receiver in its own process group; yields (port, called AE, storage dir)."""
-    port = _free_port()
+    port = free_port()
     store = work / "store"
     store.mkdir(parents=True)
     if kind == "ours":
@@ -125,7 +122,7 @@ def receiver(kind: str, work: Path, workers: int = 1) -> Iterator[tuple[int, str
             "IndexDirectory": str(work / "index"),
             "DicomAet": "ORTHANC",
             "DicomPort": port,
-            "HttpPort": _free_port(),
+            "HttpPort": free_port(),
             "RemoteAccessAllowed": False,
             "DicomCheckCalledAet": False,
             "StorageCompression": False,
@@ -185,13 +182,7 @@ def serve_ours(work: Path, port: int, workers: int) -> None:
 
     logging.basicConfig(level=logging.WARNING)
     settings = load_settings(
-        paths={
-            "spool": work / "store",
-            "drafts": work / "drafts",
-            "out": work / "out",
-            "state": work / "state.sqlite3",
-            "quarantine": work / "quarantine",
-        },
+        paths={**var_paths(work), "spool": work / "store"},
         scp={"port": port, "min_free_bytes": 0, "workers": workers},
     )
     settings.ensure_folders()
@@ -205,15 +196,7 @@ def serve_ours(work: Path, port: int, workers: int) -> None:
 
 
 def machine() -> str:
-    cpu = platform.processor() or platform.machine()
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                cpu = line.split(":", 1)[1].strip()
-                break
-    except OSError:
-        pass
-    return f"{cpu}, {os.cpu_count()} cores, Linux {platform.release()}, Python {platform.python_version()}"
+    return f"{cpu_model()}, {os.cpu_count()} cores, Linux {platform.release()}, Python {platform.python_version()}"
 
 
 def versions() -> str:

@@ -42,6 +42,7 @@ if str(REPO) not in sys.path:
 from pydicom.dataset import FileMetaDataset  # noqa: E402
 from pydicom.uid import generate_uid  # noqa: E402
 
+from benchmarks.machine import cpu_model  # noqa: E402
 from tests.agentproc import AgentProcess, storescu, wait_until  # noqa: E402
 from tests.builders import make_cxr  # noqa: E402
 
@@ -246,12 +247,7 @@ def run_soak(agent: AgentProcess, factory: StudyFactory, args: argparse.Namespac
 
 
 def machine() -> str:
-    cpu = "unknown CPU"
-    for line in Path("/proc/cpuinfo").read_text().splitlines():
-        if line.startswith("model name"):
-            cpu = line.split(":", 1)[1].strip()
-            break
-    return f"{platform.system()} {platform.machine()}, {os.cpu_count()} cores ({cpu}), Python {platform.python_version()}"
+    return f"{platform.system()} {platform.machine()}, {os.cpu_count()} cores ({cpu_model()}), Python {platform.python_version()}"
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -29,6 +29,7 @@ import pydicom  # noqa: E402
 from PIL import Image  # noqa: E402
 from pydicom.pixels import get_decoder  # noqa: E402
 
+from benchmarks.machine import cpu_model  # noqa: E402
 from dicom_agent.pixels import (  # noqa: E402
     DECODER_PREFERENCE,
     RESIZE_REDUCING_GAP,
@@ -181,18 +182,10 @@ def resize_table(path: Path, label: str, runs: int) -> list[str]:
 
 
 def machine() -> str:
-    cpu = platform.processor() or platform.machine()
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                cpu = line.split(":", 1)[1].strip()
-                break
-    except OSError:
-        pass
     version = subprocess.run(["dcmj2pnm", "--version"], capture_output=True, text=True).stdout
     dcmtk = next((w for w in version.split() if w.startswith("v3")), "?")
     return (
-        f"{cpu}, {len(os.sched_getaffinity(0))} cores usable, Python {platform.python_version()}, "
+        f"{cpu_model()}, {len(os.sched_getaffinity(0))} cores usable, Python {platform.python_version()}, "
         f"numpy {np.__version__}, Pillow {PIL.__version__}, pydicom {pydicom.__version__}, "
         f"dcmtk {dcmtk}"
     )

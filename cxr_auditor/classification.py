@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import logging
 import re
+from collections.abc import Sequence
 from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field
@@ -22,7 +23,7 @@ from cxr_auditor.grounding.base import ImageInput
 from cxr_auditor.models import ChatBackend, ChatRequest, build_chat_backend
 from cxr_auditor.parsing import RAW_TEXT_LIMIT, strip_reasoning
 from cxr_auditor.profiles import Profile
-from cxr_auditor.retry import AttemptSettings, run_batch_with_retry
+from cxr_auditor.retry import AttemptSettings, batched, run_batch_with_retry
 
 __all__ = ["ClassificationResult", "PatencyClassifier", "interpret_patency", "summarize"]
 
@@ -139,13 +140,10 @@ class PatencyClassifier:
     def classify(self, images: list[ImageInput]) -> list[ClassificationResult]:
         """One result per image, in order. An answer that stays uncertain after the ladder is
         ``uncertain`` with ``needs_review``; a backend failure raises BackendError."""
-        out: list[ClassificationResult] = []
         size = self.profile.generation.batch_size
-        for first in range(0, len(images), size):
-            out.extend(self._classify_batch(images[first : first + size]))
-        return out
+        return [r for chunk in batched(images, size) for r in self._classify_batch(chunk)]
 
-    def _classify_batch(self, chunk: list[ImageInput]) -> list[ClassificationResult]:
+    def _classify_batch(self, chunk: Sequence[ImageInput]) -> list[ClassificationResult]:
         def generate(indices: list[int], settings: AttemptSettings) -> list[str]:
             # No corrective suffix: it asks for JSON; later rungs only add sampling.
             return self.chat.generate([ChatRequest(self.prompt, chunk[i].image) for i in indices], settings)

@@ -10,7 +10,7 @@ the items that failed are generated again.
 from __future__ import annotations
 
 import logging
-from collections.abc import Callable
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 from typing import TypeVar
 
@@ -21,6 +21,7 @@ __all__ = [
     "SAMPLING_TOP_P",
     "AttemptSettings",
     "attempt_settings",
+    "batched",
     "run_batch_with_retry",
     "run_with_retry",
 ]
@@ -44,6 +45,12 @@ class AttemptSettings:
     temperature: float | None
     top_p: float | None
     corrective_suffix: bool
+
+
+def batched(items: Sequence[T], size: int) -> Iterator[Sequence[T]]:
+    """``items`` in consecutive slices of at most ``size`` (a profile's generation batch)."""
+    for first in range(0, len(items), size):
+        yield items[first : first + size]
 
 
 def attempt_settings(attempt: int) -> AttemptSettings:

@@ -216,6 +216,13 @@ JOB_TRANSITIONS: dict[JobState, frozenset[JobState]] = {
 }
 
 
+def _state_in(states: tuple[StrEnum, ...] | None) -> tuple[str, tuple[str, ...]]:
+    """A ``WHERE state IN (...)`` clause and its parameters; empty for no filter."""
+    if not states:
+        return "", ()
+    return f" WHERE state IN ({','.join('?' * len(states))})", tuple(s.value for s in states)
+
+
 # What a replacement (same SOP Instance UID, different bytes) overwrites: all but the key and
 # received_at.
 _INSTANCE_UPDATED_COLUMNS = (
@@ -439,12 +446,9 @@ class StateDB:
         return StudyRow(**dict(rows[0])) if rows else None
 
     def studies(self, states: tuple[StudyState, ...] | None = None) -> list[StudyRow]:
-        sql = "SELECT * FROM studies"
-        params: tuple[str, ...] = ()
-        if states:
-            sql += f" WHERE state IN ({','.join('?' * len(states))})"
-            params = tuple(s.value for s in states)
-        return [StudyRow(**dict(r)) for r in self.query(sql + " ORDER BY first_instance_at", params)]
+        where, params = _state_in(states)
+        rows = self.query(f"SELECT * FROM studies{where} ORDER BY first_instance_at", params)
+        return [StudyRow(**dict(r)) for r in rows]
 
     def set_study_state(
         self, study_uid: str, state: StudyState, now: float, *, settled_at: float | None = None
@@ -537,12 +541,8 @@ class StateDB:
         return DraftRow(**dict(rows[0])) if rows else None
 
     def drafts(self, states: tuple[DraftState, ...] | None = None) -> list[DraftRow]:
-        sql = "SELECT * FROM drafts"
-        params: tuple[str, ...] = ()
-        if states:
-            sql += f" WHERE state IN ({','.join('?' * len(states))})"
-            params = tuple(s.value for s in states)
-        return [DraftRow(**dict(r)) for r in self.query(sql + " ORDER BY id", params)]
+        where, params = _state_in(states)
+        return [DraftRow(**dict(r)) for r in self.query(f"SELECT * FROM drafts{where} ORDER BY id", params)]
 
     def current_draft(self, study_uid: str) -> DraftRow | None:
         """The newest paired draft of a study (older ones are superseded)."""

@@ -28,7 +28,8 @@ import httpx
 import yaml
 from pydicom.dataset import Dataset
 
-from tests.conftest import free_port
+from dicom_agent.config import deep_merge
+from tests.conftest import free_port, var_paths
 
 T = TypeVar("T")
 
@@ -64,17 +65,6 @@ def wait_until(
         time.sleep(interval)
 
 
-def deep_merge(base: dict[str, Any], over: dict[str, Any]) -> dict[str, Any]:
-    """``over`` merged into ``base`` key by key (nested mappings merge, other values replace)."""
-    out = dict(base)
-    for key, value in over.items():
-        if isinstance(value, dict) and isinstance(out.get(key), dict):
-            out[key] = deep_merge(out[key], value)
-        else:
-            out[key] = value
-    return out
-
-
 def agent_config(root: Path, overrides: dict[str, Any] | None = None) -> dict[str, Any]:
     """A config mapping for a test agent living entirely under ``root``.
 
@@ -92,13 +82,7 @@ def agent_config(root: Path, overrides: dict[str, Any] | None = None) -> dict[st
             "dimse_timeout_seconds": 10,
             "network_timeout_seconds": 10,
         },
-        "paths": {
-            "spool": str(var / "spool"),
-            "drafts": str(var / "drafts"),
-            "out": str(var / "out"),
-            "state": str(var / "state" / "agent.sqlite3"),
-            "quarantine": str(var / "quarantine"),
-        },
+        "paths": {name: str(path) for name, path in var_paths(var).items()},
         "pairing": {
             "settle_seconds": 1,
             "draft_wait_seconds": 2,

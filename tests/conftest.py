@@ -25,18 +25,22 @@ def free_port() -> int:
         return int(s.getsockname()[1])
 
 
+def var_paths(var: Path) -> dict[str, Path]:
+    """The agent's folders (the ``paths`` config section) laid out under ``var``."""
+    return {
+        "spool": var / "spool",
+        "drafts": var / "drafts",
+        "out": var / "out",
+        "state": var / "state" / "agent.sqlite3",
+        "quarantine": var / "quarantine",
+    }
+
+
 @pytest.fixture
 def settings(tmp_path: Path) -> Iterator[AgentSettings]:
     """Agent settings whose folders all live under ``tmp_path``; ports are free ones."""
-    var = tmp_path / "var"
     s = load_settings(
-        paths={
-            "spool": var / "spool",
-            "drafts": var / "drafts",
-            "out": var / "out",
-            "state": var / "state" / "agent.sqlite3",
-            "quarantine": var / "quarantine",
-        },
+        paths=var_paths(tmp_path / "var"),
         scp={"port": free_port()},
         health={"port": free_port()},
     )

@@ -13,6 +13,8 @@ import pytest
 import yaml
 
 from cxr_auditor import prompts
+from cxr_auditor.models import ChatRequest
+from cxr_auditor.retry import AttemptSettings
 from tests import tinymodels as tm
 
 #: Grey value of the image the trained model answers with :data:`REPORT_ANSWER`.
@@ -32,6 +34,22 @@ TRAINED_EXAMPLES: list[tuple[int, str, str]] = [
     (0, prompts.DSA_PATENCY_PROMPT, "patent"),
     (255, prompts.DSA_PATENCY_PROMPT, "The vessel is occluded."),
 ]
+
+
+class ScriptedChat:
+    """A chat backend that answers each request with the next scripted answer and records
+    every batch (requests, attempt settings) it was asked for."""
+
+    def __init__(self, answers: list[str]) -> None:
+        self.answers = answers
+        self.calls: list[tuple[list[ChatRequest], AttemptSettings]] = []
+
+    def generate(self, requests: list[ChatRequest], settings: AttemptSettings) -> list[str]:
+        self.calls.append((requests, settings))
+        return [self.answers.pop(0) for _ in requests]
+
+    def close(self) -> None:
+        return
 
 
 @pytest.fixture(scope="session")

@@ -183,43 +183,24 @@ def _truncations() -> Iterator[Mutation]:
         )
 
 
+# (name, element tag + VR, offset of its length field, new length, why): lengths that lie.
+_BAD_LENGTHS = (
+    ("name_length_overruns", _NAME_TAG + b"PN", 6, struct.pack("<H", 0xFFFE),
+     "PN length runs past the following elements"),
+    ("name_length_odd", _NAME_TAG + b"PN", 6, struct.pack("<H", 3),
+     "odd value length (PS3.5 §7.1.1 requires even)"),
+    ("pixel_length_huge", _PIXEL_TAG + b"OW", 8, struct.pack("<I", 0xFFFFFFF0),
+     "Pixel Data claims ~4 GiB (memory bomb attempt)"),
+    ("pixel_length_short", _PIXEL_TAG + b"OW", 8, struct.pack("<I", 100),
+     "Pixel Data shorter than Rows x Columns x 2, trailing bytes look like elements"),
+)
+
+
 def _wrong_lengths() -> Iterator[Mutation]:
-    ds = _base()
-    data = encode(ds)
-    pos = _find(data, _NAME_TAG + b"PN")
-    yield _mutation(
-        "name_length_overruns",
-        ds,
-        _patch(data, pos + 6, struct.pack("<H", 0xFFFE)),
-        "PN length runs past the following elements",
-    )
-    ds = _base()
-    data = encode(ds)
-    pos = _find(data, _NAME_TAG + b"PN")
-    yield _mutation(
-        "name_length_odd",
-        ds,
-        _patch(data, pos + 6, struct.pack("<H", 3)),
-        "odd value length (PS3.5 §7.1.1 requires even)",
-    )
-    ds = _base()
-    data = encode(ds)
-    pos = _find(data, _PIXEL_TAG + b"OW")
-    yield _mutation(
-        "pixel_length_huge",
-        ds,
-        _patch(data, pos + 8, struct.pack("<I", 0xFFFFFFF0)),
-        "Pixel Data claims ~4 GiB (memory bomb attempt)",
-    )
-    ds = _base()
-    data = encode(ds)
-    pos = _find(data, _PIXEL_TAG + b"OW")
-    yield _mutation(
-        "pixel_length_short",
-        ds,
-        _patch(data, pos + 8, struct.pack("<I", 100)),
-        "Pixel Data shorter than Rows x Columns x 2, trailing bytes look like elements",
-    )
+    for name, element, offset, length, why in _BAD_LENGTHS:
+        ds = _base()
+        data = encode(ds)
+        yield _mutation(name, ds, _patch(data, _find(data, element) + offset, length), why)
 
 
 def _wrong_vrs() -> Iterator[Mutation]:

@@ -10,6 +10,7 @@ not parse; what still fails is ``unparseable``. Draft text never reaches the log
 from __future__ import annotations
 
 import logging
+from collections.abc import Sequence
 
 from cxr_auditor.drafts.base import DraftParser
 from cxr_auditor.errors import DraftInputError, ParseError, ProfileError
@@ -18,7 +19,7 @@ from cxr_auditor.models import ChatBackend, ChatRequest, build_chat_backend
 from cxr_auditor.parsing import parse_draft_output, strip_reasoning
 from cxr_auditor.profiles import Profile, RulesProfile
 from cxr_auditor.prompts import CORRECTIVE_SUFFIX, PROMPTS, build_draft_prompt
-from cxr_auditor.retry import AttemptSettings, run_batch_with_retry
+from cxr_auditor.retry import AttemptSettings, batched, run_batch_with_retry
 from cxr_auditor.schema import DraftFinding, DraftResult, DraftState
 
 __all__ = ["LLMDraftParser", "build_draft_parser"]
@@ -56,15 +57,13 @@ class LLMDraftParser(DraftParser):
                     state=DraftState.UNPARSEABLE, parser=self.name, notes=["draft_empty"]
                 )
         order = sorted(prompts)
-        size = self.profile.generation.batch_size
-        for first in range(0, len(order), size):
-            chunk = order[first : first + size]
+        for chunk in batched(order, self.profile.generation.batch_size):
             for i, result in zip(chunk, self._parse_chunk(chunk, prompts, texts), strict=True):
                 results[i] = result
         return [results[i] for i in range(len(texts))]
 
     def _parse_chunk(
-        self, chunk: list[int], prompts: dict[int, str], texts: list[str]
+        self, chunk: Sequence[int], prompts: dict[int, str], texts: list[str]
     ) -> list[DraftResult]:
         def generate(indices: list[int], settings: AttemptSettings) -> list[str]:
             suffix = CORRECTIVE_SUFFIX if settings.corrective_suffix else ""

@@ -9,7 +9,7 @@ server), re-generating only the images whose answer did not parse, and turns eac
 from __future__ import annotations
 
 import logging
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 
 from cxr_auditor.errors import ParseError
 from cxr_auditor.grounding.base import Grounder, ImageInput
@@ -17,7 +17,7 @@ from cxr_auditor.models import ChatBackend, ChatRequest
 from cxr_auditor.parsing import failed_grounding, parse_grounding_output
 from cxr_auditor.profiles import Profile
 from cxr_auditor.prompts import CORRECTIVE_SUFFIX, PROMPTS, prompt_hash
-from cxr_auditor.retry import AttemptSettings, run_batch_with_retry
+from cxr_auditor.retry import AttemptSettings, batched, run_batch_with_retry
 from cxr_auditor.schema import GroundingResult, ModelInfo
 
 logger = logging.getLogger(__name__)
@@ -71,13 +71,10 @@ class ChatGrounder(Grounder):
 
     def ground(self, images: list[ImageInput]) -> list[GroundingResult]:
         """One result per image, batched ``generation.batch_size`` at a time."""
-        out: list[GroundingResult] = []
         size = self.profile.generation.batch_size
-        for first in range(0, len(images), size):
-            out.extend(self._ground_batch(images[first : first + size]))
-        return out
+        return [r for chunk in batched(images, size) for r in self._ground_batch(chunk)]
 
-    def _ground_batch(self, chunk: list[ImageInput]) -> list[GroundingResult]:
+    def _ground_batch(self, chunk: Sequence[ImageInput]) -> list[GroundingResult]:
         def generate(indices: list[int], settings: AttemptSettings) -> list[str]:
             text = self._text(settings)
             return self.chat.generate([ChatRequest(text, chunk[i].image) for i in indices], settings)

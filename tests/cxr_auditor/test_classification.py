@@ -10,11 +10,9 @@ from cxr_auditor.classification import ClassificationResult, PatencyClassifier, 
 from cxr_auditor.errors import ProfileError
 from cxr_auditor.geometry import Geometry
 from cxr_auditor.grounding.base import ImageInput
-from cxr_auditor.models import ChatRequest
 from cxr_auditor.profiles import get_profile, parse_profile
-from cxr_auditor.retry import AttemptSettings
 from tests import tinymodels as tm
-from tests.conftest_models import tiny_profile
+from tests.conftest_models import ScriptedChat, tiny_profile
 
 
 @pytest.mark.parametrize(
@@ -55,26 +53,13 @@ def test_profile_terms_extend_the_vocabulary() -> None:
     assert interpret_patency("no cut-off", {"cut-off": "blocked"})[0] == "patent"
 
 
-class _Script:
-    def __init__(self, answers: list[str]) -> None:
-        self.answers = answers
-        self.calls: list[tuple[list[ChatRequest], AttemptSettings]] = []
-
-    def generate(self, requests: list[ChatRequest], settings: AttemptSettings) -> list[str]:
-        self.calls.append((requests, settings))
-        return [self.answers.pop(0) for _ in requests]
-
-    def close(self) -> None:
-        return
-
-
 def _xa(value: int, index: int = 0) -> ImageInput:
     return ImageInput(tm.solid_image(value), index, Geometry.identity(64, 64))
 
 
 class TestPatencyClassifier:
     def test_blocked_is_urgent_and_uncertain_needs_review(self) -> None:
-        chat = _Script(["Blocked.", "It may be patent.", "patent"])
+        chat = ScriptedChat(["Blocked.", "It may be patent.", "patent"])
         results = PatencyClassifier(get_profile("dsa-patency"), chat).classify(
             [_xa(0, 0), _xa(0, 1), _xa(0, 2)]
         )
@@ -90,7 +75,7 @@ class TestPatencyClassifier:
         profile = parse_profile(
             {**get_profile("dsa-patency").model_dump(mode="json"), "generation": {"retries": 1}}
         )
-        chat = _Script(["unclear", "patent", "blocked"])
+        chat = ScriptedChat(["unclear", "patent", "blocked"])
         results = PatencyClassifier(profile, chat).classify([_xa(0, 0), _xa(0, 1)])
         assert [len(reqs) for reqs, _ in chat.calls] == [2, 1]
         assert results[0].label == "blocked" and results[1].label == "patent"
@@ -102,7 +87,7 @@ class TestPatencyClassifier:
 
     def test_non_classification_profile_is_refused(self) -> None:
         with pytest.raises(ProfileError, match="not classification"):
-            PatencyClassifier(get_profile("cxr-auditor-v2"), _Script([]))
+            PatencyClassifier(get_profile("cxr-auditor-v2"), ScriptedChat([]))
 
 
 @pytest.mark.slow

@@ -11,9 +11,15 @@ from cxr_auditor.parsing import extract_finding_list
 from cxr_auditor.retry import (
     AttemptSettings,
     attempt_settings,
+    batched,
     run_batch_with_retry,
     run_with_retry,
 )
+
+
+def test_batched_keeps_order_and_the_short_tail() -> None:
+    assert [list(b) for b in batched(list(range(7)), 3)] == [[0, 1, 2], [3, 4, 5], [6]]
+    assert list(batched([], 4)) == []
 
 
 class TestAttemptSettings:

@@ -15,10 +15,9 @@ import pytest
 from dicom_agent.config import AgentSettings, Destination, TLSSettings, load_settings
 from dicom_agent.errors import ForwardError
 from dicom_agent.forward import backoff_seconds, drain_outbox, enqueue_forward, forward_files
-from dicom_agent.outputs import objects_to_send, write_outputs
 from dicom_agent.state import JobKind, JobState, StateDB
 from tests.conftest import free_port
-from tests.dicom_agent.outputs.studies import findings_result, make_study
+from tests.dicom_agent.outputs.studies import written_findings
 from tests.dicom_agent.storescp import Receiver
 
 SR_CLASS = "1.2.840.10008.5.1.4.1.1.88.34"
@@ -42,15 +41,7 @@ def _destination(port: int, research: bool = True) -> Destination:
 
 @pytest.fixture
 def result_files(tmp_path: Path, settings: AgentSettings) -> list[Path]:
-    study = make_study(tmp_path)
-    result = write_outputs(
-        findings_result(study),
-        sources=study.sources,
-        display=study.display,
-        study_dir=study.study_dir,
-        settings=settings,
-    )
-    return objects_to_send(study.study_dir, result)
+    return written_findings(tmp_path, settings)[2]
 
 
 class TestForwardFiles:

@@ -41,7 +41,7 @@ from tests.builders import (
     SENTINEL_PATIENT_NAME,
     make_cxr,
 )
-from tests.conftest import free_port
+from tests.conftest import free_port, var_paths
 
 VERIFICATION = dc.VERIFICATION_SOP_CLASS
 OUR_AET = "CXRAUDIT"
@@ -51,15 +51,8 @@ OUR_AET = "CXRAUDIT"
 
 
 def _settings(tmp_path: Path, **scp: Any) -> AgentSettings:
-    var = tmp_path / "var"
     s = load_settings(
-        paths={
-            "spool": var / "spool",
-            "drafts": var / "drafts",
-            "out": var / "out",
-            "state": var / "state" / "agent.sqlite3",
-            "quarantine": var / "quarantine",
-        },
+        paths=var_paths(tmp_path / "var"),
         scp={"port": free_port(), "min_free_bytes": 0, **scp},
     )
     s.ensure_folders()
@@ -334,17 +327,23 @@ def _store_request(ds: Dataset, affected_sop_instance: str | None = None) -> C_S
     return req
 
 
+def _send_part_of_store(port: int, ds: Dataset, fraction: float) -> Association:
+    """Open an association and send only the first ``fraction`` of a C-STORE's P-DATA PDUs."""
+    assoc = _associate(port, [(ds.SOPClassUID, ExplicitVRLittleEndian)])
+    assert assoc.is_established
+    msg = C_STORE_RQ()
+    msg.primitive_to_message(_store_request(ds))
+    fragments = list(msg.encode_msg(assoc.accepted_contexts[0].context_id, 16_384))
+    assert len(fragments) > 10
+    for pdu in fragments[: int(len(fragments) * fraction)]:
+        assoc.dul.send_pdu(pdu)
+    return assoc
+
+
 class TestAbort:
     def test_peer_abort_mid_transfer_leaves_nothing(self, listener: Harness) -> None:
         ds = make_cxr(rows=512, cols=512)
-        assoc = _associate(listener.listener.port, [(ds.SOPClassUID, ExplicitVRLittleEndian)])
-        assert assoc.is_established
-        msg = C_STORE_RQ()
-        msg.primitive_to_message(_store_request(ds))
-        fragments = list(msg.encode_msg(assoc.accepted_contexts[0].context_id, 16_384))
-        assert len(fragments) > 10
-        for pdu in fragments[: len(fragments) // 2]:
-            assoc.dul.send_pdu(pdu)
+        assoc = _send_part_of_store(listener.listener.port, ds, fraction=0.5)
         assoc.abort()
         _wait_until(lambda: not listener.listener.server.active_associations)
         assert listener.spool_files() == []
@@ -357,14 +356,8 @@ class TestAbort:
         self, start: Callable[..., Harness]
     ) -> None:
         h = start(network_timeout_seconds=0.5)
-        ds = make_cxr(rows=256, cols=256)
-        assoc = _associate(h.listener.port, [(ds.SOPClassUID, ExplicitVRLittleEndian)])
-        assert assoc.is_established
-        msg = C_STORE_RQ()
-        msg.primitive_to_message(_store_request(ds))
-        fragments = list(msg.encode_msg(assoc.accepted_contexts[0].context_id, 16_384))
-        for pdu in fragments[:3]:
-            assoc.dul.send_pdu(pdu)
+        ds = make_cxr(rows=512, cols=512)
+        assoc = _send_part_of_store(h.listener.port, ds, fraction=0.1)
         _wait_until(lambda: not h.listener.server.active_associations)
         assert assoc.is_aborted or not assoc.is_established
         assert h.spool_files() == []

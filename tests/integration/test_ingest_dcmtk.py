@@ -16,7 +16,7 @@ from dicom_agent.scp import Listener, start_listener
 from dicom_agent.spool import read_part10
 from dicom_agent.state import StateDB
 from tests.builders import make_cxr, save
-from tests.conftest import free_port
+from tests.conftest import free_port, var_paths
 
 pytestmark = [
     pytest.mark.integration,
@@ -31,15 +31,8 @@ _DCMTK_ENV = {**os.environ, "TCP_NODELAY": "1"}
 
 @pytest.fixture
 def running(tmp_path: Path) -> Iterator[tuple[AgentSettings, StateDB, Listener]]:
-    var = tmp_path / "var"
     settings = load_settings(
-        paths={
-            "spool": var / "spool",
-            "drafts": var / "drafts",
-            "out": var / "out",
-            "state": var / "state.sqlite3",
-            "quarantine": var / "quarantine",
-        },
+        paths=var_paths(tmp_path / "var"),
         scp={"port": free_port(), "allowed_calling_aets": ["DCMTKSCU"]},
     )
     settings.ensure_folders()

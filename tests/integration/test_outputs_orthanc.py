@@ -11,8 +11,7 @@ import pytest
 
 from dicom_agent.config import AgentSettings, Destination
 from dicom_agent.forward import forward_files
-from dicom_agent.outputs import objects_to_send, write_outputs
-from tests.dicom_agent.outputs.studies import findings_result, make_study
+from tests.dicom_agent.outputs.studies import written_findings
 from tests.orthanc import ORTHANC, OrthancServer, start_orthanc
 
 pytestmark = [
@@ -42,15 +41,7 @@ def _meaning(item: dict[str, Any]) -> str:
 def test_results_land_in_the_source_study(
     orthanc: OrthancServer, tmp_path: Path, settings: AgentSettings
 ) -> None:
-    study = make_study(tmp_path)
-    result = write_outputs(
-        findings_result(study),
-        sources=study.sources,
-        display=study.display,
-        study_dir=study.study_dir,
-        settings=settings,
-    )
-    files = objects_to_send(study.study_dir, result)
+    study, result, files = written_findings(tmp_path, settings)
     dest = Destination(
         name="orthanc", ae_title="RESEARCHPACS", host="127.0.0.1", port=orthanc.dicom_port, research=True
     )

@@ -13,9 +13,8 @@ from cxr_auditor.labels import Label
 from cxr_auditor.models import ChatRequest, TransformersChat
 from cxr_auditor.profiles import TransformersProfile, get_profile, parse_profile
 from cxr_auditor.prompts import CORRECTIVE_SUFFIX
-from cxr_auditor.retry import AttemptSettings
 from cxr_auditor.schema import DraftState, DraftStatus, Laterality
-from tests.conftest_models import tiny_profile
+from tests.conftest_models import ScriptedChat, tiny_profile
 
 DRAFT = "Small left pleural effusion.\nNo pneumothorax."
 GOOD = (
@@ -25,27 +24,14 @@ GOOD = (
 )
 
 
-class _Script:
-    def __init__(self, answers: list[str]) -> None:
-        self.answers = answers
-        self.calls: list[tuple[list[ChatRequest], AttemptSettings]] = []
-
-    def generate(self, requests: list[ChatRequest], settings: AttemptSettings) -> list[str]:
-        self.calls.append((requests, settings))
-        return [self.answers.pop(0) for _ in requests]
-
-    def close(self) -> None:
-        return
-
-
-def _nemotron(chat: _Script) -> LLMDraftParser:
+def _nemotron(chat: ScriptedChat) -> LLMDraftParser:
     return LLMDraftParser(get_profile("nemotron-3-nano"), chat)
 
 
 class TestLLMDraftParser:
     def test_reasoning_is_stripped_and_spans_reanchored_or_dropped(self) -> None:
         answer = "<think>The draft mentions [effusion] and {no} pneumothorax.</think>\n" + GOOD
-        result = _nemotron(_Script([answer])).parse(DRAFT)
+        result = _nemotron(ScriptedChat([answer])).parse(DRAFT)
         assert result.state is DraftState.PARSED and result.parser == "nemotron-3-nano"
         effusion, ptx = result.findings
         assert (effusion.label, effusion.status) == (Label.PLEURAL_EFFUSION, DraftStatus.PRESENT)
@@ -57,11 +43,11 @@ class TestLLMDraftParser:
 
     def test_unclosed_truncated_reasoning_never_becomes_the_answer(self) -> None:
         truncated = "<think>maybe [{\"label\": \"cardiomegaly\", \"status\": \"present\", \"span\": \"No"
-        result = _nemotron(_Script([truncated, truncated])).parse(DRAFT)
+        result = _nemotron(ScriptedChat([truncated, truncated])).parse(DRAFT)
         assert result.state is DraftState.UNPARSEABLE and result.findings == []
 
     def test_only_failed_drafts_are_asked_again_with_the_corrective_suffix(self) -> None:
-        chat = _Script(["not json at all", GOOD, GOOD])
+        chat = ScriptedChat(["not json at all", GOOD, GOOD])
         results = _nemotron(chat).parse_many(["No pneumothorax.", DRAFT])
         assert [len(reqs) for reqs, _ in chat.calls] == [2, 1]
         retried = chat.calls[1][0][0].text
@@ -71,19 +57,19 @@ class TestLLMDraftParser:
         assert results[0].findings[0].status is DraftStatus.ABSENT
 
     def test_empty_draft_is_unparseable_without_asking_the_model(self) -> None:
-        chat = _Script([])
+        chat = ScriptedChat([])
         result = _nemotron(chat).parse("   ")
         assert result.state is DraftState.UNPARSEABLE and result.notes == ["draft_empty"]
         assert chat.calls == []
 
     def test_requests_carry_no_image(self) -> None:
-        chat = _Script([GOOD])
+        chat = ScriptedChat([GOOD])
         _nemotron(chat).parse(DRAFT)
         assert chat.calls[0][0][0].image is None and chat.calls[0][0][0].text.rstrip().endswith(DRAFT.strip())
 
     def test_grounding_profile_is_refused(self) -> None:
         with pytest.raises(ProfileError, match="not draft_parsing"):
-            LLMDraftParser(get_profile("cxr-auditor-v2"), _Script([]))
+            LLMDraftParser(get_profile("cxr-auditor-v2"), ScriptedChat([]))
 
     def test_rules_profile_builds_the_rule_parser(self) -> None:
         assert isinstance(build_draft_parser(get_profile("rules")), RulesDraftParser)
@@ -93,7 +79,7 @@ class TestOpenAIDraftParser:
     def test_chat_llm_profile_over_http(self) -> None:
         from tests.openai_server import ChatServer
 
-        chat = _Script(["<think>\nchecking</think>" + GOOD])
+        chat = ScriptedChat(["<think>\nchecking</think>" + GOOD])
         server = ChatServer({"draft-parser": chat}).start()
         try:
             data = get_profile("chat-llm").model_dump(mode="json")

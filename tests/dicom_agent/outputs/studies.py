@@ -33,6 +33,8 @@ from cxr_auditor.schema import (
     PixelBox,
     StudyKeys,
 )
+from dicom_agent.config import AgentSettings
+from dicom_agent.outputs import objects_to_send, write_outputs
 from dicom_agent.pixels import DisplayImage, to_display
 from tests.builders import make_cxr, save
 
@@ -196,3 +198,19 @@ def failed_result(study: Study) -> AuditResult:
     return result_for(study, [], [], mode=AuditMode.NO_FLAGS).model_copy(
         update={"grounding": GroundingResult(state=GroundingState.FAILED, raw_text="{{{")}
     )
+
+
+def written_findings(
+    tmp_path: Path, settings: AgentSettings
+) -> tuple[Study, AuditResult, list[Path]]:
+    """A findings study with every output written: the study, the final result and the
+    DICOM objects that would be sent to a destination."""
+    study = make_study(tmp_path)
+    result = write_outputs(
+        findings_result(study),
+        sources=study.sources,
+        display=study.display,
+        study_dir=study.study_dir,
+        settings=settings,
+    )
+    return study, result, objects_to_send(study.study_dir, result)
