@@ -26,6 +26,7 @@ import argparse
 import json
 import os
 import platform
+import shlex
 import shutil
 import statistics
 import sys
@@ -53,13 +54,31 @@ class Study:
     files: list[Path]
 
 
+def mapping_rss_kib(pid: int) -> dict[str, int]:
+    """Resident KiB of the process by kind of mapping (/proc/PID/smaps): ``anon`` (no file),
+    ``heap`` (the brk heap), ``file`` (everything mapped from a file, libraries included)."""
+    out = {"anon": 0, "heap": 0, "file": 0}
+    kind = "anon"
+    for line in Path(f"/proc/{pid}/smaps").read_text().splitlines():
+        fields = line.split()
+        if "-" in fields[0] and len(fields) >= 5:  # a mapping's header line
+            name = fields[5] if len(fields) > 5 else ""
+            kind = "heap" if name == "[heap]" else "anon" if not name or name.startswith("[") else "file"
+        elif fields[0] == "Rss:":
+            out[kind] += int(fields[1])
+    return out
+
+
 @dataclass
 class RssSampler:
-    """Samples the agent's VmRSS (KiB) every ``interval`` seconds in a thread."""
+    """Samples the agent's VmRSS (KiB) every ``interval`` seconds in a thread, and with
+    ``smaps`` its resident memory by kind of mapping too."""
 
     agent: AgentProcess
     interval: float
+    smaps: bool = False
     samples: list[tuple[float, int]] = field(default_factory=list)
+    mappings: list[dict[str, int]] = field(default_factory=list)
     _stop: threading.Event = field(default_factory=threading.Event)
     _thread: threading.Thread | None = None
 
@@ -70,6 +89,8 @@ class RssSampler:
             while not self._stop.is_set():
                 try:
                     self.samples.append((time.monotonic() - t0, self.agent.rss_kib()))
+                    if self.smaps:
+                        self.mappings.append(mapping_rss_kib(self.agent.pid))
                 except (OSError, RuntimeError):
                     return  # agent gone
                 self._stop.wait(self.interval)
@@ -206,7 +227,7 @@ def run_load(agent: AgentProcess, factory: StudyFactory, args: argparse.Namespac
 
 
 def run_soak(agent: AgentProcess, factory: StudyFactory, args: argparse.Namespace) -> dict:
-    sampler = RssSampler(agent, interval=args.rss_interval)
+    sampler = RssSampler(agent, interval=args.rss_interval, smaps=args.smaps)
     sampler.start()
     deadline = time.monotonic() + args.soak_minutes * 60
     sent: list[str] = []
@@ -243,6 +264,14 @@ def run_soak(agent: AgentProcess, factory: StudyFactory, args: argparse.Namespac
         "rss_median_q2_mib": round(statistics.median(rss[quarter : 2 * quarter]), 1),
         "rss_median_q4_mib": round(statistics.median(rss[-quarter:]), 1),
         "peak_rss_mib": round(peak_rss_kib(agent.pid) / 1024, 1),
+        # resident MiB by kind of mapping (--smaps), where the RSS medians start and at the end
+        **{
+            f"{kind}_mib_q2_start_end": [
+                round(sampler.mappings[i][kind] / 1024, 1) for i in (quarter, -1)
+            ]
+            for kind in ("anon", "heap", "file")
+            if len(sampler.mappings) > quarter
+        },
     }
 
 
@@ -260,6 +289,12 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--rss-interval", type=float, default=10.0, help="soak RSS sampling, s")
     parser.add_argument("--result-timeout", type=float, default=1800.0)
     parser.add_argument("--root", type=Path, default=None, help="keep the agent's folders here")
+    parser.add_argument(
+        "--smaps", action="store_true", help="soak: also sample RSS by kind of mapping (smaps)"
+    )
+    parser.add_argument(
+        "--wrap", default="", help="run the agent under this command, e.g. 'memray run --native -o m.bin'"
+    )
     args = parser.parse_args(argv)
     if shutil.which("storescu") is None:
         parser.error("dcmtk storescu is needed")
@@ -275,6 +310,7 @@ def main(argv: list[str] | None = None) -> int:
             "logging": {"level": "WARNING"},
             "pairing": {"draft_wait_seconds": 0},  # no drafts are sent: audit image-only at once
         },
+        wrapper=shlex.split(args.wrap),
     )
     factory = StudyFactory(root / "in", args.size, args.images_per_study)
     agent.start()

@@ -1,7 +1,7 @@
 """Pixel conversion speed: ours (read + decode + LUT + letterbox to 896) against dcmtk's converters,
 and pydicom's decoding plugins against each other per transfer syntax.
 
-Run: ``.venv/bin/python benchmarks/pixels.py [--runs N] [--quick]``. Prints Markdown tables for
+Run: ``.venv/bin/python benchmarks/pixels.py [--runs N] [--quick] [--stages]``. Prints Markdown tables for
 docs/benchmarks.md ("Pixel conversion"). dcmtk is timed as a whole process (what a caller pays) and
 also with a no-op run of the same binary (``--version``: exec + dynamic linking) subtracted.
 Ours runs in-process on a warm interpreter, as the worker does.
@@ -181,6 +181,38 @@ def resize_table(path: Path, label: str, runs: int) -> list[str]:
     return lines
 
 
+def stages_table(path: Path, label: str, runs: int) -> list[str]:
+    """Where the time of one lossless-JPEG conversion goes: CPU ms per stage of
+    ``load_for_model``, with the two ways of decoding the frame side by side."""
+    from dicom_agent import _imagecodecs_plugin
+    from dicom_agent.pixels import _grey_transform, _PixelModule, _subsample, to_model_input
+
+    ds = read_dataset(path)
+    pm = _PixelModule.from_dataset(ds)
+    words = _imagecodecs_plugin.decode_single_frame(ds.PixelData)
+    transform, _ = _grey_transform(ds, pm, None, [_subsample(words)], [])
+    display = to_display(ds)
+    decoder = get_decoder(ds.file_meta.TransferSyntaxUID)
+    times = medians_ms(
+        {
+            "read (dcmread)": lambda: read_dataset(path),
+            "decode, direct from the fragments (used)": lambda: (
+                _imagecodecs_plugin.decode_single_frame(ds.PixelData)
+            ),
+            "decode, through pydicom's runner": lambda: decoder.as_array(
+                ds, index=0, decoding_plugin="imagecodecs", correct_unused_bits=False
+            ),
+            "window table + gather": lambda: transform.render(words),
+            f"letterbox to {SIZE}": lambda: to_model_input(display, SIZE),
+            "whole load_for_model": lambda: load_for_model(path, SIZE),
+        },
+        runs,
+    )
+    lines = [f"| {label} | {name} | {cpu:.1f} |" for name, (_, cpu) in times.items()]
+    print("\n".join(lines), flush=True)
+    return lines
+
+
 def machine() -> str:
     version = subprocess.run(["dcmj2pnm", "--version"], capture_output=True, text=True).stdout
     dcmtk = next((w for w in version.split() if w.startswith("v3")), "?")
@@ -195,6 +227,9 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--runs", type=int, default=7, help="timed runs per cell (median)")
     parser.add_argument("--quick", action="store_true", help="only the 2048x2048 shape")
+    parser.add_argument(
+        "--stages", action="store_true", help="only the per-stage breakdown of lossless JPEG"
+    )
     args = parser.parse_args()
     print(f"Machine: {machine()}; median of {args.runs} runs\n")
     conv = [
@@ -206,6 +241,14 @@ def main() -> None:
     print("All times: median wall ms / median CPU ms.\n")
     print("\n".join(conv))
     shapes = SHAPES[1:] if args.quick else SHAPES
+    if args.stages:
+        stages = ["| image | stage (JPEG lossless SV1) | CPU ms |", "|---|---|---|"]
+        with tempfile.TemporaryDirectory() as tmp:
+            for label, rows, cols in shapes:
+                files = make_inputs(Path(tmp) / label, rows, cols, ["jpeg-lossless-sv1"])
+                stages += stages_table(files["jpeg-lossless-sv1"], label, args.runs)
+        print("\n" + "\n".join(stages))
+        return
     with tempfile.TemporaryDirectory() as tmp:
         for label, rows, cols in shapes:
             folder = Path(tmp) / label

@@ -112,8 +112,8 @@ _SAMPLE_PIXELS = 1 << 18
 _OPACITY_PERCENTILE = 5.0
 # Letterbox resize: Pillow first shrinks by a whole factor with a box filter (``reduce``) as long
 # as at least this much reduction is left for the BILINEAR pass. For a 3000 x 2500 radiograph to
-# 896 that halves the resize (11 -> 6 ms) at 0.71 instead of 0.57 mean grey levels from Lanczos
-# (BOX alone: 0.77); measured by benchmarks/pixels.py, table in docs/benchmarks.md.
+# 896 that takes the resize from 11.6 to 7.2 ms at 0.70 instead of 0.57 mean grey levels from
+# Lanczos (BOX alone: 0.77); measured by benchmarks/pixels.py, table in docs/benchmarks.md.
 RESIZE_REDUCING_GAP = 1.5
 # Pixels per block of the table gather (64 Ki: the intp indices stay in L2 cache).
 _GATHER_BLOCK = 1 << 16
@@ -555,7 +555,8 @@ def _gather(table: np.ndarray, words: np.ndarray) -> np.ndarray:
 
     numpy casts the indices to intp first; doing that per cache-sized block into one reused buffer
     instead of per image, and skipping the bounds check (``mode="clip"``: every word of the
-    table's width is an index) takes it from about 17 to 6 ms for 7.5 Mpx (measured).
+    table's width is an index) keeps it to a few ms for 7.5 Mpx against about 17 ms for plain
+    ``table[words]`` (``benchmarks/pixels.py --stages`` gives the window stage's current cost).
     """
     flat = np.ascontiguousarray(words).reshape(-1)
     out = np.empty(flat.size, dtype=table.dtype)

@@ -199,13 +199,14 @@ class AgentProcess:
 
     @property
     def pid(self) -> int:
-        """PID of the agent itself (the wrapper's child when a wrapper is used)."""
+        """PID of the agent itself: the wrapper's child when the wrapper forks one (strace), else
+        the wrapper's own (memray runs the agent in its process)."""
         if self.proc is None:
             raise RuntimeError("agent not started")
         if not self.wrapper:
             return self.proc.pid
-        children = Path(f"/proc/{self.proc.pid}/task/{self.proc.pid}/children").read_text()
-        return int(children.split()[0])
+        children = Path(f"/proc/{self.proc.pid}/task/{self.proc.pid}/children").read_text().split()
+        return int(children[0]) if children else self.proc.pid
 
     def kill(self) -> None:
         """SIGKILL: a crash. With a wrapper, the whole process group started here dies."""

@@ -196,9 +196,12 @@ def main(argv: Sequence[str] | None = None) -> int:
     ap.add_argument("--parser", default="rules", help="parser name (default: rules)")
     ap.add_argument("--json", action="store_true", help="print the figures as JSON")
     ap.add_argument("--errors", action="store_true", help="list disagreements (id, label)")
+    ap.add_argument(
+        "--prefix", default="", help="only reports whose id starts with this (one batch: 'h4b1-')"
+    )
     args = ap.parse_args(argv)
     try:
-        gold = [g for path in args.gold for g in load_gold(path)]
+        gold = [g for path in args.gold for g in load_gold(path) if g.id.startswith(args.prefix)]
     except (OSError, ValueError) as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2

@@ -120,3 +120,5 @@ def test_main_prints_table_and_json(capsys: pytest.CaptureFixture[str], tmp_path
     figures = json.loads(capsys.readouterr().out)
     assert figures["reports"] == 1 and figures["negation_mentions"] == 1
     assert main([str(tmp_path / "missing.jsonl")]) == 2
+    assert main([str(path), "--prefix", "b", "--json"]) == 0
+    assert json.loads(capsys.readouterr().out)["reports"] == 0
