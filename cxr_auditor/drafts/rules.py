@@ -597,18 +597,24 @@ class RulesDraftParser(DraftParser):
         low = _lower(text)
         mentions: list[_Mention] = []
         previous: list[_Mention] = []
+        question: tuple[int, int] | None = None  # the skipped sentence just before, if any
         for start, end, rank in _sentences(text, low):
-            found = _Sentence(low, start, end, rank).resolve()
             if rank == _SKIPPED:
-                # an indication asserts nothing, but a bare "None seen." may answer its question
-                for m in found:
-                    m.context = lx.Trig.INDICATION
-            elif not found and _ANSWER.match(low, start, end):
+                # an indication asserts nothing; it is read only if a bare "None seen." answers it
+                question, previous = (start, end), []
+                continue
+            found = _Sentence(low, start, end, rank).resolve()
+            if not found and _ANSWER.match(low, start, end):
+                if question is not None:
+                    previous = _Sentence(low, *question, rank).resolve()
+                    for m in previous:
+                        m.context = lx.Trig.INDICATION
+                    mentions.extend(previous)
                 _answer_question(previous, end, rank)
             elif not found and _RESOLVED_PRONOUN.match(low, start, end):
                 _resolve_antecedent(previous, end)
             mentions.extend(found)
-            previous = found
+            previous, question = found, None
         result = _assemble(text, mentions, self.name)
         logger.debug(
             "parsed draft: %d chars, %d findings, %d unmapped",
