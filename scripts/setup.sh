@@ -1,11 +1,12 @@
 #!/usr/bin/env bash
 # Idempotent set-up on a fresh Debian machine with Python 3.11: Debian packages the agent and its
-# tests use (dcmtk, dicom3tools, Orthanc, strace), then a local virtual environment in .venv.
+# tests use (dcmtk, dicom3tools, Orthanc, strace, Chromium for the browser test), then a local
+# virtual environment in .venv.
 # Torch is pinned to 2.13.0, the CPU wheel on these machines: never let an install pull a CUDA build.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
-want_debs=(openssl dcmtk dicom3tools orthanc strace)
+want_debs=(openssl dcmtk dicom3tools orthanc strace chromium chromium-driver)
 missing=()
 # Debian's python3 needs python3-venv for `-m venv` (a python with ensurepip does not).
 "${PYTHON:-python3}" -c "import ensurepip" 2>/dev/null || missing+=(python3-venv)
