@@ -22,9 +22,9 @@ from typing import Any
 
 from dicom_agent import spool
 from dicom_agent.config import AgentSettings
-from dicom_agent.drafts import DraftReader
 from dicom_agent.errors import ConfigError
 from dicom_agent.files import remove_stale_temps
+from dicom_agent.inbox import DraftReader
 from dicom_agent.observe import (
     Event,
     HealthServer,

@@ -28,7 +28,7 @@ from apscheduler.schedulers.background import BackgroundScheduler
 from dicom_agent import forward
 from dicom_agent.config import AgentSettings, PairingSettings
 from dicom_agent.conformance import is_valid_uid
-from dicom_agent.drafts import DraftReader
+from dicom_agent.inbox import DraftReader
 from dicom_agent.observe import Event, event, study_ref
 from dicom_agent.spool import expire_study
 from dicom_agent.state import (

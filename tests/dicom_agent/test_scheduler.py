@@ -263,7 +263,7 @@ class TestSchedulerJobs:
         assert record.event == "scheduler.error" and "pairing" in record.getMessage()  # type: ignore[attr-defined]
 
     def test_tick_pairs_and_queues_with_the_injected_clock(self, settings: AgentSettings) -> None:
-        from dicom_agent.drafts import DraftReader
+        from dicom_agent.inbox import DraftReader
         from dicom_agent.scheduler import Scheduler
 
         db = StateDB(settings.paths.state)
@@ -285,7 +285,7 @@ class TestSchedulerJobs:
         caplog: pytest.LogCaptureFixture,
     ) -> None:
         from dicom_agent import forward
-        from dicom_agent.drafts import DraftReader
+        from dicom_agent.inbox import DraftReader
         from dicom_agent.scheduler import Scheduler
 
         db = StateDB(settings.paths.state)

@@ -146,7 +146,7 @@ def test_pydicom_test_files_and_mutations_never_kill_the_listener(tmp_path: Path
 
 def _final_place(drafts: Path, name: str) -> str | None:
     """``processed`` or ``rejected`` when a file of that (sanitised) name landed there."""
-    from dicom_agent.drafts import safe_name
+    from dicom_agent.inbox import safe_name
 
     stem = safe_name(name).rsplit(".", 1)[0]
     for where in ("processed", "rejected"):

@@ -1,4 +1,4 @@
-"""The drafts folder: draft report files dropped by the RIS or a person, read safely.
+"""The drafts inbox: draft report files dropped into the drafts folder, read safely.
 
 A draft is ``<AccessionNumber>.txt`` or ``<StudyInstanceUID>.txt`` (UTF-8 text), or a JSON
 file ``{"accession_number"?, "study_instance_uid"?, "text", "author"?}``. The folder is polled

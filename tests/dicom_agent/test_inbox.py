@@ -10,7 +10,7 @@ from pathlib import Path
 import pytest
 
 from dicom_agent.config import AgentSettings
-from dicom_agent.drafts import (
+from dicom_agent.inbox import (
     DraftReader,
     Observation,
     is_stable,
@@ -223,7 +223,7 @@ class TestFileErrors:
     ) -> None:
         """An unreadable or unmovable draft is retried later; the log line has no file name
         (a draft's name is its accession number)."""
-        import dicom_agent.drafts as drafts_mod
+        import dicom_agent.inbox as inbox_mod
 
         (folder(reader) / "ACC77665544.txt").write_text("Small left effusion.")
         path_error = FileNotFoundError(2, "No such file or directory", "drafts/ACC77665544.txt")
@@ -234,7 +234,7 @@ class TestFileErrors:
         if stage == "read":
             monkeypatch.setattr(reader, "_read_stable", boom)
         else:
-            monkeypatch.setattr(drafts_mod, "_move_unique", boom)
+            monkeypatch.setattr(inbox_mod, "_move_unique", boom)
         with caplog.at_level(logging.DEBUG):
             poll_until_read(reader)
         assert "ACC77665544" not in caplog.text
