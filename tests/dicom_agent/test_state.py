@@ -58,9 +58,11 @@ class TestInstances:
 
 class TestMigrations:
     def test_new_database_reaches_latest_schema(self, db: StateDB) -> None:
-        assert db.query("PRAGMA user_version")[0][0] == SCHEMA_VERSION == 2
+        assert db.query("PRAGMA user_version")[0][0] == SCHEMA_VERSION >= 3
         cols = {r["name"] for r in db.query("PRAGMA table_info(jobs)")}
         assert "result_version" in cols
+        indexes = {r["name"] for r in db.query("SELECT name FROM sqlite_master WHERE type='index'")}
+        assert {"studies_recent", "studies_state_recent", "jobs_state_updated"} <= indexes
 
     def test_version_1_database_is_upgraded_in_place(self, tmp_path: Path) -> None:
         from dicom_agent.state import _MIGRATIONS, _split_sql
@@ -73,7 +75,7 @@ class TestMigrations:
         conn.commit()
         conn.close()
         db = StateDB(path)
-        assert db.query("PRAGMA user_version")[0][0] == 2
+        assert db.query("PRAGMA user_version")[0][0] == SCHEMA_VERSION
 
 
 class TestDrafts:
