@@ -1,0 +1,49 @@
+"""The shared progress bar and summary table of the long commands."""
+
+from __future__ import annotations
+
+import io
+
+from rich.console import Console
+
+from dicom_agent.progress import print_summary, print_table, progress
+
+
+def _console(terminal: bool) -> tuple[Console, io.StringIO]:
+    out = io.StringIO()
+    return Console(file=out, force_terminal=terminal, width=120, color_system=None), out
+
+
+def test_bar_is_drawn_on_a_terminal_with_its_count() -> None:
+    console, out = _console(terminal=True)
+    with progress("Replaying", total=3, console=console) as bar:
+        for _ in range(3):
+            bar.advance()
+        bar.note("done")
+    text = out.getvalue()
+    assert "Replaying" in text
+    assert "3/3" in text
+
+
+def test_nothing_is_drawn_off_a_terminal() -> None:
+    console, out = _console(terminal=False)
+    with progress("Replaying", total=2, console=console) as bar:
+        bar.advance(2)
+        bar.note("x")
+    assert out.getvalue() == ""
+
+
+def test_summary_table_holds_the_values_and_the_research_line() -> None:
+    console, out = _console(terminal=False)
+    print_summary("replay", [("studies", 4), ("failed", 1)], console=console)
+    text = out.getvalue()
+    assert "studies" in text and "4" in text and "failed" in text
+    assert "Research use only" in text
+
+
+def test_table_columns_and_empty_cells() -> None:
+    console, out = _console(terminal=False)
+    print_table("eval", ("label", "F1"), [("pneumothorax", "0.80"), ("cardiomegaly", None)],
+                console=console)
+    text = out.getvalue()
+    assert "label" in text and "F1" in text and "0.80" in text and "None" not in text
