@@ -8,13 +8,22 @@ current working directory. Every key is documented in docs/config.md.
 
 from __future__ import annotations
 
+import ipaddress
 import os
 import re
 from pathlib import Path
 from typing import Any, Literal
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, SecretStr, ValidationError, field_validator
+from pydantic import (
+    BaseModel,
+    ConfigDict,
+    Field,
+    SecretStr,
+    ValidationError,
+    field_validator,
+    model_validator,
+)
 from pydantic_settings import BaseSettings, PydanticBaseSettingsSource, SettingsConfigDict
 
 from dicom_agent.errors import ConfigError
@@ -30,6 +39,16 @@ def _check_ae(value: str) -> str:
     if not value.strip() or not _AE_RE.match(value):
         raise ValueError("must be 1-16 printable characters without backslash (PS3.5 AE)")
     return value.strip()
+
+
+def is_loopback(host: str) -> bool:
+    """True for a loopback address or ``localhost`` (what only this machine can reach)."""
+    if host == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return False
 
 
 class _Section(BaseModel):
@@ -160,9 +179,44 @@ class LoggingSettings(_Section):
 
 
 class HealthSettings(_Section):
+    """The HTTP server: health, metrics and the results browser (docs/browser.md)."""
+
     enabled: bool = True
     host: str = "127.0.0.1"
     port: int = Field(default=8080, ge=0, le=65535)
+    max_connections: int = Field(
+        default=32, ge=1, description="open connections at once; more are answered 503"
+    )
+    header_timeout_seconds: float = Field(
+        default=10.0, gt=0, description="a connection that sends no complete request is closed"
+    )
+    keep_alive_seconds: float = Field(default=5.0, gt=0)
+    min_free_bytes: int = Field(
+        default=256 * 1024 * 1024, ge=0, description="/readyz fails below this free space"
+    )
+
+
+class WebSettings(_Section):
+    """The results browser, served on the health port."""
+
+    enabled: bool = True
+    auth: Literal["none", "token", "basic"] = "none"
+    token: SecretStr | None = None
+    username: str | None = None
+    password: SecretStr | None = None
+    show_patient_identity: bool = False
+    keep_uploads: bool = False
+    uploads: Path = Path("var/uploads")
+    max_upload_bytes: int = Field(default=64 * 1024 * 1024, gt=0)
+    page_size: int = Field(default=50, ge=1, le=500)
+
+    @model_validator(mode="after")
+    def _credentials(self) -> WebSettings:
+        if self.auth == "token" and not self.token:
+            raise ValueError("web.auth token needs web.token")
+        if self.auth == "basic" and not (self.username and self.password):
+            raise ValueError("web.auth basic needs web.username and web.password")
+        return self
 
 
 class OpenAISettings(_Section):
@@ -188,6 +242,22 @@ class AgentSettings(BaseSettings):
     housekeeping: HousekeepingSettings = Field(default_factory=HousekeepingSettings)
     logging: LoggingSettings = Field(default_factory=LoggingSettings)
     health: HealthSettings = Field(default_factory=HealthSettings)
+    web: WebSettings = Field(default_factory=WebSettings)
+
+    @model_validator(mode="after")
+    def _web_exposure(self) -> AgentSettings:
+        # The pages show studies and drafts and start audits: off loopback they need a login.
+        if (
+            self.health.enabled
+            and self.web.enabled
+            and self.web.auth == "none"
+            and not is_loopback(self.health.host)
+        ):
+            raise ValueError(
+                f"health.host {self.health.host} is not loopback: set web.auth to token or basic"
+                " (or web.enabled false)"
+            )
+        return self
 
     @classmethod
     def settings_customise_sources(
@@ -276,7 +346,9 @@ def load_settings(config_file: Path | None = None, **overrides: Any) -> AgentSet
         lines = []
         for err in exc.errors():
             key = ".".join(str(p) for p in err["loc"])
-            lines.append(f"config key {key}: {err['msg']}")
+            msg = str(err["msg"]).removeprefix("Value error, ")
+            # a check across sections (model validator) names its keys in the message
+            lines.append(f"config key {key}: {msg}" if key else f"config: {msg}")
         raise ConfigError("\n".join(lines)) from None
     finally:
         if config_file is not None:
