@@ -293,6 +293,17 @@ class Auditor:
             for i, r in enumerate(results)
         ]
 
+    def close(self) -> None:
+        """Release the grounder and the draft parser (an LLM parser holds a model or client).
+
+        Both are closed even when the first one fails; the first error is raised after.
+        """
+        try:
+            self.grounder.close()
+        finally:
+            if self.draft_parser is not None:
+                self.draft_parser.close()
+
     def _models(self, draft: DraftResult) -> list[ModelInfo]:
         models = [self.grounder.info]
         if self.draft_parser is not None and draft.state is not DraftState.NONE:

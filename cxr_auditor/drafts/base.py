@@ -19,3 +19,6 @@ class DraftParser(ABC):
 
     def parse_many(self, texts: list[str]) -> list[DraftResult]:
         return [self.parse(t) for t in texts]
+
+    def close(self) -> None:  # noqa: B027 - optional hook
+        """Release model resources (a model-backed parser holds a model or a client)."""

@@ -309,6 +309,28 @@ class TestAuditor:
         with pytest.raises(BackendError, match="0 results for 1 images"):
             Auditor(Short(), None).audit(_item(_image(0, DARK)))
 
+    def test_close_releases_the_grounder_and_the_llm_parser_even_if_one_fails(self) -> None:
+        """The LLM parser's chat backend holds a model or client: closing the auditor frees it."""
+        from cxr_auditor.drafts.llm import LLMDraftParser
+        from cxr_auditor.profiles import get_profile
+        from tests.conftest_models import ScriptedChat
+
+        closed: list[str] = []
+
+        class Chat(ScriptedChat):
+            def close(self) -> None:
+                closed.append("parser")
+
+        class Grounding(FakeGrounder):
+            def close(self) -> None:
+                closed.append("grounder")
+                raise BackendError("server gone")
+
+        parser = LLMDraftParser(get_profile("nemotron-3-nano"), Chat([]))
+        with pytest.raises(BackendError, match="server gone"):
+            Auditor(Grounding(DARK_ANSWER), parser).close()
+        assert closed == ["grounder", "parser"]
+
     def test_result_survives_a_json_round_trip(self) -> None:
         auditor = Auditor(FakeGrounder(BRIGHT_ANSWER), ScriptedDraftParser(PTX_LEFT_ANSWER))
         result = auditor.audit(_item(_image(0, BRIGHT), draft=PTX_LEFT_DRAFT))
