@@ -458,6 +458,98 @@ class StateDB:
         rows = self.query(f"SELECT * FROM studies{where} ORDER BY first_instance_at", params)
         return [StudyRow(**dict(r)) for r in rows]
 
+    def studies_page(
+        self,
+        *,
+        states: tuple[StudyState, ...] | None = None,
+        prefix: str | None = None,
+        before: tuple[float, str] | None = None,
+        limit: int = 50,
+    ) -> list[StudyRow]:
+        """One page of studies, newest first, for the results browser (read-only).
+
+        Keyset paging: ``before`` is the ``(first_instance_at, study_instance_uid)`` of the
+        last row of the previous page, so a page costs the same at row 100,000 as at row 1
+        (indexes of migration 3). ``prefix`` matches the start of the Study Instance UID or
+        of the Accession Number (range scans on their indexes, no LIKE).
+        """
+        clauses: list[str] = []
+        params: list[Any] = []
+        if states:
+            clauses.append(f"state IN ({','.join('?' * len(states))})")
+            params += [s.value for s in states]
+        if prefix:
+            end = prefix + "\U0010ffff"  # above every UTF-8 continuation of the prefix
+            clauses.append(
+                "((study_instance_uid >= ? AND study_instance_uid < ?)"
+                " OR (accession_number >= ? AND accession_number < ?))"
+            )
+            params += [prefix, end, prefix, end]
+        if before is not None:
+            clauses.append("(first_instance_at, study_instance_uid) < (?, ?)")
+            params += list(before)
+        where = f" WHERE {' AND '.join(clauses)}" if clauses else ""
+        rows = self.query(
+            f"SELECT * FROM studies{where}"
+            " ORDER BY first_instance_at DESC, study_instance_uid DESC LIMIT ?",
+            (*params, limit),
+        )
+        return [StudyRow(**dict(r)) for r in rows]
+
+    def jobs_of_study(self, study_uid: str) -> list[JobRow]:
+        """Every job of a study (audit and forward), oldest first: the study page's timeline."""
+        rows = self.query(
+            "SELECT * FROM jobs WHERE study_instance_uid = ? ORDER BY id", (study_uid,)
+        )
+        return [JobRow(**dict(r)) for r in rows]
+
+    def drafts_of_study(self, study_uid: str) -> list[DraftRow]:
+        """Every draft paired with (or superseded for) a study, oldest first."""
+        rows = self.query(
+            "SELECT * FROM drafts WHERE study_instance_uid = ? ORDER BY id", (study_uid,)
+        )
+        return [DraftRow(**dict(r)) for r in rows]
+
+    def recent_jobs(self, state: JobState, limit: int) -> list[JobRow]:
+        """The ``limit`` most recently changed jobs in ``state`` (bounded: never every job)."""
+        rows = self.query(
+            "SELECT * FROM jobs WHERE state = ? ORDER BY updated_at DESC LIMIT ?",
+            (state.value, limit),
+        )
+        return [JobRow(**dict(r)) for r in rows]
+
+    def recent_drafts(self, state: DraftState, limit: int) -> list[DraftRow]:
+        """The ``limit`` newest drafts in ``state`` (orphan drafts for the browser)."""
+        rows = self.query(
+            "SELECT * FROM drafts WHERE state = ? ORDER BY id DESC LIMIT ?", (state.value, limit)
+        )
+        return [DraftRow(**dict(r)) for r in rows]
+
+    def jobs_finished_per_bucket(
+        self, since: float, bucket_seconds: float
+    ) -> dict[tuple[str, int], int]:
+        """Audit jobs done or dead since ``since``, counted per ``(state, bucket index)``."""
+        rows = self.query(
+            "SELECT state, CAST((updated_at - ?) / ? AS INTEGER) AS bucket, COUNT(*) AS n"
+            " FROM jobs WHERE state IN (?, ?) AND updated_at >= ? AND kind = ?"
+            " GROUP BY state, bucket",
+            (since, bucket_seconds, JobState.DONE.value, JobState.DEAD.value, since,
+             JobKind.AUDIT.value),
+        )
+        return {(r["state"], int(r["bucket"])): int(r["n"]) for r in rows}
+
+    def writable(self) -> bool:
+        """True when a write transaction commits (``/readyz``: disk full, read-only, locked)."""
+        try:
+            with self.transaction() as conn:
+                # A real page write (header page to the WAL): BEGIN IMMEDIATE alone succeeds on
+                # a full disk. The value written is the one already there.
+                version = int(conn.execute("PRAGMA user_version").fetchone()[0])
+                conn.execute(f"PRAGMA user_version = {version}")
+        except StateError:
+            return False
+        return True
+
     def set_study_state(
         self, study_uid: str, state: StudyState, now: float, *, settled_at: float | None = None
     ) -> None:
