@@ -48,7 +48,8 @@ SHORT_NAMES: dict[Label, str] = {
     Label.NO_FINDING: "No finding",
 }
 
-_KEY_NAMES: dict[BoxStyle, str] = {
+#: The legend wording of each box style (overlay pictures and the results browser).
+KEY_NAMES: dict[BoxStyle, str] = {
     BoxStyle.URGENT: "urgent",
     BoxStyle.MISSING: "missing in draft",
     BoxStyle.SUPPORTED: "in draft",
@@ -189,7 +190,7 @@ def _draw_legend(
     font: ImageFont.FreeTypeFont | ImageFont.ImageFont,
     unit: float,
 ) -> None:
-    key = [(COLOURS[s], _KEY_NAMES[s]) for s in BoxStyle]
+    key = [(COLOURS[s], KEY_NAMES[s]) for s in BoxStyle]
     draw = ImageDraw.Draw(canvas)
     line_h = draw.textbbox((0, 0), "Ag", font=font)[3] + int(unit / 2)
     pad = int(unit)
