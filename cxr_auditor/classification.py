@@ -17,12 +17,11 @@ from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field
 
+from cxr_auditor.chat import ChatBackend, ChatRequest, build_chat_backend
 from cxr_auditor.errors import ParseError, ProfileError
-from cxr_auditor.grounding._common import model_info, profile_prompt
 from cxr_auditor.grounding.base import ImageInput
-from cxr_auditor.models import ChatBackend, ChatRequest, build_chat_backend
 from cxr_auditor.parsing import RAW_TEXT_LIMIT, strip_reasoning
-from cxr_auditor.profiles import Profile
+from cxr_auditor.profiles import Profile, model_info, profile_prompt
 from cxr_auditor.retry import AttemptSettings, batched, run_batch_with_retry
 
 __all__ = ["ClassificationResult", "PatencyClassifier", "interpret_patency", "summarize"]

@@ -25,7 +25,8 @@ from pydantic import BaseModel, ConfigDict, Field, TypeAdapter, ValidationError,
 
 from cxr_auditor.errors import ProfileError
 from cxr_auditor.labels import Label
-from cxr_auditor.prompts import PROMPTS
+from cxr_auditor.prompts import PROMPTS, prompt_hash
+from cxr_auditor.schema import ModelInfo
 
 __all__ = [
     "PARSER_TASKS",
@@ -41,7 +42,9 @@ __all__ = [
     "TransformersProfile",
     "get_profile",
     "load_profiles",
+    "model_info",
     "parse_profile",
+    "profile_prompt",
     "read_profile",
 ]
 
@@ -316,3 +319,22 @@ def get_profile(name: str, extra_dir: Path | None = None) -> Profile:
     except KeyError:
         known = ", ".join(sorted(profiles)) or "none"
         raise ProfileError(f"unknown profile {name!r}; known profiles: {known}") from None
+
+
+def profile_prompt(profile: Profile, default: str) -> str:
+    """The prompt text the profile names (or the task's default prompt)."""
+    return PROMPTS[profile.prompt or default]
+
+
+def model_info(profile: Profile, prompt: str | None) -> ModelInfo:
+    """Provenance of a profile for ``AuditResult.models``: the model it names and the hash of
+    the prompt it runs."""
+    return ModelInfo(
+        profile=profile.name,
+        task=profile.task,
+        backend=profile.backend,
+        model_id=profile.model,
+        revision=profile.revision,
+        adapter=profile.adapter,
+        prompt_hash=prompt_hash(prompt) if prompt is not None else None,
+    )

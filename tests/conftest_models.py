@@ -13,7 +13,7 @@ import pytest
 import yaml
 
 from cxr_auditor import prompts
-from cxr_auditor.models import ChatRequest
+from cxr_auditor.chat import ChatRequest
 from cxr_auditor.retry import AttemptSettings
 from tests import tinymodels as tm
 

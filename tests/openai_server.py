@@ -1,6 +1,6 @@
 """A small OpenAI-compatible chat-completions server on loopback, around tiny local models.
 
-Enough of the protocol for :mod:`cxr_auditor.grounding.openai`: ``POST /v1/chat/completions``
+Enough of the protocol for :mod:`cxr_auditor.chat.openai`: ``POST /v1/chat/completions``
 with text and ``image_url`` (base64 PNG data URL) parts. ``models`` maps served names to chat
 backends, so a test can register a base model and an "adapter" under two names, as vLLM does
 with LoRA modules. ``fail_next`` makes the next N requests answer HTTP 503 (retry tests); every
@@ -18,7 +18,7 @@ from typing import Any
 
 from PIL import Image
 
-from cxr_auditor.models import ChatBackend, ChatRequest
+from cxr_auditor.chat import ChatBackend, ChatRequest
 from cxr_auditor.retry import attempt_settings
 
 

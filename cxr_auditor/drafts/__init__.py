@@ -1,17 +1,18 @@
 """Draft parsers: report text in, labelled statements with verbatim spans out.
 
 ``rules`` is the default (deterministic, CPU only); model-backed parsers live in
-:mod:`cxr_auditor.drafts.llm` and are imported only when asked for, so the rules parser never
-pulls in torch or an HTTP client.
+:mod:`cxr_auditor.drafts.llm`, over the chat layer (:mod:`cxr_auditor.chat`), which imports
+torch and transformers only when a model is loaded.
 """
 
 from __future__ import annotations
 
-import importlib
 from typing import Any
 
 from cxr_auditor.drafts.base import DraftParser
+from cxr_auditor.drafts.llm import LLMDraftParser, build_draft_parser
 from cxr_auditor.drafts.rules import RulesDraftParser, parse_draft
+from cxr_auditor.profiles import get_profile
 
 __all__ = ["DraftParser", "RulesDraftParser", "get_parser", "parse_draft"]
 
@@ -28,10 +29,5 @@ def get_parser(name: str = "rules", **kwargs: Any) -> DraftParser:
         if kwargs:
             raise TypeError(f"the rules parser takes no options, got {sorted(kwargs)}")
         return RulesDraftParser()
-    profiles = importlib.import_module("cxr_auditor.profiles")
-    llm = importlib.import_module("cxr_auditor.drafts.llm")
-    profile = profiles.get_profile(name, profiles_dir)
-    parser: DraftParser = (
-        llm.LLMDraftParser(profile, **kwargs) if kwargs else llm.build_draft_parser(profile)
-    )
-    return parser
+    profile = get_profile(name, profiles_dir)
+    return LLMDraftParser(profile, **kwargs) if kwargs else build_draft_parser(profile)

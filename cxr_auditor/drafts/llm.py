@@ -12,13 +12,13 @@ from __future__ import annotations
 import logging
 from collections.abc import Sequence
 
+from cxr_auditor.chat import ChatBackend, ChatRequest, build_chat_backend
 from cxr_auditor.drafts.base import DraftParser
+from cxr_auditor.drafts.rules import RulesDraftParser
 from cxr_auditor.errors import DraftInputError, ParseError, ProfileError
-from cxr_auditor.grounding._common import model_info
-from cxr_auditor.models import ChatBackend, ChatRequest, build_chat_backend
 from cxr_auditor.parsing import parse_draft_output, strip_reasoning
-from cxr_auditor.profiles import Profile, RulesProfile
-from cxr_auditor.prompts import CORRECTIVE_SUFFIX, PROMPTS, build_draft_prompt
+from cxr_auditor.profiles import Profile, RulesProfile, model_info, profile_prompt
+from cxr_auditor.prompts import CORRECTIVE_SUFFIX, build_draft_prompt
 from cxr_auditor.retry import AttemptSettings, batched, run_batch_with_retry
 from cxr_auditor.schema import DraftFinding, DraftResult, DraftState
 
@@ -40,7 +40,7 @@ class LLMDraftParser(DraftParser):
         self.profile = profile
         self.name = profile.name
         self.chat = chat if chat is not None else build_chat_backend(profile)
-        self.info = model_info(profile, PROMPTS[profile.prompt or "draft_parsing"])
+        self.info = model_info(profile, profile_prompt(profile, "draft_parsing"))
 
     def parse(self, text: str) -> DraftResult:
         return self.parse_many([text])[0]
@@ -107,7 +107,5 @@ def build_draft_parser(profile: Profile) -> DraftParser:
     """The draft parser a ``task: draft_parsing`` profile describes: the rule-based parser for
     ``backend: rules``, an :class:`LLMDraftParser` for model backends."""
     if isinstance(profile, RulesProfile):
-        from cxr_auditor.drafts import get_parser
-
-        return get_parser("rules")
+        return RulesDraftParser()
     return LLMDraftParser(profile)

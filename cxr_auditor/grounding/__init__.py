@@ -4,6 +4,9 @@ from __future__ import annotations
 
 from cxr_auditor.errors import ProfileError
 from cxr_auditor.grounding.base import Grounder, ImageInput
+from cxr_auditor.grounding.fake import FakeGrounder
+from cxr_auditor.grounding.openai import OpenAIGrounder
+from cxr_auditor.grounding.transformers import TransformersGrounder
 from cxr_auditor.profiles import FakeProfile, OpenAIProfile, Profile, TransformersProfile
 
 __all__ = ["Grounder", "ImageInput", "build_grounder"]
@@ -11,7 +14,7 @@ __all__ = ["Grounder", "ImageInput", "build_grounder"]
 
 def build_grounder(profile: Profile) -> Grounder:
     """The grounder a ``task: grounding`` profile describes (a transformers one loads its model
-    now). Backend modules are imported here so that an unused backend costs nothing.
+    now; torch and transformers are imported only then).
 
     Raises:
         ProfileError: the profile is not a grounding profile.
@@ -20,15 +23,9 @@ def build_grounder(profile: Profile) -> Grounder:
     if profile.task != "grounding":
         raise ProfileError(f"profile {profile.name!r} has task {profile.task!r}, not grounding")
     if isinstance(profile, TransformersProfile):
-        from cxr_auditor.grounding.transformers import TransformersGrounder
-
         return TransformersGrounder(profile)
     if isinstance(profile, OpenAIProfile):
-        from cxr_auditor.grounding.openai import OpenAIGrounder
-
         return OpenAIGrounder(profile)
     if isinstance(profile, FakeProfile):
-        from cxr_auditor.grounding.fake import FakeGrounder
-
         return FakeGrounder.from_profile(profile)
     raise ProfileError(f"profile {profile.name!r}: backend {profile.backend!r} cannot ground")

@@ -1,7 +1,7 @@
 """What every model-backed grounder shares: prompt, retry ladder and parsing.
 
 :class:`ChatGrounder` runs a profile's prompt over a batch of images through any
-:class:`~cxr_auditor.models.ChatBackend` (in-process transformers or an OpenAI-compatible
+:class:`~cxr_auditor.chat.ChatBackend` (in-process transformers or an OpenAI-compatible
 server), re-generating only the images whose answer did not parse, and turns each answer into a
 :class:`~cxr_auditor.schema.GroundingResult` (the pipeline maps boxes onto source pixels).
 """
@@ -11,38 +11,21 @@ from __future__ import annotations
 import logging
 from collections.abc import Callable, Sequence
 
+from cxr_auditor.chat import ChatBackend, ChatRequest
 from cxr_auditor.errors import ParseError
 from cxr_auditor.grounding.base import Grounder, ImageInput
-from cxr_auditor.models import ChatBackend, ChatRequest
+from cxr_auditor.grounding.report import ReportParser
 from cxr_auditor.parsing import failed_grounding, parse_grounding_output
-from cxr_auditor.profiles import Profile
-from cxr_auditor.prompts import CORRECTIVE_SUFFIX, PROMPTS, prompt_hash
+from cxr_auditor.profiles import Profile, model_info, profile_prompt
+from cxr_auditor.prompts import CORRECTIVE_SUFFIX
 from cxr_auditor.retry import AttemptSettings, batched, run_batch_with_retry
-from cxr_auditor.schema import GroundingResult, ModelInfo
+from cxr_auditor.schema import GroundingResult
 
 logger = logging.getLogger(__name__)
 
 _DEFAULT_PROMPTS = {"grounding_json": "grounding", "report_loc": "explain_my_xray"}
 
 ParseFn = Callable[[str, int], GroundingResult]
-
-
-def model_info(profile: Profile, prompt: str | None) -> ModelInfo:
-    """Provenance of a profile for ``AuditResult.models``."""
-    return ModelInfo(
-        profile=profile.name,
-        task=profile.task,
-        backend=profile.backend,
-        model_id=profile.model,
-        revision=profile.revision,
-        adapter=profile.adapter,
-        prompt_hash=prompt_hash(prompt) if prompt is not None else None,
-    )
-
-
-def profile_prompt(profile: Profile, default: str) -> str:
-    """The prompt text the profile names (or the task's default prompt)."""
-    return PROMPTS[profile.prompt or default]
 
 
 def _json_parse(text: str, image_index: int) -> GroundingResult:
@@ -59,8 +42,6 @@ class ChatGrounder(Grounder):
         self.prompt = profile_prompt(profile, _DEFAULT_PROMPTS[parser])
         self.parse_text: ParseFn = _json_parse
         if parser == "report_loc":
-            from cxr_auditor.grounding.report import ReportParser
-
             self.parse_text = ReportParser(profile.labels).parse
         # The corrective suffix asks for a JSON list; report-style models were never taught that.
         self.corrective = parser == "grounding_json"

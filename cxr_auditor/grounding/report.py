@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import re
 
+from cxr_auditor.drafts.rules import RulesDraftParser
 from cxr_auditor.errors import ParseError
 from cxr_auditor.labels import Label, normalize_label
 from cxr_auditor.parsing import LOC_TOKEN_RE, loc_tokens_to_boxes, strip_reasoning
@@ -61,9 +62,7 @@ class ReportParser:
     """
 
     def __init__(self, labels: dict[str, str] | None = None) -> None:
-        from cxr_auditor.drafts import get_parser
-
-        self.rules = get_parser("rules")
+        self.rules = RulesDraftParser()
         self.extra = {term.lower(): Label(label) for term, label in (labels or {}).items()}
 
     def _mentions(self, text: str) -> list[DraftFinding]:

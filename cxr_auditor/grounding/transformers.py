@@ -8,8 +8,8 @@ only the images whose answer did not parse.
 
 from __future__ import annotations
 
+from cxr_auditor.chat.transformers import LoadedModel, TransformersChat
 from cxr_auditor.grounding._common import ChatGrounder
-from cxr_auditor.models import LoadedModel, TransformersChat
 from cxr_auditor.profiles import TransformersProfile
 
 __all__ = ["TransformersGrounder"]

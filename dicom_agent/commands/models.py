@@ -297,7 +297,7 @@ def _profile_check(profile: Profile, load: bool) -> tuple[str, str]:
 
 
 def _loads(profile: TransformersProfile, what: str) -> tuple[str, str]:
-    from cxr_auditor.models import load_model
+    from cxr_auditor.chat.transformers import load_model
 
     try:
         loaded = load_model(profile)

@@ -6,11 +6,12 @@ from pathlib import Path
 
 import pytest
 
+from cxr_auditor.chat import ChatRequest
+from cxr_auditor.chat.transformers import TransformersChat
 from cxr_auditor.drafts.llm import LLMDraftParser, build_draft_parser
 from cxr_auditor.drafts.rules import RulesDraftParser
 from cxr_auditor.errors import ProfileError
 from cxr_auditor.labels import Label
-from cxr_auditor.models import ChatRequest, TransformersChat
 from cxr_auditor.profiles import TransformersProfile, get_profile, parse_profile
 from cxr_auditor.prompts import CORRECTIVE_SUFFIX
 from cxr_auditor.schema import DraftState, DraftStatus, Laterality

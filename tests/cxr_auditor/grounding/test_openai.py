@@ -12,13 +12,15 @@ from typing import Any
 import pytest
 from PIL import Image
 
+from cxr_auditor.chat import ChatRequest
+from cxr_auditor.chat.openai import OpenAIChat, output_schema
+from cxr_auditor.chat.transformers import TransformersChat
 from cxr_auditor.errors import BackendError, ModelUnavailable
 from cxr_auditor.geometry import Geometry
 from cxr_auditor.grounding import build_grounder
 from cxr_auditor.grounding.base import ImageInput
-from cxr_auditor.grounding.openai import OpenAIChat, OpenAIGrounder, output_schema
+from cxr_auditor.grounding.openai import OpenAIGrounder
 from cxr_auditor.labels import Label
-from cxr_auditor.models import ChatRequest, TransformersChat
 from cxr_auditor.profiles import OpenAIProfile, TransformersProfile, parse_profile
 from cxr_auditor.retry import AttemptSettings, attempt_settings
 from cxr_auditor.schema import GroundingState

@@ -7,13 +7,14 @@ from typing import Any
 
 import pytest
 
+from cxr_auditor.chat import ChatRequest
+from cxr_auditor.chat.transformers import TransformersChat, decode_new_tokens, load_model
 from cxr_auditor.errors import ModelUnavailable
 from cxr_auditor.geometry import Geometry
 from cxr_auditor.grounding import build_grounder
 from cxr_auditor.grounding.base import ImageInput
 from cxr_auditor.grounding.transformers import TransformersGrounder
 from cxr_auditor.labels import Label
-from cxr_auditor.models import ChatRequest, TransformersChat, decode_new_tokens, load_model
 from cxr_auditor.profiles import TransformersProfile, parse_profile
 from cxr_auditor.prompts import CORRECTIVE_SUFFIX, DSA_PATENCY_PROMPT, EXPLAIN_MY_XRAY_PROMPT
 from cxr_auditor.retry import AttemptSettings, attempt_settings

@@ -1,13 +1,9 @@
-"""Chat backends shared by grounders, draft parsers and classifiers.
+"""The in-process chat backend: a model and its adapter loaded with transformers.
 
-A :class:`ChatBackend` turns a batch of :class:`ChatRequest` (one user turn: optional image,
-then text) into one answer text each, under the sampling of one retry rung. Two implementations:
-
-* :class:`TransformersChat` loads a model in this process, once, when it is built (the worker
-  builds it at start). torch, transformers and peft are imported inside functions only, so
-  ``import cxr_auditor`` works without them. Loading failures become :class:`ModelUnavailable`
-  naming the profile and what is missing.
-* :class:`cxr_auditor.grounding.openai.OpenAIChat` talks to an OpenAI-compatible server.
+:class:`TransformersChat` loads a model in this process, once, when it is built (the worker
+builds it at start). torch, transformers and peft are imported inside functions only, so
+``import cxr_auditor`` works without them. Loading failures become :class:`ModelUnavailable`
+naming the profile and what is missing.
 
 Gemma 3 layout (reference-notes §3.4): no system turn, one user turn whose content is the image
 part first, then the text part. Batches are left-padded so every row's new tokens start at the
@@ -18,26 +14,22 @@ from __future__ import annotations
 
 import logging
 import re
+import socket
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Protocol
+from typing import Any
+from urllib.parse import urlsplit
 
-from PIL import Image
-
+from cxr_auditor.chat.base import ChatRequest
 from cxr_auditor.errors import BackendError, ModelUnavailable
+from cxr_auditor.profiles import Generation, TransformersProfile
 from cxr_auditor.retry import AttemptSettings
-
-if TYPE_CHECKING:
-    from cxr_auditor.profiles import Generation, Profile, TransformersProfile
 
 logger = logging.getLogger(__name__)
 
 __all__ = [
-    "ChatBackend",
-    "ChatRequest",
     "LoadedModel",
     "TransformersChat",
-    "build_chat_backend",
     "decode_new_tokens",
     "load_model",
     "resolve_device",
@@ -47,41 +39,6 @@ __all__ = [
 _PROJECTOR_MODULE = "multi_modal_projector"
 #: How many merged layers the delta check compares exactly (clones stay small on a 4B model).
 _DELTA_SAMPLE_LAYERS = 8
-
-
-@dataclass(frozen=True)
-class ChatRequest:
-    """One single-turn request: ``image`` (optional) then ``text`` in the user turn."""
-
-    text: str
-    image: Image.Image | None = None
-    system: str | None = None
-
-
-class ChatBackend(Protocol):
-    """Anything that answers a batch of chat requests (one text per request, in order)."""
-
-    def generate(self, requests: list[ChatRequest], settings: AttemptSettings) -> list[str]: ...
-
-    def close(self) -> None: ...
-
-
-def build_chat_backend(profile: Profile) -> ChatBackend:
-    """The chat backend a ``transformers`` or ``openai`` profile names.
-
-    Raises:
-        ModelUnavailable: the model cannot be loaded (transformers backend).
-        BackendError: the profile's backend has no chat model (``fake``, ``rules``).
-    """
-    from cxr_auditor.profiles import OpenAIProfile, TransformersProfile
-
-    if isinstance(profile, TransformersProfile):
-        return TransformersChat(profile)
-    if isinstance(profile, OpenAIProfile):
-        from cxr_auditor.grounding.openai import OpenAIChat
-
-        return OpenAIChat(profile)
-    raise BackendError(f"profile {profile.name!r}: backend {profile.backend!r} has no chat model")
 
 
 # ---------------------------------------------------------------------------------------------
@@ -192,9 +149,6 @@ def _check_hub_reachable(profile: str, what: str, repo_id: str, revision: str | 
     ladder on every load attempt before the same failure; the agent retries the load
     periodically, so the model state would read ``loading`` most of the time.
     """
-    import socket
-    from urllib.parse import urlsplit
-
     from huggingface_hub import constants, try_to_load_from_cache
 
     if isinstance(try_to_load_from_cache(repo_id, "config.json", revision=revision), str):
