@@ -134,6 +134,39 @@ _MIGRATIONS: list[str] = [
     CREATE INDEX studies_state_recent ON studies(state, first_instance_at, study_instance_uid);
     CREATE INDEX jobs_state_updated ON jobs(state, updated_at);
     """,
+    # 4: monitoring against signed final reports (finals/ folder): the finals as read, and per
+    # study, label and profile how the model's findings, the draft and its flags agreed with
+    # the final. NULL model_present / draft_present: grounding not ok / no draft.
+    """
+    CREATE TABLE finals (
+        id INTEGER PRIMARY KEY AUTOINCREMENT,
+        key TEXT NOT NULL,
+        key_kind TEXT NOT NULL,
+        study_instance_uid TEXT,
+        file_name TEXT NOT NULL,
+        sha256 TEXT NOT NULL,
+        text TEXT NOT NULL,
+        state TEXT NOT NULL,
+        received_at REAL NOT NULL,
+        updated_at REAL NOT NULL
+    );
+    CREATE INDEX finals_key ON finals(key, state);
+    CREATE TABLE agreements (
+        id INTEGER PRIMARY KEY AUTOINCREMENT,
+        final_id INTEGER NOT NULL,
+        study_instance_uid TEXT NOT NULL,
+        result_version INTEGER NOT NULL,
+        profile TEXT NOT NULL,
+        label TEXT NOT NULL,
+        final_present INTEGER NOT NULL,
+        model_present INTEGER,
+        draft_present INTEGER,
+        flags TEXT NOT NULL DEFAULT '',
+        recorded_at REAL NOT NULL
+    );
+    CREATE INDEX agreements_window ON agreements(profile, label, id);
+    CREATE INDEX agreements_study ON agreements(study_instance_uid);
+    """,
 ]
 
 SCHEMA_VERSION = len(_MIGRATIONS)
