@@ -165,6 +165,15 @@ class ForwardSettings(_Section):
     max_attempts: int = Field(default=20, ge=1)
     retry_backoff_seconds: float = Field(default=30.0, ge=0)
     retry_backoff_max_seconds: float = Field(default=3600.0, ge=0)
+    # pynetdicom's own defaults leave the TCP connect unbounded and the socket without a
+    # timeout once connected; every wait of the SCU is bounded by one of these.
+    connect_timeout_seconds: float = Field(default=10.0, gt=0)
+    acse_timeout_seconds: float = Field(default=30.0, gt=0)
+    dimse_timeout_seconds: float = Field(default=60.0, gt=0)
+    network_timeout_seconds: float = Field(default=60.0, gt=0)
+    job_timeout_seconds: float = Field(
+        default=900.0, gt=0, description="watchdog: a forward job still sending after this fails"
+    )
 
 
 class HousekeepingSettings(_Section):

@@ -53,6 +53,7 @@ class Event(StrEnum):
     DRAFT_RETRY = "draft.retry"
     DRAFT_PAIRED = "draft.paired"
     DRAFT_ORPHAN = "draft.orphan"
+    DRAFT_AMBIGUOUS = "draft.ambiguous"
     JOB_QUEUED = "job.queued"
     JOB_STARTED = "job.started"
     JOB_RETRY = "job.retry"

@@ -137,7 +137,19 @@ def pair_drafts(db: StateDB, now: float, study_wait_seconds: float) -> tuple[int
     """
     paired = orphaned = 0
     for d in db.drafts((DraftState.PENDING, DraftState.ORPHAN)):
-        study_uid = db.study_for_key(d.key)
+        studies = db.studies_for_key(d.key)
+        if len(studies) > 1:
+            # Two studies share the accession number: pairing with either could audit the
+            # wrong images. Refused; the RIS can resend the draft named by Study Instance UID.
+            db.set_draft_state(d.id, DraftState.AMBIGUOUS, now)
+            log.warning(
+                "draft refused: its accession number is held by %d studies; resend it named"
+                " by Study Instance UID", len(studies),
+                extra=event(event=Event.DRAFT_AMBIGUOUS, draft_id=d.id, study=study_ref(d.key),
+                            count=len(studies)),
+            )
+            continue
+        study_uid = studies[0] if studies else None
         if study_uid is not None:
             if db.pair_draft(d.id, study_uid, now):
                 paired += 1

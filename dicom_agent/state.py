@@ -22,7 +22,7 @@ from enum import StrEnum
 from pathlib import Path
 from typing import Any
 
-from dicom_agent.errors import StateError
+from dicom_agent.errors import CorruptStateError, StateError
 
 
 class InstanceState(StrEnum):
@@ -43,6 +43,7 @@ class DraftState(StrEnum):
     PAIRED = "paired"
     ORPHAN = "orphan"  # no study after pairing.study_wait_seconds (still pairs if it arrives)
     SUPERSEDED = "superseded"  # a newer version for the same key arrived
+    AMBIGUOUS = "ambiguous"  # its accession number is held by two or more studies: not paired
 
 
 class JobState(StrEnum):
@@ -253,7 +254,8 @@ JOB_TRANSITIONS: dict[JobState, frozenset[JobState]] = {
         {JobState.DONE, JobState.QUEUED, JobState.DEAD, JobState.WAITING_MODEL}
     ),
     JobState.DONE: frozenset(),
-    JobState.DEAD: frozenset(),
+    # Only an operator's ``cxr-agent forward retry`` brings a dead job back (attempts reset).
+    JobState.DEAD: frozenset({JobState.QUEUED}),
 }
 
 
@@ -303,11 +305,24 @@ class StateDB:
             raise StateError(f"cannot open state database {path}: {exc}") from exc
         self._conn.row_factory = sqlite3.Row
         self._lock = threading.RLock()
-        with self._lock:
-            self._conn.execute("PRAGMA journal_mode=WAL")
-            self._conn.execute("PRAGMA synchronous=FULL")
-            self._conn.execute("PRAGMA foreign_keys=ON")
+        try:
+            with self._lock:
+                self._conn.execute("PRAGMA journal_mode=WAL")
+                self._conn.execute("PRAGMA synchronous=FULL")
+                self._conn.execute("PRAGMA foreign_keys=ON")
+                self._check_integrity()
+        except sqlite3.DatabaseError as exc:
+            self._conn.close()
+            raise CorruptStateError(self.path, str(exc)) from exc
         self._migrate()
+
+    def _check_integrity(self) -> None:
+        """``PRAGMA quick_check`` (O(N), no index cross-check): a damaged file fails here, at
+        start-up, with advice, instead of mid-store with a raw DatabaseError."""
+        rows = self._conn.execute("PRAGMA quick_check(5)").fetchall()
+        problems = [str(r[0]) for r in rows if str(r[0]) != "ok"]
+        if problems:
+            raise sqlite3.DatabaseError("; ".join(problems))
 
     # -- plumbing -----------------------------------------------------------------------------
 
@@ -583,6 +598,98 @@ class StateDB:
             return False
         return True
 
+    def studies_page(
+        self,
+        *,
+        states: tuple[StudyState, ...] | None = None,
+        prefix: str | None = None,
+        before: tuple[float, str] | None = None,
+        limit: int = 50,
+    ) -> list[StudyRow]:
+        """One page of studies, newest first, for the results browser (read-only).
+
+        Keyset paging: ``before`` is the ``(first_instance_at, study_instance_uid)`` of the
+        last row of the previous page, so a page costs the same at row 100,000 as at row 1
+        (indexes of migration 3). ``prefix`` matches the start of the Study Instance UID or
+        of the Accession Number (range scans on their indexes, no LIKE).
+        """
+        clauses: list[str] = []
+        params: list[Any] = []
+        if states:
+            clauses.append(f"state IN ({','.join('?' * len(states))})")
+            params += [s.value for s in states]
+        if prefix:
+            end = prefix + "\U0010ffff"  # above every UTF-8 continuation of the prefix
+            clauses.append(
+                "((study_instance_uid >= ? AND study_instance_uid < ?)"
+                " OR (accession_number >= ? AND accession_number < ?))"
+            )
+            params += [prefix, end, prefix, end]
+        if before is not None:
+            clauses.append("(first_instance_at, study_instance_uid) < (?, ?)")
+            params += list(before)
+        where = f" WHERE {' AND '.join(clauses)}" if clauses else ""
+        rows = self.query(
+            f"SELECT * FROM studies{where}"
+            " ORDER BY first_instance_at DESC, study_instance_uid DESC LIMIT ?",
+            (*params, limit),
+        )
+        return [StudyRow(**dict(r)) for r in rows]
+
+    def jobs_of_study(self, study_uid: str) -> list[JobRow]:
+        """Every job of a study (audit and forward), oldest first: the study page's timeline."""
+        rows = self.query(
+            "SELECT * FROM jobs WHERE study_instance_uid = ? ORDER BY id", (study_uid,)
+        )
+        return [JobRow(**dict(r)) for r in rows]
+
+    def drafts_of_study(self, study_uid: str) -> list[DraftRow]:
+        """Every draft paired with (or superseded for) a study, oldest first."""
+        rows = self.query(
+            "SELECT * FROM drafts WHERE study_instance_uid = ? ORDER BY id", (study_uid,)
+        )
+        return [DraftRow(**dict(r)) for r in rows]
+
+    def recent_jobs(self, state: JobState, limit: int) -> list[JobRow]:
+        """The ``limit`` most recently changed jobs in ``state`` (bounded: never every job)."""
+        rows = self.query(
+            "SELECT * FROM jobs WHERE state = ? ORDER BY updated_at DESC LIMIT ?",
+            (state.value, limit),
+        )
+        return [JobRow(**dict(r)) for r in rows]
+
+    def recent_drafts(self, state: DraftState, limit: int) -> list[DraftRow]:
+        """The ``limit`` newest drafts in ``state`` (orphan drafts for the browser)."""
+        rows = self.query(
+            "SELECT * FROM drafts WHERE state = ? ORDER BY id DESC LIMIT ?", (state.value, limit)
+        )
+        return [DraftRow(**dict(r)) for r in rows]
+
+    def jobs_finished_per_bucket(
+        self, since: float, bucket_seconds: float
+    ) -> dict[tuple[str, int], int]:
+        """Audit jobs done or dead since ``since``, counted per ``(state, bucket index)``."""
+        rows = self.query(
+            "SELECT state, CAST((updated_at - ?) / ? AS INTEGER) AS bucket, COUNT(*) AS n"
+            " FROM jobs WHERE state IN (?, ?) AND updated_at >= ? AND kind = ?"
+            " GROUP BY state, bucket",
+            (since, bucket_seconds, JobState.DONE.value, JobState.DEAD.value, since,
+             JobKind.AUDIT.value),
+        )
+        return {(r["state"], int(r["bucket"])): int(r["n"]) for r in rows}
+
+    def writable(self) -> bool:
+        """True when a write transaction commits (``/readyz``: disk full, read-only, locked)."""
+        try:
+            with self.transaction() as conn:
+                # A real page write (header page to the WAL): BEGIN IMMEDIATE alone succeeds on
+                # a full disk. The value written is the one already there.
+                version = int(conn.execute("PRAGMA user_version").fetchone()[0])
+                conn.execute(f"PRAGMA user_version = {version}")
+        except StateError:
+            return False
+        return True
+
     def set_study_state(
         self, study_uid: str, state: StudyState, now: float, *, settled_at: float | None = None
     ) -> None:
@@ -594,15 +701,17 @@ class StateDB:
                 (state.value, settled_at, now, study_uid),
             )
 
-    def study_for_key(self, key: str) -> str | None:
-        """The study a draft key names: its Study Instance UID or its Accession Number."""
+    def studies_for_key(self, key: str) -> list[str]:
+        """The studies a draft key names: the one whose Study Instance UID it is, else every
+        study holding it as Accession Number (more than one means the key is ambiguous)."""
         rows = self.query(
-            "SELECT study_instance_uid FROM studies WHERE study_instance_uid = ?"
-            " OR accession_number = ? ORDER BY study_instance_uid = ? DESC, first_instance_at"
-            " LIMIT 1",
-            (key, key, key),
+            "SELECT study_instance_uid FROM studies WHERE study_instance_uid = ?", (key,)
+        ) or self.query(
+            "SELECT study_instance_uid FROM studies WHERE accession_number = ?"
+            " ORDER BY first_instance_at",
+            (key,),
         )
-        return str(rows[0]["study_instance_uid"]) if rows else None
+        return [str(r["study_instance_uid"]) for r in rows]
 
     def take_expired_instances(
         self, study_uid: str, last_instance_before: float
@@ -869,6 +978,78 @@ class StateDB:
                 next_attempt_at=next_attempt_at,
             )
 
+    def fail_job(
+        self,
+        job_id: int,
+        now: float,
+        error: str,
+        *,
+        max_attempts: int,
+        backoff_seconds: float,
+        backoff_max_seconds: float,
+        permanent: bool = False,
+    ) -> JobRow:
+        """Record a failed attempt of a running job: back to the queue after the backoff of
+        :func:`retry_delay`, or dead once ``max_attempts`` are used or the failure is
+        ``permanent`` (retrying cannot help). The one retry-or-dead-letter rule of audit and
+        forward jobs; the returned row's state says which happened."""
+        with self.transaction() as conn:
+            row = conn.execute("SELECT * FROM jobs WHERE id=?", (job_id,)).fetchone()
+            if row is None:
+                raise StateError(f"job {job_id} does not exist")
+            job = JobRow(**dict(row))
+            if permanent or job.attempts >= max_attempts:
+                return self._transition_job(conn, job, JobState.DEAD, now, error=error)
+            delay = retry_delay(job.attempts, backoff_seconds, backoff_max_seconds)
+            return self._transition_job(
+                conn, job, JobState.QUEUED, now, error=error, next_attempt_at=now + delay
+            )
+
+    # -- forward jobs (the outbox) ------------------------------------------------------------
+
+    def queue_forward_jobs(self, study_uid: str, payloads: list[str], now: float) -> list[int]:
+        """Queue one forward job per payload (JSON: destination and files); returns their ids."""
+        ids: list[int] = []
+        with self.transaction() as conn:
+            for payload in payloads:
+                cur = conn.execute(
+                    "INSERT INTO jobs (kind, study_instance_uid, state, attempts, next_attempt_at,"
+                    " payload, created_at, updated_at) VALUES (?,?,?,0,?,?,?,?)",
+                    (JobKind.FORWARD.value, study_uid, JobState.QUEUED.value, now, payload, now,
+                     now),
+                )
+                ids.append(int(cur.lastrowid or 0))
+        return ids
+
+    def due_forward_jobs(self, now: float) -> list[JobRow]:
+        """Queued forward jobs whose next attempt is due at ``now``, oldest first."""
+        rows = self.query(
+            "SELECT * FROM jobs WHERE kind=? AND state=? AND next_attempt_at<=? ORDER BY id",
+            (JobKind.FORWARD.value, JobState.QUEUED.value, now),
+        )
+        return [JobRow(**dict(r)) for r in rows]
+
+    def retry_dead_forward_jobs(self, job_ids: list[int] | None, now: float) -> list[JobRow]:
+        """Re-queue dead forward jobs (all of them when ``job_ids`` is None), due now and with a
+        fresh attempt budget. An id that is no dead forward job raises StateError and nothing
+        is re-queued."""
+        with self.transaction() as conn:
+            rows = conn.execute(
+                "SELECT * FROM jobs WHERE kind=? AND state=? ORDER BY id",
+                (JobKind.FORWARD.value, JobState.DEAD.value),
+            ).fetchall()
+            dead = {int(r["id"]): JobRow(**dict(r)) for r in rows}
+            wanted = sorted(dead) if job_ids is None else job_ids
+            missing = [i for i in wanted if i not in dead]
+            if missing:
+                raise StateError(
+                    f"not dead forward jobs: {', '.join(str(i) for i in missing)}"
+                )
+            return [
+                self._transition_job(conn, dead[i], JobState.QUEUED, now, next_attempt_at=now)
+                for i in wanted
+            ]
+
     def move_jobs(self, source: JobState, target: JobState, now: float) -> int:
         """Move every audit job in ``source`` to ``target`` (waiting for / regaining the model)."""
         with self.transaction() as conn:
@@ -898,7 +1079,10 @@ class StateDB:
         source = JobState(job.state)
         if target not in JOB_TRANSITIONS[source]:
             raise StateError(f"job {job.id}: transition {source.value} -> {target.value} refused")
-        attempts = job.attempts + 1 if target is JobState.RUNNING else job.attempts
+        if source is JobState.DEAD:
+            attempts = 0  # re-queued by an operator: a fresh attempt budget
+        else:
+            attempts = job.attempts + 1 if target is JobState.RUNNING else job.attempts
         conn.execute(
             "UPDATE jobs SET state=?, attempts=?, next_attempt_at=?, last_error=?, updated_at=?"
             " WHERE id=?",

@@ -97,8 +97,8 @@ class TestDrafts:
                                     text="x", author=None, now=1)
         _, by_acc = db.record_draft(key="ACC1", key_kind="accession", file_name="b", sha256="2",
                                     text="y", author=None, now=2)
-        assert db.study_for_key("ACC1") == STUDY == db.study_for_key(STUDY)
-        assert db.study_for_key("nope") is None
+        assert db.studies_for_key("ACC1") == [STUDY] == db.studies_for_key(STUDY)
+        assert db.studies_for_key("nope") == []
         db.pair_draft(by_uid, STUDY, 3)
         db.pair_draft(by_acc, STUDY, 4)
         current = db.current_draft(STUDY)
