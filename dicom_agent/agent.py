@@ -1,9 +1,14 @@
 """The running agent (``cxr-agent serve``): listener, scheduler, worker and health, together.
 
-Start-up order makes a restart lose nothing: the spool is reconciled with the state DB (files
-stored but not recorded by a crash get their rows), jobs left ``running`` go back to
-``queued``, and only then do the listener, the scheduler, the worker and the health endpoint
-start. SIGTERM and SIGINT stop them in the reverse order; the worker finishes the batch in hand.
+Start-up order makes a second ``serve`` harmless and a restart lose nothing. First the
+configured profile names are checked (a typo fails at once, with the known names), then an
+exclusive lock on the state folder is taken (``agent.lock``: a second agent on the same folders
+stops here, before it touches any state) and every port is bound (DICOM and health: a taken port
+fails here, naming the setting to change, before any state work or model loading). Only then is
+the spool reconciled with the state DB (files stored but not recorded by a crash get their rows),
+jobs left ``running`` go back to ``queued``, and the listener, the scheduler, the worker and the
+health endpoint start serving. SIGTERM and SIGINT stop them in the reverse order; the worker
+finishes the batch in hand.
 
 While running, the agent writes ``agent-status.json`` beside the state database every couple
 of seconds (atomically) for ``cxr-agent status``.
@@ -11,15 +16,20 @@ of seconds (atomically) for ``cxr-agent status``.
 
 from __future__ import annotations
 
+import errno
+import fcntl
 import logging
 import os
 import signal
+import socket
 import threading
 import time
 from pathlib import Path
 from types import FrameType
 from typing import Any
 
+from cxr_auditor.errors import CxrAuditError
+from cxr_auditor.profiles import load_profiles
 from dicom_agent import spool
 from dicom_agent.config import AgentSettings
 from dicom_agent.errors import ConfigError
@@ -45,8 +55,79 @@ HEARTBEAT_FILE = "agent-status.json"
 HEARTBEAT_SECONDS = 2.0
 
 
+#: The lock file in the state folder that one serving agent holds (flock, exclusive).
+LOCK_FILE = "agent.lock"
+
+
 def heartbeat_path(settings: AgentSettings) -> Path:
     return settings.paths.state.parent / HEARTBEAT_FILE
+
+
+def check_profile_names(settings: AgentSettings) -> None:
+    """Fail at start-up on a profile name that no profile file defines (a typo such as ``fak``).
+
+    Raises:
+        ConfigError: naming the setting, the unknown name and every known profile name.
+    """
+    try:
+        known = load_profiles(settings.paths.profiles)
+    except CxrAuditError as exc:
+        raise ConfigError(str(exc).splitlines()[0]) from exc
+    wanted = {"grounding.profile": settings.grounding.profile}
+    if settings.grounding.xa_profile:
+        wanted["grounding.xa_profile"] = settings.grounding.xa_profile
+    if settings.drafts.parser != "rules":  # the rule-based parser is built in, not a profile
+        wanted["drafts.parser"] = settings.drafts.parser
+    for key, name in wanted.items():
+        if name not in known:
+            raise ConfigError(
+                f"{key}: unknown profile {name!r}; known profiles: {', '.join(sorted(known))}"
+                " (config/profiles and paths.profiles)"
+            )
+
+
+def _family(host: str) -> socket.AddressFamily:
+    return socket.AF_INET6 if ":" in host else socket.AF_INET
+
+
+def _port_taken(key: str, env: str, host: str, port: int, exc: OSError) -> str:
+    why = "already in use by another program" if exc.errno == errno.EADDRINUSE else exc.strerror
+    return (
+        f"{key}: cannot listen on {host}:{port}: {why}; choose another port with {key} in the"
+        f" config file or {env}=<port>"
+    )
+
+
+class StateLock:
+    """An exclusive ``flock`` on the state folder's lock file, held while the agent runs.
+
+    The kernel drops the lock when the process dies (even by SIGKILL), so a crash never leaves
+    a stale lock behind. The file holds the holder's PID, for the error message of the next one.
+
+    Raises:
+        ConfigError: another process holds the lock (its PID and the lock path are named).
+    """
+
+    def __init__(self, path: Path) -> None:
+        self.path = path
+        fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600)
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            holder = os.pread(fd, 32, 0).decode("ascii", "replace").strip() or "?"
+            os.close(fd)
+            raise ConfigError(
+                f"paths.state: another cxr-agent (pid {holder}) holds the lock {path}: stop it,"
+                " or give this agent its own folders (paths.state, paths.spool, paths.out)"
+            ) from None
+        os.ftruncate(fd, 0)
+        os.pwrite(fd, f"{os.getpid()}\n".encode("ascii"), 0)
+        self._fd: int | None = fd
+
+    def release(self) -> None:
+        if self._fd is not None:
+            os.close(self._fd)  # closing the descriptor drops the flock
+            self._fd = None
 
 
 class Agent:
@@ -56,7 +137,17 @@ class Agent:
         self, settings: AgentSettings, *, auditor_factory: AuditorFactory | None = None
     ) -> None:
         self.settings = settings
+        if auditor_factory is None:
+            check_profile_names(settings)
         settings.ensure_folders()
+        self._lock = StateLock(settings.paths.state.parent / LOCK_FILE)
+        self._dicom_claim: socket.socket | None = None
+        self.health: HealthServer | None = None
+        try:
+            self._bind_ports()
+        except BaseException:
+            self._lock.release()
+            raise
         load_salt(settings.paths.state.parent)
         self.db = StateDB(settings.paths.state)
         self.metrics = Metrics()
@@ -72,11 +163,42 @@ class Agent:
             heartbeat_seconds=HEARTBEAT_SECONDS,
         )
         self.listener: Listener | None = None
-        self.health: HealthServer | None = None
         self.started_at: float | None = None
         self._stopped = threading.Event()
 
     # -- lifecycle ----------------------------------------------------------------------------
+
+    def _bind_ports(self) -> None:
+        """Bind the health port and claim the DICOM port before any state work or model load.
+
+        The health server binds here and serves from :meth:`start`. The DICOM port is claimed
+        with a bound socket held until the listener takes the port over in :meth:`start`: on
+        Linux a bind fails with EADDRINUSE while another socket listens there, so a taken port
+        is found now, in milliseconds, instead of after reconciliation and a model load.
+        """
+        scp, health = self.settings.scp, self.settings.health
+        if scp.port:  # port 0 (tests) means "any free port": nothing can be taken
+            claim = socket.socket(_family(scp.host), socket.SOCK_STREAM)
+            claim.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+            try:
+                claim.bind((scp.host, scp.port))
+            except OSError as exc:
+                claim.close()
+                raise ConfigError(_port_taken("scp.port", "CXR_AGENT__SCP__PORT", scp.host, scp.port, exc)) from exc
+            self._dicom_claim = claim
+        if health.enabled:
+            try:
+                self.health = HealthServer(health.host, health.port, self.snapshot, self._render_metrics)
+            except OSError as exc:
+                self._release_dicom_claim()
+                raise ConfigError(
+                    _port_taken("health.port", "CXR_AGENT__HEALTH__PORT", health.host, health.port, exc)
+                ) from exc
+
+    def _release_dicom_claim(self) -> None:
+        if self._dicom_claim is not None:
+            self._dicom_claim.close()
+            self._dicom_claim = None
 
     def start(self) -> None:
         rebuilt = spool.reconcile(self.db, self.settings.paths.spool)
@@ -90,22 +212,15 @@ class Agent:
             "state reconciled: %d spool rows rebuilt, %d running jobs requeued", rebuilt, requeued,
             extra=event(event=Event.STATE_RECONCILED, count=rebuilt + requeued),
         )
-        scp, health = self.settings.scp, self.settings.health
+        scp = self.settings.scp
+        self._release_dicom_claim()  # the listener binds the claimed port now
         try:
             self.listener = start_listener(self.settings, self.db, on_stored=self._on_stored)
         except OSError as exc:
-            raise ConfigError(f"scp.port: cannot listen on {scp.host}:{scp.port}: {exc.strerror}") from exc
+            raise ConfigError(_port_taken("scp.port", "CXR_AGENT__SCP__PORT", scp.host, scp.port, exc)) from exc
         self.scheduler.start()
         self.worker.start()
-        if health.enabled:
-            try:
-                self.health = HealthServer(
-                    health.host, health.port, self.snapshot, self._render_metrics
-                )
-            except OSError as exc:
-                raise ConfigError(
-                    f"health.port: cannot listen on {health.host}:{health.port}: {exc.strerror}"
-                ) from exc
+        if self.health is not None:
             self.health.start()
         self.started_at = time.time()
         self.heartbeat()
@@ -126,8 +241,10 @@ class Agent:
         self.models.close()
         if self.health is not None:
             self.health.stop()
+        self._release_dicom_claim()
         self.heartbeat(stopped=True)
         self.db.close()
+        self._lock.release()
         self._stopped.set()
         log.info("agent stopped", extra=event(event=Event.AGENT_STOPPED))
 
