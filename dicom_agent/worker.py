@@ -137,6 +137,14 @@ class Models:
         self._auditors: dict[str, AuditRunner] = {}
         self._status: dict[str, ModelStatus] = {}
         self._lock = threading.Lock()
+        self._loads = 0
+
+    @property
+    def loads(self) -> int:
+        """Successful loads so far in this process: a change means work parked for a model
+        may run now (first load after a start, or a retry that succeeded)."""
+        with self._lock:
+            return self._loads
 
     def get(self, profile: str) -> AuditRunner | None:
         """The profile's auditor, loading it if due; None while it is unavailable."""
@@ -179,6 +187,7 @@ class Models:
         with self._lock:
             self._auditors[profile] = auditor
             self._status[profile] = ModelStatus(profile, "ready", None, now, None)
+            self._loads += 1
         log.info("model for profile %s loaded", profile,
                  extra=event(event=Event.MODEL_LOADED, profile=profile))
         self._gauge()
@@ -196,16 +205,16 @@ class Models:
                     extra=event(event=Event.MODEL_UNAVAILABLE, profile=profile))
         self._gauge()
 
-    def retry_due(self) -> bool:
-        """Retry every unavailable profile whose retry time has come; True if one loaded."""
+    def retry_due(self) -> None:
+        """Retry every unavailable profile whose retry time has come (see :attr:`loads`)."""
         with self._lock:
             now = self._clock()
             due = [
                 s.profile for s in self._status.values()
                 if s.state == "unavailable" and s.next_retry_at is not None and now >= s.next_retry_at
             ]
-        loaded = [self._load(p) for p in due]  # every due profile, not just the first
-        return any(a is not None for a in loaded)
+        for name in due:  # every due profile, not just the first
+            self._load(name)
 
     def status(self) -> dict[str, dict[str, Any]]:
         with self._lock:
@@ -275,6 +284,7 @@ class Worker:
         self._writer = ThreadPoolExecutor(1, thread_name_prefix="outputs")
         self._idle_seconds = min(0.5, settings.pairing.poll_seconds)
         self._inflight: set[int] = set()  # claimed jobs not yet done, failed or parked
+        self._loads_seen = 0  # Models.loads when parked jobs were last requeued
         self._inflight_lock = threading.Lock()
 
     # -- lifecycle --------------------------------------------------------------------------
@@ -363,14 +373,22 @@ class Worker:
         return len(batch)
 
     def _model_ready(self) -> bool:
-        """Load the grounding model if needed; while it is unavailable, park queued jobs."""
+        """Load the grounding model if needed; while it is unavailable, park queued jobs.
+
+        Jobs parked in ``waiting_model`` go back to the queue whenever a model has loaded since
+        they were last requeued: after a retry that succeeded, and after a restart (the first
+        load of a process), since parked jobs outlive the process that parked them.
+        """
         now = self.clock()
-        if self.models.retry_due():
-            moved = self.db.move_jobs(JobState.WAITING_MODEL, JobState.QUEUED, now)
-            if moved:
-                log.info("model available again; %d jobs requeued", moved,
-                         extra=event(event=Event.JOB_QUEUED, count=moved))
+        self.models.retry_due()
         if self.models.get(self.settings.grounding.profile) is not None:
+            loads = self.models.loads
+            if loads != self._loads_seen:
+                self._loads_seen = loads
+                moved = self.db.move_jobs(JobState.WAITING_MODEL, JobState.QUEUED, now)
+                if moved:
+                    log.info("model available; %d waiting jobs requeued", moved,
+                             extra=event(event=Event.JOB_QUEUED, count=moved))
             return True
         moved = self.db.move_jobs(JobState.QUEUED, JobState.WAITING_MODEL, now)
         if moved:

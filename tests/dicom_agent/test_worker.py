@@ -419,3 +419,37 @@ def test_default_factory_finds_site_only_profiles_for_grounder_and_parser(
     runner = default_auditor_factory(site_settings)("site-fake")
     assert isinstance(runner, Auditor)
     assert runner.draft_parser is not None and runner.draft_parser.name == "rules"
+
+
+def test_jobs_parked_for_the_model_drain_after_a_restart_with_a_working_model(
+    settings: AgentSettings,
+) -> None:
+    """Issue 15 bug 1: the first process never loads the model and parks the audit; the
+    restarted one loads it on its first try (no retry involved) and must drain the queue."""
+    import time
+
+    from dicom_agent.agent import Agent
+    from tests.agentproc import wait_until
+
+    def unavailable(name: str) -> Auditor:
+        raise ModelUnavailable("no weights for google/medgemma here")
+
+    first = Agent(settings, auditor_factory=unavailable)
+    store(settings, first.db, "1.2.15.1")
+    job_id = queue(first.db, "1.2.15.1", time.time())
+    first.start()
+    try:
+        wait_until(lambda: first.db.job(job_id).state == JobState.WAITING_MODEL.value,  # type: ignore[union-attr]
+                   timeout=30, what="the job to wait for the model")
+    finally:
+        first.stop()
+
+    grounder = FakeGrounder.from_rule("mean_brightness")
+    second = Agent(settings, auditor_factory=lambda name: Auditor(grounder, None))
+    second.start()
+    try:
+        wait_until(lambda: second.db.job(job_id).state == JobState.DONE.value,  # type: ignore[union-attr]
+                   timeout=30, what="the parked job to finish after the restart")
+    finally:
+        second.stop()
+    assert sidecar(settings, "1.2.15.1")["result_version"] == 1
