@@ -5,7 +5,8 @@
     AgentError
      ├── ConfigError      a setting is invalid (message names the key)
      ├── SpoolError       an instance could not be stored durably
-     │    └── SpoolFullError   the free-space floor was reached
+     │    ├── SpoolFullError   the free-space floor was reached
+     │    └── InstanceTooLargeError   a data set grew past scp.max_instance_bytes
      ├── StateError       the state database failed
      │    └── CorruptStateError   its file is damaged (rebuild it from the spool)
      ├── DicomInputError  a dataset is malformed or not something we handle
@@ -33,6 +34,10 @@ class SpoolError(AgentError):
 
 class SpoolFullError(SpoolError):
     """Free disk space is below the configured floor."""
+
+
+class InstanceTooLargeError(SpoolError):
+    """A data set (or its inflated form) grew past ``scp.max_instance_bytes`` while arriving."""
 
 
 class StateError(AgentError):

@@ -288,6 +288,7 @@ class StoreOutcome(StrEnum):
     NEW = "new"
     DUPLICATE = "duplicate"  # identical bytes: no-op
     REPLACED = "replaced"  # different bytes: stored copy replaced, study marked for re-audit
+    KEPT_FIRST = "kept_first"  # different bytes, scp.overwrite=keep_first: the new copy dropped
 
 
 class StateDB:
