@@ -14,7 +14,7 @@ While the model works on one batch the decode pool already prepares the next, an
 batch's outputs are being written, so CPU work overlaps with the model.
 
 Errors are caught per job: a failure records its reason in the job row and schedules a retry
-with exponential backoff (:func:`dicom_agent.state.retry_delay`); after
+with exponential backoff (:meth:`dicom_agent.state.StateDB.fail_job`, shared with forward jobs); after
 ``worker.max_attempts`` the job is dead-lettered. A model that cannot be loaded (no weights, no
 GPU) never loses work: jobs wait in ``waiting_model`` and the load is retried every
 ``worker.model_retry_seconds``.
@@ -59,7 +59,7 @@ from dicom_agent.pixels import (
 )
 from dicom_agent.routing import ProfileRoutes, route_study
 from dicom_agent.scheduler import study_dir
-from dicom_agent.state import JobRow, JobState, StateDB, retry_delay
+from dicom_agent.state import JobRow, JobState, StateDB
 
 log = logging.getLogger(__name__)
 
@@ -668,8 +668,12 @@ class Worker:
             ("dicom_agent", "cxr_auditor")
         )
         try:
-            if job.attempts >= w.max_attempts:
-                self.db.transition_job(job.id, JobState.DEAD, now, error=reason)
+            row = self.db.fail_job(
+                job.id, now, reason, max_attempts=w.max_attempts,
+                backoff_seconds=w.retry_backoff_seconds,
+                backoff_max_seconds=w.retry_backoff_max_seconds,
+            )
+            if row.state == JobState.DEAD.value:
                 log.error(
                     "audit dead-lettered after %d attempts (%s)", job.attempts, type(exc).__name__,
                     exc_info=not expected,
@@ -679,9 +683,7 @@ class Worker:
                 if self.metrics is not None:
                     self.metrics.job_events.labels("dead").inc()
                 return
-            delay = retry_delay(job.attempts, w.retry_backoff_seconds, w.retry_backoff_max_seconds)
-            self.db.transition_job(job.id, JobState.QUEUED, now, error=reason,
-                                   next_attempt_at=now + delay)
+            delay = row.next_attempt_at - now
         except Exception:
             log.exception("could not record the failure of job %d", job.id)
             return
