@@ -26,6 +26,7 @@ import json
 import logging
 import os
 import re
+import stat
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -166,7 +167,17 @@ class _Rejected(Exception):
 
 
 class DraftReader:
-    """Reads the drafts folder; one instance per agent (it remembers what it has seen)."""
+    """Reads the drafts folder; one instance per agent (it remembers what it has seen).
+
+    A subclass reads another folder of report texts the same way (the finals folder,
+    :mod:`dicom_agent.finals`) by overriding :meth:`_store`, :meth:`_store_file_name`, the
+    noun of its log lines and its events.
+    """
+
+    #: What the folder holds, in log lines.
+    noun = "draft"
+    accepted_event = Event.DRAFT_ACCEPTED
+    duplicate_event = Event.DRAFT_DUPLICATE
 
     def __init__(self, settings: AgentSettings, db: StateDB, metrics: Metrics | None = None):
         self.folder = settings.paths.drafts
@@ -235,39 +246,72 @@ class DraftReader:
             self._reject(path, sha, rej)
             report.rejected.append(rej.code)
             return
-        outcome, draft_id = self.db.record_draft(
-            key=key, key_kind=kind, file_name=_text_name(path.name), sha256=sha, text=text, author=author,
-            now=now,
-        )
+        outcome, draft_id = self._store(key, kind, _text_name(path.name), sha, text, author, now)
         dest = _move_unique(path, self.folder / PROCESSED_DIR, sha)
         self._seen.pop(path.name, None)
         if outcome is DraftOutcome.DUPLICATE:
             report.duplicates += 1
             self._count("duplicate")
             log.info(
-                "draft identical to the current one; no re-audit",
-                extra=event(event=Event.DRAFT_DUPLICATE, draft_id=draft_id, study=study_ref(key)),
+                "%s identical to the current one; no re-audit", self.noun,
+                extra=event(event=self.duplicate_event, draft_id=draft_id, study=self._study_ref(key)),
             )
             return
         if dest.name != path.name:
             # keep the row pointing at the file as it is named in processed/
-            self.db.set_draft_file_name(draft_id, _text_name(dest.name))
+            self._store_file_name(draft_id, _text_name(dest.name))
         report.accepted.append(draft_id)
         self._count("accepted")
         log.info(
-            "draft accepted",
-            extra=event(event=Event.DRAFT_ACCEPTED, draft_id=draft_id, study=study_ref(key)),
+            "%s accepted", self.noun,
+            extra=event(event=self.accepted_event, draft_id=draft_id, study=self._study_ref(key)),
         )
 
+    def _store(
+        self, key: str, kind: str, file_name: str, sha: str, text: str, author: str | None,
+        now: float,
+    ) -> tuple[DraftOutcome, int]:
+        """Record one accepted file; ``(outcome, row id)``."""
+        return self.db.record_draft(
+            key=key, key_kind=kind, file_name=file_name, sha256=sha, text=text, author=author,
+            now=now,
+        )
+
+    def _store_file_name(self, row_id: int, file_name: str) -> None:
+        self.db.set_draft_file_name(row_id, file_name)
+
+    def _study_ref(self, key: str) -> str | None:
+        """The log reference of the one study ``key`` names, as every other line writes it.
+
+        Never the hash of the key itself: an accession number and the Study Instance UID of
+        the same study would hash differently, and one study would carry two references.
+        None (no ``study`` field) while no study or several hold the key; the later
+        ``draft.paired`` line links the ``draft_id`` to its study.
+        """
+        studies = self.db.studies_for_key(key)
+        return study_ref(studies[0]) if len(studies) == 1 else None
+
     def _read_stable(self, path: Path, seen: Observation) -> bytes:
-        """Read the file; raise _Changed if it was rewritten since the poll or during the read."""
-        before = path.stat()
-        if (before.st_size, before.st_mtime_ns) != (seen.size, seen.mtime_ns):
-            raise _Changed
-        if before.st_size > self.max_bytes:
-            return b""  # size is checked in _parse from the observation; never read huge files
-        data = path.read_bytes()
-        after = path.stat()
+        """Read the file; raise _Changed if it was rewritten since the poll or during the read.
+
+        One descriptor, opened with ``O_NOFOLLOW`` (a name swapped for a symlink since the
+        poll's lstat fails with ELOOP instead of reading the link's target) and ``O_NONBLOCK``
+        (a FIFO swapped in cannot block the poll); ``fstat`` on that descriptor then checks it is
+        the regular file the poll saw, so no check and use ever look at two different files.
+        """
+        fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_CLOEXEC)
+        try:
+            before = os.fstat(fd)
+            if not stat.S_ISREG(before.st_mode):
+                raise _Changed
+            if (before.st_size, before.st_mtime_ns) != (seen.size, seen.mtime_ns):
+                raise _Changed
+            if before.st_size > self.max_bytes:
+                return b""  # size is checked in _parse from the observation; never read huge files
+            data = _read_at_most(fd, before.st_size + 1)  # a file that grew shows as changed
+            after = os.fstat(fd)
+        finally:
+            os.close(fd)
         if (after.st_size, after.st_mtime_ns) != (before.st_size, before.st_mtime_ns) or len(
             data
         ) != after.st_size:
@@ -353,12 +397,22 @@ def _move_unique(src: Path, folder: Path, sha: str) -> Path:
     for candidate in candidates:
         dest = folder / candidate
         try:
-            os.link(src, dest)
+            # the name is moved, never what it may point to (swapped for a link after the read)
+            os.link(src, dest, follow_symlinks=False)
         except FileExistsError:
             continue
         src.unlink()
         return dest
     raise OSError(f"no free name in {folder} for a draft")
+
+
+def _read_at_most(fd: int, limit: int) -> bytes:
+    """Up to ``limit`` bytes from ``fd`` (fewer at end of file)."""
+    chunks: list[bytes] = []
+    while limit > 0 and (chunk := os.read(fd, min(limit, 1 << 16))):
+        chunks.append(chunk)
+        limit -= len(chunk)
+    return b"".join(chunks)
 
 
 def _os_reason(exc: OSError) -> str:

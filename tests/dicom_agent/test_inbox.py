@@ -9,6 +9,7 @@ from pathlib import Path
 
 import pytest
 
+import dicom_agent.inbox as inbox_mod
 from dicom_agent.config import AgentSettings
 from dicom_agent.inbox import (
     DraftReader,
@@ -70,17 +71,17 @@ class TestStability:
     ) -> None:
         path = folder(reader) / "ACC2.txt"
         path.write_text("first")
-        real = Path.read_bytes
+        real = inbox_mod._read_at_most
         calls = []
 
-        def racing_read(self: Path) -> bytes:
-            data = real(self)
+        def racing_read(fd: int, limit: int) -> bytes:
+            data = real(fd, limit)
             if not calls:
                 calls.append(1)
-                self.write_text("first and more")
+                path.write_text("first and more")
             return data
 
-        monkeypatch.setattr(Path, "read_bytes", racing_read)
+        monkeypatch.setattr(inbox_mod, "_read_at_most", racing_read)
         report = poll_until_read(reader)
         assert (report.retried, report.accepted) == (1, [])
         report = poll_until_read(reader, 5.0)
@@ -96,6 +97,33 @@ class TestStability:
         assert report.accepted == [] and report.rejected == []
         assert sorted(p.name for p in d.iterdir() if p.is_file() or p.is_symlink()) == [
             ".ACC3.txt", "ACC3.part", "ACC3.txt.tmp", "ACC4.txt"]
+
+    def test_draft_swapped_for_a_symlink_after_the_poll_is_not_followed(
+        self, reader: DraftReader, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+    ) -> None:
+        """The race the lstat in poll() cannot close: the name becomes a symlink (same size,
+        same mtime as the target) between the stability check and the read."""
+        outside = tmp_path / "outside.txt"
+        outside.write_text(SECRET)
+        path = folder(reader) / "ACC6.txt"
+        path.write_text(SECRET.replace("S", "s"))  # same length as the secret
+        real_is_stable = inbox_mod.is_stable
+
+        def swap_then_decide(*args: object) -> bool:
+            stable = real_is_stable(*args)  # type: ignore[arg-type]
+            if stable and not path.is_symlink():
+                st = path.stat()
+                path.unlink()
+                path.symlink_to(outside)
+                os.utime(outside, ns=(st.st_atime_ns, st.st_mtime_ns))
+            return stable
+
+        monkeypatch.setattr(inbox_mod, "is_stable", swap_then_decide)
+        report = poll_until_read(reader)
+        assert report.accepted == [] and report.rejected == []
+        assert reader.db.drafts() == []
+        assert path.is_symlink() and outside.read_text() == SECRET
+        assert not (folder(reader) / "processed").exists()
 
 
 class TestAccepted:
@@ -223,8 +251,6 @@ class TestFileErrors:
     ) -> None:
         """An unreadable or unmovable draft is retried later; the log line has no file name
         (a draft's name is its accession number)."""
-        import dicom_agent.inbox as inbox_mod
-
         (folder(reader) / "ACC77665544.txt").write_text("Small left effusion.")
         path_error = FileNotFoundError(2, "No such file or directory", "drafts/ACC77665544.txt")
 
