@@ -1,18 +1,18 @@
 """The ``cxr-agent`` command line. Commands are thin: parse options, call library code.
 
-Each group of commands lives in its own module under :mod:`dicom_agent.commands` and registers
-itself on :data:`app`. An expected failure prints one line on stderr and exits non-zero; a
-traceback appears only with ``--debug``.
+Each group of commands lives in its own module under :mod:`dicom_agent.commands`, on a Typer of
+its own that :data:`app` merges here; the command modules never import this one. An expected
+failure prints one line on stderr and exits non-zero; a traceback appears only with ``--debug``.
 """
 
 from __future__ import annotations
 
-import importlib
 import sys
 
 import typer
 
 from cxr_auditor.errors import CxrAuditError
+from dicom_agent.commands import agent, draft, models, outputs
 from dicom_agent.errors import AgentError
 
 app = typer.Typer(
@@ -38,20 +38,8 @@ def version() -> None:
     typer.echo(_v("cxr-audit-agent"))
 
 
-# Modules under dicom_agent.commands that register commands on ``app`` when imported.
-COMMAND_MODULES = ("draft", "agent", "models", "outputs")
-
-
-def _register() -> None:
-    for name in COMMAND_MODULES:
-        try:
-            importlib.import_module(f"dicom_agent.commands.{name}")
-        except ModuleNotFoundError as exc:
-            if exc.name != f"dicom_agent.commands.{name}":
-                raise
-
-
-_register()
+for _group in (draft, agent, models, outputs):
+    app.add_typer(_group.app)  # no name: the group's commands join the top level
 
 
 def main() -> None:
@@ -75,8 +63,4 @@ def main() -> None:
 
 
 if __name__ == "__main__":  # pragma: no cover
-    # As ``python -m dicom_agent.cli`` this file runs as ``__main__``, a second module object:
-    # the command modules registered themselves on the importable ``dicom_agent.cli``'s app.
-    from dicom_agent.cli import main as _main
-
-    _main()
+    main()

@@ -1,4 +1,5 @@
-"""Command modules of ``cxr-agent``; each registers its commands on ``dicom_agent.cli.app``."""
+"""Command modules of ``cxr-agent``: each holds its commands on its own ``app`` Typer, which
+:mod:`dicom_agent.cli` merges into the top-level command (the modules never import the CLI)."""
 
 from __future__ import annotations
 

@@ -10,10 +10,12 @@ from typing import Any
 
 import typer
 
-from dicom_agent.cli import app
 from dicom_agent.commands import CONFIG_OPTION, fail, settings_or_fail
 from dicom_agent.config import AgentSettings
 from dicom_agent.errors import ConfigError
+
+#: The commands of this module; :mod:`dicom_agent.cli` adds them to ``cxr-agent``.
+app = typer.Typer()
 
 #: A heartbeat older than this many seconds means the agent is not running.
 HEARTBEAT_STALE_SECONDS = 15.0

@@ -22,8 +22,10 @@ from cxr_auditor.drafts import get_parser
 from cxr_auditor.drafts.base import DraftParser
 from cxr_auditor.drafts.rules import as_records
 from cxr_auditor.errors import CxrAuditError
-from dicom_agent.cli import app
 from dicom_agent.commands import fail, settings_or_fail, warn
+
+#: The commands of this module; :mod:`dicom_agent.cli` adds them to ``cxr-agent``.
+app = typer.Typer()
 
 STDIN = "-"
 

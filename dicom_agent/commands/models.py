@@ -34,13 +34,15 @@ from cxr_auditor.profiles import (
     load_profiles,
 )
 from cxr_auditor.schema import ImageRef, StudyKeys
-from dicom_agent.cli import app
 from dicom_agent.commands import fail
 from dicom_agent.config import AgentSettings, load_settings
 from dicom_agent.errors import AgentError, ConfigError
 
 if TYPE_CHECKING:
     from dicom_agent.worker import AuditRunner
+
+#: The commands of this module; :mod:`dicom_agent.cli` adds them to ``cxr-agent``.
+app = typer.Typer()
 
 _CONFIG = typer.Option(None, "--config", help="YAML file over the embedded defaults.")
 _DICM_OFFSET = 128  # PS3.10 7.1: a 128-byte preamble, then the "DICM" prefix

@@ -8,7 +8,6 @@ from typing import Annotated
 
 import typer
 
-from dicom_agent.cli import app
 from dicom_agent.commands import fail, settings_or_fail
 from dicom_agent.conformance import is_valid_uid
 from dicom_agent.errors import OutputError
@@ -16,6 +15,9 @@ from dicom_agent.forward import drain_outbox, enqueue_forward
 from dicom_agent.outputs import objects_to_send
 from dicom_agent.outputs.sidecar import SIDECAR_NAME, read_result
 from dicom_agent.state import JobState, StateDB
+
+#: The commands of this module; :mod:`dicom_agent.cli` adds them to ``cxr-agent``.
+app = typer.Typer()
 
 
 @app.command("resend")
