@@ -145,8 +145,7 @@ def pair_drafts(db: StateDB, now: float, study_wait_seconds: float) -> tuple[int
             log.warning(
                 "draft refused: its accession number is held by %d studies; resend it named"
                 " by Study Instance UID", len(studies),
-                extra=event(event=Event.DRAFT_AMBIGUOUS, draft_id=d.id, study=study_ref(d.key),
-                            count=len(studies)),
+                extra=event(event=Event.DRAFT_AMBIGUOUS, draft_id=d.id, count=len(studies)),
             )
             continue
         study_uid = studies[0] if studies else None
@@ -168,7 +167,7 @@ def pair_drafts(db: StateDB, now: float, study_wait_seconds: float) -> tuple[int
             orphaned += 1
             log.warning(
                 "draft has no study after %.0f s; kept as orphan", study_wait_seconds,
-                extra=event(event=Event.DRAFT_ORPHAN, draft_id=d.id, study=study_ref(d.key)),
+                extra=event(event=Event.DRAFT_ORPHAN, draft_id=d.id),  # no study: no reference
             )
     return paired, orphaned
 
