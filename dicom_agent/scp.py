@@ -211,11 +211,14 @@ def _on_conn_open(event: Event) -> None:
 
 def _on_accepted(event: Event) -> None:
     rejected = sorted({str(cx.abstract_syntax) for cx in event.assoc.rejected_contexts})
-    logger.info("association accepted from %s", _peer(event))
+    # scp.unknown_sop_class=reject: storescu and most archives propose every class they know on
+    # each association, so the list of refused classes runs to kilobytes: a count at INFO,
+    # the classes themselves at DEBUG.
+    logger.info(
+        "association accepted from %s (%d SOP classes refused)", _peer(event), len(rejected)
+    )
     if rejected:
-        # scp.unknown_sop_class=reject: say which classes the peer could not send. INFO, not
-        # WARNING: storescu and most archives propose every class they know on each association.
-        logger.info(
+        logger.debug(
             "association from %s: presentation contexts rejected for %s",
             _peer(event),
             ", ".join(rejected),
