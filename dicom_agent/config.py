@@ -93,6 +93,7 @@ class PathSettings(_Section):
     out: Path = Path("var/out")
     state: Path = Path("var/state/agent.sqlite3")
     quarantine: Path = Path("var/quarantine")
+    finals: Path = Path("var/finals")
     profiles: Path | None = None
 
 
@@ -187,6 +188,16 @@ class LoggingSettings(_Section):
     json_lines: bool = False
 
 
+class MonitoringSettings(_Section):
+    """Monitoring against signed final reports dropped in ``paths.finals``."""
+
+    enabled: bool = True
+    poll_seconds: float = Field(default=5.0, gt=0)
+    window_cases: int = Field(
+        default=200, ge=1, description="newest agreements per label and profile in the window"
+    )
+
+
 class HealthSettings(_Section):
     """The HTTP server: health, metrics and the results browser (docs/browser.md)."""
 
@@ -251,6 +262,7 @@ class AgentSettings(BaseSettings):
     housekeeping: HousekeepingSettings = Field(default_factory=HousekeepingSettings)
     logging: LoggingSettings = Field(default_factory=LoggingSettings)
     health: HealthSettings = Field(default_factory=HealthSettings)
+    monitoring: MonitoringSettings = Field(default_factory=MonitoringSettings)
     web: WebSettings = Field(default_factory=WebSettings)
 
     @model_validator(mode="after")
@@ -292,6 +304,7 @@ class AgentSettings(BaseSettings):
             "out": p.out,
             "state": p.state.parent,
             "quarantine": p.quarantine,
+            "finals": p.finals,
         }
 
     def ensure_folders(self) -> None:

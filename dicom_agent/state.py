@@ -46,6 +46,14 @@ class DraftState(StrEnum):
     AMBIGUOUS = "ambiguous"  # its accession number is held by two or more studies: not paired
 
 
+class FinalState(StrEnum):
+    """A signed final report read from the finals folder (monitoring)."""
+
+    PENDING = "pending"  # no audited result of its study yet (or no study)
+    COMPARED = "compared"  # its agreement rows are recorded
+    SUPERSEDED = "superseded"  # an amended final for the same key replaced it
+
+
 class JobState(StrEnum):
     QUEUED = "queued"
     RUNNING = "running"
@@ -239,6 +247,64 @@ class DraftRow:
 
     def __repr__(self) -> str:  # key, file name and text can carry PHI
         return f"DraftRow(id={self.id}, state={self.state!r}, [secure])"
+
+
+@dataclass(frozen=True)
+class FinalRow:
+    id: int
+    key: str
+    key_kind: str
+    study_instance_uid: str | None
+    file_name: str
+    sha256: str
+    text: str
+    state: str
+    received_at: float
+    updated_at: float
+
+    def __repr__(self) -> str:  # key, file name and text can carry PHI
+        return f"FinalRow(id={self.id}, state={self.state!r}, [secure])"
+
+
+@dataclass(frozen=True)
+class AgreementRow:
+    """How one label of one audited study agreed with its final report.
+
+    ``model_present`` is None when the grounding was not ok, ``draft_present`` None when the
+    study had no parsed draft; ``flags`` are the flag kinds the audit raised on the label.
+    """
+
+    final_id: int
+    study_instance_uid: str
+    result_version: int
+    profile: str
+    label: str
+    final_present: bool
+    model_present: bool | None
+    draft_present: bool | None
+    flags: tuple[str, ...]
+    recorded_at: float
+
+    def __repr__(self) -> str:  # the study UID stays out of logs
+        return f"AgreementRow(label={self.label!r}, profile={self.profile!r}, [secure])"
+
+    @classmethod
+    def from_row(cls, row: sqlite3.Row) -> AgreementRow:
+        def flag(value: object) -> bool | None:
+            return None if value is None else bool(value)
+
+        return cls(
+            final_id=int(row["final_id"]),
+            study_instance_uid=str(row["study_instance_uid"]),
+            result_version=int(row["result_version"]),
+            profile=str(row["profile"]),
+            label=str(row["label"]),
+            final_present=bool(row["final_present"]),
+            model_present=flag(row["model_present"]),
+            draft_present=flag(row["draft_present"]),
+            flags=tuple(f for f in str(row["flags"]).split(",") if f),
+            recorded_at=float(row["recorded_at"]),
+        )
 
 
 class DraftOutcome(StrEnum):
@@ -958,6 +1024,81 @@ class StateDB:
                 self._transition_job(conn, dead[i], JobState.QUEUED, now, next_attempt_at=now)
                 for i in wanted
             ]
+
+    # -- finals and agreements (monitoring) ---------------------------------------------------
+
+    def record_final(
+        self, *, key: str, key_kind: str, file_name: str, sha256: str, text: str, now: float
+    ) -> tuple[DraftOutcome, int]:
+        """Record a final report for ``key``; the same bytes as the key's current one are a
+        no-op. An amended final leaves the compared one current until it is compared itself."""
+        with self.transaction() as conn:
+            current = conn.execute(
+                "SELECT id, sha256 FROM finals WHERE key = ? AND state != ?"
+                " ORDER BY id DESC LIMIT 1",
+                (key, FinalState.SUPERSEDED.value),
+            ).fetchone()
+            if current is not None and current["sha256"] == sha256:
+                return DraftOutcome.DUPLICATE, int(current["id"])
+            conn.execute(
+                "UPDATE finals SET state=?, updated_at=? WHERE key=? AND state=?",
+                (FinalState.SUPERSEDED.value, now, key, FinalState.PENDING.value),
+            )
+            cur = conn.execute(
+                "INSERT INTO finals (key, key_kind, file_name, sha256, text, state, received_at,"
+                " updated_at) VALUES (?,?,?,?,?,?,?,?)",
+                (key, key_kind, file_name, sha256, text, FinalState.PENDING.value, now, now),
+            )
+            return DraftOutcome.NEW, int(cur.lastrowid or 0)
+
+    def set_final_file_name(self, final_id: int, file_name: str) -> None:
+        with self.transaction() as conn:
+            conn.execute("UPDATE finals SET file_name=? WHERE id=?", (file_name, final_id))
+
+    def finals(self, state: FinalState | None = None) -> list[FinalRow]:
+        where, params = _state_in((state,) if state else None)
+        rows = self.query(f"SELECT * FROM finals{where} ORDER BY id", params)
+        return [FinalRow(**dict(r)) for r in rows]
+
+    def record_agreements(
+        self, final_id: int, study_uid: str, rows: list[AgreementRow], now: float
+    ) -> None:
+        """Replace the study's agreement rows with those of ``final_id`` and mark it compared
+        (an earlier compared final of the study becomes superseded), in one transaction."""
+        with self.transaction() as conn:
+            conn.execute("DELETE FROM agreements WHERE study_instance_uid=?", (study_uid,))
+            conn.executemany(
+                "INSERT INTO agreements (final_id, study_instance_uid, result_version, profile,"
+                " label, final_present, model_present, draft_present, flags, recorded_at)"
+                " VALUES (?,?,?,?,?,?,?,?,?,?)",
+                [
+                    (r.final_id, r.study_instance_uid, r.result_version, r.profile, r.label,
+                     int(r.final_present),
+                     None if r.model_present is None else int(r.model_present),
+                     None if r.draft_present is None else int(r.draft_present),
+                     ",".join(r.flags), r.recorded_at)
+                    for r in rows
+                ],
+            )
+            conn.execute(
+                "UPDATE finals SET state=?, updated_at=? WHERE study_instance_uid=? AND state=?"
+                " AND id!=?",
+                (FinalState.SUPERSEDED.value, now, study_uid, FinalState.COMPARED.value, final_id),
+            )
+            conn.execute(
+                "UPDATE finals SET state=?, study_instance_uid=?, updated_at=? WHERE id=?",
+                (FinalState.COMPARED.value, study_uid, now, final_id),
+            )
+
+    def agreement_window(self, per_label: int) -> list[AgreementRow]:
+        """The newest ``per_label`` agreement rows of every (profile, label): the sliding
+        window of the running sensitivity and specificity."""
+        rows = self.query(
+            "SELECT * FROM (SELECT a.*, ROW_NUMBER() OVER (PARTITION BY profile, label"
+            " ORDER BY id DESC) AS rn FROM agreements a) WHERE rn <= ? ORDER BY id",
+            (per_label,),
+        )
+        return [AgreementRow.from_row(r) for r in rows]
 
     def move_jobs(self, source: JobState, target: JobState, now: float) -> int:
         """Move every audit job in ``source`` to ``target`` (waiting for / regaining the model)."""

@@ -33,6 +33,7 @@ def var_paths(var: Path) -> dict[str, Path]:
         "out": var / "out",
         "state": var / "state" / "agent.sqlite3",
         "quarantine": var / "quarantine",
+        "finals": var / "finals",
     }
 
 
