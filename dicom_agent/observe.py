@@ -16,6 +16,7 @@ import hashlib
 import hmac
 import json
 import logging
+import re
 import secrets
 import sys
 import threading
@@ -65,6 +66,9 @@ class Event(StrEnum):
     SR_FORWARDED = "sr.forwarded"
     HOUSEKEEPING_DONE = "housekeeping.done"
     SCHEDULER_ERROR = "scheduler.error"
+    FINAL_ACCEPTED = "final.accepted"
+    FINAL_DUPLICATE = "final.duplicate"
+    FINAL_COMPARED = "final.compared"
 
 
 # -- PHI-safe references ------------------------------------------------------------------------
@@ -114,6 +118,26 @@ def event(**fields: Any) -> dict[str, Any]:
     return {k: (v.value if isinstance(v, StrEnum) else v) for k, v in fields.items()}
 
 
+# A DICOM UID (PS3.5 9.1) of five or more components; instance, series and study UIDs are
+# always that long, IP addresses and version numbers are not.
+_UID_RE = re.compile(r"(?<![\d.])[0-2](?:\.\d+){4,}(?![\d.])")
+# UIDs under the DICOM standard's own root name SOP classes and transfer syntaxes, never an
+# instance: they stay readable.
+_STANDARD_UID_ROOT = "1.2.840.10008."
+
+
+def redact_uids(text: str) -> str:
+    """``text`` with every non-standard DICOM UID replaced by ``uid:<study_ref of it>``.
+
+    The last guard of STYLE.md section 4: whatever a library or an exception message says,
+    no SOP Instance (or Study, Series) UID reaches a log line in clear text.
+    """
+    return _UID_RE.sub(
+        lambda m: m[0] if m[0].startswith(_STANDARD_UID_ROOT) else f"uid:{study_ref(m[0])}",
+        text,
+    )
+
+
 class JsonLinesFormatter(logging.Formatter):
     """One JSON object per line: ts, level, logger, msg and the fixed event fields."""
 
@@ -122,14 +146,14 @@ class JsonLinesFormatter(logging.Formatter):
             "ts": round(record.created, 3),
             "level": record.levelname,
             "logger": record.name,
-            "msg": record.getMessage(),
+            "msg": redact_uids(record.getMessage()),
         }
         for name in EVENT_FIELDS:
             value = getattr(record, name, None)
             if value is not None:
                 out[name] = value
         if record.exc_info:
-            out["exc"] = self.formatException(record.exc_info)
+            out["exc"] = redact_uids(self.formatException(record.exc_info))
         return json.dumps(out, default=str)
 
 
@@ -140,18 +164,25 @@ class TextFormatter(logging.Formatter):
         super().__init__("%(asctime)s %(levelname)s %(name)s: %(message)s")
 
     def format(self, record: logging.LogRecord) -> str:
-        line = super().format(record)
+        line = redact_uids(super().format(record))
         extras = [
             f"{n}={getattr(record, n)}" for n in EVENT_FIELDS if getattr(record, n, None) is not None
         ]
         return f"{line} [{' '.join(extras)}]" if extras else line
 
 
-def setup_logging(cfg: LoggingSettings, stream: Any = None) -> None:
-    """Configure the root logger for ``serve``; pynetdicom is kept at WARNING.
+#: Loggers of this project; everything else is a library's and logs at ``library_level``.
+OWN_LOGGERS = ("dicom_agent", "cxr_auditor")
 
-    pynetdicom logs whole identifiers and datasets at DEBUG/INFO; WARNING keeps patient data
-    out of our logs (STYLE.md section 4).
+
+def setup_logging(cfg: LoggingSettings, stream: Any = None) -> None:
+    """Configure logging for ``serve``: our loggers at ``level``, all others (the root) at
+    ``library_level`` (WARNING by default).
+
+    pynetdicom logs identifiers and whole datasets at DEBUG/INFO, highdicom names every SOP
+    Instance UID it adds at INFO; WARNING keeps them out, and :func:`redact_uids` in both
+    formatters catches what a lower level or an exception message would let through
+    (STYLE.md section 4).
     """
     handler = logging.StreamHandler(stream or sys.stderr)
     handler.setFormatter(JsonLinesFormatter() if cfg.json_lines else TextFormatter())
@@ -159,9 +190,9 @@ def setup_logging(cfg: LoggingSettings, stream: Any = None) -> None:
     for old in list(root.handlers):
         root.removeHandler(old)
     root.addHandler(handler)
-    root.setLevel(cfg.level.upper())
-    for noisy in ("pynetdicom", "apscheduler"):
-        logging.getLogger(noisy).setLevel(logging.WARNING)
+    root.setLevel(cfg.library_level.upper())
+    for name in OWN_LOGGERS:
+        logging.getLogger(name).setLevel(cfg.level.upper())
     # Belt and braces: even if someone lowers pynetdicom's level, no query/response
     # identifiers (patient data) are logged.
     pynetdicom_config.LOG_REQUEST_IDENTIFIERS = False
@@ -191,6 +222,34 @@ class Metrics:
         self.jobs = Gauge("cxr_agent_jobs", "Jobs by state", ["state"], registry=r)
         self.studies = Gauge("cxr_agent_studies", "Studies by state", ["state"], registry=r)
         self.orphans = Gauge("cxr_agent_orphan_drafts", "Drafts with no study", registry=r)
+        # Monitoring against final reports (dicom_agent.finals): rates over the sliding window
+        # of the newest monitoring.window_cases agreements per profile and label.
+        self.finals = Counter(
+            "cxr_agent_finals", "Final report files handled, by outcome", ["outcome"], registry=r
+        )
+        self.monitor_sensitivity = Gauge(
+            "cxr_agent_monitor_sensitivity",
+            "Share of final-report positives the model (source=model) or draft found, window",
+            ["profile", "label", "source"],
+            registry=r,
+        )
+        self.monitor_specificity = Gauge(
+            "cxr_agent_monitor_specificity",
+            "Share of final-report negatives the model or draft left negative, window",
+            ["profile", "label", "source"],
+            registry=r,
+        )
+        self.monitor_cases = Gauge(
+            "cxr_agent_monitor_window_cases",
+            "Agreements in the window, by profile and label", ["profile", "label"], registry=r,
+        )
+        self.monitor_flag_confirmed = Gauge(
+            "cxr_agent_monitor_flag_confirmed_ratio",
+            "Share of flags the final report confirmed, window (missing/urgent: final positive;"
+            " unsupported: final negative)",
+            ["profile", "kind"],
+            registry=r,
+        )
         self.model_available = Gauge(
             "cxr_agent_model_available", "1 when the grounding model is loaded", registry=r
         )

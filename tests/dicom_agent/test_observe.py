@@ -5,13 +5,16 @@ from __future__ import annotations
 import io
 import json
 import logging
+from collections.abc import Iterator
 from pathlib import Path
 
 import httpx
+import pydicom
 import pytest
 
 from dicom_agent.config import LoggingSettings
 from dicom_agent.observe import (
+    OWN_LOGGERS,
     Event,
     HealthServer,
     JsonLinesFormatter,
@@ -24,6 +27,20 @@ from dicom_agent.observe import (
 from dicom_agent.state import DraftState, StateDB
 
 UID = "1.2.826.0.1.3680043.8.498.42"
+
+
+@pytest.fixture
+def logs() -> Iterator[io.StringIO]:
+    """A stream for :func:`setup_logging`; the global logging state is restored afterwards."""
+    root = logging.getLogger()
+    saved = (root.level, list(root.handlers),
+             {name: logging.getLogger(name).level for name in OWN_LOGGERS})
+    stream = io.StringIO()
+    yield stream
+    root.setLevel(saved[0])
+    root.handlers[:] = saved[1]
+    for name, level in saved[2].items():
+        logging.getLogger(name).setLevel(level)
 
 
 class TestStudyRef:
@@ -47,18 +64,51 @@ class TestLogging:
         assert out["event"] == "audit.done" and out["job_id"] == 3 and out["msg"] == "audit done"
         assert out["level"] == "INFO" and out["study"] == "abc"
 
-    def test_setup_logging_json_and_pynetdicom_at_warning(self) -> None:
-        stream = io.StringIO()
-        setup_logging(LoggingSettings(json_lines=True, level="DEBUG"), stream)
-        try:
-            logging.getLogger("dicom_agent.test").info(
-                "hello", extra=event(event=Event.STUDY_SETTLED))
-            logging.getLogger("pynetdicom.assoc").info("dataset dump")
-        finally:
-            logging.getLogger().handlers.clear()
-        (line,) = stream.getvalue().splitlines()
+    def test_setup_logging_json_and_libraries_at_warning(self, logs: io.StringIO) -> None:
+        setup_logging(LoggingSettings(json_lines=True, level="DEBUG"), logs)
+        logging.getLogger("dicom_agent.test").debug("hello", extra=event(event=Event.STUDY_SETTLED))
+        for library in ("pynetdicom.assoc", "highdicom.base", "pydicom", "apscheduler"):
+            logging.getLogger(library).info("dataset dump")
+        (line,) = logs.getvalue().splitlines()
         assert json.loads(line)["event"] == "study.settled"
-        assert logging.getLogger("pynetdicom").level == logging.WARNING
+
+    @pytest.mark.parametrize("json_lines", [False, True])
+    def test_uids_are_hashed_in_messages_and_tracebacks(
+        self, logs: io.StringIO, json_lines: bool
+    ) -> None:
+        setup_logging(LoggingSettings(json_lines=json_lines), logs)
+        log = logging.getLogger("dicom_agent.test")
+        log.warning("stored %s as 1.2.840.10008.5.1.4.1.1.1 from 10.0.0.12", UID)
+        try:
+            raise ValueError(f"bad instance {UID}")
+        except ValueError:
+            log.exception("failed")
+        out = logs.getvalue()
+        assert UID not in out
+        assert out.count(f"uid:{study_ref(UID)}") == 2  # the message and the exception's
+        assert "1.2.840.10008.5.1.4.1.1.1" in out and "10.0.0.12" in out  # SOP class, an IP
+
+    @pytest.mark.parametrize("library_level", ["WARNING", "INFO"])
+    def test_highdicom_lines_never_name_an_instance(
+        self, logs: io.StringIO, tmp_path: Path, library_level: str
+    ) -> None:
+        """highdicom names the SOP Instance UID of each source data set at INFO while the SR,
+        GSPS and SC are built: silent by default, hashed when libraries log at INFO."""
+        from dicom_agent.config import load_settings
+        from tests.dicom_agent.outputs.studies import written_findings
+
+        settings = load_settings(paths={"out": tmp_path / "out"})
+        setup_logging(LoggingSettings(library_level=library_level), logs)
+        study, _, _ = written_findings(tmp_path, settings)
+        out = logs.getvalue()
+        sources = [str(pydicom.dcmread(p, stop_before_pixels=True).SOPInstanceUID)
+                   for p in study.sources.values()]
+        assert sources and not any(uid in out for uid in sources)
+        highdicom_lines = [ln for ln in out.splitlines() if "highdicom" in ln]
+        if library_level == "INFO":
+            assert any(f"uid:{study_ref(sources[0])}" in ln for ln in highdicom_lines)
+        else:
+            assert highdicom_lines == []
 
     def test_event_names_are_unique_and_dotted(self) -> None:
         values = [e.value for e in Event]
