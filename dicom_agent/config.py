@@ -184,7 +184,9 @@ class HousekeepingSettings(_Section):
 
 
 class LoggingSettings(_Section):
-    level: str = "INFO"
+    level: str = "INFO"  # the agent's own loggers (dicom_agent, cxr_auditor)
+    # Every other logger: pynetdicom, highdicom and pydicom log identifiers at INFO/DEBUG.
+    library_level: str = "WARNING"
     json_lines: bool = False
 
 
