@@ -7,10 +7,23 @@ import sys
 from pathlib import Path
 from typing import NoReturn
 
+import click
 import typer
+from typer.core import TyperOption
 
 from dicom_agent.config import AgentSettings, load_settings
 from dicom_agent.errors import ConfigError
+
+_typed_display = TyperOption.display_type_rich
+
+
+def _flag_display(self: TyperOption, ctx: click.Context) -> str | None:
+    # Typer 0.29's rich help labels every boolean flag "<bool>" as if it took a value (so
+    # users typed `status --json true`, which fails); a flag takes no value: show none.
+    return None if self.is_flag else _typed_display(self, ctx)
+
+
+TyperOption.display_type_rich = _flag_display  # type: ignore[method-assign]
 
 #: The ``--config`` option every command that reads settings takes.
 CONFIG_OPTION = typer.Option(None, "--config", help="YAML file over the embedded defaults.")

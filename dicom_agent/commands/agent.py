@@ -6,7 +6,7 @@ import json
 import os
 import time
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import typer
 
@@ -16,6 +16,12 @@ from dicom_agent.errors import ConfigError
 
 #: The commands of this module; :mod:`dicom_agent.cli` adds them to ``cxr-agent``.
 app = typer.Typer()
+
+if TYPE_CHECKING:
+    from dicom_agent.state import JobRow, StateDB, StudyRow
+
+#: Characters of a UID's tail that ``status`` and ``reaudit`` show.
+SHORT_UID_CHARS = 12
 
 #: A heartbeat older than this many seconds means the agent is not running.
 HEARTBEAT_STALE_SECONDS = 15.0
@@ -56,7 +62,103 @@ def _pid_alive(pid: object) -> bool:
     return True
 
 
-def collect_status(settings: AgentSettings, now: float | None = None) -> dict[str, Any]:
+def short_uid(uid: str) -> str:
+    """The tail of a UID, enough to tell studies apart on a screen (the head is the site root)."""
+    return uid if len(uid) <= SHORT_UID_CHARS + 1 else "…" + uid[-SHORT_UID_CHARS:]
+
+
+def _duration(seconds: float) -> str:
+    """``45s``, ``3m05s``, ``2h04m``, ``3d02h``: an age or a wait, to the unit that matters."""
+    s = max(0, int(seconds))
+    if s < 60:
+        return f"{s}s"
+    if s < 3600:
+        return f"{s // 60}m{s % 60:02d}s"
+    if s < 86400:
+        return f"{s // 3600}h{s % 3600 // 60:02d}m"
+    return f"{s // 86400}d{s % 86400 // 3600:02d}h"
+
+
+def _first_line(text: str | None) -> str | None:
+    return text.strip().splitlines()[0] if text and text.strip() else None
+
+
+def _waits_for(
+    study: StudyRow, job: JobRow | None, settings: AgentSettings, model: dict[str, Any], now: float
+) -> str:
+    """What a study is waiting for, in the operator's words (states: docs/operations.md)."""
+    from dicom_agent.state import JobState, StudyState
+
+    pairing = settings.pairing
+    if study.state == StudyState.RECEIVING:
+        left = study.last_instance_at + pairing.settle_seconds - now
+        return f"more images: settles {_duration(left)} after the last one arrived, unless more come"
+    if study.state == StudyState.WAITING_DRAFT:
+        if pairing.no_draft_policy == "wait":
+            return "a draft (pairing.no_draft_policy: wait)"
+        left = (study.settled_at or now) + pairing.draft_wait_seconds - now
+        return f"a draft: audited without one in {_duration(left)}"
+    if study.state == StudyState.FAILED:
+        error = _first_line(job.last_error if job else None) or "the audit job is dead"
+        return f"nothing: its audit failed ({error}); fix it, then cxr-agent reaudit"
+    if job is None:
+        return "the scheduler to queue its audit"
+    if job.state == JobState.WAITING_MODEL:
+        return f"the model: profile {model.get('profile')} is {model.get('state')}"
+    if job.state == JobState.RUNNING:
+        return "the worker: being audited now"
+    if job.last_error:
+        return (
+            f"a retry in {_duration(job.next_attempt_at - now)} (attempt {job.attempts + 1}):"
+            f" {_first_line(job.last_error)}"
+        )
+    return "the worker: queued for audit"
+
+
+def study_rows(
+    db: StateDB, settings: AgentSettings, model: dict[str, Any], now: float, limit: int
+) -> tuple[list[dict[str, Any]], int]:
+    """The newest ``limit`` unfinished studies (not yet audited) and how many there are in all."""
+    from dicom_agent.state import StudyState
+
+    waiting = (StudyState.RECEIVING, StudyState.WAITING_DRAFT, StudyState.QUEUED, StudyState.FAILED)
+    studies = db.studies(waiting)
+    rows = []
+    for study in reversed(studies[-limit:] if limit > 0 else []):
+        job = db.latest_audit_job(study.study_instance_uid)
+        rows.append({
+            "accession_number": study.accession_number,
+            "study_instance_uid": study.study_instance_uid,
+            "short_uid": short_uid(study.study_instance_uid),
+            "state": study.state,
+            "job_state": job.state if job else None,
+            "age_seconds": round(now - study.first_instance_at, 1),
+            "waits_for": _waits_for(study, job, settings, model, now),
+        })
+    return rows, len(studies)
+
+
+def _dead_letters(db: StateDB) -> list[dict[str, Any]]:
+    """Every dead job with its study (accession, short UID) and its whole reason."""
+    from dicom_agent.state import JobState
+
+    out = []
+    for job in db.jobs(JobState.DEAD):
+        study = db.study(job.study_instance_uid)
+        out.append({
+            "job_id": job.id,
+            "kind": job.kind,
+            "accession_number": study.accession_number if study else None,
+            "short_uid": short_uid(job.study_instance_uid),
+            "attempts": job.attempts,
+            "reason": _first_line(job.last_error),  # later lines are the traceback
+        })
+    return out
+
+
+def collect_status(
+    settings: AgentSettings, now: float | None = None, limit: int = 20
+) -> dict[str, Any]:
     """Status from the state DB plus the running agent's heartbeat file."""
     from dicom_agent.agent import status_counts
     from dicom_agent.state import StateDB
@@ -64,11 +166,6 @@ def collect_status(settings: AgentSettings, now: float | None = None) -> dict[st
     now = time.time() if now is None else now
     if not settings.paths.state.exists():
         fail(f"no state database at {settings.paths.state} (has the agent ever run here?)")
-    db = StateDB(settings.paths.state)
-    try:
-        body: dict[str, Any] = status_counts(db)
-    finally:
-        db.close()
     beat = _read_heartbeat(settings)
     running = (
         beat is not None
@@ -76,14 +173,23 @@ def collect_status(settings: AgentSettings, now: float | None = None) -> dict[st
         and now - float(beat.get("updated_at", 0)) < HEARTBEAT_STALE_SECONDS
         and _pid_alive(beat.get("pid"))
     )
-    body["agent"] = {
-        "running": running,
-        "pid": beat.get("pid") if beat else None,
-        "heartbeat_age_seconds": round(now - float(beat.get("updated_at", 0)), 1) if beat else None,
+    body: dict[str, Any] = {
+        "agent": {
+            "running": running,
+            "pid": beat.get("pid") if beat else None,
+            "heartbeat_age_seconds": round(now - float(beat.get("updated_at", 0)), 1) if beat else None,
+        },
+        "model": (beat.get("model") if running and beat else None) or {
+            "profile": settings.grounding.profile, "state": "unknown (agent not running)"
+        },
     }
-    body["model"] = beat.get("model") if running and beat else {
-        "profile": settings.grounding.profile, "state": "unknown (agent not running)"
-    }
+    db = StateDB(settings.paths.state)
+    try:
+        body.update(status_counts(db))
+        body["study_rows"], body["unfinished_studies"] = study_rows(db, settings, body["model"], now, limit)
+        body["dead_letters"] = _dead_letters(db)
+    finally:
+        db.close()
     if running and beat:
         body["agent"]["listener"] = beat.get("listener")
         body["agent"]["health_port"] = beat.get("health_port")
@@ -95,27 +201,33 @@ def _print_status(body: dict[str, Any]) -> None:
     typer.echo(f"agent: {'running (pid ' + str(agent['pid']) + ')' if agent['running'] else 'not running'}")
     line = f"model: {model.get('profile')} {model.get('state')}"
     if model.get("reason"):
-        line += f" ({str(model['reason']).splitlines()[0][:200]})"
+        line += f": {' '.join(str(model['reason']).split())}"  # the whole reason, on one line
     typer.echo(line)
     typer.echo("jobs: " + ", ".join(f"{k} {v}" for k, v in jobs.items()))
     typer.echo("studies: " + ", ".join(f"{k} {v}" for k, v in body["studies"].items()))
-    typer.echo(f"studies waiting for a draft: {body['waiting_for_draft']}")
     typer.echo(f"orphan drafts: {body['orphan_drafts']}")
-    for job in body["retrying_jobs"]:
-        typer.echo(f"retrying: {job['kind']} job {job['job_id']} study {job['study']} attempts "
-                   f"{job['attempts']}: {job['error']}")
-    for job in body["dead_jobs"]:
-        typer.echo(f"dead: {job['kind']} job {job['job_id']} study {job['study']} after {job['attempts']} "
-                   f"attempts: {job['error']}")
+    rows = body["study_rows"]
+    if rows:
+        shown = f"{len(rows)} newest of {body['unfinished_studies']}" if len(rows) < body["unfinished_studies"] else "all"
+        typer.echo(f"unfinished studies ({shown}):")
+        typer.echo(f"  {'accession':<16} {'study':<14} {'state':<13} {'age':>7}  waits for")
+        for r in rows:
+            typer.echo(f"  {r['accession_number'] or '-':<16} {r['short_uid']:<14} {r['state']:<13}"
+                       f" {_duration(r['age_seconds']):>7}  {r['waits_for']}")
+    for job in body["dead_letters"]:
+        typer.echo(f"dead letter: {job['kind']} job {job['job_id']}, accession {job['accession_number'] or '-'}"
+                   f" study {job['short_uid']}, after {job['attempts']} attempts: "
+                   f"{' '.join((job['reason'] or 'no reason recorded').split())}")
 
 
 @app.command("status")
 def status(
     config: Path | None = CONFIG_OPTION,
-    as_json: bool = typer.Option(False, "--json", help="Print JSON."),
+    as_json: bool = typer.Option(False, "--json", help="Print JSON instead of text."),
+    limit: int = typer.Option(20, "--studies", min=0, help="Most unfinished studies to list."),
 ) -> None:
-    """Queue depths, studies waiting for drafts, orphans, failures and the model state."""
-    body = collect_status(settings_or_fail(config))
+    """The model state, jobs by state, each unfinished study and what it waits for, dead letters."""
+    body = collect_status(settings_or_fail(config), limit=limit)
     if as_json:
         typer.echo(json.dumps(body, indent=2, default=str))
     else:
@@ -124,7 +236,7 @@ def status(
 
 @app.command("reaudit")
 def reaudit(
-    study_uid: str = typer.Argument(..., help="Study Instance UID to audit again."),
+    key: str = typer.Argument(..., help="Study Instance UID or Accession Number of the study."),
     config: Path | None = CONFIG_OPTION,
 ) -> None:
     """Queue a new audit version of a study (a running agent picks it up)."""
@@ -136,12 +248,18 @@ def reaudit(
         fail(f"no state database at {settings.paths.state}")
     db = StateDB(settings.paths.state)
     try:
-        if db.study(study_uid) is None:
-            fail("unknown study: no instance of it was received")
+        matches = db.studies_for_key(key)
+        if not matches:
+            fail("unknown study: no instance with that Study Instance UID or Accession Number was received")
+        if len(matches) > 1:
+            fail(f"accession number held by {len(matches)} studies ("
+                 f"{', '.join(short_uid(u) for u in matches)}): give the Study Instance UID")
+        (study_uid,) = matches
+        matched = "Study Instance UID" if study_uid == key else f"accession number (study {short_uid(study_uid)})"
         if not db.instances_of_study(study_uid):
             fail("the study's images are gone (housekeeping.spool_retention_days); send it again")
         draft = db.current_draft(study_uid)
         job = queue_audit(db, study_uid, draft.id if draft else None, Reason.REAUDIT, time.time())
     finally:
         db.close()
-    typer.echo(f"queued audit job {job.id} (result version {job.result_version})")
+    typer.echo(f"matched by {matched}; queued audit job {job.id} (result version {job.result_version})")

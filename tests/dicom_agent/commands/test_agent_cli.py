@@ -110,7 +110,7 @@ class TestStatus:
         out = result.output
         assert "agent: not running" in out
         assert "orphan drafts: 1" in out
-        assert f"dead: audit job {dead_id}" in out and "OutputError: disk full" in out
+        assert f"dead letter: audit job {dead_id}" in out and "OutputError: disk full" in out
         assert "traceback" not in out
         assert UID not in out and "ACC-SECRET" not in out and "ACC-ORPHAN" not in out
 
@@ -129,6 +129,53 @@ class TestStatus:
         assert body["model"]["state"] == "unavailable"
         assert body["jobs"]["done"] == 1 and body["jobs"]["dead"] == 1
         assert body["orphan_drafts"] == 1 and body["studies"]["audited"] == 1
+
+    def test_status_lists_each_unfinished_study_and_what_it_waits_for(self, config: Path) -> None:
+        db = state_db(config)
+        now = time.time()
+
+        def study(uid: str, accession: str, state: StudyState) -> None:
+            db.record_instance(
+                sop_instance_uid=uid + ".1", study_instance_uid=uid, series_instance_uid=uid + ".2",
+                sop_class_uid="1.2.840.10008.5.1.4.1.1.1.1", modality="DX", transfer_syntax_uid=None,
+                view_position="PA", body_part="CHEST", accession_number=accession, path=f"/{uid}.dcm",
+                sha256=uid, size=1, now=now - 125,
+            )
+            if state != StudyState.RECEIVING:
+                db.set_study_state(uid, StudyState.WAITING_DRAFT, now - 100, settled_at=now - 100)
+
+        study(UID + "1", "ACC-RECV", StudyState.RECEIVING)
+        study(UID + "2", "ACC-DRAFT", StudyState.WAITING_DRAFT)
+        study(UID + "3", "ACC-MODEL", StudyState.QUEUED)
+        job = db.queue_audit(UID + "3", None, "image_only", now - 90)
+        db.claim_audit_jobs(1, now - 80)
+        db.transition_job(job.id, JobState.WAITING_MODEL, now - 70)
+        db.close()
+        reason = "ModelUnavailable: " + "the hub cannot be reached from here " * 8 + "END-OF-REASON"
+        beat = {"pid": os.getpid(), "updated_at": now, "stopped": False,
+                "model": {"profile": "cxr-auditor-v2", "state": "unavailable", "reason": reason}}
+        (config.parent / "var" / "state" / "agent-status.json").write_text(json.dumps(beat))
+
+        out = runner.invoke(app, ["status", "--config", str(config)]).output
+        assert "END-OF-REASON" in out  # the whole reason, not cut at a fixed width
+        rows = {line.split()[0]: line for line in out.splitlines() if line.startswith("  ACC-")}
+        assert set(rows) == {"ACC-RECV", "ACC-DRAFT", "ACC-MODEL"}
+        assert "receiving" in rows["ACC-RECV"] and "more images" in rows["ACC-RECV"]
+        assert "waiting_draft" in rows["ACC-DRAFT"] and "a draft: audited without one in" in rows["ACC-DRAFT"]
+        assert "the model: profile cxr-auditor-v2 is unavailable" in rows["ACC-MODEL"]
+        assert "…" + (UID + "3")[-12:] in rows["ACC-MODEL"]
+        assert "2m05s" in rows["ACC-MODEL"]  # age since its first image
+
+        body = json.loads(runner.invoke(app, ["status", "--json", "--config", str(config)]).output)
+        by_accession = {r["accession_number"]: r for r in body["study_rows"]}
+        assert by_accession["ACC-MODEL"]["job_state"] == "waiting_model"
+        assert by_accession["ACC-MODEL"]["study_instance_uid"] == UID + "3"
+        assert body["unfinished_studies"] == 3
+
+    def test_json_is_a_plain_flag_in_the_help(self) -> None:
+        out = runner.invoke(app, ["status", "--help"], terminal_width=100).output
+        line = next(ln for ln in out.splitlines() if "--json" in ln)
+        assert "<bool>" not in line
 
     def test_stale_heartbeat_means_not_running(self, config: Path) -> None:
         state_db(config).close()
@@ -156,6 +203,33 @@ class TestReaudit:
         assert job is not None and job.state == "queued" and job.result_version == 2
         assert json.loads(job.payload or "{}") == {"reason": "reaudit"}
         assert db.study(UID).state == "queued"  # type: ignore[union-attr]
+
+    def test_reaudit_by_accession_number_says_what_it_matched(self, config: Path) -> None:
+        db = state_db(config)
+        seed(db)
+        db.close()
+        result = runner.invoke(app, ["reaudit", "ACC-SECRET", "--config", str(config)])
+        assert result.exit_code == 0, result.output
+        assert "matched by accession number" in result.output
+        db = state_db(config)
+        job = db.latest_audit_job(UID)
+        assert job is not None and job.state == "queued" and job.result_version == 2
+        db.close()
+        again = runner.invoke(app, ["reaudit", UID, "--config", str(config)]).output
+        assert "matched by Study Instance UID" in again
+
+    def test_reaudit_of_an_accession_two_studies_hold_exits_2(self, config: Path) -> None:
+        db = state_db(config)
+        for uid in (UID, UID + "9"):
+            db.record_instance(
+                sop_instance_uid=uid + ".1", study_instance_uid=uid, series_instance_uid=uid + ".2",
+                sop_class_uid="1.2.840.10008.5.1.4.1.1.1.1", modality="DX", transfer_syntax_uid=None,
+                view_position="PA", body_part="CHEST", accession_number="ACC-TWICE", path=f"/{uid}.dcm",
+                sha256=uid, size=1, now=0,
+            )
+        db.close()
+        result = runner.invoke(app, ["reaudit", "ACC-TWICE", "--config", str(config)])
+        assert result.exit_code == 2 and "held by 2 studies" in result.output
 
     def test_reaudit_of_an_unknown_study_exits_2(self, config: Path) -> None:
         state_db(config).close()
