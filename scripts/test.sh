@@ -8,5 +8,6 @@ bash scripts/setup.sh
 # tests must reach dcmtk's (Debian) tools of the same names.
 echo "== ruff"; .venv/bin/ruff check .
 echo "== mypy (core)"; .venv/bin/mypy cxr_auditor
+echo "== import contract"; .venv/bin/python -m pytest -q -p no:cacheprovider tests/test_architecture.py
 echo "== pytest"
 exec .venv/bin/python -m pytest -n 2 --dist loadfile -p no:cacheprovider "$@"
