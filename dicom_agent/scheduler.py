@@ -21,15 +21,14 @@ import time
 from collections.abc import Callable
 from dataclasses import dataclass
 from enum import StrEnum
-from pathlib import Path
 
 from apscheduler.schedulers.background import BackgroundScheduler
 
 from dicom_agent import forward
 from dicom_agent.config import AgentSettings, PairingSettings
-from dicom_agent.conformance import is_valid_uid
 from dicom_agent.inbox import DraftReader
 from dicom_agent.observe import Event, event, study_ref
+from dicom_agent.outputs.layout import study_dir
 from dicom_agent.spool import expire_study
 from dicom_agent.state import (
     DraftRow,
@@ -239,13 +238,6 @@ def housekeeping(db: StateDB, settings: AgentSettings, now: float) -> tuple[int,
             extra=event(event=Event.HOUSEKEEPING_DONE, count=files + folders),
         )
     return files, folders
-
-
-def study_dir(settings: AgentSettings, study_uid: str) -> Path:
-    """``out/<StudyInstanceUID>/``; the UID is checked so it cannot name another folder."""
-    if not is_valid_uid(study_uid):  # PS3.5 9.1: digits and dots only, never a path
-        raise ValueError("study UID is not usable as a folder name")
-    return settings.paths.out / study_uid
 
 
 # -- the apscheduler wiring ---------------------------------------------------------------------

@@ -47,9 +47,8 @@ from cxr_auditor.schema import (
 from dicom_agent import forward
 from dicom_agent.config import AgentSettings
 from dicom_agent.observe import Event, Metrics, event, study_ref
-from dicom_agent.outputs import objects_to_send, read_result, write_outputs
-from dicom_agent.outputs.sidecar import SIDECAR_NAME, version_dir
-from dicom_agent.outputs.uids import result_digest
+from dicom_agent.outputs.layout import free_version, objects_to_send, study_dir
+from dicom_agent.outputs.writer import write_outputs
 from dicom_agent.pixels import (
     DisplayImage,
     patient_left_on_image_right,
@@ -58,7 +57,6 @@ from dicom_agent.pixels import (
     to_model_input,
 )
 from dicom_agent.routing import ProfileRoutes, route_study
-from dicom_agent.scheduler import study_dir
 from dicom_agent.state import JobRow, JobState, StateDB
 
 log = logging.getLogger(__name__)
@@ -615,14 +613,15 @@ class Worker:
                 update={"timings": {**result.timings, **{k: round(v, 1) for k, v in prep.timings.items()}}}
             )
             folder = study_dir(self.settings, uid)
-            result = self._free_version(folder, result, job)
+            result = free_version(
+                folder, result, lambda at_least: self.db.renumber_job(job.id, at_least, self.clock())
+            )
             final = write_outputs(
                 result,
                 sources=prep.sources,
                 display=prep.display,
                 study_dir=folder,
                 settings=self.settings,
-                previous_sr_uid=_previous_sr_uid(folder, result.result_version),
             )
             outputs_ms = (time.perf_counter() - t0) * 1000
             # Queue the sends before the job is done: a crash in between re-runs the job and
@@ -646,16 +645,6 @@ class Worker:
                         result_version=final.result_version, mode=final.mode,
                         state="audited", ms=round(outputs_ms, 1)),
         )
-
-    def _free_version(self, folder: Path, result: AuditResult, job: JobRow) -> AuditResult:
-        """Keep results immutable: a re-run whose version folder already holds a different
-        audit (the draft changed between a crash and the re-run) becomes the next version."""
-        existing = version_dir(folder, result.result_version) / SIDECAR_NAME
-        if not existing.exists() or result_digest(read_result(existing)) == result_digest(result):
-            return result
-        taken = [int(p.name[1:]) for p in folder.glob("v*") if p.name[1:].isdigit()]
-        version = self.db.renumber_job(job.id, max(taken) + 1, self.clock())
-        return result.model_copy(update={"result_version": version})
 
     def _fail(self, job: JobRow, exc: BaseException) -> None:
         """Record the reason; retry with backoff, or dead-letter after the last attempt."""
@@ -720,11 +709,3 @@ def _call_with_timeout(fn: Callable[[], _T], timeout: float) -> _T:
         raise box["error"]
     return box["value"]
 
-
-def _previous_sr_uid(folder: Path, version: int) -> str | None:
-    """The SR of the newest earlier version, which this version's SR supersedes."""
-    for v in range(version - 1, 0, -1):
-        sidecar = version_dir(folder, v) / SIDECAR_NAME
-        if sidecar.exists():
-            return read_result(sidecar).outputs.get("sr")
-    return None

@@ -12,8 +12,7 @@ from dicom_agent.commands import fail, settings_or_fail
 from dicom_agent.conformance import is_valid_uid
 from dicom_agent.errors import OutputError
 from dicom_agent.forward import drain_outbox, enqueue_forward
-from dicom_agent.outputs import objects_to_send
-from dicom_agent.outputs.sidecar import SIDECAR_NAME, read_result
+from dicom_agent.outputs.layout import SIDECAR_NAME, objects_to_send, read_result, study_dir
 from dicom_agent.state import JobState, StateDB
 
 #: The commands of this module; :mod:`dicom_agent.cli` adds them to ``cxr-agent``.
@@ -38,12 +37,12 @@ def resend(
     destinations = [d for d in settings.forward.destinations if d.research]
     if not destinations:
         fail("no destination with research: true in forward.destinations; see docs/outputs.md")
-    study_dir = settings.paths.out / study_uid
+    folder = study_dir(settings, study_uid)
     try:
-        result = read_result(study_dir / SIDECAR_NAME)
+        result = read_result(folder / SIDECAR_NAME)
     except OutputError:
         fail(f"no readable {SIDECAR_NAME} for this study under paths.out ({settings.paths.out})")
-    files = objects_to_send(study_dir, result)
+    files = objects_to_send(folder, result)
     if not files:
         fail(f"result version {result.result_version} has no validated DICOM objects to send")
     db = StateDB(settings.paths.state)

@@ -23,11 +23,12 @@ from cxr_auditor import render
 from cxr_auditor.render import BoxStyle
 from cxr_auditor.schema import AuditResult
 from dicom_agent.errors import OutputError
-from dicom_agent.outputs.sr import (
+from dicom_agent.outputs.common import (
     MANUFACTURER,
     agent_version,
     box_polyline,
     contributing_equipment,
+    copy_body_part,
     device_uid,
     referenced_frames,
 )
@@ -171,11 +172,3 @@ def build_gsps(
         raise OutputError(f"GSPS could not be built: {exc}") from exc
     copy_body_part(source, gsps)
     return gsps
-
-
-def copy_body_part(source: Dataset, target: Dataset) -> None:
-    """Copy BodyPartExamined: without it Laterality (Type 2C) is a dciodvfy error."""
-    body_part = source.get("BodyPartExamined")
-    if body_part:
-        target.BodyPartExamined = body_part
-

@@ -13,8 +13,7 @@ import numpy as np
 from pydicom.dataset import Dataset
 
 from dicom_agent.errors import OutputError
-from dicom_agent.outputs.gsps import copy_body_part
-from dicom_agent.outputs.sr import MANUFACTURER, agent_version
+from dicom_agent.outputs.common import MANUFACTURER, agent_version, copy_body_part
 
 SERIES_DESCRIPTION_SC = "AI AUDIT OVERLAY - RESEARCH USE ONLY - NOT FOR DIAGNOSIS"
 

@@ -23,7 +23,6 @@ import logging
 from collections.abc import Sequence
 
 import highdicom as hd
-import numpy as np
 from highdicom.sr import CodedConcept
 from highdicom.sr.templates import Template
 from pydicom.dataset import Dataset
@@ -40,12 +39,20 @@ from cxr_auditor.schema import (
 )
 from dicom_agent.errors import OutputError
 from dicom_agent.outputs import codes
+from dicom_agent.outputs.common import (
+    DEVICE_NAME,
+    MANUFACTURER,
+    agent_version,
+    box_polyline,
+    contributing_equipment,
+    device_uid,
+    grounding_model,
+    referenced_frames,
+)
 from dicom_agent.outputs.uids import derive_uid
 
 logger = logging.getLogger(__name__)
 
-MANUFACTURER = "cxr-audit-agent project"
-DEVICE_NAME = "cxr-audit-agent (RESEARCH ONLY)"
 SERIES_DESCRIPTION_SR = "AI DRAFT AUDIT - RESEARCH USE ONLY - NOT FOR DIAGNOSIS"
 
 _PROJECTION_MODALITIES = {"CR", "DX", "IO", "MG", "PX", "RF", "RG", "XA"}
@@ -55,16 +62,6 @@ _LATERALITY: dict[Laterality, CodedConcept] = {  # CID 244
     Laterality.RIGHT: CodedConcept("24028007", "SCT", "Right"),
     Laterality.BILATERAL: CodedConcept("51440002", "SCT", "Right and left"),
 }
-
-
-def agent_version() -> str:
-    """The installed agent version, for SoftwareVersions of every object we write."""
-    from importlib.metadata import PackageNotFoundError, version
-
-    try:
-        return version("cxr-audit-agent")
-    except PackageNotFoundError:
-        return "unknown"
 
 
 def pixel_spacing_mm(ds: Dataset) -> tuple[float, float] | None:
@@ -91,14 +88,6 @@ def library_entry_possible(ds: Dataset) -> bool:
     if str(ds.get("Modality", "")) not in _PROJECTION_MODALITIES:
         return True
     return bool(ds.get("PatientOrientation")) and bool(ds.get("ImagerPixelSpacing"))
-
-
-def referenced_frames(result: AuditResult, index: int, ds: Dataset) -> list[int] | None:
-    """Referenced Frame Number(s) of the audited frame of a multi-frame source, else None."""
-    frame = result.inputs.images[index].frame if index < len(result.inputs.images) else None
-    if frame is None or int(ds.get("NumberOfFrames", 1) or 1) <= 1:
-        return None
-    return [frame + 1]  # ImageRef.frame is 0-based; Referenced Frame Number is 1-based
 
 
 def _flag_evaluations(flags: Sequence[Flag]) -> list[hd.sr.QualitativeEvaluation]:
@@ -149,21 +138,6 @@ def _long_axis_mm(finding: ImageFinding, ds: Dataset) -> float | None:
         return None
     pb = finding.pixel_box
     return max((pb.x1 - pb.x0) * spacing[1], (pb.y1 - pb.y0) * spacing[0])
-
-
-def box_polyline(finding: ImageFinding) -> np.ndarray:
-    """Closed 5-point rectangle (column, row): TL, TR, BR, BL, TL, in source pixel space.
-
-    Coordinates follow PS3.3 C.18.6.1.1 (origin at the top-left corner of the top-left pixel),
-    the same convention as :class:`cxr_auditor.schema.PixelBox`.
-    """
-    pb = finding.pixel_box
-    if pb is None:
-        raise OutputError("box_polyline needs a finding with a pixel_box")
-    return np.array(
-        [[pb.x0, pb.y0], [pb.x1, pb.y0], [pb.x1, pb.y1], [pb.x0, pb.y1], [pb.x0, pb.y0]],
-        dtype=float,
-    )
 
 
 class _Builder:
@@ -274,36 +248,14 @@ class _Builder:
         self.groups.append(group)
 
 
-def _grounding_model(result: AuditResult) -> tuple[str, str, list[str]]:
-    """(name, version, parameters) of the grounding model, from the result's provenance."""
-    info = next((m for m in result.models if m.task == "grounding"), None)
-    params = [f"comparator={result.comparator_version}"]
-    if info is None:
-        return "unknown grounding model", "unknown", params
-    name = info.model_id or info.profile
-    if info.adapter:
-        name = f"{name} + {info.adapter}"
-    if info.prompt_hash:
-        params.append(f"prompt_hash={info.prompt_hash}")
-    params.append(f"profile={info.profile}")
-    params.append(f"backend={info.backend}")
-    return name[:64], (info.revision or "unspecified")[:64], params
-
-
 def _algorithm(result: AuditResult) -> hd.sr.AlgorithmIdentification:
-    name, version, params = _grounding_model(result)
+    name, version, params = grounding_model(result)
     return hd.sr.AlgorithmIdentification(name=name, version=version, parameters=params)
-
-
-def device_uid(result: AuditResult) -> str:
-    """A UID naming our device: model, version, prompt hash and comparator rules together."""
-    name, version, params = _grounding_model(result)
-    return derive_uid("device", name, version, *params)
 
 
 def _observation_context(result: AuditResult) -> hd.sr.ObservationContext:
     """TID 1002/1004: our device, its model, prompt hash and comparator rule-set version."""
-    name, version, params = _grounding_model(result)
+    name, version, params = grounding_model(result)
     device = hd.sr.DeviceObserverIdentifyingAttributes(
         uid=device_uid(result),
         name=DEVICE_NAME,
@@ -382,7 +334,7 @@ def build_sr(
     if not sources:
         raise OutputError("an SR needs at least one source image (sources is empty)")
     evidence = [ds for _, ds in sorted(sources.items())]
-    name, version, _ = _grounding_model(result)
+    name, version, _ = grounding_model(result)
     try:
         content = build_report_content(result, sources, sop_instance_uid)
         return hd.sr.Comprehensive3DSR(
@@ -405,15 +357,3 @@ def build_sr(
         )
     except (ValueError, TypeError, AttributeError) as exc:
         raise OutputError(f"SR could not be built: {exc}") from exc
-
-
-def contributing_equipment(result: AuditResult) -> hd.ContributingEquipment:
-    """Our device as Contributing Equipment (PS3.3 C.7.5.1), carrying the disclaimer."""
-    name, version, _ = _grounding_model(result)
-    return hd.ContributingEquipment(
-        manufacturer=MANUFACTURER,
-        purpose_of_reference=codes.PROCESSING_EQUIPMENT,
-        manufacturer_model_name=f"{name} {version}"[:64],
-        software_versions=agent_version(),
-        contribution_description=f"AI draft-report audit. {result.disclaimer}"[:1024],
-    )

@@ -9,7 +9,7 @@ from typer.testing import CliRunner
 
 from dicom_agent.cli import app
 from dicom_agent.config import load_settings
-from dicom_agent.outputs import write_outputs
+from dicom_agent.outputs.writer import write_outputs
 from dicom_agent.state import JobKind, StateDB
 from tests.conftest import free_port
 from tests.dicom_agent.outputs.studies import findings_result, make_study

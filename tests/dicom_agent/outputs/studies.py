@@ -34,7 +34,8 @@ from cxr_auditor.schema import (
     StudyKeys,
 )
 from dicom_agent.config import AgentSettings
-from dicom_agent.outputs import objects_to_send, write_outputs
+from dicom_agent.outputs.layout import objects_to_send
+from dicom_agent.outputs.writer import write_outputs
 from dicom_agent.pixels import DisplayImage, to_display
 from tests.builders import make_cxr, save
 

@@ -13,8 +13,8 @@ from pydicom.dataset import Dataset
 from cxr_auditor import render
 from cxr_auditor.render import BoxStyle, render_overlay
 from dicom_agent.errors import OutputError
+from dicom_agent.outputs.common import contributing_equipment
 from dicom_agent.outputs.sc import build_sc
-from dicom_agent.outputs.sr import contributing_equipment
 from dicom_agent.outputs.validate import dciodvfy_errors, encode_validated
 from tests.dicom_agent.outputs.studies import Study, findings_result, make_study
 

@@ -7,7 +7,8 @@ from pathlib import Path
 import pytest
 
 from dicom_agent.errors import OutputError
-from dicom_agent.outputs.sidecar import read_result, write_sidecar
+from dicom_agent.outputs.layout import read_result
+from dicom_agent.outputs.sidecar import write_sidecar
 from tests.dicom_agent.outputs.studies import findings_result, make_study, no_finding_result
 
 

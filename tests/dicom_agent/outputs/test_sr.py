@@ -25,13 +25,8 @@ from cxr_auditor.schema import (
     PixelBox,
 )
 from dicom_agent.outputs import codes
-from dicom_agent.outputs.sr import (
-    MANUFACTURER,
-    build_report_content,
-    build_sr,
-    library_entry_possible,
-    referenced_frames,
-)
+from dicom_agent.outputs.common import MANUFACTURER, referenced_frames
+from dicom_agent.outputs.sr import build_report_content, build_sr, library_entry_possible
 from dicom_agent.outputs.uids import instance_uid, series_uid
 from dicom_agent.outputs.validate import dciodvfy_errors, dsrdump_tree, encode_validated
 from tests.dicom_agent.outputs.studies import (

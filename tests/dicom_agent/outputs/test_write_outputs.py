@@ -13,8 +13,10 @@ import pytest
 from cxr_auditor.schema import AuditResult
 from dicom_agent.config import AgentSettings
 from dicom_agent.errors import OutputError
-from dicom_agent.outputs import objects_to_send, read_result, validate, write_outputs
+from dicom_agent.outputs import validate
+from dicom_agent.outputs.layout import objects_to_send, read_result
 from dicom_agent.outputs.validate import dciodvfy_errors, dsrdump_tree
+from dicom_agent.outputs.writer import write_outputs
 from tests.builders import SENTINEL_PATIENT_ID, SENTINEL_PATIENT_NAME
 from tests.dicom_agent.outputs.studies import (
     DRAFT,
@@ -41,14 +43,13 @@ EXPECTED_GROUPS = {
 }
 
 
-def _write(study: Study, result: AuditResult, settings: AgentSettings, **kw: str) -> AuditResult:
+def _write(study: Study, result: AuditResult, settings: AgentSettings) -> AuditResult:
     return write_outputs(
         result,
         sources=study.sources,
         display=study.display,
         study_dir=study.study_dir,
         settings=settings,
-        **kw,
     )
 
 
@@ -96,9 +97,7 @@ class TestWriteOutputs:
     ) -> None:
         study = make_study(tmp_path)
         first = _write(study, findings_result(study, version=1), settings)
-        second = _write(
-            study, findings_result(study, version=2), settings, previous_sr_uid=first.outputs["sr"]
-        )
+        second = _write(study, findings_result(study, version=2), settings)
 
         assert set(first.outputs.values()).isdisjoint(second.outputs.values())
         assert (study.study_dir / "v1" / "sr.dcm").exists()
@@ -148,7 +147,7 @@ class TestWriteOutputs:
         def broken_sc(*args: object, **kwargs: object) -> None:
             raise OutputError("secondary capture could not be built: synthetic failure")
 
-        monkeypatch.setattr("dicom_agent.outputs.build_sc", broken_sc)
+        monkeypatch.setattr("dicom_agent.outputs.writer.build_sc", broken_sc)
         study = make_study(tmp_path)
         result = _write(study, findings_result(study), settings)
 
@@ -168,7 +167,7 @@ class TestWriteOutputs:
                 raise OutputError("SeriesInstanceUID missing or changed after the round trip")
             return real(ds)
 
-        monkeypatch.setattr("dicom_agent.outputs.encode_validated", refuse_gsps)
+        monkeypatch.setattr("dicom_agent.outputs.writer.encode_validated", refuse_gsps)
         study = make_study(tmp_path)
         result = _write(study, findings_result(study), settings)
 
@@ -181,7 +180,7 @@ class TestWriteOutputs:
     def test_unreadable_source_is_an_output_error(self, tmp_path: Path, settings: AgentSettings) -> None:
         study = make_study(tmp_path)
         study.sources[0].write_bytes(b"not dicom")
-        with pytest.raises(OutputError, match="source instance 0.dcm cannot be read"):
+        with pytest.raises(OutputError, match="0.dcm cannot be read"):
             _write(study, findings_result(study), settings)
         assert not study.study_dir.exists()
 
@@ -214,8 +213,10 @@ class TestWriteOutputs:
         caplog.set_level(logging.DEBUG, logger="dicom_agent")
         study = make_study(tmp_path, patient_orientation=None, pixel_spacing=None)
         first = _write(study, findings_result(study), settings)
-        _write(study, findings_result(study, version=2), settings, previous_sr_uid="2.25.404")
+        (study.study_dir / "v1" / "sr.dcm").unlink()
+        _write(study, findings_result(study, version=2), settings)
         assert first.outputs
-        assert caplog.records  # the library-gap and missing-predecessor lines were logged
+        messages = [r.getMessage() for r in caplog.records]
+        assert "SR of result version 1 not found; no predecessor reference" in messages
         for secret in (SENTINEL_PATIENT_NAME, SENTINEL_PATIENT_ID, "ACC0001", DRAFT, "pleural effusion"):
             assert secret not in caplog.text
