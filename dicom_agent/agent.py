@@ -34,10 +34,10 @@ from dicom_agent import spool
 from dicom_agent.config import AgentSettings
 from dicom_agent.errors import ConfigError
 from dicom_agent.files import remove_stale_temps
+from dicom_agent.finals import Monitor
 from dicom_agent.inbox import DraftReader
 from dicom_agent.observe import (
     Event,
-    HealthServer,
     Metrics,
     event,
     load_salt,
@@ -47,6 +47,7 @@ from dicom_agent.observe import (
 from dicom_agent.scheduler import Scheduler
 from dicom_agent.scp import Listener, start_listener
 from dicom_agent.state import DraftState, JobState, StateDB, StudyState
+from dicom_agent.web import WebServer, create_app
 from dicom_agent.worker import AuditorFactory, Models, Worker, default_auditor_factory
 
 log = logging.getLogger(__name__)
@@ -142,7 +143,7 @@ class Agent:
         settings.ensure_folders()
         self._lock = StateLock(settings.paths.state.parent / LOCK_FILE)
         self._dicom_claim: socket.socket | None = None
-        self.health: HealthServer | None = None
+        self.health: WebServer | None = None
         try:
             self._bind_ports()
         except BaseException:
@@ -162,6 +163,9 @@ class Agent:
             settings, self.db, self.drafts, heartbeat=self.heartbeat,
             heartbeat_seconds=HEARTBEAT_SECONDS,
         )
+        self.monitor = Monitor(settings, self.db, self.metrics)
+        if settings.monitoring.enabled:
+            self.scheduler.add_job(self.monitor.tick, settings.monitoring.poll_seconds, "finals")
         self.listener: Listener | None = None
         self.started_at: float | None = None
         self._stopped = threading.Event()
@@ -188,7 +192,7 @@ class Agent:
             self._dicom_claim = claim
         if health.enabled:
             try:
-                self.health = HealthServer(health.host, health.port, self.snapshot, self._render_metrics)
+                self.health = WebServer(health)
             except OSError as exc:
                 self._release_dicom_claim()
                 raise ConfigError(
@@ -218,10 +222,12 @@ class Agent:
             self.listener = start_listener(self.settings, self.db, on_stored=self._on_stored)
         except OSError as exc:
             raise ConfigError(_port_taken("scp.port", "CXR_AGENT__SCP__PORT", scp.host, scp.port, exc)) from exc
+        self.metrics.watch_listener(self.listener.server)
+        self.monitor.publish()  # the monitoring gauges hold the stored window from the start
         self.scheduler.start()
         self.worker.start()
         if self.health is not None:
-            self.health.start()
+            self.health.start(create_app(self))
         self.started_at = time.time()
         self.heartbeat()
         log.info(
@@ -280,10 +286,6 @@ class Agent:
                 extra=event(event=Event.STUDY_REOPENED, study=ref, state=StudyState.RECEIVING),
             )
 
-    def _render_metrics(self) -> bytes:
-        self.metrics.refresh(self.db)
-        return self.metrics.render()
-
     # -- status ---------------------------------------------------------------------------------
 
     def snapshot(self) -> dict[str, Any]:
@@ -323,8 +325,14 @@ class Agent:
         write_heartbeat(heartbeat_path(self.settings), body)
 
 
+#: Dead and retrying jobs listed by ``status`` and ``/healthz``: the newest ones only, so a
+#: health probe never reads every job while it holds the state DB lock (issue 14 item 9).
+STATUS_JOBS_SHOWN = 100
+
+
 def status_counts(db: StateDB) -> dict[str, Any]:
-    """Queue depths, waiting studies, orphans and dead jobs (with their errors) from the DB."""
+    """Queue depths, waiting studies, orphans, and the newest dead and retrying jobs (with their
+    errors; at most :data:`STATUS_JOBS_SHOWN` each) from the DB."""
     counts = db.counts()
     dead = [
         {
@@ -334,13 +342,12 @@ def status_counts(db: StateDB) -> dict[str, Any]:
             "attempts": j.attempts,
             "error": (j.last_error or "").splitlines()[0][:300] if j.last_error else None,
         }
-        for j in db.jobs(JobState.DEAD)
+        for j in db.recent_jobs(JobState.DEAD, STATUS_JOBS_SHOWN)
     ]
     retrying = [
         {"job_id": j.id, "kind": j.kind, "study": study_ref(j.study_instance_uid), "attempts": j.attempts,
          "next_attempt_at": j.next_attempt_at, "error": (j.last_error or "").splitlines()[0][:300]}
-        for j in db.jobs(JobState.QUEUED)
-        if j.last_error
+        for j in db.recent_jobs(JobState.QUEUED, STATUS_JOBS_SHOWN, errored=True)
     ]
     return {
         "jobs": {s.value: counts["jobs"].get(s.value, 0) for s in JobState},

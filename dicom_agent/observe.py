@@ -5,9 +5,8 @@ hash of its Study Instance UID (the salt lives beside the state database, so ref
 stable across restarts but cannot be reversed from a list of UIDs). Event names come from
 :class:`Event`; docs/logging.md lists them with their fields.
 
-The health endpoint is a stdlib ``http.server`` in a daemon thread: ``/healthz`` answers JSON
-(200 while the agent serves, even when the model is unavailable: the body says so; 503 when the
-listener or the worker is down) and ``/metrics`` the Prometheus text format.
+The HTTP endpoints (``/healthz``, ``/readyz``, ``/metrics``) are served by the results browser's
+server, :mod:`dicom_agent.web`; :class:`Metrics` here holds what ``/metrics`` exposes.
 """
 
 from __future__ import annotations
@@ -19,18 +18,16 @@ import logging
 import re
 import secrets
 import sys
-import threading
 import time
-from collections.abc import Callable
 from enum import StrEnum
-from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 from typing import Any
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
-from prometheus_client.exposition import CONTENT_TYPE_LATEST
 from pynetdicom import _config as pynetdicom_config
+from pynetdicom import evt
 
+from cxr_auditor.schema import AuditResult
 from dicom_agent.config import LoggingSettings
 from dicom_agent.files import atomic_write_text
 from dicom_agent.state import DraftState, JobState, StateDB, StudyState
@@ -259,86 +256,78 @@ class Metrics:
             buckets=(0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 120, 300),
             registry=r,
         )
+        self.stage_seconds = Histogram(
+            "cxr_agent_stage_seconds",
+            "Wall time of one stage of an audit (the timings of audit.json), by stage",
+            ["stage"],
+            buckets=(0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 120),
+            registry=r,
+        )
+        self.flags = Counter(
+            "cxr_agent_flags", "Flags raised by finished audits, by kind", ["kind"], registry=r
+        )
+        self.associations_active = Gauge(
+            "cxr_agent_associations_active", "DICOM associations open now", registry=r
+        )
+        self.associations_rejected = Counter(
+            "cxr_agent_associations_rejected",
+            "Associations the listener rejected (calling AE, context or resources)",
+            registry=r,
+        )
+        self.bytes_received = Counter(
+            "cxr_agent_bytes_received", "Bytes of DICOM PDUs received by the listener", registry=r
+        )
+        self.gpu_memory = Gauge(
+            "cxr_agent_gpu_memory_bytes",
+            "GPU memory held by this process's models (torch), by device; absent without a GPU",
+            ["device", "kind"],
+            registry=r,
+        )
+        self._listener_server: Any = None
 
     def refresh(self, db: StateDB) -> None:
-        """Update the gauges from the state database (called on every scrape)."""
+        """Update the gauges from the state database and the process (called on every scrape)."""
         counts = db.counts()
         for state in JobState:
             self.jobs.labels(state.value).set(counts["jobs"].get(state.value, 0))
         for sstate in StudyState:
             self.studies.labels(sstate.value).set(counts["studies"].get(sstate.value, 0))
         self.orphans.set(counts["drafts"].get(DraftState.ORPHAN.value, 0))
+        if self._listener_server is not None:
+            self.associations_active.set(len(self._listener_server.active_associations))
+        self._refresh_gpu()
+
+    def watch_listener(self, server: Any) -> None:
+        """Count rejected associations and received bytes of a pynetdicom association server.
+
+        Binds to the server's events (PS3.8 A-ASSOCIATE-RJ, and every PDU's raw bytes), so the
+        counters see exactly what the listener sees. Listener worker processes
+        (``scp.workers`` > 1) have their own servers and are not counted here.
+        """
+        self._listener_server = server
+        server.bind(evt.EVT_REJECTED, lambda event: self.associations_rejected.inc())
+        server.bind(evt.EVT_DATA_RECV, lambda event: self.bytes_received.inc(len(event.data)))
+
+    def observe_result(self, result: AuditResult) -> None:
+        """Count a finished audit's flags by kind and its stage timings (ms in audit.json)."""
+        for flag in result.flags:
+            self.flags.labels(flag.kind.value).inc()
+        for stage, value in result.timings.items():
+            self.stage_seconds.labels(stage.removesuffix("_ms")).observe(value / 1000.0)
+
+    def _refresh_gpu(self) -> None:
+        # Only when the models already imported torch: a scrape must not import it (seconds, and
+        # hundreds of MB) on an agent that runs its models elsewhere.
+        torch = sys.modules.get("torch")
+        if torch is None or not torch.cuda.is_available():
+            return
+        for index in range(torch.cuda.device_count()):
+            device = f"cuda:{index}"
+            self.gpu_memory.labels(device, "allocated").set(torch.cuda.memory_allocated(index))
+            self.gpu_memory.labels(device, "reserved").set(torch.cuda.memory_reserved(index))
 
     def render(self) -> bytes:
         return generate_latest(self.registry)
-
-
-# -- health endpoint ---------------------------------------------------------------------------
-
-
-class HealthServer:
-    """``/healthz`` and ``/metrics`` on a daemon thread.
-
-    ``snapshot`` returns the health body; it must contain ``serving`` (bool). ``metrics``
-    returns the Prometheus exposition bytes.
-    """
-
-    def __init__(
-        self,
-        host: str,
-        port: int,
-        snapshot: Callable[[], dict[str, Any]],
-        metrics: Callable[[], bytes],
-    ) -> None:
-        handler = _make_handler(snapshot, metrics)
-        self._server = ThreadingHTTPServer((host, port), handler)
-        self._server.daemon_threads = True
-        self._thread = threading.Thread(
-            target=self._server.serve_forever, name="health", daemon=True
-        )
-
-    @property
-    def port(self) -> int:
-        return int(self._server.server_address[1])
-
-    def start(self) -> None:
-        self._thread.start()
-
-    def stop(self) -> None:
-        self._server.shutdown()
-        self._server.server_close()
-        self._thread.join(timeout=5)
-
-
-def _make_handler(
-    snapshot: Callable[[], dict[str, Any]], metrics: Callable[[], bytes]
-) -> type[BaseHTTPRequestHandler]:
-    class _Handler(BaseHTTPRequestHandler):
-        def do_GET(self) -> None:  # noqa: N802 - http.server's naming
-            try:
-                if self.path.split("?")[0] == "/healthz":
-                    body = snapshot()
-                    data = json.dumps(body, default=str).encode()
-                    self._send(200 if body.get("serving") else 503, "application/json", data)
-                elif self.path.split("?")[0] == "/metrics":
-                    self._send(200, CONTENT_TYPE_LATEST, metrics())
-                else:
-                    self._send(404, "text/plain", b"not found\n")
-            except Exception:  # the endpoint must not take the agent down
-                log.exception("health endpoint failed")
-                self._send(500, "text/plain", b"internal error\n")
-
-        def _send(self, code: int, ctype: str, data: bytes) -> None:
-            self.send_response(code)
-            self.send_header("Content-Type", ctype)
-            self.send_header("Content-Length", str(len(data)))
-            self.end_headers()
-            self.wfile.write(data)
-
-        def log_message(self, format: str, *args: Any) -> None:  # noqa: A002
-            log.debug("health request %s", self.path)
-
-    return _Handler
 
 
 def write_heartbeat(path: Path, body: dict[str, Any]) -> None:

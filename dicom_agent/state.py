@@ -625,10 +625,13 @@ class StateDB:
         )
         return [DraftRow(**dict(r)) for r in rows]
 
-    def recent_jobs(self, state: JobState, limit: int) -> list[JobRow]:
-        """The ``limit`` most recently changed jobs in ``state`` (bounded: never every job)."""
+    def recent_jobs(self, state: JobState, limit: int, *, errored: bool = False) -> list[JobRow]:
+        """The ``limit`` most recently changed jobs in ``state`` (bounded: never every job);
+        ``errored``: only those with a last error (retrying ones, for queued)."""
         rows = self.query(
-            "SELECT * FROM jobs WHERE state = ? ORDER BY updated_at DESC LIMIT ?",
+            "SELECT * FROM jobs WHERE state = ?"
+            + (" AND last_error IS NOT NULL" if errored else "")
+            + " ORDER BY updated_at DESC LIMIT ?",
             (state.value, limit),
         )
         return [JobRow(**dict(r)) for r in rows]

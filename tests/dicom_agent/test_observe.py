@@ -8,7 +8,6 @@ import logging
 from collections.abc import Iterator
 from pathlib import Path
 
-import httpx
 import pydicom
 import pytest
 
@@ -16,7 +15,6 @@ from dicom_agent.config import LoggingSettings
 from dicom_agent.observe import (
     OWN_LOGGERS,
     Event,
-    HealthServer,
     JsonLinesFormatter,
     Metrics,
     event,
@@ -132,20 +130,3 @@ class TestMetricsAndHealth:
         text = m.render().decode()
         assert "cxr_agent_orphan_drafts 1.0" in text
         assert 'cxr_agent_jobs{state="dead"} 0.0' in text
-
-    def test_health_endpoint_serves_json_status_and_metrics(self, db: StateDB) -> None:
-        m = Metrics()
-        body = {"serving": True, "model": {"state": "unavailable"}}
-        server = HealthServer("127.0.0.1", 0, lambda: body, m.render)
-        server.start()
-        try:
-            base = f"http://127.0.0.1:{server.port}"
-            r = httpx.get(base + "/healthz")
-            assert r.status_code == 200 and r.json()["model"]["state"] == "unavailable"
-            body["serving"] = False
-            assert httpx.get(base + "/healthz").status_code == 503
-            r = httpx.get(base + "/metrics")
-            assert r.status_code == 200 and "cxr_agent_model_available" in r.text
-            assert httpx.get(base + "/nope").status_code == 404
-        finally:
-            server.stop()
