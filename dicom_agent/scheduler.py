@@ -274,6 +274,10 @@ class Scheduler:
     def _add(self, fn: Callable[[], object], seconds: float, name: str) -> None:
         self._sched.add_job(_guarded(fn, name), "interval", seconds=seconds, id=name, name=name)
 
+    def add_job(self, fn: Callable[[], object], seconds: float, name: str) -> None:
+        """One more guarded interval job (the finals monitor); call before :meth:`start`."""
+        self._add(fn, seconds, name)
+
     @property
     def running(self) -> bool:
         return bool(self._sched.running)
