@@ -73,8 +73,12 @@ class SCPSettings(_Section):
     acse_timeout_seconds: float = Field(default=30.0, gt=0)
     dimse_timeout_seconds: float = Field(default=60.0, gt=0)
     network_timeout_seconds: float = Field(default=60.0, gt=0)
+    read_timeout_seconds: float = Field(
+        default=30.0, gt=0, description="one PDU, or the TLS handshake, must arrive within this"
+    )
     max_instance_bytes: int = Field(default=512 * 1024 * 1024, gt=0)
     min_free_bytes: int = Field(default=256 * 1024 * 1024, ge=0)
+    overwrite: Literal["keep_first", "replace"] = "keep_first"
     unknown_sop_class: Literal["reject", "ignore"] = "reject"
     workers: int = Field(default=1, ge=1, description="listener processes sharing the port")
     tls: TLSSettings = Field(default_factory=TLSSettings)

@@ -8,17 +8,24 @@ survives a power loss.
 from __future__ import annotations
 
 import os
+import shutil
 import tempfile
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
+from typing import BinaryIO
+
+_COPY_CHUNK = 1 << 20
 
 
-def atomic_write_bytes(path: Path, data: bytes) -> Path:
-    """Write ``data`` to ``path`` atomically and durably; creates the parent folder."""
+@contextmanager
+def _atomic_target(path: Path) -> Iterator[BinaryIO]:
+    """A file to fill; on a clean exit it is fsynced and renamed onto ``path`` durably."""
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp_name = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
     try:
         with os.fdopen(fd, "wb") as fh:
-            fh.write(data)
+            yield fh
             fh.flush()
             os.fsync(fh.fileno())
         os.replace(tmp_name, path)
@@ -26,6 +33,21 @@ def atomic_write_bytes(path: Path, data: bytes) -> Path:
         Path(tmp_name).unlink(missing_ok=True)
         raise
     fsync_dir(path.parent)
+
+
+def atomic_write_bytes(path: Path, data: bytes) -> Path:
+    """Write ``data`` to ``path`` atomically and durably; creates the parent folder."""
+    with _atomic_target(path) as fh:
+        fh.write(data)
+    return path
+
+
+def atomic_copy(path: Path, source: Path, offset: int = 0) -> Path:
+    """Copy ``source`` from byte ``offset`` to ``path`` atomically and durably, in chunks (the
+    file may be far larger than memory, and on another file system)."""
+    with _atomic_target(path) as fh, source.open("rb") as src:
+        src.seek(offset)
+        shutil.copyfileobj(src, fh, _COPY_CHUNK)
     return path
 
 

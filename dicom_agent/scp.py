@@ -3,32 +3,27 @@
 One function per DIMSE service (:func:`handle_echo`, :func:`handle_store`), bound with their
 dependencies through ``evt_handlers``; notification handlers only log. Calling AE titles are
 checked at association time (``require_calling_aet``) and the called AE title must be ours.
-A C-STORE is answered Success only once :class:`~dicom_agent.spool.Spool` has the file fsynced,
-renamed and its state row committed; every failure maps to a named status from
+The data set arrives in a spool file as it is received (:mod:`dicom_agent.transport`); a
+C-STORE is answered Success only once every element of it was read back
+(:func:`~dicom_agent.spool.check_data_set`) and :class:`~dicom_agent.spool.Spool` has the file
+fsynced, renamed and its state row committed. Every failure maps to a named status from
 :mod:`dicom_agent.conformance`, and nothing is raised into pynetdicom.
 
-Transport: TCP_NODELAY on every accepted socket (PS3.8 exchanges small PDUs, request/response;
-Nagle would add delayed-ACK stalls), large PDU reads, optional TLS (PS3.15 Annex B.1) with
-client-certificate verification, and SO_REUSEPORT when several listener processes share a port.
+The transport (bounded PDU reads, timeouts, streaming) lives in :mod:`dicom_agent.transport`,
+the extra listener processes of ``scp.workers`` in :mod:`dicom_agent.listener_pool`.
 """
 
 from __future__ import annotations
 
 import logging
-import multiprocessing
-import signal
-import socket
-import ssl
 import threading
-import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
-from multiprocessing.process import BaseProcess
 from multiprocessing.synchronize import Event as EventType
 from typing import Any, cast
 
 from pydicom.dataset import Dataset
-from pynetdicom import AE, _handlers, evt
+from pynetdicom import evt
 from pynetdicom.dimse_primitives import C_STORE
 from pynetdicom.events import Event
 from pynetdicom.presentation import (
@@ -36,30 +31,36 @@ from pynetdicom.presentation import (
     PresentationContext,
     build_context,
 )
-from pynetdicom.transport import AssociationSocket, RequestHandler, ThreadedAssociationServer
 
 from dicom_agent import conformance as dc
 from dicom_agent import observe
-from dicom_agent.config import AgentSettings, SCPSettings
+from dicom_agent.config import AgentSettings
 from dicom_agent.errors import (
-    AgentError,
-    ConfigError,
     DicomInputError,
+    InstanceTooLargeError,
     SpoolError,
     SpoolFullError,
     StateError,
 )
-from dicom_agent.spool import FreeSpaceProbe, Spool, read_header
+from dicom_agent.listener_pool import WorkerPool, start_workers
+from dicom_agent.spool import FreeSpaceProbe, IncomingFile, Spool
 from dicom_agent.state import StateDB, StoreOutcome
+from dicom_agent.transport import (
+    Counters,
+    ListenerAE,
+    ListenerRequestHandler,
+    ListenerServer,
+    ReceiveLimits,
+    RefusedDataSet,
+    ReusePortServer,
+    server_ssl_context,
+)
 
 logger = logging.getLogger(__name__)
 
 OnStored = Callable[[str], None]
 
-_RECV_CHUNK = 1 << 20
 _SHUTDOWN_POLL_SECONDS = 0.1  # how long stop() may wait for the accept loop to notice
-_WORKER_START_SECONDS = 60.0
-_WORKER_STOP_SECONDS = 10.0
 _ERROR_COMMENT_MAX = 64  # LO VR (PS3.5 6.2)
 
 
@@ -88,30 +89,33 @@ class _StoreContext:
     """Dependencies of :func:`handle_store`, bound once per listener."""
 
     spool: Spool
-    max_instance_bytes: int
     on_stored: OnStored | None = None
-    stats: dict[str, int] = field(default_factory=dict)
-    _stats_lock: threading.Lock = field(default_factory=threading.Lock)
+    counters: Counters = field(default_factory=Counters)
 
     def count(self, key: str) -> None:
-        with self._stats_lock:
-            self.stats[key] = self.stats.get(key, 0) + 1
+        self.counters.count(key)
 
 
 def handle_store(event: Event, ctx: _StoreContext) -> int | Dataset:
     """Handle a C-STORE request (``evt.EVT_C_STORE``): Storage Service Class, PS3.4 Annex B.
 
     The data set is written exactly as encoded by the peer (no decode/re-encode) behind a new
-    File Meta Information header. Statuses (PS3.4 B.2.3, see :mod:`dicom_agent.conformance`):
+    File Meta Information header, as it arrives. Statuses (PS3.4 B.2.3, see
+    :mod:`dicom_agent.conformance`):
 
-    * ``0x0000`` Success: stored durably and recorded (or an identical copy already was).
-    * ``0xA700`` Refused, Out of Resources: free space below ``scp.min_free_bytes``, disk full,
-      or the state database failed. Nothing half-written remains; the peer should retry.
-    * ``0xA701`` Refused, Out of Resources: larger than ``scp.max_instance_bytes``; not stored.
+    * ``0x0000`` Success: every element read back, stored durably and recorded (or an
+      identical copy already was, or ``scp.overwrite=keep_first`` kept the first copy).
+    * ``0xA700`` Refused, Out of Resources: free space below ``scp.min_free_bytes`` (checked as
+      the bytes arrive), disk full, or the state database failed. Nothing half-written
+      remains; the peer should retry.
+    * ``0xA701`` Refused, Out of Resources: a deflated data set inflates past
+      ``scp.max_instance_bytes``; not stored. (A data set that *arrives* larger than that
+      has its association aborted while it arrives, see :mod:`dicom_agent.transport`.)
     * ``0xA900`` Error, Data Set Does Not Match SOP Class: the data set's SOP Class or Instance
       UID differs from the command's; the bytes are quarantined.
-    * ``0xC210`` Error, Cannot Understand: undecodable header or missing/invalid UIDs; the bytes
-      are quarantined with a reason file.
+    * ``0xC210`` Error, Cannot Understand: an element does not decode (invalid VR, a length
+      that does not fit its VR, cut short, Pixel Data not OB/OW) or UIDs are missing or
+      invalid; the bytes are quarantined with a reason file.
     * ``0xC211`` Error, Cannot Understand: unexpected internal failure (logged with traceback).
     """
     try:
@@ -123,42 +127,54 @@ def handle_store(event: Event, ctx: _StoreContext) -> int | Dataset:
 
 
 def _store(event: Event, ctx: _StoreContext) -> int | Dataset:
-    transfer_syntax = str(event.context.transfer_syntax)
-    data_set = event.encoded_dataset(include_meta=False)
-    if len(data_set) > ctx.max_instance_bytes:
-        logger.warning(
-            "C-STORE refused: %d bytes exceeds scp.max_instance_bytes=%d",
-            len(data_set),
-            ctx.max_instance_bytes,
-        )
-        ctx.count("too_large")
-        return _status(dc.STATUS_REFUSED_TOO_LARGE, "instance exceeds max_instance_bytes")
-    try:
-        header = read_header(data_set, transfer_syntax)
-    except DicomInputError as exc:
-        return _refuse_malformed(ctx, data_set, transfer_syntax, dc.STATUS_CANNOT_UNDERSTAND, exc)
     request = cast(C_STORE, event.request)
+    sink = request._dataset_file
+    if isinstance(sink, RefusedDataSet):
+        return _out_of_resources(ctx, sink.error)
+    if isinstance(sink, IncomingFile):
+        incoming = sink
+    else:
+        # The whole data set came in the P-DATA-TF of the command (one PDU): same path.
+        try:
+            incoming = ctx.spool.open_incoming(
+                str(request.AffectedSOPClassUID),
+                str(request.AffectedSOPInstanceUID),
+                str(event.context.transfer_syntax),
+                event.assoc.requestor.ae_title,
+            )
+            data = request.DataSet
+            incoming.write(data.getvalue() if data is not None else b"")
+        except InstanceTooLargeError as exc:
+            return _too_large(ctx, exc)
+        except SpoolError as exc:
+            return _out_of_resources(ctx, exc)
+    try:
+        return _store_incoming(event, ctx, request, incoming)
+    finally:
+        incoming.discard()  # a no-op once committed (renamed) or quarantined
+
+
+def _store_incoming(
+    event: Event, ctx: _StoreContext, request: C_STORE, incoming: IncomingFile
+) -> int | Dataset:
+    if incoming.error is not None:
+        return _out_of_resources(ctx, incoming.error)
+    try:
+        header = ctx.spool.check(incoming)
+    except InstanceTooLargeError as exc:
+        return _too_large(ctx, exc)
+    except DicomInputError as exc:
+        return _refuse_malformed(ctx, incoming, dc.STATUS_CANNOT_UNDERSTAND, exc)
     if (
         str(request.AffectedSOPClassUID) != header.sop_class_uid
         or str(request.AffectedSOPInstanceUID) != header.sop_instance_uid
     ):
         mismatch = DicomInputError("command and data set SOP Class/Instance UIDs differ")
-        return _refuse_malformed(ctx, data_set, transfer_syntax, dc.STATUS_DATASET_MISMATCH, mismatch)
+        return _refuse_malformed(ctx, incoming, dc.STATUS_DATASET_MISMATCH, mismatch)
     try:
-        result = ctx.spool.store(
-            data_set,
-            transfer_syntax,
-            header=header,
-            source_ae_title=event.assoc.requestor.ae_title,
-        )
-    except SpoolFullError as exc:
-        logger.warning("C-STORE refused, out of resources: %s", exc)
-        ctx.count("out_of_resources")
-        return _status(dc.STATUS_OUT_OF_RESOURCES, "storage full, retry later")
+        result = ctx.spool.commit(incoming, header)
     except (SpoolError, StateError) as exc:
-        logger.error("C-STORE refused, storage failed: %s", exc)
-        ctx.count("out_of_resources")
-        return _status(dc.STATUS_OUT_OF_RESOURCES, "storage failed, retry later")
+        return _out_of_resources(ctx, exc)
     ctx.count(result.outcome.value)
     if not dc.is_auditable(header.sop_class_uid):
         logger.info(
@@ -166,6 +182,12 @@ def _store(event: Event, ctx: _StoreContext) -> int | Dataset:
             header.sop_class_uid,
         )
     ref = observe.study_ref(header.study_instance_uid)
+    if result.outcome is StoreOutcome.KEPT_FIRST:
+        logger.warning(
+            "instance with different bytes under a stored SOP Instance UID, study=%s: "
+            "first copy kept (scp.overwrite=keep_first)",
+            ref,
+        )
     logger.info(
         "instance.stored study=%s outcome=%s sop_class=%s",
         ref,
@@ -175,7 +197,7 @@ def _store(event: Event, ctx: _StoreContext) -> int | Dataset:
             event=observe.Event.INSTANCE_STORED, study=ref, reason=result.outcome.value
         ),
     )
-    if ctx.on_stored is not None and result.outcome is not StoreOutcome.DUPLICATE:
+    if ctx.on_stored is not None and result.outcome in (StoreOutcome.NEW, StoreOutcome.REPLACED):
         try:
             ctx.on_stored(header.study_instance_uid)
         except Exception:
@@ -183,12 +205,27 @@ def _store(event: Event, ctx: _StoreContext) -> int | Dataset:
     return dc.STATUS_SUCCESS
 
 
+def _out_of_resources(ctx: _StoreContext, exc: SpoolError | StateError) -> Dataset:
+    ctx.count("out_of_resources")
+    if isinstance(exc, SpoolFullError):
+        logger.warning("C-STORE refused, out of resources: %s", exc)
+        return _status(dc.STATUS_OUT_OF_RESOURCES, "storage full, retry later")
+    logger.error("C-STORE refused, storage failed: %s", exc)
+    return _status(dc.STATUS_OUT_OF_RESOURCES, "storage failed, retry later")
+
+
+def _too_large(ctx: _StoreContext, exc: InstanceTooLargeError) -> Dataset:
+    logger.warning("C-STORE refused: %s", exc)
+    ctx.count("too_large")
+    return _status(dc.STATUS_REFUSED_TOO_LARGE, "instance exceeds max_instance_bytes")
+
+
 def _refuse_malformed(
-    ctx: _StoreContext, data_set: bytes, transfer_syntax: str, code: int, exc: DicomInputError
+    ctx: _StoreContext, incoming: IncomingFile, code: int, exc: DicomInputError
 ) -> Dataset:
     ctx.count("malformed")
     try:
-        kept = ctx.spool.quarantine(data_set, str(exc), transfer_syntax)
+        kept = ctx.spool.quarantine_incoming(incoming, str(exc))
         logger.warning("C-STORE refused (0x%04X): %s; quarantined as %s", code, exc, kept.name)
     except SpoolError:
         logger.warning("C-STORE refused (0x%04X): %s; not quarantined (free-space floor)", code, exc)
@@ -246,103 +283,6 @@ _NOTIFICATION_HANDLERS: list[tuple[Any, Callable[[Event], None]]] = [
 ]
 
 
-# -- transport --------------------------------------------------------------------------------
-
-
-class _AssociationSocket(AssociationSocket):
-    """Reads each PDU with a few large ``recv_into`` calls instead of 4 KiB ``recv`` calls.
-
-    pynetdicom reads a whole PDU per call; at 1 MiB PDUs its 4 KiB loop costs a few thousand
-    Python iterations per 10 MB image, time taken from every other association thread.
-    """
-
-    def recv(self, nr_bytes: int) -> bytearray:
-        sock = self.socket
-        assert sock is not None
-        buf = bytearray(nr_bytes)
-        view = memoryview(buf)
-        got = 0
-        while got < nr_bytes:
-            n = sock.recv_into(view[got:], min(nr_bytes - got, _RECV_CHUNK))
-            if not n:
-                # Connection closed: hand back the short read, as pynetdicom does.
-                del view
-                del buf[got:]
-                return buf
-            got += n
-        return buf
-
-
-# pynetdicom's standard loggers run on every PDU and DIMSE message even with DEBUG off; the
-# C-STORE one compares the whole received data set with b"" just to print "Present".
-_STANDARD_LOGGERS = (
-    (evt.EVT_DIMSE_RECV, _handlers.standard_dimse_recv_handler),
-    (evt.EVT_DIMSE_SENT, _handlers.standard_dimse_sent_handler),
-    (evt.EVT_PDU_RECV, _handlers.standard_pdu_recv_handler),
-    (evt.EVT_PDU_SENT, _handlers.standard_pdu_sent_handler),
-)
-
-
-class _RequestHandler(RequestHandler):
-    def _create_association(self) -> Any:
-        assoc = super()._create_association()
-        for event, handler in _STANDARD_LOGGERS:
-            assoc.unbind(event, handler)
-        # Re-class rather than re-create: constructing a second socket would queue a second
-        # transport-connection event (Evt5) into the state machine. The subclass adds no state.
-        assoc.dul.socket.__class__ = _AssociationSocket
-        return assoc
-
-
-class _Server(ThreadedAssociationServer):
-    """pynetdicom's threaded server with our socket options."""
-
-    reuse_port = False
-
-    def server_bind(self) -> None:
-        if self.reuse_port:
-            assert self.socket is not None
-            self.socket.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT, 1)
-        super().server_bind()
-
-    def get_request(self) -> tuple[socket.socket, tuple[str, int]]:
-        assert self.socket is not None
-        client, address = self.socket.accept()
-        client.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
-        if self.ssl_context is not None:
-            # The handshake happens on the association thread's first read, so a peer that
-            # never completes it stalls only itself, not the accept loop.
-            client = self.ssl_context.wrap_socket(
-                client, server_side=True, do_handshake_on_connect=False
-            )
-        return client, address
-
-
-class _ReusePortServer(_Server):
-    reuse_port = True
-
-
-def server_ssl_context(settings: SCPSettings) -> ssl.SSLContext | None:
-    """The TLS context for ``scp.tls`` (PS3.15 B.1 secure transport), or None when disabled."""
-    tls = settings.tls
-    if not tls.enabled:
-        return None
-    if tls.cert_file is None or tls.key_file is None:
-        raise ConfigError("scp.tls: cert_file and key_file are required when tls.enabled")
-    context = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
-    context.minimum_version = ssl.TLSVersion.TLSv1_2
-    try:
-        context.load_cert_chain(str(tls.cert_file), str(tls.key_file))
-        if tls.require_client_cert:
-            if tls.ca_file is None:
-                raise ConfigError("scp.tls.ca_file is required when require_client_cert")
-            context.verify_mode = ssl.CERT_REQUIRED
-            context.load_verify_locations(cafile=str(tls.ca_file))
-    except (OSError, ssl.SSLError) as exc:
-        raise ConfigError(f"scp.tls: cannot load certificates: {exc}") from exc
-    return context
-
-
 def presentation_contexts(unknown_sop_class: str) -> list[PresentationContext]:
     """The contexts we accept as SCP: Verification and the Storage classes.
 
@@ -365,18 +305,18 @@ def presentation_contexts(unknown_sop_class: str) -> list[PresentationContext]:
 class Listener:
     """A running listener; :meth:`stop` shuts it down (and its worker processes)."""
 
-    server: ThreadedAssociationServer
-    ae: AE
+    server: ListenerServer
+    ae: ListenerAE
     port: int
     store_context: _StoreContext
-    workers: list[BaseProcess] = field(default_factory=list)
-    _stop_workers: EventType | None = None
+    pool: WorkerPool | None = None
     _stopped: bool = False
 
     @property
     def stats(self) -> dict[str, int]:
-        """C-STORE outcome counters of this process since start (new, duplicate, ...)."""
-        return dict(self.store_context.stats)
+        """Counters of this process since start: C-STORE outcomes (new, duplicate, ...) and
+        refusals (too_large, out_of_resources, pdu_too_long, connections_refused, ...)."""
+        return self.store_context.counters.snapshot()
 
     def stop(self) -> None:
         """Stop accepting, close the listening socket and abort open associations.
@@ -385,18 +325,14 @@ class Listener:
         if self._stopped:
             return
         self._stopped = True
-        if self._stop_workers is not None:
-            self._stop_workers.set()
+        if self.pool is not None:
+            self.pool.stop_event.set()
         self.server.shutdown()
         for assoc in self.server.active_associations:
             assoc.abort()
         self.store_context.spool.close()
-        for proc in self.workers:
-            proc.join(timeout=_WORKER_STOP_SECONDS)
-            if proc.is_alive():
-                logger.warning("listener worker %s did not stop; terminating it", proc.name)
-                proc.terminate()
-                proc.join()
+        if self.pool is not None:
+            self.pool.stop()
 
 
 def start_listener(
@@ -409,13 +345,12 @@ def start_listener(
     """Start the Verification/Storage SCP in background threads and return at once.
 
     ``free_space`` replaces the disk probe (tests); ``on_stored(study_uid)`` is called after
-    each instance is durably stored (not for an identical duplicate).
+    each instance is durably stored (new or replaced; not for a duplicate or a kept first copy).
 
     With ``scp.workers`` > 1, ``workers - 1`` more listener processes bind the same port
-    (SO_REUSEPORT; the kernel spreads connections across them) so associations use more than
-    one core. They share the spool and the state DB (SQLite WAL serialises their commits) and
-    use the default disk probe; ``on_stored`` fires only for instances this process received,
-    so a scheduler must not rely on it alone (it is a wake-up hint, the state DB is the truth).
+    (:mod:`dicom_agent.listener_pool`) so associations use more than one core. They use the
+    default disk probe; ``on_stored`` fires only for instances this process received, so a
+    scheduler must not rely on it alone (it is a wake-up hint, the state DB is the truth).
     """
     scp = settings.scp
     if not scp.allowed_calling_aets:
@@ -426,41 +361,15 @@ def start_listener(
             update={"scp": scp.model_copy(update={"port": listener.port})}
         )
         try:
-            _start_workers(listener, worker_settings, scp.workers - 1)
+            listener.pool = start_workers(worker_settings, scp.workers - 1, serve_in_worker)
         except BaseException:
             listener.stop()
             raise
     return listener
 
 
-def _start_workers(listener: Listener, settings: AgentSettings, count: int) -> None:
-    ctx = multiprocessing.get_context("spawn")  # never fork a process that holds threads
-    listener._stop_workers = ctx.Event()
-    for number in range(1, count + 1):
-        ready = ctx.Event()
-        proc = ctx.Process(
-            target=_worker_main,
-            args=(settings, ready, listener._stop_workers),
-            name=f"dicom-listener-{number}",
-            daemon=True,
-        )
-        proc.start()
-        listener.workers.append(proc)
-        deadline = time.monotonic() + _WORKER_START_SECONDS
-        while not ready.wait(0.1):
-            if not proc.is_alive() or time.monotonic() > deadline:
-                raise AgentError(f"listener worker {number} failed to start")
-    logger.info("%d listener worker processes share port %d", count, listener.port)
-
-
-def _worker_main(settings: AgentSettings, ready: EventType, stop: EventType) -> None:
-    """Body of a listener worker process: serve until the parent sets ``stop``."""
-    # Ctrl-C reaches the whole process group; the parent owns shutdown and sets ``stop``.
-    signal.signal(signal.SIGINT, signal.SIG_IGN)
-    # A spawned process starts bare: same log format and the same salted study references
-    # as the parent, so its lines can be read and matched with the parent's.
-    observe.setup_logging(settings.logging)
-    observe.load_salt(settings.paths.state.parent)
+def serve_in_worker(settings: AgentSettings, ready: EventType, stop: EventType) -> None:
+    """A listener worker's service (see :mod:`dicom_agent.listener_pool`): serve until ``stop``."""
     db = StateDB(settings.paths.state)
     listener = _start_one(settings, db, None, None)
     ready.set()
@@ -484,10 +393,12 @@ def _start_one(
         settings.paths.quarantine,
         min_free_bytes=scp.min_free_bytes,
         free_space=free_space,
+        max_instance_bytes=scp.max_instance_bytes,
+        overwrite=scp.overwrite,
     )
-    store_context = _StoreContext(spool, scp.max_instance_bytes, on_stored)
+    store_context = _StoreContext(spool, on_stored)
 
-    ae = AE(ae_title=scp.ae_title)
+    ae = ListenerAE(ae_title=scp.ae_title)
     ae.implementation_class_uid = dc.IMPLEMENTATION_CLASS_UID
     ae.implementation_version_name = dc.IMPLEMENTATION_VERSION_NAME
     ae.maximum_associations = scp.max_associations
@@ -504,14 +415,20 @@ def _start_one(
         (evt.EVT_C_STORE, handle_store, [store_context]),
         *_NOTIFICATION_HANDLERS,
     ]
-    server_class = _ReusePortServer if scp.workers > 1 else _Server
-    server = ae.make_server(
-        (scp.host, scp.port),
-        ssl_context=ssl_context,
-        evt_handlers=handlers,
-        server_class=server_class,
-        request_handler=_RequestHandler,
+    server = cast(
+        ListenerServer,
+        ae.make_server(
+            (scp.host, scp.port),
+            ssl_context=ssl_context,
+            evt_handlers=handlers,
+            server_class=ReusePortServer if scp.workers > 1 else ListenerServer,
+            request_handler=ListenerRequestHandler,
+        ),
     )
+    # Before the accept loop starts: every connection sees them.
+    server.limits = ReceiveLimits.from_settings(scp)
+    server.spool = spool
+    server.counters = store_context.counters
     thread = threading.Thread(
         target=server.serve_forever,
         kwargs={"poll_interval": _SHUTDOWN_POLL_SECONDS},

@@ -30,17 +30,20 @@ import time
 import zlib
 from collections import OrderedDict
 from collections.abc import Callable, Iterator
-from concurrent.futures import ThreadPoolExecutor
 from contextlib import contextmanager
 from dataclasses import dataclass
 from io import BytesIO
 from pathlib import Path
+from typing import Any, BinaryIO
 
+from pydicom.charset import convert_encodings
+from pydicom.dataelem import RawDataElement, convert_raw_data_element
 from pydicom.dataset import Dataset, FileMetaDataset
-from pydicom.filereader import read_dataset, read_file_meta_info
+from pydicom.filereader import data_element_generator, read_dataset, read_file_meta_info
 from pydicom.filewriter import write_file_meta_info
 from pydicom.tag import BaseTag, Tag
 from pydicom.uid import UID
+from pydicom.valuerep import VR
 
 from dicom_agent.conformance import (
     DEFLATED_EXPLICIT_VR_LITTLE_ENDIAN,
@@ -51,8 +54,13 @@ from dicom_agent.conformance import (
     is_auditable,
     is_valid_uid,
 )
-from dicom_agent.errors import DicomInputError, SpoolError, SpoolFullError
-from dicom_agent.files import atomic_write_bytes, atomic_write_text, fsync_dir
+from dicom_agent.errors import (
+    DicomInputError,
+    InstanceTooLargeError,
+    SpoolError,
+    SpoolFullError,
+)
+from dicom_agent.files import atomic_copy, atomic_write_bytes, atomic_write_text, fsync_dir
 from dicom_agent.state import InstanceState, StateDB, StoreOutcome
 
 logger = logging.getLogger(__name__)
@@ -63,11 +71,20 @@ DICOM_SUFFIX = ".dcm"
 TEMP_SUFFIX = ".tmp"
 REASON_SUFFIX = ".reason.txt"
 LOCKS_DIR = ".locks"
+INCOMING_DIR = ".incoming"
 _PREAMBLE = b"\x00" * 128 + b"DICM"
 _PIXEL_DATA = 0x7FE00010
 _LOCK_STRIPES = 64
 _DURABLE_DIRS_MAX = 4096
-_HASH_THREADS = 4
+_DEFER_BYTES = 64 * 1024  # values above this are checked for length and place, not loaded
+_INFLATE_CHUNK = 1 << 20
+_UNDEFINED_LENGTH = 0xFFFFFFFF
+# PS3.5 A.1: Pixel Data (7FE0,0010) is OB or OW; a numeric VR there is a lie about the bytes.
+_PIXEL_DATA_VRS = frozenset({"OB", "OW"})
+# Fixed-size binary VRs (PS3.5 6.2): a value length that is not a multiple cannot be read.
+_BINARY_VR_SIZES = {"US": 2, "SS": 2, "UL": 4, "SL": 4, "FL": 4, "FD": 8, "AT": 4,
+                    "UV": 8, "SV": 8, "OW": 2, "OL": 4, "OF": 4, "OD": 8, "OV": 8}
+_KNOWN_VRS = frozenset(str(v) for v in VR)
 
 _HEADER_KEYWORDS = (
     "SpecificCharacterSet",
@@ -81,6 +98,7 @@ _HEADER_KEYWORDS = (
     "BodyPartExamined",
 )
 _HEADER_TAGS: list[BaseTag | int] = [Tag(k) for k in _HEADER_KEYWORDS]
+_HEADER_TAG_SET = frozenset(int(t) for t in _HEADER_TAGS)
 
 
 def disk_free_bytes(folder: Path) -> int:
@@ -127,19 +145,33 @@ def _required_uid(ds: Dataset, keyword: str) -> str:
     return uid
 
 
-def read_header(data_set: bytes, transfer_syntax_uid: str) -> InstanceHeader:
+def _header_of(ds: Dataset) -> InstanceHeader:
+    return InstanceHeader(
+        sop_class_uid=_required_uid(ds, "SOPClassUID"),
+        sop_instance_uid=_required_uid(ds, "SOPInstanceUID"),
+        study_instance_uid=_required_uid(ds, "StudyInstanceUID"),
+        series_instance_uid=_required_uid(ds, "SeriesInstanceUID"),
+        modality=_text(ds, "Modality"),
+        accession_number=_text(ds, "AccessionNumber"),
+        view_position=_text(ds, "ViewPosition"),
+        body_part=_text(ds, "BodyPartExamined"),
+    )
+
+
+def read_header(
+    data_set: bytes, transfer_syntax_uid: str, *, max_inflated_bytes: int = 1 << 30
+) -> InstanceHeader:
     """Parse the routing and state attributes from an encoded data set (no File Meta).
 
-    Stops before Pixel Data and reads only the attributes we need. Raises
-    :class:`DicomInputError` when the data set cannot be decoded or lacks a valid SOP Class,
-    SOP Instance, Study Instance or Series Instance UID.
+    Stops before Pixel Data and reads only the attributes we need; a deflated data set
+    (PS3.5 A.5) is inflated up to ``max_inflated_bytes``. Raises :class:`DicomInputError` when
+    the data set cannot be decoded or lacks a valid SOP Class, SOP Instance, Study Instance or
+    Series Instance UID, :class:`InstanceTooLargeError` past the inflation cap.
     """
     if transfer_syntax_uid == DEFLATED_EXPLICIT_VR_LITTLE_ENDIAN:
-        try:
-            # PS3.5 A.5: the whole data set is one raw deflate stream (no zlib header).
-            data_set = zlib.decompress(data_set, -zlib.MAX_WBITS)
-        except zlib.error as exc:
-            raise DicomInputError("deflated data set does not inflate") from exc
+        inflated = BytesIO()
+        _inflate(BytesIO(data_set), inflated, max_inflated_bytes)
+        data_set = inflated.getvalue()
     try:
         ds = read_dataset(
             BytesIO(data_set),
@@ -148,30 +180,157 @@ def read_header(data_set: bytes, transfer_syntax_uid: str) -> InstanceHeader:
             stop_when=lambda tag, vr, length: tag == _PIXEL_DATA,
             specific_tags=_HEADER_TAGS,
         )
-        return InstanceHeader(
-            sop_class_uid=_required_uid(ds, "SOPClassUID"),
-            sop_instance_uid=_required_uid(ds, "SOPInstanceUID"),
-            study_instance_uid=_required_uid(ds, "StudyInstanceUID"),
-            series_instance_uid=_required_uid(ds, "SeriesInstanceUID"),
-            modality=_text(ds, "Modality"),
-            accession_number=_text(ds, "AccessionNumber"),
-            view_position=_text(ds, "ViewPosition"),
-            body_part=_text(ds, "BodyPartExamined"),
-        )
+        return _header_of(ds)
     except DicomInputError:
         raise
     except Exception as exc:  # pydicom raises many types on malformed input
         raise DicomInputError(f"data set header does not decode ({type(exc).__name__})") from exc
 
 
+def _inflate(src: BinaryIO, dst: BinaryIO, limit: int) -> None:
+    """Inflate a raw deflate stream (PS3.5 A.5, no zlib header) chunk by chunk, at most
+    ``limit`` bytes out: about 1 MiB of deflated zeros would otherwise become 1 GiB."""
+    inflater = zlib.decompressobj(-zlib.MAX_WBITS)
+    total = 0
+    pending = b""
+    try:
+        while not inflater.eof:
+            if not pending:
+                pending = src.read(_INFLATE_CHUNK)
+                if not pending:
+                    break
+            out = inflater.decompress(pending, _INFLATE_CHUNK)
+            pending = inflater.unconsumed_tail
+            total += len(out)
+            if total > limit:
+                raise InstanceTooLargeError(f"deflated data set inflates past {limit} bytes")
+            dst.write(out)
+    except zlib.error as exc:
+        raise DicomInputError("deflated data set does not inflate") from exc
+    if not inflater.eof:
+        raise DicomInputError("deflated data set ends before its deflate stream does")
+
+
+def check_data_set(
+    path: Path, offset: int, transfer_syntax_uid: str, *, max_inflated_bytes: int
+) -> InstanceHeader:
+    """Read every element of the data set stored in ``path`` from ``offset``; return its header.
+
+    This is what a C-STORE Success promises besides durability: the data set is readable.
+    Element by element (PS3.5 7.1) every value up to 64 KiB is decoded with its VR, so an
+    invalid VR code, a value length that does not fit its VR (an odd-length US) or an element
+    that runs past the end is refused here with :class:`DicomInputError`. Larger values are
+    checked for VR, length and place without being loaded, and Pixel Data must be OB or OW
+    (PS3.5 A.1); pixels are not decoded. A deflated data set (PS3.5 A.5) is inflated into a
+    scratch file beside ``path``, at most ``max_inflated_bytes`` (:class:`InstanceTooLargeError`),
+    so memory stays at a few chunks whatever the size.
+    """
+    if transfer_syntax_uid != DEFLATED_EXPLICIT_VR_LITTLE_ENDIAN:
+        return _scan(
+            path,
+            offset,
+            implicit=transfer_syntax_uid == IMPLICIT_VR_LITTLE_ENDIAN,
+            little=transfer_syntax_uid != EXPLICIT_VR_BIG_ENDIAN,
+        )
+    inflated = path.parent / f"{path.stem}.inflated{TEMP_SUFFIX}"
+    try:
+        with path.open("rb") as src, inflated.open("wb") as dst:
+            src.seek(offset)
+            _inflate(src, dst, max_inflated_bytes)
+        return _scan(inflated, 0, implicit=False, little=True)
+    finally:
+        inflated.unlink(missing_ok=True)
+
+
+def _tag_text(tag: BaseTag) -> str:
+    return f"({tag.group:04X},{tag.element:04X})"
+
+
+def _scan(path: Path, offset: int, *, implicit: bool, little: bool) -> InstanceHeader:
+    header = Dataset()
+    encoding: str | list[str] | None = None
+    with path.open("rb") as fp:
+        end = os.fstat(fp.fileno()).st_size
+        fp.seek(offset)
+        position = offset
+        try:
+            for element in data_element_generator(fp, implicit, little, defer_size=_DEFER_BYTES):
+                position = fp.tell()
+                if position > end:
+                    raise DicomInputError(f"element {_tag_text(element.tag)} runs past the end")
+                if not isinstance(element, RawDataElement):  # an undefined-length sequence
+                    _check_items(element.value, encoding)
+                    continue
+                converted = _check_element(element, implicit, encoding)
+                if converted is None:
+                    continue
+                if element.tag == 0x00080005:
+                    encoding = convert_encodings(converted.value)
+                if element.tag in _HEADER_TAG_SET:
+                    header.add(converted)
+        except DicomInputError:
+            raise
+        except Exception as exc:  # pydicom raises many types on malformed input
+            raise DicomInputError(f"data set does not decode ({type(exc).__name__})") from exc
+    if position != end:
+        raise DicomInputError("data set ends inside an element (cut short, or a length lies)")
+    try:
+        return _header_of(header)
+    except DicomInputError:
+        raise
+    except Exception as exc:
+        raise DicomInputError(f"data set header does not decode ({type(exc).__name__})") from exc
+
+
+def _check_element(
+    raw: RawDataElement, implicit: bool, encoding: str | list[str] | None
+) -> Any | None:
+    """Check one top-level element; its converted form, or None when its value was skipped."""
+    tag = _tag_text(raw.tag)
+    if not implicit and raw.VR not in _KNOWN_VRS:
+        raise DicomInputError(f"element {tag} has no valid VR (PS3.5 7.1.2)")
+    if raw.tag == _PIXEL_DATA and raw.VR is not None and raw.VR not in _PIXEL_DATA_VRS:
+        raise DicomInputError(f"Pixel Data {tag} declared with VR {raw.VR}, not OB or OW")
+    size = _BINARY_VR_SIZES.get(raw.VR or "")
+    if raw.length != _UNDEFINED_LENGTH and size and raw.length % size:
+        raise DicomInputError(f"element {tag}: length {raw.length} does not fit VR {raw.VR}")
+    if raw.value is None and raw.length != 0:
+        return None  # large value: VR, length and place checked, not loaded
+    if raw.length != _UNDEFINED_LENGTH and len(raw.value or b"") != raw.length:
+        raise DicomInputError(f"element {tag} is cut short")
+    elem = convert_raw_data_element(raw, encoding=encoding)
+    if elem.VR == "SQ":
+        _check_items(elem.value, encoding)
+    return elem
+
+
+def _check_items(items: Any, encoding: str | list[str] | None) -> None:
+    """Decode every element of every item of a sequence (nested sequences included)."""
+    for item in items:
+        for tag in list(item.keys()):
+            elem = item[tag]  # converts from the raw form; raises on what does not decode
+            if elem.VR == "SQ":
+                _check_items(elem.value, encoding)
+
+
 def encode_file_meta(
     header: InstanceHeader, transfer_syntax_uid: str, source_ae_title: str | None
 ) -> bytes:
     """Preamble, ``DICM`` prefix and File Meta Information group (PS3.10 7.1) for an instance."""
+    return file_meta_bytes(
+        header.sop_class_uid, header.sop_instance_uid, transfer_syntax_uid, source_ae_title
+    )
+
+
+def file_meta_bytes(
+    sop_class_uid: str, sop_instance_uid: str, transfer_syntax_uid: str, source_ae_title: str | None
+) -> bytes:
+    """The File Meta of :func:`encode_file_meta` from the C-STORE request's UIDs (PS3.7 9.1.1),
+    written before the data set arrives; a data set that disagrees with them is refused."""
     meta = FileMetaDataset()
     meta.FileMetaInformationVersion = b"\x00\x01"
-    meta.MediaStorageSOPClassUID = UID(header.sop_class_uid)
-    meta.MediaStorageSOPInstanceUID = UID(header.sop_instance_uid)
+    meta.MediaStorageSOPClassUID = UID(sop_class_uid)
+    meta.MediaStorageSOPInstanceUID = UID(sop_instance_uid)
     meta.TransferSyntaxUID = UID(transfer_syntax_uid)
     meta.ImplementationClassUID = UID(IMPLEMENTATION_CLASS_UID)
     meta.ImplementationVersionName = IMPLEMENTATION_VERSION_NAME
@@ -205,6 +364,98 @@ def dataset_sha256(data_set: bytes) -> str:
     return hashlib.sha256(data_set).hexdigest()
 
 
+class IncomingFile:
+    """One data set being written to the spool while its P-DATA-TF PDUs arrive (PS3.8 Annex E).
+
+    The file is ``<spool>/.incoming/.<random>.tmp``: File Meta first (from the C-STORE request),
+    then each fragment as it comes, so memory per association stays at one PDU. Every write is
+    checked against ``scp.max_instance_bytes`` (:class:`InstanceTooLargeError`: the caller
+    aborts the association) and reserves its bytes against the free-space floor first; when
+    space runs out the file is dropped, the rest of the data set is counted but not written,
+    and :attr:`error` says why (answered 0xA700). pynetdicom's DIMSE message writes with
+    :meth:`write`, calls ``file.flush()`` and, after the C-STORE handler, :meth:`close` and an
+    unlink of :attr:`name` (by then the file has been renamed or removed).
+    """
+
+    def __init__(self, spool: Spool, meta: bytes, transfer_syntax_uid: str, limit: int) -> None:
+        self.spool = spool
+        self.transfer_syntax_uid = transfer_syntax_uid
+        self.limit = limit
+        self.offset = len(meta)
+        self.size = 0  # data set bytes received, written or not
+        self.error: SpoolError | None = None
+        self._hash = hashlib.sha256()
+        folder = spool.root / INCOMING_DIR
+        folder.mkdir(exist_ok=True)
+        self.path = folder / f".{secrets.token_hex(8)}{TEMP_SUFFIX}"
+        self._fd: int | None = os.open(self.path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o640)
+        self._put(meta)
+
+    @property
+    def name(self) -> str:
+        return str(self.path)
+
+    @property
+    def file(self) -> IncomingFile:
+        return self
+
+    @property
+    def sha256(self) -> str:
+        """SHA-256 of the data set bytes as sent (the File Meta is not part of it)."""
+        return self._hash.hexdigest()
+
+    def flush(self) -> None:
+        """Nothing to flush: :meth:`write` hands each fragment to the kernel at once."""
+
+    def write(self, data: bytes) -> int:
+        """Append one data set fragment (called by pynetdicom for each PDV)."""
+        self.size += len(data)
+        if self.size > self.limit:
+            self.discard()
+            raise InstanceTooLargeError(f"data set exceeds scp.max_instance_bytes={self.limit}")
+        self._hash.update(data)
+        if self.error is None:
+            self._put(data)
+        return len(data)
+
+    def _put(self, data: bytes) -> None:
+        try:
+            with self.spool.reserve(len(data)):
+                view = memoryview(data)
+                while view:
+                    assert self._fd is not None
+                    view = view[os.write(self._fd, view) :]
+        except SpoolError as exc:
+            self.error = exc
+            self.discard()
+        except OSError as exc:
+            self.error = _spool_error(exc)
+            self.discard()
+
+    def close(self) -> None:
+        """Close the descriptor (idempotent); the file stays until committed or discarded."""
+        if self._fd is not None:
+            os.close(self._fd)
+            self._fd = None
+
+    def sync(self) -> None:
+        """fsync the whole file, then close it: called before the rename."""
+        assert self._fd is not None
+        os.fsync(self._fd)
+        self.close()
+
+    def discard(self) -> None:
+        """Close and delete the file (idempotent)."""
+        self.close()
+        self.path.unlink(missing_ok=True)
+
+
+def _spool_error(exc: OSError) -> SpoolError:
+    if exc.errno in (errno.ENOSPC, errno.EDQUOT):
+        return SpoolFullError("spool file system is full")
+    return SpoolError(f"cannot write spool file: {exc.strerror}")
+
+
 class Spool:
     """Durable storage of received instances, plus the quarantine for bytes we cannot use.
 
@@ -220,15 +471,22 @@ class Spool:
         *,
         min_free_bytes: int = 0,
         free_space: FreeSpaceProbe | None = None,
+        max_instance_bytes: int = 1 << 30,
+        overwrite: str = "keep_first",
     ) -> None:
         self.root = Path(os.path.abspath(root))
         self.quarantine_root = Path(os.path.abspath(quarantine))
         self.db = db
         self.min_free_bytes = min_free_bytes
+        self.max_instance_bytes = max_instance_bytes
+        self.overwrite = overwrite
         self._free_space = free_space or disk_free_bytes
         self._locks = [threading.Lock() for _ in range(_LOCK_STRIPES)]
         self._lock_files: dict[int, int] = {}
-        self._hasher = ThreadPoolExecutor(max_workers=_HASH_THREADS, thread_name_prefix="spool-sha")
+        # Bytes about to be written by stores in flight: each write reserves its size before
+        # it starts, so concurrent stores cannot all pass the floor check on the same free space.
+        self._reserved = 0
+        self._reserve_lock = threading.Lock()
         # Folders known to exist durably, most recent last. Bounded: a set of every series
         # folder ever made grew by ~0.6 KiB per series for the life of the process.
         self._durable_dirs: OrderedDict[Path, None] = OrderedDict()
@@ -236,8 +494,7 @@ class Spool:
         self.root.mkdir(parents=True, exist_ok=True)
 
     def close(self) -> None:
-        """Release the hashing threads and lock files (stores in flight finish first)."""
-        self._hasher.shutdown(wait=True)
+        """Release the lock files."""
         for stripe, lock in enumerate(self._locks):
             with lock:
                 fd = self._lock_files.pop(stripe, None)
@@ -273,12 +530,57 @@ class Spool:
 
     def check_free_space(self, incoming_bytes: int) -> None:
         """Raise :class:`SpoolFullError` when storing ``incoming_bytes`` would cross the floor."""
+        with self.reserve(incoming_bytes):
+            pass
+
+    @contextmanager
+    def reserve(self, nbytes: int) -> Iterator[None]:
+        """Hold ``nbytes`` of free space while they are written, or raise :class:`SpoolFullError`.
+
+        The floor check counts what other stores have reserved but not yet written, so 16
+        associations writing at once cannot each pass it on the same free space.
+        """
+        with self._reserve_lock:
+            try:
+                free = self._free_space(self.root)
+            except OSError as exc:
+                raise SpoolError(f"cannot read free space of the spool: {exc.strerror}") from exc
+            if free - self._reserved - nbytes < self.min_free_bytes:
+                raise SpoolFullError("spool free space is below scp.min_free_bytes")
+            self._reserved += nbytes
         try:
-            free = self._free_space(self.root)
+            yield
+        finally:
+            with self._reserve_lock:
+                self._reserved -= nbytes
+
+    @property
+    def reserved_bytes(self) -> int:
+        """Bytes reserved by writes in flight (a gauge for the metrics)."""
+        return self._reserved
+
+    def open_incoming(
+        self,
+        sop_class_uid: str,
+        sop_instance_uid: str,
+        transfer_syntax_uid: str,
+        source_ae_title: str | None,
+    ) -> IncomingFile:
+        """Start writing a data set as it arrives; see :class:`IncomingFile`."""
+        meta = file_meta_bytes(sop_class_uid, sop_instance_uid, transfer_syntax_uid, source_ae_title)
+        try:
+            return IncomingFile(self, meta, transfer_syntax_uid, self.max_instance_bytes)
         except OSError as exc:
-            raise SpoolError(f"cannot read free space of the spool: {exc.strerror}") from exc
-        if free - incoming_bytes < self.min_free_bytes:
-            raise SpoolFullError("spool free space is below scp.min_free_bytes")
+            raise _spool_error(exc) from exc
+
+    def check(self, incoming: IncomingFile) -> InstanceHeader:
+        """Read every element of an arrived data set (:func:`check_data_set`); its header."""
+        return check_data_set(
+            incoming.path,
+            incoming.offset,
+            incoming.transfer_syntax_uid,
+            max_inflated_bytes=self.max_instance_bytes,
+        )
 
     def store(
         self,
@@ -288,64 +590,91 @@ class Spool:
         header: InstanceHeader | None = None,
         source_ae_title: str | None = None,
     ) -> StoreResult:
-        """Store one instance durably and record it; returns once both are committed.
+        """Store one whole data set held in memory: :meth:`open_incoming`, :meth:`check`,
+        :meth:`commit`. Raises :class:`DicomInputError` (malformed) and the errors of
+        :meth:`commit`."""
+        header = header or read_header(
+            data_set, transfer_syntax_uid, max_inflated_bytes=self.max_instance_bytes
+        )
+        incoming = self.open_incoming(
+            header.sop_class_uid, header.sop_instance_uid, transfer_syntax_uid, source_ae_title
+        )
+        try:
+            incoming.write(data_set)
+            return self.commit(incoming, header)
+        finally:
+            incoming.discard()
 
-        Auditable SOP classes are recorded STORED, any other class IGNORED. Identical bytes already stored are a no-op (DUPLICATE); different bytes for a known SOP
-        Instance UID replace the stored copy atomically (REPLACED). Raises
-        :class:`DicomInputError` (malformed), :class:`SpoolFullError` (floor reached or ENOSPC),
-        :class:`SpoolError` (other I/O) or :class:`~dicom_agent.errors.StateError`.
+    def commit(self, incoming: IncomingFile, header: InstanceHeader) -> StoreResult:
+        """Make an arrived, checked data set durable and record it; returns once both are done.
+
+        Order, each step after the previous one returned: fsync of the file, rename onto
+        ``<study>/<series>/<sop>.dcm``, fsync of that folder, state row committed. Auditable
+        SOP classes are recorded STORED, any other class IGNORED. Identical bytes already
+        stored are a no-op (DUPLICATE). Different bytes under a known SOP Instance UID follow
+        ``scp.overwrite``: ``keep_first`` keeps the stored copy (KEPT_FIRST), ``replace``
+        stores the new one (REPLACED); the old copy stays linked until the new row is
+        committed, and is put back if the commit fails. Raises :class:`SpoolFullError`
+        (floor reached or ENOSPC), :class:`SpoolError` (other I/O) or
+        :class:`~dicom_agent.errors.StateError`; nothing of the new copy remains then.
         """
-        header = header or read_header(data_set, transfer_syntax_uid)
+        if incoming.error is not None:
+            raise incoming.error
         path = self.path_for(header)
-        # Hash on a helper thread (hashlib releases the GIL) while this one writes and fsyncs:
-        # for a new instance the two overlap; only a known SOP Instance UID waits for it first.
-        digest_future = self._hasher.submit(dataset_sha256, data_set)
         with self._instance_lock(header.sop_instance_uid):
             old = self.db.instance(header.sop_instance_uid)
-            if (
-                old is not None
-                and old.sha256 == digest_future.result()
-                and Path(old.path).is_file()
-            ):
+            old_present = old is not None and Path(old.path).is_file()
+            if old is not None and old_present and old.sha256 == incoming.sha256:
+                incoming.discard()
                 return StoreResult(StoreOutcome.DUPLICATE, Path(old.path), header)
-            meta = encode_file_meta(header, transfer_syntax_uid, source_ae_title)
-            self.check_free_space(len(meta) + len(data_set))
-            self._write_durably(path, meta, data_set)
-            outcome = _record(
-                self.db,
-                header,
-                transfer_syntax_uid,
-                path,
-                digest_future.result(),
-                len(meta) + len(data_set),
-                _default_state(header),
-            )
+            if old is not None and old_present and self.overwrite == "keep_first":
+                incoming.discard()
+                return StoreResult(StoreOutcome.KEPT_FIRST, Path(old.path), header)
+            backup = self._move_durably(incoming, path, keep_old=old_present)
+            try:
+                outcome = _record(
+                    self.db,
+                    header,
+                    incoming.transfer_syntax_uid,
+                    path,
+                    incoming.sha256,
+                    incoming.offset + incoming.size,
+                    _default_state(header),
+                )
+            except BaseException:
+                # Not acknowledged: put the acknowledged copy back (or remove the new one).
+                if backup is not None:
+                    os.replace(backup, path)
+                else:
+                    path.unlink(missing_ok=True)
+                fsync_dir(path.parent)
+                raise
+            if backup is not None:
+                backup.unlink(missing_ok=True)
             if old is not None and old.path != str(path):
                 # The replacement moved to another study/series folder; the row now points
                 # at the new file, so the old copy is garbage.
                 Path(old.path).unlink(missing_ok=True)
         return StoreResult(outcome, path, header)
 
-    def _write_durably(self, path: Path, meta: bytes, data_set: bytes) -> None:
-        tmp = path.parent / f".{path.stem}.{secrets.token_hex(4)}{TEMP_SUFFIX}"
+    def _move_durably(self, incoming: IncomingFile, path: Path, *, keep_old: bool) -> Path | None:
+        """fsync, rename onto ``path``, fsync its folder; a hard link to a copy it replaces
+        (until the new row is committed) or None."""
+        backup: Path | None = None
         try:
+            incoming.sync()
             self._ensure_dir(path.parent)
-            fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o640)
-            with os.fdopen(fd, "wb") as fh:
-                fh.write(meta)
-                fh.write(data_set)
-                fh.flush()
-                os.fsync(fh.fileno())
-            os.replace(tmp, path)
+            if keep_old and path.exists():
+                backup = path.parent / f".{path.stem}.{secrets.token_hex(4)}.old{TEMP_SUFFIX}"
+                os.link(path, backup)
+            os.replace(incoming.path, path)
             fsync_dir(path.parent)
-        except BaseException as exc:
-            # Whatever failed, no temp file is left behind.
-            tmp.unlink(missing_ok=True)
-            if isinstance(exc, OSError):
-                if exc.errno in (errno.ENOSPC, errno.EDQUOT):
-                    raise SpoolFullError("spool file system is full") from exc
-                raise SpoolError(f"cannot write spool file: {exc.strerror}") from exc
-            raise
+        except OSError as exc:
+            incoming.discard()
+            if backup is not None:
+                os.replace(backup, path)
+            raise _spool_error(exc) from exc
+        return backup
 
     def _ensure_dir(self, folder: Path) -> None:
         """Create ``folder`` (and parents) so that its entry survives a power loss."""
@@ -375,14 +704,33 @@ class Spool:
         # Below the free-space floor nothing is kept: refused input must not be the way a
         # peer fills the disk (raises SpoolFullError).
         self.check_free_space(len(data))
+        target = self._quarantine_name()
+        atomic_write_bytes(target, data)
+        self._quarantine_reason(target, reason, transfer_syntax_uid)
+        return target
+
+    def quarantine_incoming(self, incoming: IncomingFile, reason: str) -> Path:
+        """:meth:`quarantine` for an arrived data set: its bytes are copied from the spool file
+        in chunks (the quarantine may be on another file system), then the spool file goes."""
+        try:
+            with self.reserve(incoming.size):
+                target = self._quarantine_name()
+                atomic_copy(target, incoming.path, incoming.offset)
+            self._quarantine_reason(target, reason, incoming.transfer_syntax_uid)
+            return target
+        finally:
+            incoming.discard()
+
+    def _quarantine_name(self) -> Path:
         self.quarantine_root.mkdir(parents=True, exist_ok=True)
         stem = f"{time.strftime('%Y%m%dT%H%M%S')}-{secrets.token_hex(6)}"
+        return self.quarantine_root / f"{stem}.bin"
+
+    def _quarantine_reason(self, target: Path, reason: str, transfer_syntax_uid: str | None) -> None:
         note = f"reason: {reason}\n"
         if transfer_syntax_uid:
             note += f"transfer_syntax_uid: {transfer_syntax_uid}\n"
-        target = atomic_write_bytes(self.quarantine_root / f"{stem}.bin", data)
-        atomic_write_text(self.quarantine_root / f"{stem}{REASON_SUFFIX}", note)
-        return target
+        atomic_write_text(target.with_name(target.stem + REASON_SUFFIX), note)
 
 
 def _stripe(sop_instance_uid: str) -> int:

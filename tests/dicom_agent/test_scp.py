@@ -209,7 +209,11 @@ class TestStore:
         assert len(listener.spool_files()) == 1
         assert listener.listener.stats == {"new": 1, "duplicate": 1}
 
-    def test_different_bytes_replace_the_stored_copy(self, listener: Harness) -> None:
+    @pytest.mark.parametrize("policy", ["keep_first", "replace"])
+    def test_different_bytes_under_a_known_uid_follow_the_overwrite_policy(
+        self, start: Callable[..., Harness], policy: str
+    ) -> None:
+        h = start(overwrite=policy)
         ds = make_cxr(rows=64, cols=64, seed=1)
         again = make_cxr(
             rows=64,
@@ -219,20 +223,30 @@ class TestStore:
             series_uid=ds.SeriesInstanceUID,
             sop_uid=ds.SOPInstanceUID,
         )
-        assert _store(listener.listener.port, [ds, again]) == [0, 0]
-        (path,) = listener.spool_files()
-        assert path.read_bytes().endswith(_sent_bytes(again))
-        assert listener.listener.stats == {"new": 1, "replaced": 1}
+        assert _store(h.listener.port, [ds, again]) == [0, 0]
+        (path,) = h.spool_files()
+        kept = again if policy == "replace" else ds
+        assert path.read_bytes().endswith(_sent_bytes(kept))
+        row = h.db.instance(ds.SOPInstanceUID)
+        assert row is not None and row.path == str(path)
+        second = "replaced" if policy == "replace" else "kept_first"
+        assert h.listener.stats == {"new": 1, second: 1}
 
     def test_oversize_instance_is_refused_and_not_written(
         self, start: Callable[..., Harness]
     ) -> None:
-        h = start(max_instance_bytes=10_000)
-        assert _store(h.listener.port, [make_cxr(rows=128, cols=128)]) == [
-            dc.STATUS_REFUSED_TOO_LARGE
-        ]
+        """Past the limit while it arrives: the association is aborted, nothing is kept, and
+        the listener serves the next association."""
+        h = start(max_instance_bytes=10_000, max_pdu_bytes=4096)
+        big = make_cxr(rows=128, cols=128)  # 32 KiB of pixels: aborted after 3 PDUs
+        assoc = _associate(h.listener.port, [(str(big.SOPClassUID), ExplicitVRLittleEndian)])
+        assert assoc.is_established
+        status = assoc.send_c_store(big)
+        assert "Status" not in status and assoc.is_aborted
         assert h.spool_files() == []
         assert h.db.counts()["instances"] == {}
+        assert h.listener.stats == {"too_large": 1}
+        assert _store(h.listener.port, [make_cxr(rows=16, cols=16)]) == [0]
 
     def test_free_space_floor_answers_out_of_resources_then_recovers(
         self, start: Callable[..., Harness]
@@ -373,7 +387,7 @@ class TestHandlerBoundary:
         def explode(*args: Any, **kwargs: Any) -> None:
             raise RuntimeError("bug")
 
-        monkeypatch.setattr(spool, "store", explode)
+        monkeypatch.setattr(spool, "commit", explode)
         assert _store(listener.listener.port, [make_cxr(rows=32, cols=32)]) == [
             dc.STATUS_PROCESSING_FAILURE
         ]
@@ -438,7 +452,8 @@ class TestAssociationPolicy:
         self, start: Callable[..., Harness]
     ) -> None:
         h = start(workers=2)
-        (worker,) = h.listener.workers
+        assert h.listener.pool is not None
+        (worker,) = h.listener.pool.processes
         assert worker.is_alive()
         datasets = [make_cxr(rows=64, cols=64, seed=i) for i in range(8)]
         with ThreadPoolExecutor(max_workers=4) as pool:

@@ -22,7 +22,7 @@ from dicom_agent.conformance import (
     IMPLEMENTATION_CLASS_UID,
     IMPLICIT_VR_LITTLE_ENDIAN,
 )
-from dicom_agent.errors import DicomInputError, SpoolError, SpoolFullError
+from dicom_agent.errors import DicomInputError, SpoolError, SpoolFullError, StateError
 from dicom_agent.spool import LOCKS_DIR, InstanceHeader, Spool, read_header, reconcile
 from dicom_agent.state import InstanceState, StateDB, StoreOutcome
 from tests.builders import CT_STORAGE, make_cxr
@@ -150,6 +150,7 @@ class TestStore:
         assert _files(spool.root) == [first.path]
 
     def test_different_bytes_replace_the_stored_copy(self, spool: Spool, db: StateDB) -> None:
+        spool.overwrite = "replace"
         ds = make_cxr(rows=32, cols=32, seed=1)
         spool.store(_encoded(ds), EXPLICIT_VR_LITTLE_ENDIAN)
         ds2 = make_cxr(
@@ -168,7 +169,42 @@ class TestStore:
         row = db.instance(ds.SOPInstanceUID)
         assert row is not None and row.sha256 == spool_mod.dataset_sha256(data2)
 
+    def test_different_bytes_keep_the_first_copy_by_default(
+        self, spool: Spool, db: StateDB
+    ) -> None:
+        ds = make_cxr(rows=32, cols=32, seed=1)
+        first = _encoded(ds)
+        stored = spool.store(first, EXPLICIT_VR_LITTLE_ENDIAN).path
+        other_study = make_cxr(rows=32, cols=32, seed=2, sop_uid=ds.SOPInstanceUID)
+        result = spool.store(_encoded(other_study), EXPLICIT_VR_LITTLE_ENDIAN)
+        assert result.outcome is StoreOutcome.KEPT_FIRST and result.path == stored
+        assert _files(spool.root) == [stored] and stored.read_bytes().endswith(first)
+        row = db.instance(ds.SOPInstanceUID)
+        assert row is not None and row.sha256 == spool_mod.dataset_sha256(first)
+
+    def test_failed_commit_of_a_replacement_puts_the_old_copy_back(
+        self, spool: Spool, db: StateDB, monkeypatch: pytest.MonkeyPatch
+    ) -> None:
+        spool.overwrite = "replace"
+        ds = make_cxr(rows=32, cols=32, seed=1)
+        first = _encoded(ds)
+        path = spool.store(first, EXPLICIT_VR_LITTLE_ENDIAN).path
+        again = make_cxr(
+            rows=32, cols=32, seed=2, study_uid=ds.StudyInstanceUID,
+            series_uid=ds.SeriesInstanceUID, sop_uid=ds.SOPInstanceUID,
+        )
+
+        def fail(**kwargs: object) -> None:
+            raise StateError("disk I/O error")
+
+        monkeypatch.setattr(db, "record_instance", fail)
+        with pytest.raises(StateError):
+            spool.store(_encoded(again), EXPLICIT_VR_LITTLE_ENDIAN)
+        assert _files(spool.root) == [path] and path.read_bytes().endswith(first)
+        assert not [p for p in spool.root.rglob("*.tmp")]
+
     def test_replacement_in_another_series_removes_the_old_file(self, spool: Spool) -> None:
+        spool.overwrite = "replace"
         ds = make_cxr(rows=32, cols=32, seed=1)
         old = spool.store(_encoded(ds), EXPLICIT_VR_LITTLE_ENDIAN).path
         moved = make_cxr(rows=32, cols=32, seed=1, sop_uid=ds.SOPInstanceUID)
