@@ -14,6 +14,7 @@ import yaml
 
 from cxr_auditor import prompts
 from cxr_auditor.chat import ChatRequest
+from cxr_auditor.profiles import TransformersProfile, parse_profile
 from cxr_auditor.retry import AttemptSettings
 from tests import tinymodels as tm
 
@@ -127,3 +128,10 @@ def tiny_profile(shipped: str, model: Path, **fields: Any) -> dict[str, Any]:
     base.update(model=str(model), dtype="float32", device="cpu", revision=None)
     base.update(fields)
     return {k: v for k, v in base.items() if v is not None}
+
+
+def transformers_profile(shipped: str, model: Path, **fields: Any) -> TransformersProfile:
+    """:func:`tiny_profile` parsed, as the transformers profile the shipped one is."""
+    profile = parse_profile(tiny_profile(shipped, model, **fields))
+    assert isinstance(profile, TransformersProfile)
+    return profile

@@ -1,4 +1,5 @@
-"""Tests of the OpenAI-compatible backend against tests/openai_server.py on loopback."""
+"""Tests of the OpenAI-compatible chat client (cxr_auditor.chat.openai), directly and through
+the OpenAI grounder, against tests/openai_server.py on loopback."""
 
 from __future__ import annotations
 
