@@ -1,0 +1,137 @@
+"""``cxr-agent eval --images DIR_OR_JSONL --truth FILE``: score a profile on labelled images.
+
+Each truth case (:mod:`cxr_auditor.eval.grounding` documents the JSONL format) names an image,
+a DICOM file or a PNG/JPEG picture, relative to ``--images`` when that is a folder, or to the
+JSONL file's folder when ``--images`` is a JSONL file (which may then be the truth itself). The
+images are audited one case per study, in batches, through the same loading and runner as
+``cxr-agent audit``; the figures (presence per label and macro, urgent recall, localisation at
+IoU 0.3 / 0.5 and mean IoU with boxes matched within each image, audit flags of labelled draft
+cases, 95 % Wilson intervals) are printed as JSON on stdout and as tables on stderr.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Annotated, Any
+
+import typer
+
+from cxr_auditor.errors import CxrAuditError
+from cxr_auditor.eval.grounding import TruthCase, TruthError, evaluate, load_truth
+from cxr_auditor.labels import parse_urgent
+from cxr_auditor.pipeline import AuditItem
+from cxr_auditor.profiles import get_profile
+from cxr_auditor.schema import DISCLAIMER, AuditResult, StudyKeys
+from dicom_agent.commands import CONFIG_OPTION, fail, settings_or_fail
+from dicom_agent.errors import AgentError
+from dicom_agent.progress import print_table, progress
+
+#: The commands of this module; :mod:`dicom_agent.cli` adds them to ``cxr-agent``.
+app = typer.Typer()
+
+
+def _cases(images: Path, truth: Path | None) -> tuple[Path, list[TruthCase]]:
+    """The folder image names are relative to, and the truth cases."""
+    if images.is_dir():
+        if truth is None:
+            fail("--truth is needed when --images is a folder")
+        root = images
+    elif images.is_file():
+        root = images.parent
+        truth = truth or images
+    else:
+        fail(f"--images {images}: no such folder or file")
+    try:
+        cases = load_truth(truth)
+    except TruthError as exc:
+        fail(str(exc))
+    if not cases:
+        fail(f"{truth.name} holds no case")
+    return root, cases
+
+
+def run_cases(
+    cases: list[TruthCase], root: Path, runner: Any, input_size: int, profile: str,
+    batch_size: int,
+) -> list[AuditResult]:
+    """Audit every case (one image, its optional draft) in batches, with a progress bar."""
+    from dicom_agent.commands.models import _load_image
+
+    results: list[AuditResult] = []
+    with progress("Evaluating", total=len(cases)) as bar:
+        for start in range(0, len(cases), batch_size):
+            items = []
+            for case in cases[start : start + batch_size]:
+                path = (root / case.image).resolve()
+                if not path.is_file():
+                    fail(f"image {case.image!r} of the truth file: no such file under {root}")
+                image, ref = _load_image(path, 0, input_size, profile)
+                items.append(
+                    AuditItem(images=[image], image_refs=[ref], draft_text=case.draft,
+                              study=StudyKeys())
+                )
+            results.extend(runner.audit_batch(items))
+            bar.advance(len(items))
+    return results
+
+
+@app.command("eval")
+def eval_command(
+    images: Annotated[
+        Path, typer.Option("--images", help="Folder of images, or a JSONL file of cases.")
+    ],
+    truth: Annotated[
+        Path | None,
+        typer.Option("--truth", help="Truth JSONL (default: --images when it is JSONL)."),
+    ] = None,
+    profile_name: Annotated[
+        str | None, typer.Option("--profile", help="Model profile (default: grounding.profile).")
+    ] = None,
+    parser_name: Annotated[
+        str | None, typer.Option("--parser", help="Draft parser (default: drafts.parser).")
+    ] = None,
+    batch_size: Annotated[
+        int | None, typer.Option("--batch-size", min=1, help="Default: worker.batch_size.")
+    ] = None,
+    json_out: Annotated[
+        Path | None, typer.Option("--json-out", help="Also write the JSON report to this file.")
+    ] = None,
+    config: Path | None = CONFIG_OPTION,
+) -> None:
+    """Score a profile on labelled images: JSON on stdout, tables on stderr (research only)."""
+    from dicom_agent.commands.models import _runner
+
+    settings = settings_or_fail(config)
+    root, cases = _cases(images, truth)
+    name = profile_name or settings.grounding.profile
+    try:
+        profile = get_profile(name, settings.paths.profiles)
+        if profile.task != "grounding":
+            fail(f"profile {profile.name!r} does not ground findings; eval needs one that does")
+        runner = _runner(profile, parser_name or settings.drafts.parser, settings)
+    except CxrAuditError as exc:
+        fail(str(exc).splitlines()[0])
+    try:
+        results = run_cases(
+            cases, root, runner, settings.grounding.input_size, profile.name,
+            batch_size or settings.worker.batch_size,
+        )
+    except (AgentError, CxrAuditError) as exc:
+        fail(str(exc).splitlines()[0])
+    finally:
+        runner.close()
+    report = evaluate(zip(cases, results, strict=True), parse_urgent(settings.audit.urgent_labels))
+    body = {
+        "disclaimer": DISCLAIMER,
+        "profile": profile.name,
+        "parser": parser_name or settings.drafts.parser,
+        "truth": (truth or images).name,
+        **report.as_dict(),
+    }
+    text = json.dumps(body, indent=2)
+    if json_out is not None:
+        json_out.write_text(text + "\n", encoding="utf-8")
+    for title, columns, rows in report.tables():
+        print_table(title, columns, rows)
+    typer.echo(text)
