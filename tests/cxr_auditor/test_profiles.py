@@ -16,8 +16,11 @@ from cxr_auditor.profiles import (
     TransformersProfile,
     get_profile,
     load_profiles,
+    model_info,
     parse_profile,
+    profile_prompt,
 )
+from cxr_auditor.prompts import PROMPTS, prompt_hash
 
 SHIPPED = {
     "cxr-auditor-v2": "alex-feeel/medgemma-cxr-auditor-v2",
@@ -178,3 +181,24 @@ class TestRouting:
     def test_no_rules_routes_everything(self) -> None:
         p = parse_profile({"name": "n", "task": "grounding", "backend": "fake"})
         assert p.routes("MR") and p.routes(None)
+
+
+class TestProvenance:
+    def test_profile_prompt_is_the_named_one_else_the_tasks_default(self) -> None:
+        named = get_profile("explain-my-xray")
+        assert named.prompt is not None
+        assert profile_prompt(named, "grounding") == PROMPTS[named.prompt]
+        unnamed = named.model_copy(update={"prompt": None})
+        assert profile_prompt(unnamed, "grounding") == PROMPTS["grounding"]
+
+    def test_model_info_names_the_model_and_hashes_the_prompt(self) -> None:
+        profile = get_profile("cxr-auditor-v2-adapter")
+        info = model_info(profile, "a prompt")
+        assert (info.profile, info.task, info.backend) == (profile.name, profile.task, profile.backend)
+        assert (info.model_id, info.revision, info.adapter) == (
+            profile.model,
+            profile.revision,
+            profile.adapter,
+        )
+        assert info.prompt_hash == prompt_hash("a prompt") != prompt_hash("another prompt")
+        assert model_info(profile, None).prompt_hash is None
