@@ -214,6 +214,21 @@ def _wrong_vrs() -> Iterator[Mutation]:
     yield _mutation(
         "columns_vr_ds", ds, _patch(data, pos + 4, b"DS"), "US value re-labelled as DS text"
     )
+    ds = _base()
+    data = encode(ds)
+    pos = _find(data, _ROWS_TAG + b"US")
+    # A 3-byte US value (PS3.5 6.2: US is 2 bytes per value), the stream otherwise intact.
+    odd = _ROWS_TAG + b"US" + struct.pack("<H", 3) + data[pos + 8 : pos + 10] + b"\x00"
+    yield _mutation("rows_length_odd", ds, data[:pos] + odd + data[pos + 10 :],
+                    "US value of odd length 3")
+    ds = _base()
+    data = encode(ds)
+    pos = _find(data, _PIXEL_TAG + b"OW")
+    (length,) = struct.unpack("<I", data[pos + 8 : pos + 12])
+    # Pixel Data re-declared as US (2-byte length field, PS3.5 7.1.2): parses, but lies.
+    as_us = _PIXEL_TAG + b"US" + struct.pack("<H", length)
+    yield _mutation("pixel_vr_us", ds, data[:pos] + as_us + data[pos + 12 :],
+                    "Pixel Data (7FE0,0010) declared with VR US")
 
 
 def _pixel_attributes() -> Iterator[Mutation]:
