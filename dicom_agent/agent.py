@@ -44,11 +44,12 @@ from dicom_agent.observe import (
     study_ref,
     write_heartbeat,
 )
+from dicom_agent.registry import AuditorFactory, Models, default_auditor_factory
 from dicom_agent.scheduler import Scheduler
 from dicom_agent.scp import Listener, start_listener
 from dicom_agent.state import DraftState, JobState, StateDB, StudyState
 from dicom_agent.web import WebServer, create_app
-from dicom_agent.worker import AuditorFactory, Models, Worker, default_auditor_factory
+from dicom_agent.worker import Worker
 
 log = logging.getLogger(__name__)
 

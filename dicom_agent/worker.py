@@ -4,11 +4,13 @@ One worker thread owns the model. Per batch it:
 
 1. claims up to ``worker.batch_size`` due jobs (waiting up to ``worker.batch_wait_seconds`` for
    the batch to fill);
-2. prepares them on a small decode pool: routing (:mod:`dicom_agent.routing`), pixel decoding
-   and windowing (:mod:`dicom_agent.pixels`), the study's current draft;
-3. runs the :mod:`cxr_auditor` pipeline on the whole batch (one grounder call);
-4. hands the results to a single output thread that writes them (``write_outputs``), marks the
-   jobs done and queues forwarding.
+2. prepares them on a small decode pool (:mod:`dicom_agent.prepare`: routing, decoding and
+   windowing, the study's current draft);
+3. runs the profile's runner from :mod:`dicom_agent.registry` on the whole batch (one grounder
+   call);
+4. hands the results to a single output thread that writes them (``write_outputs``, in the
+   version folder :mod:`dicom_agent.outputs.layout` names), marks the jobs done and queues
+   forwarding.
 
 While the model works on one batch the decode pool already prepares the next, and the previous
 batch's outputs are being written, so CPU work overlaps with the model.
@@ -30,33 +32,18 @@ import time
 from collections.abc import Callable
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
-from pathlib import Path
-from typing import Any, Protocol, TypeVar
+from typing import Any, TypeVar
 
-from cxr_auditor.classification import PatencyClassifier
 from cxr_auditor.errors import ModelUnavailable
-from cxr_auditor.grounding import build_grounder
-from cxr_auditor.grounding.base import ImageInput
-from cxr_auditor.pipeline import AuditItem, Auditor, ClassificationAuditor
-from cxr_auditor.profiles import get_profile
-from cxr_auditor.schema import (
-    AuditResult,
-    ImageRef,
-    StudyKeys,
-)
+from cxr_auditor.schema import AuditResult, StudyKeys
 from dicom_agent import forward
 from dicom_agent.config import AgentSettings
 from dicom_agent.observe import Event, Metrics, event, study_ref
 from dicom_agent.outputs.layout import free_version, objects_to_send, study_dir
 from dicom_agent.outputs.writer import write_outputs
-from dicom_agent.pixels import (
-    DisplayImage,
-    patient_left_on_image_right,
-    read_dataset,
-    to_display,
-    to_model_input,
-)
-from dicom_agent.routing import ProfileRoutes, route_study
+from dicom_agent.prepare import Draft, PreparedStudy, prepare_study, profile_routes
+from dicom_agent.registry import AuditRunner, Models
+from dicom_agent.routing import ProfileRoutes
 from dicom_agent.state import JobRow, JobState, StateDB
 
 log = logging.getLogger(__name__)
@@ -66,194 +53,17 @@ _PIPELINE_BATCHES = 3
 
 _T = TypeVar("_T")
 
-class AuditRunner(Protocol):
-    """What the worker needs of a loaded profile: :class:`Auditor`, or
-    :class:`ClassificationAuditor` for a ``task: classification`` profile."""
-
-    def audit_batch(self, items: list[AuditItem]) -> list[AuditResult]: ...
-
-
-#: Builds the runner of one profile; raises ModelUnavailable / BackendError / ProfileError.
-AuditorFactory = Callable[[str], AuditRunner]
-
-
-def default_auditor_factory(settings: AgentSettings) -> AuditorFactory:
-    """Runners built from the configured profiles (``paths.profiles`` first) and parser."""
-
-    def build(profile_name: str) -> AuditRunner:
-        profile = get_profile(profile_name, settings.paths.profiles)
-        if profile.task == "classification":
-            return ClassificationAuditor(PatencyClassifier(profile))
-        # Imported here: a parser that cannot be built (missing extra, model-backed parser
-        # without weights) makes the model unavailable instead of breaking start-up.
-        from cxr_auditor.drafts import get_parser
-
-        grounder = build_grounder(profile)
-        parser = get_parser(settings.drafts.parser, profiles_dir=settings.paths.profiles)
-        return Auditor(grounder, parser, urgent=settings.audit.urgent_labels)
-
-    return build
-
-
-# -- model state ---------------------------------------------------------------------------------
-
-
-@dataclass
-class ModelStatus:
-    """What ``status`` and ``/healthz`` report about one profile's model."""
-
-    profile: str
-    state: str = "not_loaded"  # not_loaded | loading | ready | unavailable
-    reason: str | None = None
-    since: float = field(default_factory=time.time)
-    next_retry_at: float | None = None
-
-    def as_dict(self) -> dict[str, Any]:
-        return {
-            "profile": self.profile,
-            "state": self.state,
-            "reason": self.reason,
-            "since": self.since,
-            "next_retry_at": self.next_retry_at,
-        }
-
-
-class Models:
-    """Loaded auditors by profile name; a failed load is retried after ``retry_seconds``."""
-
-    def __init__(
-        self,
-        factory: AuditorFactory,
-        retry_seconds: float,
-        metrics: Metrics | None = None,
-        clock: Callable[[], float] = time.time,
-    ) -> None:
-        self._factory = factory
-        self._retry = retry_seconds
-        self._metrics = metrics
-        self._clock = clock
-        self._auditors: dict[str, AuditRunner] = {}
-        self._status: dict[str, ModelStatus] = {}
-        self._lock = threading.Lock()
-        self._loads = 0
-
-    @property
-    def loads(self) -> int:
-        """Successful loads so far in this process: a change means work parked for a model
-        may run now (first load after a start, or a retry that succeeded)."""
-        with self._lock:
-            return self._loads
-
-    def get(self, profile: str) -> AuditRunner | None:
-        """The profile's auditor, loading it if due; None while it is unavailable."""
-        with self._lock:
-            if profile in self._auditors:
-                return self._auditors[profile]
-            status = self._status.get(profile)
-            now = self._clock()
-            if status is not None and status.next_retry_at is not None and now < status.next_retry_at:
-                return None
-        return self._load(profile)
-
-    def _load(self, profile: str) -> AuditRunner | None:
-        now = self._clock()
-        with self._lock:
-            previous = self._status.get(profile)
-            if previous is None or previous.state != "unavailable":
-                # a big model takes a while: say so instead of "not_loaded"
-                self._status[profile] = ModelStatus(profile, "loading", None, now, None)
-        try:
-            auditor = self._factory(profile)
-        except Exception as exc:  # ModelUnavailable, BackendError, ProfileError, import errors
-            reason = f"{type(exc).__name__}: {exc}"
-            # "since" is when the model first became unavailable; retries keep it
-            repeat = previous is not None and previous.state == "unavailable"
-            since = previous.since if previous is not None and repeat else now
-            first = not repeat
-            with self._lock:
-                self._status[profile] = ModelStatus(
-                    profile, "unavailable", reason, since, now + self._retry
-                )
-            log.log(
-                logging.WARNING if first else logging.DEBUG,
-                "model for profile %s unavailable (%s); audits wait, retry every %.0f s",
-                profile, reason.splitlines()[0], self._retry,
-                extra=event(event=Event.MODEL_UNAVAILABLE, profile=profile),
-            )
-            self._gauge()
-            return None
-        with self._lock:
-            self._auditors[profile] = auditor
-            self._status[profile] = ModelStatus(profile, "ready", None, now, None)
-            self._loads += 1
-        log.info("model for profile %s loaded", profile,
-                 extra=event(event=Event.MODEL_LOADED, profile=profile))
-        self._gauge()
-        return auditor
-
-    def lost(self, profile: str, reason: str) -> None:
-        """The model failed with ModelUnavailable while running: unload it, retry later."""
-        with self._lock:
-            auditor = self._auditors.pop(profile, None)
-            now = self._clock()
-            self._status[profile] = ModelStatus(profile, "unavailable", reason, now, now + self._retry)
-        if auditor is not None:
-            _close(auditor)
-        log.warning("model for profile %s became unavailable; audits wait", profile,
-                    extra=event(event=Event.MODEL_UNAVAILABLE, profile=profile))
-        self._gauge()
-
-    def retry_due(self) -> None:
-        """Retry every unavailable profile whose retry time has come (see :attr:`loads`)."""
-        with self._lock:
-            now = self._clock()
-            due = [
-                s.profile for s in self._status.values()
-                if s.state == "unavailable" and s.next_retry_at is not None and now >= s.next_retry_at
-            ]
-        for name in due:  # every due profile, not just the first
-            self._load(name)
-
-    def status(self) -> dict[str, dict[str, Any]]:
-        with self._lock:
-            return {name: s.as_dict() for name, s in self._status.items()}
-
-    def close(self) -> None:
-        with self._lock:
-            auditors, self._auditors = list(self._auditors.values()), {}
-        for auditor in auditors:
-            _close(auditor)
-
-    def _gauge(self) -> None:
-        if self._metrics is not None:
-            with self._lock:
-                ready = all(s.state == "ready" for s in self._status.values())
-            self._metrics.model_available.set(1 if ready else 0)
-
-
-def _close(runner: AuditRunner) -> None:
-    try:
-        if isinstance(runner, Auditor):
-            runner.grounder.close()
-        elif isinstance(runner, ClassificationAuditor):
-            runner.close()
-    except Exception:
-        log.warning("closing a grounder failed", exc_info=True)
-
 
 # -- one job ------------------------------------------------------------------------------------
 
 
 @dataclass
 class Prepared:
-    """A claimed job with everything the model and the outputs need."""
+    """A claimed job with its prepared study, or the error that kept it from being prepared."""
 
     job: JobRow
     started: float
-    profile: str | None = None
-    item: AuditItem | None = None
-    sources: dict[int, Path] = field(default_factory=dict)
-    display: dict[int, DisplayImage] = field(default_factory=dict)
+    study: PreparedStudy | None = None
     error: BaseException | None = None
     timings: dict[str, float] = field(default_factory=dict)
 
@@ -432,103 +242,35 @@ class Worker:
     # -- stage 1: prepare (decode pool) -----------------------------------------------------
 
     def _prepare_all(self, jobs: list[JobRow]) -> list[Prepared]:
-        routes = self._profile_routes()  # profiles are re-read once per batch, not per job
+        routes = profile_routes(self.settings)  # profiles are re-read once per batch, not per job
         return [self._prepare(job, routes) for job in jobs]
 
     def _prepare(self, job: JobRow, routes: dict[str, ProfileRoutes]) -> Prepared:
         prep = Prepared(job=job, started=time.monotonic())
         t0 = time.perf_counter()
+        uid = job.study_instance_uid
         try:
-            self._prepare_into(prep, routes)
+            study = self.db.study(uid)
+            # The job audits the study's draft as it is now; recording it here tells the
+            # scheduler that a draft arriving later needs another version.
+            draft = self.db.current_draft(uid)
+            self.db.set_job_draft(job.id, draft.id if draft else None, self.clock())
+            prep.study = prepare_study(
+                self.db.instances_of_study(uid),
+                self.settings,
+                study=StudyKeys(
+                    study_instance_uid=uid,
+                    accession_number=study.accession_number if study else None,
+                ),
+                draft=Draft(draft.text, draft.file_name, draft.sha256) if draft else None,
+                result_version=job.result_version or 1,
+                routes=routes,
+                log_fields={"job_id": job.id, "study": study_ref(uid)},
+            )
         except Exception as exc:
             prep.error = exc
         prep.timings["decode"] = (time.perf_counter() - t0) * 1000
         return prep
-
-    def _prepare_into(self, prep: Prepared, routes: dict[str, ProfileRoutes]) -> None:
-        job, settings = prep.job, self.settings
-        uid = job.study_instance_uid
-        study = self.db.study(uid)
-        route = route_study(
-            self.db.instances_of_study(uid),
-            settings.grounding.profile,
-            xa_profile=settings.grounding.xa_profile,
-            profile_routes=routes,
-        )
-        prep.profile = route.profile or settings.grounding.profile
-        log.debug(
-            "routed %d images to %s, %d skipped", len(route.selected), prep.profile,
-            len(route.skipped), extra=event(job_id=job.id, study=study_ref(uid), profile=prep.profile),
-        )
-        # The job audits the study's draft as it is now; recording it here tells the
-        # scheduler that a draft arriving later needs another version.
-        draft = self.db.current_draft(uid)
-        self.db.set_job_draft(job.id, draft.id if draft else None, self.clock())
-        images: list[ImageInput] = []
-        refs: list[ImageRef] = []
-        skipped = list(route.skipped)
-        for row in route.selected:
-            try:
-                ds = read_dataset(Path(row.path))
-                # a contrast run is judged on its fullest frame, a radiograph on its only one
-                display = to_display(ds, frame_rule="max_opacity" if row.modality == "XA" else "first")
-                model_image = to_model_input(display, settings.grounding.input_size)
-            except Exception as exc:  # one bad image must not sink the study's other images
-                log.warning(
-                    "image not decodable (%s); skipped", type(exc).__name__,
-                    extra=event(study=study_ref(uid), job_id=job.id, reason="decode_failed"),
-                )
-                skipped.append({"image_id": row.sop_instance_uid, "reason": "decode_failed"})
-                continue
-            index = len(images)
-            images.append(
-                ImageInput(
-                    image=model_image.image,
-                    image_index=index,
-                    geometry=model_image.geometry,
-                    patient_left_on_image_right=patient_left_on_image_right(ds),
-                )
-            )
-            refs.append(
-                ImageRef(
-                    index=index,
-                    image_id=row.sop_instance_uid,
-                    sop_instance_uid=row.sop_instance_uid,
-                    series_instance_uid=row.series_instance_uid,
-                    sop_class_uid=row.sop_class_uid,
-                    view_position=row.view_position,
-                    width=model_image.geometry.source_width,
-                    height=model_image.geometry.source_height,
-                    frame=model_image.frame,
-                    profile=prep.profile,
-                )
-            )
-            prep.sources[index] = Path(row.path)
-            prep.display[index] = display
-        prep.item = AuditItem(
-            images=images,
-            image_refs=refs,
-            draft_text=draft.text if draft else None,
-            study=StudyKeys(
-                study_instance_uid=uid,
-                accession_number=study.accession_number if study else None,
-            ),
-            draft_file=draft.file_name if draft else None,
-            draft_sha256=draft.sha256 if draft else None,
-            skipped_images=skipped,
-            result_version=job.result_version or 1,
-        )
-
-    def _profile_routes(self) -> dict[str, ProfileRoutes]:
-        """Routing rules of the configured profiles, so a profile can veto an instance."""
-        out: dict[str, ProfileRoutes] = {}
-        for name in (self.settings.grounding.profile, self.settings.grounding.xa_profile):
-            if name:
-                try:
-                    out[name] = get_profile(name, self.settings.paths.profiles).routes
-                except Exception:  # an unknown profile surfaces when it is loaded
-                    continue
-        return out
 
     # -- stage 2: the model (worker thread) -------------------------------------------------
 
@@ -538,15 +280,15 @@ class Worker:
             if prep.error is not None:
                 self._fail(prep.job, prep.error)
                 continue
-            assert prep.profile is not None
-            by_profile.setdefault(prep.profile, []).append(prep)
+            assert prep.study is not None
+            by_profile.setdefault(prep.study.profile, []).append(prep)
         for profile, group in by_profile.items():
             auditor = self.models.get(profile)
             if auditor is None:
                 self._park(group, profile)
                 continue
             t0 = time.perf_counter()
-            items = [p.item for p in group if p.item is not None]
+            items = [p.study.item for p in group if p.study is not None]
             try:
                 results = _call_with_timeout(
                     functools.partial(auditor.audit_batch, items),
@@ -577,8 +319,8 @@ class Worker:
 
     def _audit_one(self, auditor: AuditRunner, prep: Prepared) -> None:
         t0 = time.perf_counter()
-        item = prep.item
-        assert item is not None
+        assert prep.study is not None
+        item = prep.study.item
         try:
             (result,) = _call_with_timeout(
                 functools.partial(auditor.audit_batch, [item]),
@@ -618,8 +360,8 @@ class Worker:
             )
             final = write_outputs(
                 result,
-                sources=prep.sources,
-                display=prep.display,
+                sources=prep.study.sources,
+                display=prep.study.display,
                 study_dir=folder,
                 settings=self.settings,
             )
@@ -638,6 +380,7 @@ class Worker:
         if self.metrics is not None:
             self.metrics.job_events.labels("done").inc()
             self.metrics.audit_seconds.observe(time.monotonic() - prep.started)
+            self.metrics.observe_result(final)
         log.info(
             "audit done (%s, %d flags, outputs %.0f ms)", final.mode.value, len(final.flags),
             outputs_ms,

@@ -1,10 +1,12 @@
 """``cxr-agent audit`` and ``cxr-agent doctor``: one-off audits and model readiness checks.
 
 ``audit IMAGE...`` audits DICOM files (PS3.10) or PNG/JPEG pictures as one study, without the
-listener, and prints the AuditResult JSON on stdout. DICOM pixels go through the same rendering
-as the worker (:mod:`dicom_agent.pixels`); a picture file is taken as display-ready greys with an
+listener, and prints the AuditResult JSON on stdout. The study is prepared and run exactly as
+``serve`` would with the chosen profile configured (:mod:`dicom_agent.prepare`,
+:func:`dicom_agent.registry.build_runner`): the same routing (lateral views skipped), rendering
+and study keys from the DICOM header. A picture file is taken as display-ready greys with an
 unknown orientation (no patient side is derived). A classification profile (``dsa-patency``)
-fills ``classification`` instead of grounding.
+takes the route ``grounding.xa_profile`` names and fills ``classification`` instead of grounding.
 
 ``doctor`` prints one line per check (``ok``, ``warn`` or ``FAIL``): dependencies, folders, and
 for every configured profile whether it can load and, when not, why. It exits 1 when a check
@@ -18,14 +20,11 @@ import importlib.util
 import os
 import shutil
 from pathlib import Path
-from typing import TYPE_CHECKING, Annotated
+from typing import Annotated
 
-import numpy as np
 import typer
-from PIL import Image, UnidentifiedImageError
 
 from cxr_auditor.errors import CxrAuditError
-from cxr_auditor.grounding.base import ImageInput
 from cxr_auditor.profiles import (
     OpenAIProfile,
     Profile,
@@ -33,19 +32,16 @@ from cxr_auditor.profiles import (
     get_profile,
     load_profiles,
 )
-from cxr_auditor.schema import ImageRef, StudyKeys
 from dicom_agent.commands import fail
 from dicom_agent.config import AgentSettings, load_settings
 from dicom_agent.errors import AgentError, ConfigError
-
-if TYPE_CHECKING:
-    from dicom_agent.worker import AuditRunner
+from dicom_agent.prepare import Draft, instances_from_files, prepare_study
+from dicom_agent.registry import build_runner
 
 #: The commands of this module; :mod:`dicom_agent.cli` adds them to ``cxr-agent``.
 app = typer.Typer()
 
 _CONFIG = typer.Option(None, "--config", help="YAML file over the embedded defaults.")
-_DICM_OFFSET = 128  # PS3.10 7.1: a 128-byte preamble, then the "DICM" prefix
 
 
 def _settings(config: Path | None) -> AgentSettings:
@@ -55,82 +51,22 @@ def _settings(config: Path | None) -> AgentSettings:
         fail(str(exc).splitlines()[0])
 
 
-def _is_dicom(path: Path) -> bool:
-    with path.open("rb") as fh:
-        fh.seek(_DICM_OFFSET)
-        return fh.read(4) == b"DICM"
+def _as_configured(settings: AgentSettings, profile: Profile) -> AgentSettings:
+    """``settings`` with ``profile`` configured where serve would route to it."""
+    key = "xa_profile" if profile.task == "classification" else "profile"
+    grounding = settings.grounding.model_copy(update={key: profile.name})
+    return settings.model_copy(update={"grounding": grounding})
 
 
-def _load_image(path: Path, index: int, size: int, profile: str) -> tuple[ImageInput, ImageRef]:
-    """One input image, DICOM or picture, letterboxed to ``size`` for the model."""
-    from dicom_agent.pixels import (
-        DisplayImage,
-        patient_left_on_image_right,
-        read_dataset,
-        to_display,
-        to_model_input,
-    )
-
-    if _is_dicom(path):
-        ds = read_dataset(path)
-        model = to_model_input(to_display(ds), size)
-        left_on_right = patient_left_on_image_right(ds)
-
-        def attr(keyword: str) -> str | None:
-            return str(ds.get(keyword, "")) or None
-
-        sop_uid = attr("SOPInstanceUID")
-        ref = ImageRef(
-            index=index,
-            image_id=sop_uid or path.name,
-            sop_instance_uid=sop_uid,
-            series_instance_uid=attr("SeriesInstanceUID"),
-            sop_class_uid=attr("SOPClassUID"),
-            view_position=attr("ViewPosition"),
-            width=model.geometry.source_width,
-            height=model.geometry.source_height,
-            frame=model.frame,
-            profile=profile,
-        )
-    else:
-        try:
-            with Image.open(path) as picture:
-                greys = np.asarray(picture.convert("L"))
-        except (UnidentifiedImageError, OSError) as exc:
-            raise AgentError(f"{path.name}: neither DICOM nor a readable picture") from exc
-        model = to_model_input(DisplayImage(greys, "MONOCHROME2", None, None, ()), size)
-        left_on_right = None  # a picture carries no Patient Orientation
-        ref = ImageRef(
-            index=index,
-            image_id=path.name,
-            width=model.geometry.source_width,
-            height=model.geometry.source_height,
-            profile=profile,
-        )
-    image = ImageInput(model.image, index, model.geometry, left_on_right)
-    return image, ref
-
-
-def _runner(profile: Profile, parser_name: str, settings: AgentSettings) -> AuditRunner:
-    """What the worker would run for this profile, with the chosen draft parser."""
-    from cxr_auditor.classification import PatencyClassifier
-    from cxr_auditor.drafts import get_parser
-    from cxr_auditor.grounding import build_grounder
-    from cxr_auditor.pipeline import Auditor, ClassificationAuditor
-
-    if profile.task == "classification":
-        return ClassificationAuditor(PatencyClassifier(profile))
-    parser = get_parser(parser_name, profiles_dir=settings.paths.profiles)
-    return Auditor(build_grounder(profile), parser, settings.audit.urgent_labels)
-
-
-def _close(runner: AuditRunner) -> None:
-    from cxr_auditor.pipeline import Auditor, ClassificationAuditor
-
-    if isinstance(runner, Auditor):
-        runner.grounder.close()
-    elif isinstance(runner, ClassificationAuditor):
-        runner.close()
+def _draft(draft_file: Path | None, draft: str | None) -> Draft:
+    if draft_file is None:
+        return Draft(draft)
+    try:
+        data = draft_file.read_bytes()
+    except OSError as exc:
+        fail(f"cannot read draft file {draft_file}: {exc.strerror or exc}")
+    text = data.decode("utf-8-sig", errors="replace")
+    return Draft(text, draft_file.name, hashlib.sha256(data).hexdigest())
 
 
 @app.command("audit")
@@ -149,53 +85,36 @@ def audit(
     config: Path | None = _CONFIG,
 ) -> None:
     """Audit IMAGE... as one study and print the AuditResult JSON (research use only)."""
-    from cxr_auditor.pipeline import AuditItem
-
     if draft_file is not None and draft is not None:
         fail("give --draft-file or --draft, not both")
     settings = _settings(config)
-    name = profile_name or settings.grounding.profile
     try:
-        profile = get_profile(name, settings.paths.profiles)
+        profile = get_profile(profile_name or settings.grounding.profile, settings.paths.profiles)
     except CxrAuditError as exc:
         fail(str(exc).splitlines()[0])
     if profile.task == "draft_parsing":
         fail(f"profile {profile.name!r} parses drafts; give a grounding or classification profile")
-    draft_text, draft_sha = draft, None
-    if draft_file is not None:
-        try:
-            data = draft_file.read_bytes()
-        except OSError as exc:
-            fail(f"cannot read draft file {draft_file}: {exc.strerror or exc}")
-        draft_text = data.decode("utf-8-sig", errors="replace")
-        draft_sha = hashlib.sha256(data).hexdigest()
-
-    inputs: list[ImageInput] = []
-    refs: list[ImageRef] = []
+    study_draft = _draft(draft_file, draft)
     for path in images:
         if not path.is_file():
             fail(f"not a file: {path}")
-        try:
-            image, ref = _load_image(path, len(inputs), settings.grounding.input_size, profile.name)
-        except AgentError as exc:
-            fail(str(exc))
-        inputs.append(image)
-        refs.append(ref)
-
-    item = AuditItem(
-        images=inputs,
-        image_refs=refs,
-        draft_text=draft_text,
-        study=StudyKeys(),
-        draft_file=draft_file.name if draft_file else None,
-        draft_sha256=draft_sha,
-    )
+    settings = _as_configured(settings, profile)
     try:
-        runner = _runner(profile, parser_name or settings.drafts.parser, settings)
+        rows, pictures, study = instances_from_files(images)
+        prepared = prepare_study(
+            rows, settings, study=study, draft=study_draft, pictures=pictures,
+            fallback_profile=profile.name,
+        )
+    except AgentError as exc:
+        fail(str(exc))
+    try:
+        if prepared.profile != profile.name:  # routed to the other configured profile
+            profile = get_profile(prepared.profile, settings.paths.profiles)
+        runner = build_runner(profile, parser_name or settings.drafts.parser, settings)
         try:
-            (result,) = runner.audit_batch([item])
+            (result,) = runner.audit_batch([prepared.item])
         finally:
-            _close(runner)
+            runner.close()
     except CxrAuditError as exc:
         fail(str(exc).splitlines()[0])
     typer.echo(result.to_json())

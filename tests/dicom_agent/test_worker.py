@@ -15,9 +15,10 @@ from cxr_auditor.errors import BackendError, ModelUnavailable
 from cxr_auditor.grounding.fake import FakeGrounder
 from cxr_auditor.pipeline import Auditor
 from dicom_agent.config import AgentSettings
+from dicom_agent.registry import Models
 from dicom_agent.scheduler import Reason, queue_audit
 from dicom_agent.state import JobKind, JobState, StateDB, StudyState
-from dicom_agent.worker import Models, Worker
+from dicom_agent.worker import Worker
 from tests.builders import SENTINEL_PATIENT_NAME, make_cxr, save
 
 DARK = (3000.0, 1000.0)  # window that makes the phantom dark: the fake answers no_finding
@@ -406,7 +407,7 @@ def test_default_factory_finds_site_only_profiles_for_grounder_and_parser(
 ) -> None:
     """Both the grounding profile and the draft parser may live only in ``paths.profiles``."""
     from dicom_agent.config import load_settings
-    from dicom_agent.worker import default_auditor_factory
+    from dicom_agent.registry import default_auditor_factory
 
     site = tmp_path / "site-profiles"
     site.mkdir()

@@ -63,6 +63,20 @@ class TestAudit:
         assert {("missing", "pleural_effusion"), ("urgent", "pneumothorax")} <= flags
         assert "RESEARCH" in out["disclaimer"] and SENTINEL_PATIENT_NAME not in json.dumps(out)
 
+    def test_dicom_study_keys_and_routing_are_those_of_serve(self, tmp_path: Path) -> None:
+        """Issue 15: ``study`` was empty and a lateral view was grounded, which serve skips."""
+        pa = make_cxr(rows=128, cols=100, study_uid="1.2.826.0.1.77", accession="ACC-77")
+        lateral = make_cxr(rows=128, cols=100, study_uid="1.2.826.0.1.77", accession="ACC-77",
+                           view_position="LL")
+        paths = [save(pa, tmp_path / "pa.dcm"), save(lateral, tmp_path / "lat.dcm")]
+        out = _audit(*map(str, paths), "--profile", "fake")
+        assert out["study"] == {"study_instance_uid": "1.2.826.0.1.77", "accession_number": "ACC-77"}
+        assert [i["image_id"] for i in out["inputs"]["images"]] == [pa.SOPInstanceUID]
+        assert out["inputs"]["images"][0]["view_position"] == "PA"
+        assert out["inputs"]["skipped_images"] == [
+            {"image_id": lateral.SOPInstanceUID, "reason": "lateral_view"}
+        ]
+
     def test_draft_file_is_hashed_and_named(self, tmp_path: Path) -> None:
         draft = tmp_path / "draft.txt"
         draft.write_text("No acute cardiopulmonary abnormality.\n")
