@@ -19,8 +19,8 @@ from dicom_agent.state import StateDB
 
 if TYPE_CHECKING:
     from dicom_agent.observe import Metrics
+    from dicom_agent.registry import Models
     from dicom_agent.scp import Listener
-    from dicom_agent.worker import Models
 
 TEMPLATES = Path(__file__).resolve().parent / "templates"
 

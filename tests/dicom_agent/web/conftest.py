@@ -16,11 +16,12 @@ from cxr_auditor.grounding.fake import FakeGrounder
 from cxr_auditor.pipeline import Auditor
 from dicom_agent.config import AgentSettings
 from dicom_agent.observe import Metrics
+from dicom_agent.registry import Models
 from dicom_agent.scheduler import Reason, queue_audit
 from dicom_agent.scp import Listener
 from dicom_agent.state import StateDB, StudyState
 from dicom_agent.web import create_app
-from dicom_agent.worker import Models, Worker
+from dicom_agent.worker import Worker
 from tests.builders import make_cxr, save
 
 #: The draft of the audited study: the effusion is in it, the pneumothorax is not.
