@@ -13,12 +13,14 @@ from pynetdicom.transport import ThreadedAssociationServer
 class Receiver:
     """A Storage SCP on loopback that keeps what it receives and what was proposed to it."""
 
-    def __init__(self, port: int) -> None:
+    def __init__(self, port: int, status: int = 0x0000, require_called_aet: bool = False) -> None:
         self.port = port
+        self.status = status  # the C-STORE status answered (PS3.4 B.2.3)
         self.received: list[Dataset] = []
         self.proposed: set[tuple[str, str]] = set()
         self._lock = threading.Lock()
         ae = AE(ae_title="RESEARCHPACS")
+        ae.require_called_aet = require_called_aet  # another called AE title: rejected-permanent
         for cx in AllStoragePresentationContexts:
             ae.add_supported_context(cx.abstract_syntax, ALL_TRANSFER_SYNTAXES)
         self._ae = ae
@@ -27,7 +29,7 @@ class Receiver:
     def _on_store(self, event: evt.Event) -> int:
         with self._lock:
             self.received.append(event.dataset)
-        return 0x0000
+        return self.status
 
     def _on_requested(self, event: evt.Event) -> None:
         with self._lock:

@@ -13,12 +13,19 @@ from pathlib import Path
 import pytest
 
 from dicom_agent.config import AgentSettings, Destination, TLSSettings, load_settings
-from dicom_agent.errors import ForwardError
-from dicom_agent.forward import backoff_seconds, drain_outbox, enqueue_forward, forward_files
+from dicom_agent.errors import ForwardError, StateError
+from dicom_agent.forward import (
+    backoff_seconds,
+    drain_outbox,
+    enqueue_forward,
+    forward_files,
+    refused_for_good,
+)
 from dicom_agent.state import JobKind, JobState, StateDB
 from tests.conftest import free_port
 from tests.dicom_agent.outputs.studies import written_findings
 from tests.dicom_agent.storescp import Receiver
+from tests.stalled_peer import StalledPeer, StallingProxy
 
 SR_CLASS = "1.2.840.10008.5.1.4.1.1.88.34"
 GSPS_CLASS = "1.2.840.10008.5.1.4.1.1.11.1"
@@ -206,3 +213,135 @@ class TestOutbox:
     def test_backoff_doubles_to_the_cap(self) -> None:
         forward = load_settings(forward={"retry_backoff_seconds": 5, "retry_backoff_max_seconds": 30}).forward
         assert [backoff_seconds(n, forward) for n in range(1, 6)] == [5, 10, 20, 30, 30]
+
+
+class TestFailureClasses:
+    """Permanent refusals are dead at once; transient ones are retried (PS3.4 B.2.3)."""
+
+    def _drain_once(self, tmp_path: Path, port: int, files: list[Path], ae: str = "RESEARCHPACS"):
+        dest = _destination(port).model_copy(update={"ae_title": ae})
+        settings = load_settings(
+            paths={"state": tmp_path / "state.sqlite3", "out": tmp_path / "out"},
+            forward={"enabled": True, "destinations": [dest.model_dump()], "max_attempts": 5},
+        )
+        db = StateDB(tmp_path / "state.sqlite3")
+        (job_id,) = enqueue_forward(db, "1.2.3", files, settings.forward.destinations, now=0.0)
+        assert drain_outbox(db, settings, now=0.0) == 0
+        job = db.job(job_id)
+        assert job is not None
+        return job
+
+    @pytest.mark.parametrize(("status", "state"), [(0xA900, "dead"), (0xC123, "dead"),
+                                                   (0x0122, "dead"), (0xA700, "queued")])
+    def test_status_decides_dead_or_retry(
+        self, tmp_path: Path, result_files: list[Path], status: int, state: str
+    ) -> None:
+        scp = Receiver(free_port(), status=status).start()
+        try:
+            job = self._drain_once(tmp_path, scp.port, result_files)
+        finally:
+            scp.stop()
+        assert (job.state, job.attempts) == (state, 1)
+        assert f"0x{status:04X}" in (job.last_error or "")
+        assert len(scp.received) == 1  # the first refusal ends the association
+
+    def test_permanent_association_rejection_is_dead_at_once(
+        self, tmp_path: Path, result_files: list[Path]
+    ) -> None:
+        scp = Receiver(free_port(), require_called_aet=True).start()
+        try:
+            job = self._drain_once(tmp_path, scp.port, result_files, ae="NOTTHEPACS")
+        finally:
+            scp.stop()
+        assert (job.state, job.attempts) == ("dead", 1)
+        assert "rejected (permanent)" in (job.last_error or "")
+
+    def test_missing_result_file_is_dead_at_once(self, tmp_path: Path, receiver: Receiver) -> None:
+        job = self._drain_once(tmp_path, receiver.port, [tmp_path / "gone.dcm"])
+        assert (job.state, job.attempts) == ("dead", 1)
+        assert receiver.received == []
+
+    def test_is_refused_for_good_covers_the_permanent_ranges_only(self) -> None:
+        assert all(refused_for_good(s) for s in (0x0122, 0xA900, 0xA9FF, 0xC000, 0xCFFF))
+        assert not any(refused_for_good(s) for s in (0x0000, 0xA700, 0xA7FF, 0xB000, 0x0110))
+
+
+@pytest.mark.timeout(120)  # without the timeouts these tests block for ever, not fail
+class TestStalledPeers:
+    """Real sockets that stall mid-PDU: the outbox returns and the job is retried later."""
+
+    def _settings(self, tmp_path: Path, port: int, **forward: object) -> AgentSettings:
+        return load_settings(
+            paths={"state": tmp_path / "state.sqlite3", "out": tmp_path / "out"},
+            forward={
+                "enabled": True, "destinations": [_destination(port).model_dump()],
+                "acse_timeout_seconds": 2, "dimse_timeout_seconds": 2,
+                "network_timeout_seconds": 1, **forward,
+            },
+        )
+
+    def _drain(self, tmp_path: Path, settings: AgentSettings, files: list[Path]):
+        db = StateDB(tmp_path / "state.sqlite3")
+        (job_id,) = enqueue_forward(db, "1.2.3", files, settings.forward.destinations, now=0.0)
+        assert drain_outbox(db, settings, now=0.0) == 0
+        job = db.job(job_id)
+        assert job is not None
+        return job
+
+    def test_peer_stalling_inside_the_association_answer(
+        self, tmp_path: Path, result_files: list[Path]
+    ) -> None:
+        with StalledPeer() as peer:
+            job = self._drain(tmp_path, self._settings(tmp_path, peer.port), result_files)
+            assert peer.connections == 1
+        assert (job.state, job.attempts) == ("queued", 1)
+        assert "association failed" in (job.last_error or "")
+
+    def test_peer_stalling_inside_the_c_store_response(
+        self, tmp_path: Path, result_files: list[Path], receiver: Receiver
+    ) -> None:
+        with StallingProxy(receiver.port) as proxy:
+            job = self._drain(tmp_path, self._settings(tmp_path, proxy.port), result_files)
+            assert proxy.stalled.is_set()
+        assert (job.state, job.attempts) == ("queued", 1)
+        assert "no response" in (job.last_error or "")
+        assert len(receiver.received) == 1  # the data set went through; its answer did not
+
+    def test_watchdog_cuts_a_job_the_socket_timeouts_do_not_end(
+        self, tmp_path: Path, result_files: list[Path], receiver: Receiver
+    ) -> None:
+        with StallingProxy(receiver.port) as proxy:
+            settings = self._settings(
+                tmp_path, proxy.port, acse_timeout_seconds=600, dimse_timeout_seconds=600,
+                network_timeout_seconds=600, job_timeout_seconds=1,
+            )
+            job = self._drain(tmp_path, settings, result_files)
+        assert (job.state, job.attempts) == ("queued", 1)
+        assert "forward.job_timeout_seconds" in (job.last_error or "")
+
+    def test_down_destination_is_transient(self, tmp_path: Path, result_files: list[Path]) -> None:
+        job = self._drain(tmp_path, self._settings(tmp_path, free_port()), result_files)
+        assert (job.state, job.attempts) == ("queued", 1)
+
+
+class TestRetryDead:
+    def test_dead_jobs_come_back_with_a_fresh_budget_and_deliver(
+        self, tmp_path: Path, result_files: list[Path]
+    ) -> None:
+        port = free_port()
+        settings = TestOutbox()._settings(tmp_path, port, max_attempts=1)
+        db = StateDB(tmp_path / "state.sqlite3")
+        (job_id,) = enqueue_forward(db, "1.2.3", result_files, settings.forward.destinations, now=0.0)
+        drain_outbox(db, settings, now=0.0)
+        assert db.job(job_id).state == "dead"  # type: ignore[union-attr]
+        with pytest.raises(StateError, match="not dead forward jobs: 99"):
+            db.retry_dead_forward_jobs([job_id, 99], now=10.0)
+        assert db.job(job_id).state == "dead"  # type: ignore[union-attr]  # all or nothing
+        (again,) = db.retry_dead_forward_jobs([job_id], now=10.0)
+        assert (again.state, again.attempts, again.next_attempt_at) == ("queued", 0, 10.0)
+        scp = Receiver(port).start()
+        try:
+            assert drain_outbox(db, settings, now=10.0) == 1
+        finally:
+            scp.stop()
+        assert len(scp.received) == len(result_files)
