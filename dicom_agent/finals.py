@@ -42,8 +42,7 @@ from cxr_auditor.schema import (
 from dicom_agent.config import AgentSettings
 from dicom_agent.inbox import DraftReader
 from dicom_agent.observe import Event, Metrics, event, study_ref
-from dicom_agent.outputs.sidecar import SIDECAR_NAME, read_result
-from dicom_agent.scheduler import study_dir
+from dicom_agent.outputs.layout import SIDECAR_NAME, read_result, study_dir
 from dicom_agent.state import AgreementRow, DraftOutcome, FinalState, StateDB
 
 log = logging.getLogger(__name__)
