@@ -12,7 +12,7 @@ import sys
 import typer
 
 from cxr_auditor.errors import CxrAuditError
-from dicom_agent.commands import agent, draft, evaluate, models, outputs, recovery
+from dicom_agent.commands import agent, draft, evaluate, models, outputs, recovery, replay, weights
 from dicom_agent.errors import AgentError
 
 app = typer.Typer(
@@ -38,7 +38,7 @@ def version() -> None:
     typer.echo(_v("cxr-audit-agent"))
 
 
-for _group in (draft, agent, models, outputs, evaluate, recovery):
+for _group in (draft, agent, models, outputs, evaluate, replay, recovery, weights):
     app.add_typer(_group.app)  # no name: the group's commands join the top level
 
 

@@ -14,13 +14,12 @@ from __future__ import annotations
 
 import logging
 import re
-import socket
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
-from urllib.parse import urlsplit
 
 from cxr_auditor.chat.base import ChatRequest
+from cxr_auditor.chat.hub import check_weights, is_local_ref
 from cxr_auditor.errors import BackendError, ModelUnavailable
 from cxr_auditor.profiles import Generation, TransformersProfile
 from cxr_auditor.retry import AttemptSettings
@@ -133,42 +132,17 @@ def _quantization(profile: TransformersProfile, device: str) -> Any:
     )
 
 
-#: How long the hub reachability probe may take before the model counts as unavailable.
-_HUB_PROBE_SECONDS = 3.0
-
-
-def _looks_local(ref: str) -> bool:
-    """A path rather than a hub id (``owner/name``): absolute, home- or dot-relative."""
-    return ref.startswith(("/", "~", ".")) or Path(ref).is_dir()
-
-
 def _check_hub_reachable(profile: str, what: str, repo_id: str, revision: str | None) -> None:
     """Fail fast when hub weights are neither cached nor downloadable.
 
     Without this, an offline host spends about half a minute in huggingface_hub's retry
     ladder on every load attempt before the same failure; the agent retries the load
-    periodically, so the model state would read ``loading`` most of the time.
+    periodically, so the model state would read ``loading`` most of the time. The check is
+    :func:`~cxr_auditor.chat.hub.check_weights`, the one ``cxr-agent doctor`` reports.
     """
-    from huggingface_hub import constants, try_to_load_from_cache
-
-    if isinstance(try_to_load_from_cache(repo_id, "config.json", revision=revision), str):
-        return  # cached: transformers loads it without the network
-    if constants.HF_HUB_OFFLINE:
-        raise ModelUnavailable(
-            f"profile {profile!r}: {what} {repo_id} is not in the local cache and the hub is "
-            "offline (HF_HUB_OFFLINE); download it or point the profile at a local folder"
-        )
-    endpoint = urlsplit(constants.ENDPOINT)
-    try:
-        socket.create_connection(
-            (endpoint.hostname or "", endpoint.port or 443), timeout=_HUB_PROBE_SECONDS
-        ).close()
-    except OSError as exc:
-        raise ModelUnavailable(
-            f"profile {profile!r}: {what} {repo_id} is not in the local cache and the hub "
-            f"cannot be reached ({exc.strerror or type(exc).__name__}); download it or point "
-            "the profile at a local folder"
-        ) from exc
+    check = check_weights(what, repo_id, revision)
+    if not check.loadable:
+        raise ModelUnavailable(f"profile {profile!r}: {what} {check.detail}")
 
 
 def load_model(profile: TransformersProfile) -> LoadedModel:
@@ -187,9 +161,9 @@ def load_model(profile: TransformersProfile) -> LoadedModel:
     )
 
     for what, ref in (("model", profile.model), ("adapter", profile.adapter)):
-        if ref and _looks_local(ref) and not Path(ref).expanduser().is_dir():
+        if ref and is_local_ref(ref) and not Path(ref).expanduser().is_dir():
             raise ModelUnavailable(f"profile {profile.name!r}: {what} folder {ref} does not exist")
-        if ref and not _looks_local(ref):
+        if ref and not is_local_ref(ref):
             _check_hub_reachable(profile.name, what, ref, profile.revision)
     device = resolve_device(profile.device, profile.name)
     quant = _quantization(profile, device)

@@ -174,23 +174,19 @@ _SEVERITY = {"ok": 0, "warn": 1, "FAIL": 2}
 
 
 def _weights_present(profile: TransformersProfile, ref: str) -> tuple[str, str]:
-    """(state, detail) of ``ref`` (a folder or a hub id): usable here without a download?"""
-    if Path(ref).is_dir():
-        return "ok", f"folder {ref}"
-    if Path(ref).is_absolute() or ref.startswith("."):
+    """(state, detail) of ``ref`` (a folder or a hub id): can the loader get it here?
+
+    A hub id is asked through :func:`~cxr_auditor.chat.hub.check_weights`, the check the
+    loader itself runs, so doctor and ``serve`` say the same thing about the same repository.
+    """
+    from cxr_auditor.chat.hub import check_weights, is_local_ref
+
+    if is_local_ref(ref):
+        if Path(ref).expanduser().is_dir():
+            return "ok", f"folder {ref}"
         return "FAIL", f"folder {ref} does not exist"
-    try:
-        from huggingface_hub import try_to_load_from_cache
-    except ImportError:
-        return "FAIL", "huggingface_hub is not installed"
-    name = "adapter_config.json" if ref == profile.adapter else "config.json"
-    revision = profile.revision if ref == profile.model else None
-    if isinstance(try_to_load_from_cache(ref, name, revision=revision), str):
-        return "ok", f"{ref} in the local hub cache"
-    if os.environ.get("HF_HUB_OFFLINE") == "1":
-        return "FAIL", f"{ref} not in the local hub cache and HF_HUB_OFFLINE=1"
-    token = "HF_TOKEN set" if os.environ.get("HF_TOKEN") else "no HF_TOKEN: gated repos need one"
-    return "warn", f"{ref} not cached, the first load downloads it ({token})"
+    check = check_weights("adapter" if ref == profile.adapter else "model", ref, profile.revision)
+    return ("ok" if check.loadable else "FAIL"), check.detail
 
 
 def _profile_check(profile: Profile, load: bool) -> tuple[str, str]:
