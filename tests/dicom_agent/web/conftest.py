@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import time
 from collections.abc import Iterator
-from pathlib import Path
 from typing import Any
 
 import pytest
@@ -80,6 +79,7 @@ class WebAgent:
 
 @pytest.fixture
 def web_agent(settings: AgentSettings) -> Iterator[WebAgent]:
+    settings.web.uploads = settings.paths.spool.parent / "uploads"
     agent = WebAgent(settings)
     yield agent
     agent.models.close()
@@ -102,7 +102,3 @@ def audited(web_agent: WebAgent) -> str:
     web_agent.store(STUDY, ACCESSION)
     web_agent.audit(STUDY, ACCESSION, DRAFT)
     return STUDY
-
-
-def out_dir(settings: AgentSettings, study_uid: str) -> Path:
-    return settings.paths.out / study_uid
