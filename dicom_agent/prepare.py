@@ -27,7 +27,7 @@ from pydicom.errors import InvalidDicomError
 
 from cxr_auditor.grounding.base import ImageInput
 from cxr_auditor.pipeline import AuditItem
-from cxr_auditor.profiles import get_profile
+from cxr_auditor.profiles import Profile, get_profile
 from cxr_auditor.schema import ImageRef, StudyKeys
 from dicom_agent.config import AgentSettings
 from dicom_agent.errors import AgentError
@@ -68,6 +68,14 @@ class PreparedStudy:
     item: AuditItem
     sources: dict[int, Path] = field(default_factory=dict)
     display: dict[int, DisplayImage] = field(default_factory=dict)
+
+
+def configured_for(settings: AgentSettings, profile: Profile) -> AgentSettings:
+    """``settings`` with ``profile`` configured where serve would route to it (``replay``,
+    ``eval`` and ``audit`` with ``--profile``)."""
+    key = "xa_profile" if profile.task == "classification" else "profile"
+    grounding = settings.grounding.model_copy(update={key: profile.name})
+    return settings.model_copy(update={"grounding": grounding})
 
 
 def profile_routes(settings: AgentSettings) -> dict[str, ProfileRoutes]:

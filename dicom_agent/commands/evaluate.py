@@ -13,19 +13,21 @@ from __future__ import annotations
 
 import json
 from pathlib import Path
-from typing import Annotated, Any
+from typing import Annotated
 
 import typer
 
 from cxr_auditor.errors import CxrAuditError
 from cxr_auditor.eval.grounding import TruthCase, TruthError, evaluate, load_truth
 from cxr_auditor.labels import parse_urgent
-from cxr_auditor.pipeline import AuditItem
 from cxr_auditor.profiles import get_profile
-from cxr_auditor.schema import DISCLAIMER, AuditResult, StudyKeys
+from cxr_auditor.schema import DISCLAIMER, AuditResult
 from dicom_agent.commands import CONFIG_OPTION, fail, settings_or_fail
+from dicom_agent.config import AgentSettings
 from dicom_agent.errors import AgentError
+from dicom_agent.prepare import Draft, configured_for, instances_from_files, prepare_study
 from dicom_agent.progress import print_table, progress
+from dicom_agent.registry import AuditRunner, build_runner
 
 #: The commands of this module; :mod:`dicom_agent.cli` adds them to ``cxr-agent``.
 app = typer.Typer()
@@ -52,25 +54,24 @@ def _cases(images: Path, truth: Path | None) -> tuple[Path, list[TruthCase]]:
 
 
 def run_cases(
-    cases: list[TruthCase], root: Path, runner: Any, input_size: int, profile: str,
+    cases: list[TruthCase], root: Path, runner: AuditRunner, settings: AgentSettings,
     batch_size: int,
 ) -> list[AuditResult]:
-    """Audit every case (one image, its optional draft) in batches, with a progress bar."""
-    from dicom_agent.commands.models import _load_image
-
+    """Audit every case (one image, its optional draft) in batches, with a progress bar,
+    prepared as ``cxr-agent audit`` prepares a file (``settings`` configured for the profile).
+    """
     results: list[AuditResult] = []
     with progress("Evaluating", total=len(cases)) as bar:
         for start in range(0, len(cases), batch_size):
             items = []
             for case in cases[start : start + batch_size]:
-                path = (root / case.image).resolve()
+                path = root / case.image
                 if not path.is_file():
                     fail(f"image {case.image!r} of the truth file: no such file under {root}")
-                image, ref = _load_image(path, 0, input_size, profile)
-                items.append(
-                    AuditItem(images=[image], image_refs=[ref], draft_text=case.draft,
-                              study=StudyKeys())
-                )
+                rows, pictures, study = instances_from_files([path])
+                prepared = prepare_study(rows, settings, study=study, draft=Draft(case.draft),
+                                         pictures=pictures)
+                items.append(prepared.item)
             results.extend(runner.audit_batch(items))
             bar.advance(len(items))
     return results
@@ -100,8 +101,6 @@ def eval_command(
     config: Path | None = CONFIG_OPTION,
 ) -> None:
     """Score a profile on labelled images: JSON on stdout, tables on stderr (research only)."""
-    from dicom_agent.commands.models import _runner
-
     settings = settings_or_fail(config)
     root, cases = _cases(images, truth)
     name = profile_name or settings.grounding.profile
@@ -109,12 +108,12 @@ def eval_command(
         profile = get_profile(name, settings.paths.profiles)
         if profile.task != "grounding":
             fail(f"profile {profile.name!r} does not ground findings; eval needs one that does")
-        runner = _runner(profile, parser_name or settings.drafts.parser, settings)
+        runner = build_runner(profile, parser_name or settings.drafts.parser, settings)
     except CxrAuditError as exc:
         fail(str(exc).splitlines()[0])
     try:
         results = run_cases(
-            cases, root, runner, settings.grounding.input_size, profile.name,
+            cases, root, runner, configured_for(settings, profile),
             batch_size or settings.worker.batch_size,
         )
     except (AgentError, CxrAuditError) as exc:

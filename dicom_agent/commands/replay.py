@@ -1,0 +1,113 @@
+"""``cxr-agent replay`` and ``cxr-agent diff``: re-run spooled studies with another profile,
+and compare two result folders (:mod:`dicom_agent.replay`). Research use only."""
+
+from __future__ import annotations
+
+import json
+import time
+from pathlib import Path
+from typing import Annotated
+
+import typer
+
+from cxr_auditor.errors import CxrAuditError
+from cxr_auditor.profiles import get_profile
+from dicom_agent.commands import CONFIG_OPTION, fail, settings_or_fail
+from dicom_agent.conformance import is_valid_uid
+from dicom_agent.errors import AgentError
+from dicom_agent.progress import print_summary, print_table, progress
+
+#: The commands of this module; :mod:`dicom_agent.cli` adds them to ``cxr-agent``.
+app = typer.Typer()
+
+
+def _uids(values: list[str] | None) -> list[str]:
+    """``--studies`` given repeatedly and/or comma-separated."""
+    uids = [u.strip() for v in values or [] for u in v.split(",") if u.strip()]
+    bad = sum(1 for u in uids if not is_valid_uid(u))
+    if bad:
+        fail(f"--studies: {bad} value(s) are not DICOM UIDs (digits and dots, at most 64)")
+    return uids
+
+
+@app.command("replay")
+def replay(
+    profile_name: Annotated[str, typer.Option("--profile", help="Profile to audit with.")],
+    studies: Annotated[
+        list[str] | None,
+        typer.Option("--studies", help="Study Instance UIDs (repeat or comma-separate); "
+                     "default: every audited study."),
+    ] = None,
+    out: Annotated[
+        Path | None,
+        typer.Option("--out", help="Result folder (default: <paths.out>/../replay/"
+                     "<profile>-<UTC time>)."),
+    ] = None,
+    parser_name: Annotated[
+        str | None, typer.Option("--parser", help="Draft parser (default: drafts.parser).")
+    ] = None,
+    batch_size: Annotated[
+        int | None, typer.Option("--batch-size", min=1, help="Default: worker.batch_size.")
+    ] = None,
+    config: Path | None = CONFIG_OPTION,
+) -> None:
+    """Audit spooled studies again with another profile into a separate folder."""
+    from dicom_agent.registry import build_runner
+    from dicom_agent.replay import replay_studies
+    from dicom_agent.state import StateDB, StudyState
+
+    settings = settings_or_fail(config)
+    uids = _uids(studies)
+    if not settings.paths.state.exists():
+        fail(f"no state database at {settings.paths.state} (has the agent ever run here?)")
+    stamp = time.strftime("%Y%m%dT%H%M%SZ", time.gmtime())
+    folder = out or settings.paths.out.parent / "replay" / f"{profile_name}-{stamp}"
+    try:
+        profile = get_profile(profile_name, settings.paths.profiles)
+        if profile.task == "draft_parsing":
+            fail(f"profile {profile.name!r} parses drafts; give a grounding or classification one")
+        runner = build_runner(profile, parser_name or settings.drafts.parser, settings)
+    except CxrAuditError as exc:
+        fail(str(exc).splitlines()[0])
+    db = StateDB(settings.paths.state)
+    try:
+        total = len(uids) or len(db.studies((StudyState.AUDITED,)))
+        with progress("Replaying", total=total) as bar:
+            report = replay_studies(
+                settings, db, runner, profile, folder, uids or None,
+                batch_size=batch_size or settings.worker.batch_size, advance=bar.advance,
+            )
+    except (AgentError, CxrAuditError) as exc:
+        fail(str(exc).splitlines()[0])
+    finally:
+        runner.close()
+        db.close()
+    print_summary(f"replay into {folder}", report.summary())
+    typer.echo(json.dumps({
+        "out": str(folder), "profile": profile.name, "replayed": len(report.replayed),
+        "failed": report.failed,
+    }, indent=2))
+    if report.failed and not report.replayed:
+        raise typer.Exit(1)
+
+
+@app.command("diff")
+def diff(
+    a: Annotated[Path, typer.Argument(help="Result folder or audit.json (before).")],
+    b: Annotated[Path, typer.Argument(help="Result folder or audit.json (after).")],
+) -> None:
+    """Which flags and findings changed from A to B, study by study (JSON on stdout)."""
+    from dicom_agent.replay import diff_folders
+
+    try:
+        summary = diff_folders(a, b)
+    except AgentError as exc:
+        fail(str(exc))
+    body = summary.as_dict()
+    print_table(
+        f"{body['changed']} of {body['compared']} studies changed "
+        f"({len(body['only_in_a'])} only in A, {len(body['only_in_b'])} only in B)",
+        ("flag / finding", "added", "removed"),
+        summary.rows(),
+    )
+    typer.echo(json.dumps(body, indent=2))
