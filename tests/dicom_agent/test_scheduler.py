@@ -157,6 +157,24 @@ class TestScheduleStudies:
         assert pair_drafts(db, 801, PAIRING.study_wait_seconds) == (1, 0)
         assert db.draft(did).state == "paired"  # type: ignore[union-attr]
 
+    def test_accession_held_by_two_studies_is_refused_and_reported(
+        self, db: StateDB, caplog: pytest.LogCaptureFixture
+    ) -> None:
+        _instance(db, "1.9", "1.9.1", now=0, accession="ACC5")
+        _instance(db, "1.10", "1.10.1", now=1, accession="ACC5")
+        did = self._draft(db, "ACC5", "x", 2)
+        with caplog.at_level(logging.WARNING, logger="dicom_agent.scheduler"):
+            assert pair_drafts(db, 3, PAIRING.study_wait_seconds) == (0, 0)
+        assert db.draft(did).state == "ambiguous"  # type: ignore[union-attr]
+        assert db.current_draft("1.9") is None and db.current_draft("1.10") is None
+        (record,) = [r for r in caplog.records if getattr(r, "event", None) == "draft.ambiguous"]
+        assert record.count == 2 and "ACC5" not in record.getMessage()  # type: ignore[attr-defined]
+        assert pair_drafts(db, 4, PAIRING.study_wait_seconds) == (0, 0)  # reported once
+        by_uid = db.record_draft(key="1.10", key_kind="study_uid", file_name="1.10.txt",
+                                 sha256="y", text="No acute disease.", author=None, now=5)[1]
+        assert pair_drafts(db, 6, PAIRING.study_wait_seconds) == (1, 0)
+        assert db.current_draft("1.10").id == by_uid  # type: ignore[union-attr]
+
     def test_late_instance_while_queued_waits_for_the_study_to_settle_again(self, db: StateDB) -> None:
         self._draft(db, "ACC1", "x", 0)
         _instance(db, "1.8", "1.8.1", now=0)
