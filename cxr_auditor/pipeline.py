@@ -216,9 +216,9 @@ class Auditor:
     def audit_batch(self, items: list[AuditItem]) -> list[AuditResult]:
         """Audit several studies with one grounder call over all their images.
 
-        ``timings`` holds the wall time in ms of each stage: ``grounding`` and
-        ``draft_parsing`` are the batch calls every item of the batch waited for,
-        ``comparison`` is the item's own.
+        ``timings`` holds the wall time in ms of each stage: ``grounding_ms`` and
+        ``draft_parsing_ms`` are the batch calls every item of the batch waited for,
+        ``comparison_ms`` is the item's own.
 
         Raises:
             BackendError: the grounder or draft parser failed (the worker retries the job), or
@@ -259,9 +259,9 @@ class Auditor:
                     comparator_version=COMPARATOR_VERSION,
                     flags=flags,
                     timings={
-                        "grounding": grounding_ms,
-                        "draft_parsing": draft_ms,
-                        "comparison": compare_ms,
+                        "grounding_ms": grounding_ms,
+                        "draft_parsing_ms": draft_ms,
+                        "comparison_ms": compare_ms,
                     },
                     notes=notes,
                 )
@@ -345,7 +345,7 @@ class ClassificationAuditor:
                     mode=AuditMode.NO_FLAGS,
                     comparator_version=COMPARATOR_VERSION,
                     classification=summarize(self.classifier.profile.name, mine),
-                    timings={"classification": ms},
+                    timings={"classification_ms": ms},
                 )
             )
         return out

@@ -267,7 +267,12 @@ class AuditResult(_Model):
     classification: dict[str, Any] | None = Field(
         default=None, description="classification-profile output (e.g. dsa-patency)"
     )
-    timings: dict[str, float] = Field(default_factory=dict, description="per stage, ms")
+    timings: dict[str, float] = Field(
+        default_factory=dict,
+        description="wall time per stage in milliseconds; every key names its unit (decode_ms)",
+        # Published, not enforced on reading: sidecars written before the suffix stay readable.
+        json_schema_extra={"propertyNames": {"pattern": "_ms$"}},
+    )
     notes: list[str] = Field(default_factory=list)
     outputs: dict[str, str] = Field(
         default_factory=dict, description="DICOM objects written: kind -> SOP Instance UID"

@@ -269,7 +269,7 @@ class Worker:
             )
         except Exception as exc:
             prep.error = exc
-        prep.timings["decode"] = (time.perf_counter() - t0) * 1000
+        prep.timings["decode_ms"] = (time.perf_counter() - t0) * 1000
         return prep
 
     # -- stage 2: the model (worker thread) -------------------------------------------------
@@ -314,7 +314,7 @@ class Worker:
                 continue
             model_ms = (time.perf_counter() - t0) * 1000
             for prep, result in zip(group, results, strict=True):
-                prep.timings["model"] = model_ms
+                prep.timings["model_ms"] = model_ms
                 self._writer.submit(self._finish, prep, result)
 
     def _audit_one(self, auditor: AuditRunner, prep: Prepared) -> None:
@@ -329,7 +329,7 @@ class Worker:
         except Exception as exc:
             self._fail(prep.job, exc)
             return
-        prep.timings["model"] = (time.perf_counter() - t0) * 1000
+        prep.timings["model_ms"] = (time.perf_counter() - t0) * 1000
         self._writer.submit(self._finish, prep, result)
 
     def _park(self, group: list[Prepared], profile: str) -> None:

@@ -278,7 +278,7 @@ class TestAuditor:
         result = Auditor(FakeGrounder(DARK_ANSWER), ScriptedDraftParser("[]")).audit(
             _item(_image(0, DARK), draft="Normal.")
         )
-        assert set(result.timings) == {"grounding", "draft_parsing", "comparison"}
+        assert set(result.timings) == {"grounding_ms", "draft_parsing_ms", "comparison_ms"}
         assert all(v >= 0 for v in result.timings.values())
         assert result.comparator_version == "1.0.0"
         assert result.inputs.images[0].image_id == "img0"

@@ -90,7 +90,8 @@ class TestAudit:
         assert out["inputs"]["skipped_images"] == [{"image_id": lat, "reason": "lateral_view"}]
         assert {f["label"] for f in out["grounding"]["findings"]} == {"pneumothorax", "pleural_effusion"}
         assert [f["kind"] for f in out["flags"]] == ["urgent"]
-        assert {"decode", "model", "grounding"} <= set(out["timings"])
+        assert {"decode_ms", "model_ms", "grounding_ms"} <= set(out["timings"])
+        assert all(stage.endswith("_ms") for stage in out["timings"])  # the unit is in the key
         assert (settings.paths.out / "1.2.3.1" / "v1" / "overlay-0.png").exists()
         assert "audit.done" in [getattr(r, "event", None) for r in caplog.records]
         assert SENTINEL_PATIENT_NAME not in caplog.text and "ACC-SENTINEL" not in caplog.text

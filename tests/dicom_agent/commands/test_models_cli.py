@@ -73,6 +73,7 @@ class TestAudit:
         assert out["study"] == {"study_instance_uid": "1.2.826.0.1.77", "accession_number": "ACC-77"}
         assert [i["image_id"] for i in out["inputs"]["images"]] == [pa.SOPInstanceUID]
         assert out["inputs"]["images"][0]["view_position"] == "PA"
+        assert out["timings"] and all(stage.endswith("_ms") for stage in out["timings"])
         assert out["inputs"]["skipped_images"] == [
             {"image_id": lateral.SOPInstanceUID, "reason": "lateral_view"}
         ]
