@@ -35,7 +35,7 @@ from cxr_auditor.profiles import (
 from dicom_agent.commands import fail
 from dicom_agent.config import AgentSettings, load_settings
 from dicom_agent.errors import AgentError, ConfigError
-from dicom_agent.prepare import Draft, instances_from_files, prepare_study
+from dicom_agent.prepare import Draft, configured_for, instances_from_files, prepare_study
 from dicom_agent.registry import build_runner
 
 #: The commands of this module; :mod:`dicom_agent.cli` adds them to ``cxr-agent``.
@@ -49,13 +49,6 @@ def _settings(config: Path | None) -> AgentSettings:
         return load_settings(config)
     except ConfigError as exc:
         fail(str(exc).splitlines()[0])
-
-
-def _as_configured(settings: AgentSettings, profile: Profile) -> AgentSettings:
-    """``settings`` with ``profile`` configured where serve would route to it."""
-    key = "xa_profile" if profile.task == "classification" else "profile"
-    grounding = settings.grounding.model_copy(update={key: profile.name})
-    return settings.model_copy(update={"grounding": grounding})
 
 
 def _draft(draft_file: Path | None, draft: str | None) -> Draft:
@@ -98,7 +91,7 @@ def audit(
     for path in images:
         if not path.is_file():
             fail(f"not a file: {path}")
-    settings = _as_configured(settings, profile)
+    settings = configured_for(settings, profile)
     try:
         rows, pictures, study = instances_from_files(images)
         prepared = prepare_study(
