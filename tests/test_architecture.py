@@ -2,25 +2,26 @@
 
 The graph is grimp's (the engine under import-linter): every ``import`` statement of
 ``cxr_auditor`` and ``dicom_agent``, those inside functions and under ``TYPE_CHECKING``
-included. Three rules:
+included. Four rules:
 
 * **Layers** (:data:`LAYERS`, top first): a module imports its own layer or a lower one, never a
   higher one. Every module of the two packages must have a layer, so a new module is placed
   on purpose.
 * **No cycles**: no loop between modules, nor between the children of one package (subpackages
   counted whole, as import-linter's ``acyclic_siblings`` contract does).
-* **Lazy imports** inside ``cxr_auditor`` are for the model stack only (torch, transformers,
-  peft and their hub client, weight format and quantiser), never for a module of our own; and
-  neither package hides an import from the graph behind ``importlib.import_module``.
+* **Imports inside functions** in ``cxr_auditor`` are for the model stack only (torch,
+  transformers, peft and their hub client, weight format and quantiser), never for a module of
+  our own (read from the source: grimp's import details leave ``is_lazy`` false for them).
+* **Nothing hidden**: neither package imports through ``importlib.import_module`` or
+  ``__import__``, which the graph cannot see.
 
-The checks are plain functions of a graph, so :class:`TestTheContractCanFail` proves each one
-fails on a known-bad graph.
+The checks are plain functions of a graph or a source text, so :class:`TestTheContractCanFail`
+proves each one fails on a known-bad input.
 """
 
 from __future__ import annotations
 
 import ast
-import sys
 from collections.abc import Iterable
 from pathlib import Path
 
@@ -154,19 +155,6 @@ def sibling_cycles(graph: grimp.ImportGraph) -> list[list[str]]:
     return found
 
 
-def own_lazy_imports(graph: grimp.ImportGraph) -> list[str]:
-    """Imports of a ``cxr_auditor`` module from inside a function of ``cxr_auditor``."""
-    found = []
-    for importer in sorted(graph.modules):
-        if importer.split(".")[0] != "cxr_auditor":
-            continue
-        for imported in sorted(graph.find_modules_directly_imported_by(importer)):
-            details = graph.get_import_details(importer=importer, imported=imported)
-            if any(d["is_lazy"] for d in details):
-                found.append(_where(graph, importer, imported))
-    return found
-
-
 def hidden_imports(source: str, name: str) -> list[str]:
     """``name:line`` of each ``importlib.import_module`` / ``__import__`` call in ``source``
     (the graph cannot see what they import)."""
@@ -180,10 +168,10 @@ def hidden_imports(source: str, name: str) -> list[str]:
     return found
 
 
-def lazy_third_party(source: str, name: str) -> list[str]:
-    """``name:line root`` of each function-level import of a third-party root outside
-    :data:`LAZY_ALLOWED` (standard-library and own modules are left to the other checks)."""
-    found = []
+def deferred_imports(source: str, name: str) -> list[str]:
+    """``name:line root`` of each import inside a function whose root is not in
+    :data:`LAZY_ALLOWED` (our own modules, the standard library and other packages alike)."""
+    found = set()
     for func in ast.walk(ast.parse(source)):
         if not isinstance(func, ast.FunctionDef | ast.AsyncFunctionDef):
             continue
@@ -191,13 +179,10 @@ def lazy_third_party(source: str, name: str) -> list[str]:
             roots: list[str] = []
             if isinstance(node, ast.Import):
                 roots = [alias.name.split(".")[0] for alias in node.names]
-            elif isinstance(node, ast.ImportFrom) and node.module and not node.level:
-                roots = [node.module.split(".")[0]]
-            for root in roots:
-                ours = root in PACKAGES
-                if not ours and root not in sys.stdlib_module_names and root not in LAZY_ALLOWED:
-                    found.append(f"{name}:{node.lineno} {root}")
-    return found
+            elif isinstance(node, ast.ImportFrom):
+                roots = ["." * node.level + (node.module or "").split(".")[0]]
+            found.update(f"{name}:{node.lineno} {r}" for r in roots if r not in LAZY_ALLOWED)
+    return sorted(found)
 
 
 @pytest.fixture(scope="module")
@@ -225,12 +210,9 @@ class TestContract:
     def test_no_cycle_between_siblings(self, graph: grimp.ImportGraph) -> None:
         assert sibling_cycles(graph) == []
 
-    def test_core_imports_its_own_modules_at_module_level(self, graph: grimp.ImportGraph) -> None:
-        assert own_lazy_imports(graph) == []
-
     def test_core_defers_only_the_model_stack(self) -> None:
         found = [
-            hit for name, src in _sources("cxr_auditor") for hit in lazy_third_party(src, name)
+            hit for name, src in _sources("cxr_auditor") for hit in deferred_imports(src, name)
         ]
         assert found == []
 
@@ -246,7 +228,7 @@ class TestContract:
 
 def _bad_graph() -> grimp.ImportGraph:
     """A core with a base type importing the pipeline, a loop between two chat modules, a
-    grounding <-> drafts package loop without a module loop, and a lazy own import."""
+    grounding <-> drafts package loop without a module loop."""
     bad = grimp.ImportGraph()
     for module in (
         "cxr_auditor",
@@ -263,20 +245,19 @@ def _bad_graph() -> grimp.ImportGraph:
     ):
         bad.add_module(module)
 
-    def imp(importer: str, imported: str, line: int, lazy: bool = False) -> None:
+    def imp(importer: str, imported: str, line: int) -> None:
         bad.add_import(
             importer=importer,
             imported=imported,
             line_number=line,
             line_contents=f"import {imported}",
-            is_lazy=lazy,
         )
 
     imp("cxr_auditor.schema", "cxr_auditor.pipeline", 3)
     imp("cxr_auditor.chat.base", "cxr_auditor.chat.openai", 4)
     imp("cxr_auditor.chat.openai", "cxr_auditor.chat.base", 5)
     imp("cxr_auditor.grounding.report", "cxr_auditor.drafts", 6)
-    imp("cxr_auditor.drafts.llm", "cxr_auditor.grounding", 7, lazy=True)
+    imp("cxr_auditor.drafts.llm", "cxr_auditor.grounding", 7)
     return bad
 
 
@@ -305,18 +286,22 @@ class TestTheContractCanFail:
             ["cxr_auditor.chat.base", "cxr_auditor.chat.openai"],
         ]
 
-    def test_lazy_own_import(self) -> None:
-        assert own_lazy_imports(_bad_graph()) == [
-            "cxr_auditor.drafts.llm -> cxr_auditor.grounding (line 7)"
-        ]
-
-    def test_hidden_and_lazy_third_party_imports(self) -> None:
+    def test_hidden_and_deferred_imports(self) -> None:
         source = (
             "import importlib\n"
             "def f():\n"
             "    import torch, httpx\n"
             "    import json\n"
+            "    from cxr_auditor.chat import ChatRequest\n"
+            "    def g():\n"
+            "        from . import base\n"
+            "        from peft import PeftModel\n"
             "    return importlib.import_module('cxr_auditor.drafts.llm')\n"
         )
-        assert hidden_imports(source, "m.py") == ["m.py:5"]
-        assert lazy_third_party(source, "m.py") == ["m.py:3 httpx"]
+        assert hidden_imports(source, "m.py") == ["m.py:9"]
+        assert deferred_imports(source, "m.py") == [
+            "m.py:3 httpx",
+            "m.py:4 json",
+            "m.py:5 cxr_auditor",
+            "m.py:7 .",
+        ]
