@@ -26,11 +26,11 @@ from __future__ import annotations
 import itertools
 import logging
 import re
-from bisect import bisect_right
 from dataclasses import dataclass
 from typing import Any
 
 from cxr_auditor.drafts import _lexicon as lx
+from cxr_auditor.drafts import scope
 from cxr_auditor.drafts.base import DraftParser
 from cxr_auditor.labels import POSITIVE_LABELS, Label, sort_labels
 from cxr_auditor.schema import (
@@ -73,7 +73,6 @@ _WRAPPED_TAIL = re.compile(
 _ABBREVIATION = re.compile(r"\b(?:dr|vs|mr|mrs|ms|st|approx|incl|e\.g|i\.e|fig|cf|esp)\Z")
 _SPAN_TRIM = re.compile(r"\A[\s\-*\u2022\u00b7\u2023\u25aa\u25e6]*(?:\d{1,2}[.)]\s+)?")
 MAX_SENTENCE = 1000
-_HEAD_WORDS = re.compile(r"\s*\S+(?:\s+\S+)?")
 _ANSWER = re.compile(
     r"\s*(?:none|negative|not seen|no)(?:\s+(?:seen|identified|present|demonstrated|evident))?"
     r"\s*[.!]?\s*\Z"
@@ -260,22 +259,6 @@ def _capped(low: str, start: int, end: int) -> list[tuple[int, int]]:
     return out
 
 
-def _piece_continues(piece: str, has_trigger: bool) -> bool:
-    """May a negation or hedge scope run on into this comma-separated piece (a list item)?"""
-    words = piece.split()
-    if not words:
-        return True
-    if words[0] in ("or", "nor"):
-        return True
-    if has_trigger:
-        return False
-    if words[0] == "and":
-        words = words[1:]
-    if len(words) > 6:
-        return False
-    return not any(w.strip(".:;") in lx.SCOPE_BREAKERS for w in words)
-
-
 class _Sentence:
     """Mentions, triggers and scopes of one sentence."""
 
@@ -364,37 +347,11 @@ class _Sentence:
             verbs = [m.start() for m in _REPORTING_VERB.finditer(self.low, trig.end, self.end)]
             stops = stops + self.negations + colons + verbs
         limit = min([p for p in stops if p >= trig.end] + [self.end])
-        low = self.low
-        pos = low.find(",", trig.end, limit)
-        while pos != -1:
-            nxt = low.find(",", pos + 1, limit)
-            piece_end = limit if nxt == -1 else nxt
-            # A cue that opens the piece ("..., possible effusion") starts a new statement; one
-            # further on ("..., or consolidation to suggest pneumonia") stays inside the list.
-            head = _HEAD_WORDS.match(low, pos + 1, piece_end)
-            head_end = head.end() if head else piece_end
-            i = bisect_right(self.cues, pos)
-            has_trigger = i < len(self.cues) and self.cues[i] < head_end
-            if not _piece_continues(low[pos + 1 : piece_end], has_trigger):
-                return pos
-            pos = nxt
-        return limit
+        return scope.forward_end(self.low, trig.end, limit, self.cues)
 
     def _backward_limit(self, trig: _Trigger) -> int:
         lo = max([p + 1 for p in self.terminators if p < trig.start] + [self.start])
-        low = self.low
-        commas = [i for i in range(lo, trig.start) if low[i] == ","]
-        if not commas:
-            return lo
-        tail = low[commas[-1] + 1 : trig.start].split()
-        if tail in ([], ["which"], ["that"]):  # "nodule, likely a nipple shadow"; ", which may"
-            return commas[-2] + 1 if len(commas) > 1 else lo
-        if tail[0] not in ("or", "and", "nor"):
-            return commas[-1] + 1
-        for i in range(len(commas) - 1, 0, -1):  # list: "effusion, consolidation, or ptx is not seen"
-            if not _piece_continues(low[commas[i - 1] + 1 : commas[i]], False):
-                return commas[i - 1] + 1
-        return lo
+        return scope.backward_start(self.low, lo, trig.start)
 
     def _covered(self, trig: _Trigger) -> list[_Mention]:
         """The mentions a trigger applies to."""

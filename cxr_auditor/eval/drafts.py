@@ -1,34 +1,53 @@
-"""Draft-parser evaluation against hand-labelled reports.
+"""Draft-parser evaluation: several parsers over several labelled report sets, side by side.
 
-A gold file is JSON Lines, one ``{"id", "text", "labels": {label: status}}`` per line; a label
-left out means the report does not mention it. Figures:
+Gold files are JSON Lines, one report per line, in either of two forms:
 
-- per label precision / recall / F1, where a label counts as positive when its status is
-  ``present`` (gold and prediction alike), and their macro average over the six labels;
-- status accuracy over every gold mention (a missing prediction is wrong);
-- negation accuracy: the same, over gold mentions whose status is ``absent``;
-- hedge accuracy: the same, over gold mentions whose status is ``uncertain``;
-- spurious mentions: labels predicted for a report whose gold leaves them out.
+- hand-labelled (the in-house sets under ``tests/data``): ``{"id", "text", "labels": {label:
+  status}}``; every status counts, ``uncertain`` included;
+- silver (``score_drafts.py``'s format, as for the real development set): ``{"id", "text",
+  "labels": [{"label", "status"}, ...]}`` with only ``present`` and ``uncertain``; an
+  ``uncertain`` cell is don't-care for presence, and ``"labels": null`` marks an unscorable report.
 
-``python -m cxr_auditor.eval.drafts tests/data/drafts_dev.jsonl`` prints the table; ``--errors``
-lists the reports that disagree (ids and labels only, never text), ``--json`` prints the figures
-as JSON.
+In both, a label left out means the report does not mention it (or denies it). Figures per parser
+and set:
+
+- per label precision / recall / F1, a label counting as positive when its status is ``present``;
+  ``macro_f1`` averages the six labels, ``macro_f1_supported`` the labels with a gold positive;
+- status accuracy over every gold mention; negation accuracy over gold ``absent`` mentions; hedge
+  accuracy over gold ``uncertain`` mentions (hand-labelled sets only);
+- **negated-list false positives**: labels returned ``present`` although every mention of them in
+  the report sits inside a negated list ("no consolidation, pneumothorax or large effusion"),
+  found by :func:`negated_list_labels`, a detector independent of the parsers' scope logic;
+- reports per second of the parse itself, on one core.
+
+``python -m cxr_auditor.eval.drafts`` runs the rules parser and the NegEx baseline over the
+in-house sets; name gold files (the real set included) and ``--parser`` (repeatable: ``rules``,
+``negex``, or any ``task: draft_parsing`` profile) to choose. ``--detail`` adds per-label tables,
+``--errors`` the disagreeing ids and labels (never text), ``--json`` everything as JSON.
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import re
 import sys
+import time
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from cxr_auditor.drafts import _lexicon as lx
 from cxr_auditor.drafts import get_parser
 from cxr_auditor.drafts.base import DraftParser
+from cxr_auditor.drafts.negex import NegExDraftParser
 from cxr_auditor.labels import LABELS, Label
 from cxr_auditor.schema import DraftStatus
+
+#: The in-house hand-labelled sets, used when no gold file is named (a source checkout).
+IN_HOUSE = Path(__file__).resolve().parents[2] / "tests" / "data"
+DEFAULT_PARSERS = ("rules", "negex")
 
 
 @dataclass(frozen=True)
@@ -38,6 +57,8 @@ class GoldReport:
     id: str
     text: str
     labels: dict[Label, DraftStatus]
+    #: labels whose gold is don't-care for presence (silver ``uncertain`` cells)
+    dont_care: frozenset[Label] = frozenset()
 
 
 @dataclass
@@ -82,11 +103,23 @@ class DraftMetrics:
     negation: _Ratio = field(default_factory=_Ratio)
     hedge: _Ratio = field(default_factory=_Ratio)
     spurious: int = 0
+    negated_list_fp: int = 0
+    seconds: float = 0.0
     errors: list[tuple[str, str, str, str]] = field(default_factory=list)
 
     @property
     def macro_f1(self) -> float:
         return sum(c.f1 for c in self.per_label.values()) / len(self.per_label)
+
+    @property
+    def macro_f1_supported(self) -> float:
+        """Mean F1 over the labels with at least one gold positive."""
+        scored = [c.f1 for c in self.per_label.values() if c.tp + c.fn]
+        return sum(scored) / len(scored) if scored else 1.0
+
+    @property
+    def reports_per_second(self) -> float:
+        return self.reports / self.seconds if self.seconds else 0.0
 
     @property
     def status_accuracy(self) -> float:
@@ -104,6 +137,9 @@ class DraftMetrics:
         return {
             "reports": self.reports,
             "macro_f1": round(self.macro_f1, 4),
+            "macro_f1_supported": round(self.macro_f1_supported, 4),
+            "negated_list_false_positives": self.negated_list_fp,
+            "reports_per_second": round(self.reports_per_second, 1),
             "status_accuracy": round(self.status_accuracy, 4),
             "negation_accuracy": round(self.negation_accuracy, 4),
             "negation_mentions": self.negation.total,
@@ -123,7 +159,7 @@ class DraftMetrics:
 
 
 def load_gold(path: Path) -> list[GoldReport]:
-    """Read a gold JSONL file; a malformed line raises ValueError naming its line number."""
+    """Read a gold JSONL file (either form); a malformed line raises ValueError naming its line."""
     out: list[GoldReport] = []
     with path.open(encoding="utf-8") as fh:
         for lineno, line in enumerate(fh, 1):
@@ -131,24 +167,73 @@ def load_gold(path: Path) -> list[GoldReport]:
                 continue
             try:
                 rec = json.loads(line)
-                labels = {Label(k): DraftStatus(v) for k, v in rec.get("labels", {}).items()}
-                out.append(GoldReport(id=str(rec["id"]), text=str(rec["text"]), labels=labels))
+                report = _gold_record(rec)
             except (ValueError, KeyError, TypeError, AttributeError) as exc:
                 raise ValueError(f"{path}:{lineno}: not a gold record ({exc})") from exc
+            if report is not None:
+                out.append(report)
     return out
+
+
+def _gold_record(rec: dict[str, Any]) -> GoldReport | None:
+    raw = rec.get("labels", {})
+    if raw is None:
+        return None  # silver: unscorable (no indexing)
+    if isinstance(raw, list):
+        cells = {Label(item["label"]): DraftStatus(item["status"]) for item in raw}
+        dont_care = frozenset(lab for lab, st in cells.items() if st is DraftStatus.UNCERTAIN)
+        labels = {lab: st for lab, st in cells.items() if lab not in dont_care}
+        return GoldReport(str(rec["id"]), str(rec["text"]), labels, dont_care)
+    labels = {Label(k): DraftStatus(v) for k, v in raw.items()}
+    return GoldReport(id=str(rec["id"]), text=str(rec["text"]), labels=labels)
+
+
+# A negation cue, then a clause that joins alternatives with "or" / "nor" before any clause
+# end, terminator or verb: "no consolidation, pneumothorax or large pleural effusion".
+_NEG_LIST = re.compile(
+    r"\b(?:no|without|negative for|free of|absence of)\b"
+    r"(?P<list>(?:(?!\b(?:but|however|although|though|except|which|whereas|is|are|was|were"
+    r"|there|has|have|seen|noted|present|identified)\b)[^.;:!?\n])*?\b(?:or|nor)\b"
+    r"(?:(?!\b(?:but|however|although|though|except|which|whereas|is|are|was|were|there|has"
+    r"|have|seen|noted|present|identified|and|with)\b)[^.;:!?\n,])*)"
+)
+
+
+def negated_list_labels(text: str) -> set[Label]:
+    """Labels named in ``text`` only inside negated lists of alternatives.
+
+    A simple detector of its own (a negation word, then an "or"/"nor" list up to the clause's
+    end, a terminator or a verb), so the count does not inherit a parser's scope logic.
+    """
+    low = text.lower()
+    spans = [m.span("list") for m in _NEG_LIST.finditer(low)]
+    inside: set[Label] = set()
+    outside: set[Label] = set()
+    for i, start, end in lx.TERM_ALT.finditer(low, 0, len(low)):
+        labels = {t for t in lx.TERMS[i].targets if isinstance(t, Label)}
+        within = any(s <= start and end <= e for s, e in spans)
+        (inside if within else outside).update(labels)
+    return inside - outside
 
 
 def evaluate(gold: Iterable[GoldReport], parser: DraftParser | None = None) -> DraftMetrics:
     """Run ``parser`` (default: rules) over ``gold`` and count."""
     parser = parser or get_parser("rules")
     reports = list(gold)
+    started = time.process_time()
     results = parser.parse_many([g.text for g in reports])
-    metrics = DraftMetrics(reports=len(reports))
+    metrics = DraftMetrics(reports=len(reports), seconds=time.process_time() - started)
     for g, result in zip(reports, results, strict=True):
         predicted = {f.label: f.status for f in result.findings}
+        listed = negated_list_labels(g.text)
         for lab in LABELS:
             want, got = g.labels.get(lab), predicted.get(lab)
             want_pos, got_pos = want is DraftStatus.PRESENT, got is DraftStatus.PRESENT
+            if got_pos and lab in listed and not want_pos:
+                metrics.negated_list_fp += 1
+                metrics.errors.append((g.id, lab.value, "negated-list", got.value))
+            if lab in g.dont_care:
+                continue
             counts = metrics.per_label[lab]
             counts.tp += want_pos and got_pos
             counts.fp += got_pos and not want_pos
@@ -173,7 +258,7 @@ def evaluate(gold: Iterable[GoldReport], parser: DraftParser | None = None) -> D
 
 
 def format_table(metrics: DraftMetrics) -> str:
-    """A plain-text table of the figures."""
+    """A plain-text table of one parser's figures on one set."""
     lines = [f"{'label':<28} {'P':>6} {'R':>6} {'F1':>6} {'support':>8}"]
     for lab, c in metrics.per_label.items():
         lines.append(
@@ -181,35 +266,107 @@ def format_table(metrics: DraftMetrics) -> str:
         )
     lines += [
         f"{'macro-F1':<28} {metrics.macro_f1:20.3f}",
+        f"{'macro-F1 (labels with support)':<30} {metrics.macro_f1_supported:18.3f}",
         f"reports: {metrics.reports}",
         f"status accuracy (3-class): {metrics.status_accuracy:.3f} over {metrics.status.total}",
         f"negation accuracy: {metrics.negation_accuracy:.3f} over {metrics.negation.total}",
         f"hedge accuracy: {metrics.hedge_accuracy:.3f} over {metrics.hedge.total}",
+        f"negated-list false positives: {metrics.negated_list_fp}",
         f"spurious mentions: {metrics.spurious}",
     ]
     return "\n".join(lines)
 
 
+_SHORT = {
+    Label.PLEURAL_EFFUSION: "eff",
+    Label.PNEUMOTHORAX: "ptx",
+    Label.LUNG_OPACITY_CONSOLIDATION: "opac",
+    Label.NODULE_MASS: "nod",
+    Label.CARDIOMEGALY: "cardio",
+    Label.NO_FINDING: "normal",
+}
+
+
+def format_side_by_side(runs: Sequence[tuple[str, str, DraftMetrics]]) -> str:
+    """One Markdown table: a row per (set, parser), F1 per label (``-`` without support)."""
+    head = ["set", "parser", "reports", "macro-F1*", *(_SHORT[lab] for lab in LABELS),
+            "neg acc", "hedge acc", "neg-list FP", "reports/s"]
+    rows = [head, ["---"] * len(head)]
+    for set_name, parser_name, m in runs:
+        f1s = [
+            f"{c.f1:.3f}" if c.tp + c.fn else ("-" if not c.fp else f"fp {c.fp}")
+            for c in m.per_label.values()
+        ]
+        rows.append([
+            set_name, parser_name, str(m.reports), f"{m.macro_f1_supported:.3f}", *f1s,
+            f"{m.negation_accuracy:.3f} ({m.negation.total})" if m.negation.total else "-",
+            f"{m.hedge_accuracy:.3f} ({m.hedge.total})" if m.hedge.total else "-",
+            str(m.negated_list_fp), f"{m.reports_per_second:,.0f}",
+        ])
+    lines = ["| " + " | ".join(r) + " |" for r in rows]
+    lines.append("")
+    lines.append(
+        "macro-F1* averages the labels with gold positives in that set; a label without support "
+        "shows '-', or 'fp N' when a parser still called it present N times."
+    )
+    return "\n".join(lines)
+
+
+def build_parser(name: str) -> DraftParser:
+    """``negex`` (the baseline), ``rules``, or a ``task: draft_parsing`` profile by name."""
+    if name == NegExDraftParser.name:
+        return NegExDraftParser()
+    return get_parser(name)
+
+
+def _named(arg: str) -> tuple[str, Path]:
+    """``NAME=PATH`` or a bare path (named by its file stem)."""
+    name, sep, path = arg.partition("=")
+    return (name, Path(path)) if sep and name else (Path(arg).stem, Path(arg))
+
+
 def main(argv: Sequence[str] | None = None) -> int:
-    ap = argparse.ArgumentParser(prog="python -m cxr_auditor.eval.drafts", description=__doc__)
-    ap.add_argument("gold", type=Path, nargs="+", help="gold JSONL file(s)")
-    ap.add_argument("--parser", default="rules", help="parser name (default: rules)")
+    ap = argparse.ArgumentParser(prog="python -m cxr_auditor.eval.drafts", description=__doc__,
+                                 formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("gold", nargs="*", metavar="[NAME=]GOLD",
+                    help="gold JSONL file(s), each optionally named (iu-dev=PATH); "
+                    "default: the in-house sets in tests/data")
+    ap.add_argument("--parser", action="append", dest="parsers", metavar="NAME",
+                    help="parser to run, repeatable (default: rules and negex)")
     ap.add_argument("--json", action="store_true", help="print the figures as JSON")
+    ap.add_argument("--detail", action="store_true", help="add a per-label table per run")
     ap.add_argument("--errors", action="store_true", help="list disagreements (id, label)")
     ap.add_argument(
         "--prefix", default="", help="only reports whose id starts with this (one batch: 'h4b1-')"
     )
     args = ap.parse_args(argv)
+    named = [_named(a) for a in args.gold] or [
+        (p.stem, p) for p in sorted(IN_HOUSE.glob("drafts_*.jsonl"))
+    ]
+    if not named:
+        print("error: no gold file named and no in-house sets found", file=sys.stderr)
+        return 2
     try:
-        gold = [g for path in args.gold for g in load_gold(path) if g.id.startswith(args.prefix)]
-    except (OSError, ValueError) as exc:
+        sets = [
+            (name, [g for g in load_gold(p) if g.id.startswith(args.prefix)])
+            for name, p in named
+        ]
+        parsers = [build_parser(n) for n in args.parsers or DEFAULT_PARSERS]
+    except (OSError, ValueError, KeyError) as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
-    metrics = evaluate(gold, get_parser(args.parser))
-    print(json.dumps(metrics.as_dict(), indent=2) if args.json else format_table(metrics))
-    if args.errors:
-        for rid, lab, want, got in metrics.errors:
-            print(f"{rid}\t{lab}\tgold={want}\tgot={got}")
+    runs = [(name, p.name, evaluate(gold, p)) for name, gold in sets for p in parsers]
+    if args.json:
+        print(json.dumps(
+            [{"set": s, "parser": p, **m.as_dict()} for s, p, m in runs], indent=2
+        ))
+    else:
+        print(format_side_by_side(runs))
+        for set_name, parser_name, m in runs if args.detail else ():
+            print(f"\n## {set_name}: {parser_name}\n{format_table(m)}")
+    for set_name, parser_name, m in runs if args.errors else ():
+        for rid, lab, want, got in m.errors:
+            print(f"{set_name}\t{parser_name}\t{rid}\t{lab}\tgold={want}\tgot={got}")
     return 0
 
 
