@@ -38,18 +38,23 @@ class Entry:
     such phrases skip negation and hedging. ``indirect`` marks a sign of a label (costophrenic
     blunting for effusion) that defers to an explicit mention of the same label in its sentence,
     so "blunting which may represent a small effusion" is as uncertain as its explanation.
+    ``shape`` marks a finding described by its shape ("nodular opacity" for a nodule): it also
+    defers to an explicit mention in its clause, but a hedged cause ("nodular opacity, possibly
+    infection") hedges only the cause, as for "opacity, likely atelectasis".
     """
 
     pattern: str
     targets: tuple[Target, ...]
     fixed: DraftStatus | None = None
     indirect: bool = False
+    shape: bool = False
 
 
 def _e(
-    pattern: str, *targets: Target, fixed: DraftStatus | None = None, indirect: bool = False
+    pattern: str, *targets: Target, fixed: DraftStatus | None = None, indirect: bool = False,
+    shape: bool = False,
 ) -> Entry:
-    return Entry(rx(pattern), targets, fixed, indirect)
+    return Entry(rx(pattern), targets, fixed, indirect or shape, shape)
 
 
 ABSENT, PRESENT, UNCERTAIN = DraftStatus.ABSENT, DraftStatus.PRESENT, DraftStatus.UNCERTAIN
@@ -68,7 +73,7 @@ _HEART = (
 # Up to six words between subject and verdict that do not change the verdict ("and mediastinum
 # are", "size is"). Words that would (enlarged, borderline, not, but) may not be skipped.
 _GAP_NORMAL = (
-    r"(?:[\s,:/]+(?!not\b|enlarg|promin|large|border|upper|top\b|high\b|mild|moder|sever|increas"
+    r"(?:[\s,:/]+(?!not\b|enlarg|promin|large|border|upper(?!\s+mediastin)|top\b|high\b|mild|moder|sever|increas"
     r"|but\b|although\b|however\b|though\b|except\b)[a-z-]+){0,6}?[\s,:/]+"
 )
 _GAP_ENLARGED = r"(?:[\s,:]+(?!not\b|normal\b|border|upper\b|top\b)[a-z/-]+){0,12}?[\s,:]+"
@@ -77,10 +82,14 @@ _GAP_ENLARGED = r"(?:[\s,:]+(?!not\b|normal\b|border|upper\b|top\b)[a-z/-]+){0,1
 PHRASES: tuple[Entry, ...] = (
     # normal study
     _e(
-        r"(?:no|without) (?:(?:radiographic|x-?ray|plain film) )?(?:(?:evidence|signs?) of )?"
-        r"(?:any )?(?:(?:definite|obvious|significant|evident) )?(?:acute|active) "
-        r"(?:radiographic )?(?:(?:cardiopulmonary|cardiothoracic|intrathoracic|thoracic"
-        r"|pulmonary|chest|cardiac or pulmonary|cardiopulmonary or thoracic|radiographic) )?"
+        r"(?:no|without) (?:(?:radiographic|x-?ray|plain film|visible) )?"
+        # "xxxx" is a de-identified word ("No XXXX of active disease")
+        r"(?:(?:evidence|signs?|xxxx) of )?"
+        r"(?:any )?(?:(?:definite|obvious|significant|evident) )?(?:acute|active)"
+        r"(?: (?:or|and|/) (?:acute|active))? "
+        # the organs as a list: "cardiac, pulmonary or pleural", "cardiopulmonary or thoracic"
+        r"(?:(?:radiographic|cardiopulmonary|cardiothoracic|intrathoracic|thoracic|pulmonary"
+        r"|chest|cardiac|pleural|lung|osseous|bony|mediastinal),? (?:(?:or|and) )?)*"
         r"(?:abnormalit(?:y|ies)|process(?:es)?|disease|findings?|pathology|changes?|issues?)",
         NF, fixed=PRESENT,
     ),
@@ -138,7 +147,9 @@ PHRASES: tuple[Entry, ...] = (
         (C,), ABSENT,
     ),
     _e(
-        r"(?:normal|nl)(?:[- ]sized?| size)? (?:heart(?: size)?|cardiac (?:silhouette|size|contours?)"
+        r"(?:normal|nl)(?:[- ]sized?| size| (?:size|configuration|contours?|appearance)"
+        r"(?: and (?:size|configuration|contours?|appearance))? of the)?"
+        r" (?:heart(?: size)?|cardiac (?:silhouette|size|contours?)"
         r"|cardiothymic (?:silhouette|contours?)"
         rf"|{_CM} (?:silhouette|contours?|size))",
         C, fixed=ABSENT,
@@ -177,6 +188,14 @@ PHRASES: tuple[Entry, ...] = (
         r"(?:normal|unremarkable)",
         E, fixed=ABSENT,
     ),
+    # A nodular or round opacity is a sign of a nodule, as blunting is of an effusion: a nodule
+    # on its own ("1.5 cm nodular opacity"), deferring to an explicit nodule in its clause
+    # ("nodular opacity which could represent a nodule"). Its "opacity" is a mention of its own.
+    _e(
+        r"(?:nodular|rounded|round|circular|spherical|nodule-like) (?:opacit(?:y|ies)"
+        r"|densit(?:y|ies))",
+        N, shape=True,
+    ),
 )
 
 # Single terms; their status comes from negation and hedging. Longer alternatives come first,
@@ -210,8 +229,9 @@ TERMS: tuple[Entry, ...] = (
     ),
     _e(r"congestive heart failure|\bchf\b", "heart_failure"),
     _e(
-        r"interstitial (?:markings?|opacit(?:y|ies)|prominence|lung disease|abnormalit(?:y|ies)"
-        r"|thickening|pattern|changes?|process|disease|infiltrates?)"
+        # an interstitial *opacity* or *infiltrate* is a lung opacity (the term entry below)
+        r"interstitial (?:markings?|prominence|lung disease|abnormalit(?:y|ies)"
+        r"|thickening|pattern|changes?|process|disease)"
         r"|reticul(?:ar|onodular) (?:opacit(?:y|ies)|markings?|pattern|changes?)|\bild\b",
         "interstitial_abnormality",
     ),
@@ -342,6 +362,23 @@ TERMS: tuple[Entry, ...] = (
         r"|(?:lung |pulmonary )?parenchymal abnormalit(?:y|ies)",
         O,
     ),
+    # A nodule or mass at a site outside the lung (bone, chest wall, breast, thyroid, abdomen):
+    # named before it ("chest wall mass") or after it ("lesion of the right 9th rib", "lesion
+    # ... in the humeral head"). A landmark it only projects over ("nodule projecting over the
+    # 4th rib") is not its site.
+    _e(
+        r"(?:chest wall|breast|thyroid|soft[- ]tissue|bone|bony|osseous|rib|skin|cutaneous"
+        r"|subcutaneous|axillary|neck|liver|hepatic|renal|adrenal|abdominal|splenic|spinal"
+        r"|vertebral) (?:nodules?|masse?s?|lesions?|tumou?rs?)",
+        "extrapulmonary_lesion",
+    ),
+    Entry(
+        r"(?:nodules?|masse?s?|lesions?)(?=(?:\s+[\w-]+){0,5}?\s+(?:of|in|within|involving|at)"
+        r"\s+the(?:\s+[\w-]+){0,3}?\s+(?:ribs?|humer(?:us|al)|clavic(?:le|ular)|scapula"
+        r"|vertebr(?:a|ae|al)|spine|sternum|breast|chest\s+wall|shoulder|thyroid|neck|liver"
+        r"|abdomen|kidneys?|spleen|soft\s+tissues?)\b)",
+        ("extrapulmonary_lesion",),
+    ),
     # nodule / mass
     _e(
         r"nodules?|mass(?:es)?(?! effect|-like| like)|lesions?|tumou?rs?|neoplasms?|carcinomas?|carcinoid"
@@ -365,7 +402,15 @@ TERMS: tuple[Entry, ...] = (
         r"|(?:increased|enlarged) cardiothoracic ratio",
         C,
     ),
-    Entry(_HEART + _GAP_ENLARGED + r"(?:enlarged|increased)\b", (C,)),
+    Entry(_HEART + _GAP_ENLARGED + r"(?:enlarged|increased|large)\b", (C,)),
+    # "interval increase in heart size" ("no increase in heart size" is denied: the change word
+    # opens the mention, see the pseudo-negation rule)
+    _e(
+        r"(?:increase|enlargement) (?:in|of) (?:the )?(?:heart size|size of the heart"
+        r"|cardiac (?:size|silhouette))|(?:increased|increasing|enlarging) (?:heart size"
+        r"|cardiac (?:size|silhouette))",
+        C,
+    ),
 )
 
 
@@ -461,7 +506,10 @@ TRIGGERS: tuple[tuple[str, Trig], ...] = (
     (
         r"(?:evaluat(?:e|ion) (?:for|of)|eval (?:for|of)|assess(?:ment)? (?:for|of)|rule out"
         r"|to rule out|\br/o|to exclude|check for|query|to evaluate|for (?:further )?evaluation of"
-        r"|follow-?up (?:of|for)|\bf/u\b)",
+        r"|follow-?up (?:of|for)|\bf/u\b"
+        # what another test could show, or what may be hidden: nothing is stated about this image
+        r"|(?:to|in|for) (?:detect(?:ing|ion of)?|identify(?:ing)?|characteriz(?:e|ing|ation of))"
+        r"|(?:could|may|might|can) (?:obscure|hide|mask))",
         Trig.INDICATION,
     ),
     (r"(?:history of|\bhx of|\bh/o|status post|\bs/p\b|\bpmh\b|past medical history of)",
@@ -519,6 +567,7 @@ TRIGGERS: tuple[tuple[str, Trig], ...] = (
     # hedges that precede their finding
     (
         r"possibl[ey]|probabl[ey]|(?:most |more )?likely|questionabl[ey]|question of|questioned"
+        r"|\bquestion\b"
         r"|suspicious (?:for|of)|suspicion (?:of|for)|suspected|suspect|concerning for|concern for"
         r"|worrisome for|worrisome|\bc/f\b|(?:may|might|could) (?:represent|reflect|indicate|be|have"
         r"|relate to|correspond to|also represent|be due to)|differential (?:diagnosis )?"
@@ -527,7 +576,7 @@ TRIGGERS: tuple[tuple[str, Trig], ...] = (
         r"|\bmay\b|\bpotential\b",
         Trig.PRE_HEDGE,
     ),
-    (r"versus|\bvs\b\.?|and/or", Trig.BI_HEDGE),
+    (r"versus|\bvs\b\.?", Trig.BI_HEDGE),
     # negations that precede their finding
     (
         r"no evidence of|no radiographic evidence of|no signs? of|negative for|free of"

@@ -140,6 +140,7 @@ class _Mention:
     status: DraftStatus
     fixed: bool
     indirect: bool
+    shape: bool
     sentence: tuple[int, int]
     rank: int
     context: lx.Trig | None = None  # HISTORY or INDICATION when such a cue covers it
@@ -298,6 +299,8 @@ class _Sentence:
             for prev, m in itertools.pairwise(found)
             if prev.end <= m.start
             and not low[prev.end : m.start].strip()
+            # "mass lesion is ...": two words for one finding are one noun phrase
+            and not set(prev.targets) & set(m.targets)
             and _OWN_VERB.match(low, m.end, self.end)
         ]
         return sized + subjects
@@ -313,7 +316,7 @@ class _Sentence:
             lead = len(body) - len(body.lstrip(_BARE_STRIP))
             found.append(
                 _Mention((Label.NO_FINDING,), s + lead, s + lead + len(word), _PRESENT, True,
-                         False, (s, e), self.rank)
+                         False, False, (s, e), self.rank)
             )
         for i, ms, me in lx.TERM_ALT.finditer(low, s, e):
             entry = lx.TERMS[i]
@@ -328,7 +331,7 @@ class _Sentence:
     def _new(self, entry: lx.Entry, start: int, end: int) -> _Mention:
         return _Mention(
             entry.targets, start, end, entry.fixed or _PRESENT, entry.fixed is not None,
-            entry.indirect, (self.start, self.end), self.rank,
+            entry.indirect, entry.shape, (self.start, self.end), self.rank,
         )
 
     # --- scopes ------------------------------------------------------------------------------
@@ -382,7 +385,8 @@ class _Sentence:
         hi = self._forward_limit(trig)
         after = [m for m in self.mentions if m.start >= trig.end and m.start < hi]
         if is_versus:
-            return before[-1:] + after
+            left = [m for m in before[-1:] if scope.versus_reaches(self.low, m.end, trig.start)]
+            return left + after
         return after
 
     def _last_before(self, trig: _Trigger) -> list[_Mention]:
@@ -456,7 +460,7 @@ class _Sentence:
     def _signs_with_hedged_cause(self) -> list[_Mention]:
         """Indirect signs followed in their clause by a hedged cause ("blunting ..., likely due to
         pleural thickening"): the sign itself is then only a possible finding."""
-        signs = [m for m in self.mentions if m.indirect]
+        signs = [m for m in self.mentions if m.indirect and not m.shape]
         if not signs:
             return []
         causes = [t for t in self.triggers if t.kind in (lx.Trig.PRE_HEDGE, lx.Trig.BI_HEDGE)]
@@ -530,7 +534,7 @@ def _choose(cands: list[_Mention]) -> _Mention:
     over a finding explained away as an artefact), then first."""
     present = [c for c in cands if c.status is _PRESENT]
     hedged = [c for c in cands if c.status is _UNCERTAIN and not c.indirect]
-    if present and hedged and all(c.indirect for c in present):
+    if present and hedged and all(c.indirect and not c.shape for c in present):
         # A sign alone ("blunting of the costophrenic angle") yields to the report's own hedged
         # reading of it elsewhere ("possibly trace effusion").
         present, cands = [], hedged

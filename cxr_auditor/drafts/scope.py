@@ -67,6 +67,14 @@ CLAUSE_VERBS = frozenset(
         "projects", "projecting", "overlies", "overlying", "represents", "suggests",
     }
 )
+#: Words that end a noun phrase's reach to its right: "opacities representing infection versus
+#: chronic disease" offers infection or chronic disease, not the opacities.
+PHRASE_BREAKERS = CLAUSE_VERBS | {
+    "representing", "reflecting", "suggesting", "indicating", "due", "secondary", "which", "that",
+    "likely", "probably", "possibly", "consistent", "compatible",
+}
+#: At most this many words between an alternative and "versus" ("effusion on the left versus").
+MAX_VERSUS_GAP = 4
 #: A piece longer than this many words without a closing conjunction is a new statement: list
 #: members in reports are short noun phrases ("large right pleural effusion").
 MAX_MEMBER_WORDS = 6
@@ -146,6 +154,13 @@ def backward_start(low: str, lo: int, cue_start: int) -> int:
         if not is_member(_words(low, bounds[k], commas[k]), opens_with_cue=False, closed=closed):
             return bounds[k]
     return lo
+
+
+def versus_reaches(low: str, mention_end: int, versus_start: int) -> bool:
+    """Is the finding ending at ``mention_end`` the left alternative of the "versus" at
+    ``versus_start``? Only when a short gap with no verb or explanation lies between them."""
+    gap = _words(low, mention_end, versus_start)
+    return len(gap) <= MAX_VERSUS_GAP and not any(w in PHRASE_BREAKERS for w in gap)
 
 
 def _head_end(low: str, start: int, end: int, n: int) -> int:
