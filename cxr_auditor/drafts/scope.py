@@ -26,7 +26,7 @@ not close a list, because "no pneumothorax, small effusion and atelectasis" asse
 
 The same table runs backwards for cues that follow their findings ("effusion, consolidation or
 pneumothorax is not seen"): the pieces before the cue's own piece belong to it only when that
-piece is the last member of a list (it starts with "or", "and" or "nor").
+piece ends a list (it holds "or", "and" or "nor", with or without an Oxford comma).
 
 The word lists are in this module, each with its reason; docs/draft-parser.md ("Scope model")
 describes the whole design.
@@ -144,9 +144,9 @@ def backward_start(low: str, lo: int, cue_start: int) -> int:
     if own in ([], ["which"], ["that"]):
         # "nodule, likely a nipple shadow" / ", which may be": the piece before is the subject
         return commas[-2] + 1 if len(commas) > 1 else lo
-    if own[0] not in JOINING:
-        return commas[-1] + 1
-    closed = own[0] in CLOSING
+    if not any(w in JOINING for w in own):
+        return commas[-1] + 1  # "consolidation, pneumothorax is not seen": not a list's end
+    closed = any(w in CLOSING for w in own)
     # piece k runs from bounds[k] to commas[k]; the first piece that is no further member is
     # where the list starts (a list's first member may carry anything: "small effusion, ...")
     bounds = [lo, *(c + 1 for c in commas)]

@@ -42,6 +42,7 @@ from cxr_auditor.drafts import _lexicon as lx
 from cxr_auditor.drafts import get_parser
 from cxr_auditor.drafts.base import DraftParser
 from cxr_auditor.drafts.negex import NegExDraftParser
+from cxr_auditor.errors import CxrAuditError
 from cxr_auditor.labels import LABELS, Label
 from cxr_auditor.schema import DraftStatus
 
@@ -352,7 +353,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             for name, p in named
         ]
         parsers = [build_parser(n) for n in args.parsers or DEFAULT_PARSERS]
-    except (OSError, ValueError, KeyError) as exc:
+    except (OSError, ValueError, KeyError, CxrAuditError) as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
     runs = [(name, p.name, evaluate(gold, p)) for name, gold in sets for p in parsers]

@@ -203,7 +203,9 @@ class TestRealReportLanguage:
             ("CXR PA: NAD.", {NF: p}),
             ("The heart size is likely normal.", {C: u}),
             ("Lungs are probably clear.", {O: u}),
-            ("Obscured hemidiaphragm, compatible with effusion and/or atelectasis.", {E: u}),
+            # "and/or" joins alternatives that are both possible causes of what is seen; it
+            # coordinates, it does not hedge (rules 2.0)
+            ("Obscured hemidiaphragm, compatible with effusion and/or atelectasis.", {E: p}),
             ("No effusion is evident, though a small effusion could be obscured.", {E: u}),
             ("Blunting of the left costophrenic angle, likely due to pleural thickening.", {E: u}),
             ("Possible nodule in the left upper lobe, not seen on prior.", {N: u}),

@@ -8,7 +8,16 @@ from pathlib import Path
 import pytest
 
 from cxr_auditor.drafts.base import DraftParser
-from cxr_auditor.eval.drafts import GoldReport, evaluate, format_table, load_gold, main
+from cxr_auditor.eval.drafts import (
+    GoldReport,
+    build_parser,
+    evaluate,
+    format_side_by_side,
+    format_table,
+    load_gold,
+    main,
+    negated_list_labels,
+)
 from cxr_auditor.labels import Label
 from cxr_auditor.schema import DraftFinding, DraftResult, DraftState, DraftStatus, ModelInfo
 
@@ -113,12 +122,65 @@ def test_main_prints_table_and_json(capsys: pytest.CaptureFixture[str], tmp_path
     path = tmp_path / "g.jsonl"
     path.write_text(json.dumps({"id": "a", "text": "No pneumothorax.",
                                 "labels": {"pneumothorax": "absent"}}) + "\n")
-    assert main([str(path)]) == 0
+    assert main([f"mine={path}", "--parser", "rules", "--detail"]) == 0
     out = capsys.readouterr().out
-    assert "negation accuracy: 1.000 over 1" in out
+    assert "| mine | rules | 1 |" in out and "negation accuracy: 1.000 over 1" in out
     assert main([str(path), "--json"]) == 0
-    figures = json.loads(capsys.readouterr().out)
-    assert figures["reports"] == 1 and figures["negation_mentions"] == 1
+    runs = json.loads(capsys.readouterr().out)
+    assert [(r["set"], r["parser"]) for r in runs] == [("g", "rules"), ("g", "negex")]
+    assert runs[0]["reports"] == 1 and runs[0]["negation_mentions"] == 1
     assert main([str(tmp_path / "missing.jsonl")]) == 2
+    assert main([str(path), "--parser", "no-such-parser"]) == 2
     assert main([str(path), "--prefix", "b", "--json"]) == 0
-    assert json.loads(capsys.readouterr().out)["reports"] == 0
+    assert json.loads(capsys.readouterr().out)[0]["reports"] == 0
+
+
+def test_silver_records_make_uncertain_cells_dont_care(tmp_path: Path) -> None:
+    path = tmp_path / "silver.jsonl"
+    rows = [
+        {"id": "s1", "text": "Possible small left pleural effusion.",
+         "labels": [{"label": "pleural_effusion", "status": "present"}]},
+        {"id": "s2", "text": "Small left pleural effusion.",
+         "labels": [{"label": "pleural_effusion", "status": "uncertain"}]},
+        {"id": "s3", "text": "Unindexed.", "labels": None},
+    ]
+    path.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    gold = load_gold(path)
+    assert [g.id for g in gold] == ["s1", "s2"]
+    assert gold[1].dont_care == {Label.PLEURAL_EFFUSION} and not gold[1].labels
+    eff = evaluate(gold).per_label[Label.PLEURAL_EFFUSION]
+    assert (eff.tp, eff.fp, eff.fn) == (0, 0, 1)  # s1 is a miss, s2 is not counted
+
+
+@pytest.mark.parametrize(
+    ("text", "listed"),
+    [
+        ("No consolidation, pneumothorax or large pleural effusion.", {"pneumothorax",
+                                                                        "pleural_effusion",
+                                                                        "lung_opacity_consolidation"}),
+        ("Without focal consolidation or effusion. Small right pneumothorax.",
+         {"lung_opacity_consolidation", "pleural_effusion"}),
+        # named outside the list too: not a list-only label
+        ("No pneumothorax or effusion. Small left effusion.", {"pneumothorax"}),
+        ("No pneumothorax. Small left effusion.", set()),
+    ],
+)
+def test_negated_list_detector(text: str, listed: set[str]) -> None:
+    assert {lab.value for lab in negated_list_labels(text)} == listed
+
+
+def test_negated_list_false_positives_are_counted() -> None:
+    gold = [GoldReport(id="n", text="No consolidation, pneumothorax or effusion.", labels={})]
+    parser = _Fixed({Label.PNEUMOTHORAX: DraftStatus.PRESENT})
+    m = evaluate(gold, parser)
+    assert m.negated_list_fp == 1
+    assert ("n", "pneumothorax", "negated-list", "present") in m.errors
+    assert evaluate(gold).negated_list_fp == 0
+
+
+def test_side_by_side_table_has_a_row_per_set_and_parser() -> None:
+    gold = load_gold(DATA / "drafts_dev.jsonl")[:20]
+    runs = [("dev", p.name, evaluate(gold, p)) for p in (build_parser("rules"),
+                                                        build_parser("negex"))]
+    table = format_side_by_side(runs)
+    assert table.count("| dev |") == 2 and "neg-list FP" in table
