@@ -33,6 +33,8 @@ RUN useradd --system --uid 10001 --create-home --home-dir /home/cxr cxr \
 USER cxr
 
 VOLUME ["/data/spool", "/data/drafts", "/data/out", "/data/state"]
+# DICOM and health/metrics. EXPOSE publishes nothing: publish them on an interface of your
+# choice (compose.yaml uses the host's loopback; `docker run -p 127.0.0.1:8080:8080 ...`).
 EXPOSE 11112 8080
 
 HEALTHCHECK --interval=30s --timeout=5s --start-period=60s --retries=3 \

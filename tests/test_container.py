@@ -109,3 +109,12 @@ def test_compose_runs_agent_next_to_orthanc() -> None:
     assert (dest.host, dest.port, dest.ae_title) == ("orthanc", orthanc_cfg["DicomPort"], "ORTHANC")
     for volume in services["orthanc"]["volumes"]:
         assert (ROOT / volume.split(":")[0]).exists()
+
+
+def test_compose_publishes_every_port_on_loopback_only() -> None:
+    """Plain DICOM, Orthanc's UI and the health endpoint are not published on every interface
+    (a bare "11112:11112" binds 0.0.0.0 on the host)."""
+    services = yaml.safe_load((ROOT / "compose.yaml").read_text())["services"]
+    published = [p for s in services.values() for p in s.get("ports", [])]
+    assert {p.split(":")[-1] for p in published} >= {"11112", "8080", "8042"}
+    assert all(p.startswith("127.0.0.1:") for p in published), published
