@@ -1054,6 +1054,12 @@ class StateDB:
             )
             return DraftOutcome.NEW, int(cur.lastrowid or 0)
 
+    def finals_counts(self) -> dict[str, int]:
+        """Final reports by state (every state present, 0 when none)."""
+        counts = {r["state"]: int(r["n"]) for r in self.query(
+            "SELECT state, COUNT(*) AS n FROM finals GROUP BY state")}
+        return {s.value: counts.get(s.value, 0) for s in FinalState}
+
     def set_final_file_name(self, final_id: int, file_name: str) -> None:
         with self.transaction() as conn:
             conn.execute("UPDATE finals SET file_name=? WHERE id=?", (file_name, final_id))

@@ -16,11 +16,11 @@ from starlette.staticfiles import StaticFiles
 from starlette.types import ASGIApp, Receive, Scope, Send
 
 from dicom_agent.config import WebSettings
-from dicom_agent.web import audit_one, health, queue, studies, study
+from dicom_agent.web import audit_one, health, monitoring, queue, studies, study
 from dicom_agent.web.context import AgentView
 
 #: One module per page: each has ``ROUTES`` and ``NAV`` (``(label, path)`` or None).
-PAGES: tuple[ModuleType, ...] = (health, studies, study, queue, audit_one)
+PAGES: tuple[ModuleType, ...] = (health, studies, study, queue, monitoring, audit_one)
 
 #: Paths served without the login: probes and Prometheus must work unattended.
 OPEN_PATHS = frozenset({"/healthz", "/readyz", "/metrics"})
