@@ -75,6 +75,69 @@ def _voi(
     ]
 
 
+def _box_annotations(
+    result: AuditResult,
+    image_index: int,
+    source: Dataset,
+    layers: dict[BoxStyle, hd.pr.GraphicLayer],
+    frame_number: int | None,
+) -> list[hd.pr.GraphicAnnotation]:
+    """One annotation per box style in use: the boxes as closed polylines with their captions."""
+    by_style: dict[BoxStyle, tuple[list[hd.pr.GraphicObject], list[hd.pr.TextObject]]] = {}
+    for finding in render.boxed_findings(result, image_index):
+        graphics, texts = by_style.setdefault(render.box_style(result, finding), ([], []))
+        points = box_polyline(finding)
+        graphics.append(
+            hd.pr.GraphicObject(graphic_type="POLYLINE", graphic_data=points, units="PIXEL")
+        )
+        texts.append(
+            hd.pr.TextObject(
+                text_value=render.box_caption(result, finding),
+                units="PIXEL",
+                anchor_point=(float(points[0][0]), float(points[0][1])),
+                anchor_point_visible=False,
+                text_justification="LEFT",
+            )
+        )
+    return [
+        hd.pr.GraphicAnnotation(
+            referenced_images=[source],
+            graphic_layer=layers[style],
+            referenced_frame_number=frame_number,
+            graphic_objects=graphics,
+            text_objects=texts,
+        )
+        for style, (graphics, texts) in by_style.items()
+    ]
+
+
+def _text_annotation(
+    result: AuditResult,
+    image_index: int,
+    source: Dataset,
+    text_layer: hd.pr.GraphicLayer,
+    frame_number: int | None,
+) -> hd.pr.GraphicAnnotation:
+    """The research-only banner and the legend lines, in display units down the left side."""
+    lines = [render.BANNER_TEXT, *render.legend_lines(result, image_index)]
+    step = min(0.05, 0.9 / len(lines))
+    texts = [
+        hd.pr.TextObject(
+            text_value=line[:1024],
+            units="DISPLAY",
+            bounding_box=(0.02, 0.02 + i * step, 0.98, 0.02 + (i + 1) * step),
+            text_justification="LEFT",
+        )
+        for i, line in enumerate(lines)
+    ]
+    return hd.pr.GraphicAnnotation(
+        referenced_images=[source],
+        graphic_layer=text_layer,
+        referenced_frame_number=frame_number,
+        text_objects=texts,
+    )
+
+
 def build_gsps(
     result: AuditResult,
     image_index: int,
@@ -93,56 +156,14 @@ def build_gsps(
     layers = _layers()
     frames = referenced_frames(result, image_index, source)
     frame_number = frames[0] if frames else None
-    annotations: list[hd.pr.GraphicAnnotation] = []
-    by_style: dict[BoxStyle, tuple[list[hd.pr.GraphicObject], list[hd.pr.TextObject]]] = {}
-    for finding in render.boxed_findings(result, image_index):
-        graphics, texts = by_style.setdefault(render.box_style(result, finding), ([], []))
-        points = box_polyline(finding)
-        graphics.append(
-            hd.pr.GraphicObject(graphic_type="POLYLINE", graphic_data=points, units="PIXEL")
-        )
-        texts.append(
-            hd.pr.TextObject(
-                text_value=render.box_caption(result, finding),
-                units="PIXEL",
-                anchor_point=(float(points[0][0]), float(points[0][1])),
-                anchor_point_visible=False,
-                text_justification="LEFT",
-            )
-        )
-    for style, (graphics, texts) in by_style.items():
-        annotations.append(
-            hd.pr.GraphicAnnotation(
-                referenced_images=[source],
-                graphic_layer=layers[style],
-                referenced_frame_number=frame_number,
-                graphic_objects=graphics,
-                text_objects=texts,
-            )
-        )
     text_layer = hd.pr.GraphicLayer(
         layer_name=_TEXT_LAYER, order=len(layers) + 1, description="Disclaimer and audit legend",
         display_color=hd.color.CIELabColor.from_rgb(255, 255, 255),
     )
-    lines = [render.BANNER_TEXT, *render.legend_lines(result, image_index)]
-    step = min(0.05, 0.9 / len(lines))
-    texts = [
-        hd.pr.TextObject(
-            text_value=line[:1024],
-            units="DISPLAY",
-            bounding_box=(0.02, 0.02 + i * step, 0.98, 0.02 + (i + 1) * step),
-            text_justification="LEFT",
-        )
-        for i, line in enumerate(lines)
+    annotations = [
+        *_box_annotations(result, image_index, source, layers, frame_number),
+        _text_annotation(result, image_index, source, text_layer, frame_number),
     ]
-    annotations.append(
-        hd.pr.GraphicAnnotation(
-            referenced_images=[source],
-            graphic_layer=text_layer,
-            referenced_frame_number=frame_number,
-            text_objects=texts,
-        )
-    )
     presentation_lut = None
     if str(source.get("PhotometricInterpretation", "")) == "MONOCHROME1":
         presentation_lut = hd.PresentationLUTTransformation(

@@ -137,7 +137,7 @@ def result_for(
         mode=mode,
         comparator_version="comparator-1",
         flags=flags,
-        timings={"model": 12.5},
+        timings={"model_ms": 12.5},
     )
 
 

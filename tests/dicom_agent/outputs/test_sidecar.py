@@ -26,7 +26,7 @@ class TestSidecar:
         study = make_study(tmp_path)
         result = findings_result(study)
         write_sidecar(tmp_path / "s", result)
-        write_sidecar(tmp_path / "s", result.model_copy(update={"timings": {"model": 3.0}}))
+        write_sidecar(tmp_path / "s", result.model_copy(update={"timings": {"model_ms": 3.0}}))
         with pytest.raises(OutputError, match="already exists with different content"):
             write_sidecar(tmp_path / "s", no_finding_result(study))
 

@@ -21,7 +21,7 @@ class TestUIDs:
     def test_same_result_same_uids_even_with_other_timings(self, tmp_path: Path) -> None:
         study = make_study(tmp_path)
         result = findings_result(study)
-        rerun = result.model_copy(update={"timings": {"model": 1.0}, "outputs": {"sr": "1.2"}})
+        rerun = result.model_copy(update={"timings": {"model_ms": 1.0}, "outputs": {"sr": "1.2"}})
         assert result_digest(result) == result_digest(rerun)
         assert instance_uid(result, "sr") == instance_uid(rerun, "sr")
 

@@ -119,7 +119,7 @@ class TestWriteOutputs:
         study = make_study(tmp_path)
         result = findings_result(study)
         first = _write(study, result, settings)
-        rerun = result.model_copy(update={"timings": {"model": 99.0}})
+        rerun = result.model_copy(update={"timings": {"model_ms": 99.0}})
         first_dir = study.study_dir
         study.study_dir = tmp_path / "elsewhere"
         second = _write(study, rerun, settings)
