@@ -894,7 +894,11 @@ class StateDB:
             )
 
     def renumber_job(self, job_id: int, at_least: int, now: float) -> int:
-        """Give a job a result version no other job of its study holds, at least ``at_least``."""
+        """Give a job a result version no other job of its study holds, at least ``at_least``.
+
+        The job-table half of :func:`dicom_agent.outputs.layout.free_version`, which passes one
+        past the highest version folder on disk as ``at_least``.
+        """
         with self.transaction() as conn:
             row = conn.execute(
                 "SELECT study_instance_uid FROM jobs WHERE id=?", (job_id,)

@@ -455,3 +455,22 @@ def test_jobs_parked_for_the_model_drain_after_a_restart_with_a_working_model(
     finally:
         second.stop()
     assert sidecar(settings, "1.2.15.1")["result_version"] == 1
+
+
+def test_unloading_models_releases_the_draft_parser_too() -> None:
+    """The registry closes the whole runner: an LLM draft parser's model or client with it."""
+    from cxr_auditor.drafts.rules import RulesDraftParser
+
+    closed: list[str] = []
+
+    class Parser(RulesDraftParser):
+        def close(self) -> None:
+            closed.append("parser")
+
+    models = Models(lambda name: Auditor(FakeGrounder.from_rule("mean_brightness"), Parser()), 60)
+    assert models.get("fake") is not None
+    models.lost("fake", "ModelUnavailable: GPU lost")
+    assert closed == ["parser"]
+    assert models.get("fake") is None  # retry not due yet
+    models.close()
+    assert closed == ["parser"]
