@@ -151,11 +151,15 @@ def start_orthanc(
     ae_title: str = "ORTHANC",
     modalities: dict[str, Modality] | None = None,
     extra: dict[str, Any] | None = None,
+    dicom_port: int | None = None,
 ) -> OrthancServer:
-    """Start Orthanc with a private configuration under ``folder``; wait for both ports."""
+    """Start Orthanc with a private configuration under ``folder``; wait for both ports.
+
+    ``dicom_port`` restarts an Orthanc on the port a stopped one had (a PACS that comes back).
+    """
     if ORTHANC is None:
         raise RuntimeError("Orthanc is not installed")
-    dicom_port, http_port = free_port(), free_port()
+    dicom_port, http_port = dicom_port or free_port(), free_port()
     config = write_config(
         folder,
         ae_title=ae_title,
