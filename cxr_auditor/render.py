@@ -17,6 +17,7 @@ from enum import StrEnum
 import numpy as np
 from PIL import Image, ImageDraw, ImageFont
 
+from cxr_auditor.grounding.fake import STAND_IN, is_stand_in
 from cxr_auditor.labels import Label
 from cxr_auditor.schema import AuditResult, DraftStatus, Flag, FlagKind, ImageFinding
 
@@ -113,6 +114,8 @@ def boxed_findings(result: AuditResult, image_index: int) -> list[ImageFinding]:
 def legend_lines(result: AuditResult, image_index: int) -> list[str]:
     """Text lines for what a box cannot show on ``image_index``."""
     lines: list[str] = []
+    if is_stand_in(result.models):  # a demo or a dry run must never pass for a model's reading
+        lines.append(f"{STAND_IN.upper()}: canned findings for demos and tests")
     if result.grounding.state.value != "ok":
         lines.append(f"Image analysis {result.grounding.state.value}: no findings, no flags")
     for f in result.grounding.findings:

@@ -12,7 +12,17 @@ import sys
 import typer
 
 from cxr_auditor.errors import CxrAuditError
-from dicom_agent.commands import agent, draft, evaluate, models, outputs, recovery, replay, weights
+from dicom_agent.commands import (
+    agent,
+    demo,
+    draft,
+    evaluate,
+    models,
+    outputs,
+    recovery,
+    replay,
+    weights,
+)
 from dicom_agent.errors import AgentError
 
 app = typer.Typer(
@@ -38,7 +48,7 @@ def version() -> None:
     typer.echo(_v("cxr-audit-agent"))
 
 
-for _group in (draft, agent, models, outputs, evaluate, replay, recovery, weights):
+for _group in (draft, agent, models, outputs, evaluate, replay, recovery, weights, demo):
     app.add_typer(_group.app)  # no name: the group's commands join the top level
 
 

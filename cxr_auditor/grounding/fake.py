@@ -9,7 +9,7 @@ canned answer exercises the retry ladder and ends as a ``failed`` result.
 from __future__ import annotations
 
 import json
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 from typing import TYPE_CHECKING
 
 from PIL import ImageStat
@@ -23,7 +23,7 @@ from cxr_auditor.schema import GroundingResult, ModelInfo
 if TYPE_CHECKING:
     from cxr_auditor.profiles import FakeProfile
 
-__all__ = ["BRIGHT_ANSWER", "DARK_ANSWER", "RULES", "FakeGrounder"]
+__all__ = ["BRIGHT_ANSWER", "DARK_ANSWER", "RULES", "STAND_IN", "FakeGrounder", "is_stand_in"]
 
 Answers = Callable[[ImageInput], str] | str | list[str]
 
@@ -57,7 +57,16 @@ def _mean_brightness(image: ImageInput) -> str:
 #: Deterministic answer rules by name (:meth:`FakeGrounder.from_rule`).
 RULES: dict[str, Callable[[ImageInput], str]] = {"mean_brightness": _mean_brightness}
 
-_DEFAULT_INFO = ModelInfo(profile="fake", task="grounding", backend="fake", model_id="fake")
+#: The model name of every result this grounder produces, so the JSON (``models[].model_id``),
+#: the SR (algorithm name) and the overlay (legend) all say it: its answers are canned.
+STAND_IN = "stand-in, not a model"
+
+_DEFAULT_INFO = ModelInfo(profile="fake", task="grounding", backend="fake", model_id=STAND_IN)
+
+
+def is_stand_in(models: Iterable[ModelInfo]) -> bool:
+    """True when a result's grounding came from this stand-in (backend ``fake``), not a model."""
+    return any(m.task == "grounding" and m.backend == "fake" for m in models)
 
 
 class FakeGrounder(Grounder):
@@ -102,7 +111,7 @@ class FakeGrounder(Grounder):
             profile=profile.name,
             task="grounding",
             backend="fake",
-            model_id=profile.model or "fake",
+            model_id=STAND_IN,
             revision=profile.revision,
         )
         return cls.from_rule("mean_brightness", info, max_attempts=profile.generation.max_attempts)

@@ -7,7 +7,14 @@ from PIL import Image
 
 from cxr_auditor.geometry import Geometry
 from cxr_auditor.grounding.base import ImageInput
-from cxr_auditor.grounding.fake import BRIGHT_ANSWER, DARK_ANSWER, RULES, FakeGrounder
+from cxr_auditor.grounding.fake import (
+    BRIGHT_ANSWER,
+    DARK_ANSWER,
+    RULES,
+    STAND_IN,
+    FakeGrounder,
+    is_stand_in,
+)
 from cxr_auditor.labels import Label
 from cxr_auditor.profiles import FakeProfile, parse_profile
 from cxr_auditor.schema import GroundingState, ModelInfo
@@ -85,5 +92,6 @@ class TestMeanBrightnessRule:
         )
         assert isinstance(profile, FakeProfile)
         grounder = FakeGrounder.from_profile(profile)
-        assert grounder.info == ModelInfo(profile="fake", task="grounding", backend="fake", model_id="fake")
+        assert grounder.info == ModelInfo(profile="fake", task="grounding", backend="fake", model_id=STAND_IN)
+        assert is_stand_in([grounder.info])
         assert grounder.max_attempts == 1
