@@ -1,8 +1,9 @@
 """Audit one image: upload a DICOM or PNG/JPEG (or pick a stored instance), paste a draft, and
 see what the agent would say: the overlay, the verdict, the flags and findings, the raw JSON.
 
-It runs the agent's own model (the loaded runner of ``grounding.profile`` from the agent's model
-registry) on the image prepared as ``cxr-agent audit`` prepares it, one request at a time.
+It runs the agent's own model (the loaded runner from the agent's model registry) on the image
+prepared by :mod:`dicom_agent.prepare`, the path of the worker and ``cxr-agent audit`` (routing,
+decoding, windowing, letterboxing), one request at a time.
 Uploads live in a temporary folder that is removed after the audit, unless
 ``web.keep_uploads`` is on: then the file and its ``audit.json`` stay in ``web.uploads``.
 Three built-in examples (a clean normal, a missed nodule, an unsupported claim) are synthetic
@@ -22,8 +23,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-import numpy as np
-from PIL import Image, ImageDraw, ImageFilter, UnidentifiedImageError
+from PIL import Image, ImageDraw, ImageFilter
 from starlette.concurrency import run_in_threadpool
 from starlette.datastructures import UploadFile
 from starlette.requests import Request
@@ -31,20 +31,13 @@ from starlette.responses import Response
 from starlette.routing import Route
 
 from cxr_auditor.errors import CxrAuditError
-from cxr_auditor.grounding.base import ImageInput
-from cxr_auditor.pipeline import AuditItem
 from cxr_auditor.render import render_overlay
-from cxr_auditor.schema import AuditResult, ImageRef, StudyKeys
+from cxr_auditor.schema import AuditResult, StudyKeys
 from dicom_agent.conformance import is_valid_uid
 from dicom_agent.errors import AgentError
 from dicom_agent.files import atomic_write_text
-from dicom_agent.pixels import (
-    DisplayImage,
-    patient_left_on_image_right,
-    read_dataset,
-    to_display,
-    to_model_input,
-)
+from dicom_agent.prepare import Draft, instances_from_files, prepare_study
+from dicom_agent.state import InstanceRow
 from dicom_agent.web.context import FLAG_ORDER, AgentView, agent_of, render
 from dicom_agent.web.study import draft_segments
 
@@ -147,22 +140,24 @@ async def audit_run(request: Request) -> Response:
         upload = form.get("image")
         work = Path(tempfile.mkdtemp(prefix="cxr-web-"))
         try:
+            source: Path | InstanceRow
             if example is not None:
-                path = work / f"{example.name}.png"
-                example_picture(example).save(path)
+                source = work / f"{example.name}.png"
+                example_picture(example).save(source)
                 draft = example.draft
             elif isinstance(upload, UploadFile) and upload.filename:
-                path = await _save_upload(upload, work, web.max_upload_bytes)
+                source = await _save_upload(upload, work, web.max_upload_bytes)
             elif picked:
                 instance = agent.db.instance(picked) if is_valid_uid(picked) else None
                 if instance is None or not Path(instance.path).is_file():
                     raise AgentError("that stored instance is gone")
-                path = Path(instance.path)
+                source = instance
             else:
                 raise AgentError("choose an image: upload one, pick a stored one, or an example")
-            outcome = await run_in_threadpool(_audit, agent, path, draft)
+            outcome = await run_in_threadpool(_audit, agent, source, draft)
             if web.keep_uploads:
-                _keep(web.uploads, path, outcome["result"])
+                _keep(web.uploads, Path(source.path) if isinstance(source, InstanceRow)
+                      else source, outcome["result"])
         except AgentError as exc:
             context = _form_context(agent, draft=draft, error=str(exc))
             return render(request, "audit.html", status_code=400, **context)
@@ -172,66 +167,37 @@ async def audit_run(request: Request) -> Response:
                                                          **outcome))
 
 
-def _prepare(path: Path, size: int, profile: str) -> tuple[ImageInput, ImageRef, DisplayImage]:
-    """The model input, its reference and the display picture of one DICOM file or picture.
-
-    DICOM goes through the worker's rendering (:mod:`dicom_agent.pixels`); a picture is taken as
-    display-ready greys with no known orientation, as ``cxr-agent audit`` takes it.
-    """
-    sop_uid = view = None
-    try:
-        with path.open("rb") as fh:
-            fh.seek(128)  # PS3.10 7.1: a 128-byte preamble, then "DICM"
-            is_dicom = fh.read(4) == b"DICM"
-        if is_dicom:
-            ds = read_dataset(path)
-            display = to_display(ds)
-            left_on_right = patient_left_on_image_right(ds)
-            sop_uid = str(ds.get("SOPInstanceUID", "")) or None
-            view = str(ds.get("ViewPosition", "")) or None
-        else:
-            with Image.open(path) as picture:
-                greys = np.asarray(picture.convert("L"))
-            display = DisplayImage(greys, "MONOCHROME2", None, None, ())
-            left_on_right = None  # a picture carries no Patient Orientation
-    except (OSError, UnidentifiedImageError) as exc:
-        raise AgentError("neither DICOM nor a readable PNG/JPEG picture") from exc
-    model = to_model_input(display, size)
-    ref = ImageRef(
-        index=0,
-        image_id=sop_uid or path.name,
-        sop_instance_uid=sop_uid,
-        view_position=view,
-        width=model.geometry.source_width,
-        height=model.geometry.source_height,
-        frame=model.frame,
-        profile=profile,
-    )
-    return ImageInput(model.image, 0, model.geometry, left_on_right), ref, display
-
-
-def _audit(agent: AgentView, path: Path, draft: str) -> dict[str, Any]:
-    """Prepare ``path``, run the agent's model on it, draw the overlay."""
+def _audit(agent: AgentView, source: Path | InstanceRow, draft: str) -> dict[str, Any]:
+    """Prepare ``source`` as the worker and ``cxr-agent audit`` do (a stored instance from its
+    state DB row, a file as ``audit`` reads it), run the agent's model, draw the overlay."""
     settings = agent.settings
-    profile = settings.grounding.profile
-    image, ref, display = _prepare(path, settings.grounding.input_size, profile)
-    runner = agent.models.get(profile)
-    if runner is None:
-        state = agent.models.status().get(profile, {})
-        raise AgentError(f"the model of profile {profile} is {state.get('state', 'not loaded')}"
-                         f"{': ' + str(state['reason']).splitlines()[0] if state.get('reason') else ''}")
     text = draft if draft.strip() else None
-    item = AuditItem(images=[image], image_refs=[ref], draft_text=text, study=StudyKeys(),
-                     draft_sha256=hashlib.sha256(draft.encode()).hexdigest() if text else None)
+    sha = hashlib.sha256(draft.encode()).hexdigest() if text else None
+    if isinstance(source, InstanceRow):
+        rows, pictures, study = [source], [], StudyKeys()
+    else:
+        rows, pictures, study = instances_from_files([source])
+    prepared = prepare_study(rows, settings, study=study, draft=Draft(text, None, sha),
+                             pictures=pictures)
+    if not prepared.item.images:
+        reasons = ", ".join(s.get("reason", "?") for s in prepared.item.skipped_images)
+        raise AgentError(f"nothing to audit: the image was skipped ({reasons})")
+    runner = agent.models.get(prepared.profile)
+    if runner is None:
+        state = agent.models.status().get(prepared.profile, {})
+        reason = f": {str(state['reason']).splitlines()[0]}" if state.get("reason") else ""
+        raise AgentError(f"the model of profile {prepared.profile} is"
+                         f" {state.get('state', 'not loaded')}{reason}")
     started = time.perf_counter()
     try:
         with _RUN_LOCK:
-            (result,) = runner.audit_batch([item])
+            (result,) = runner.audit_batch([prepared.item])
     except CxrAuditError as exc:
         raise AgentError(f"audit failed: {str(exc).splitlines()[0]}") from exc
     took = time.perf_counter() - started
     overlay = io.BytesIO()
-    render_overlay(display.pixels, result, 0).save(overlay, format="PNG", compress_level=1)
+    index, display = next(iter(prepared.display.items()))
+    render_overlay(display.pixels, result, index).save(overlay, format="PNG", compress_level=1)
     return {
         "result": result,
         "seconds": took,

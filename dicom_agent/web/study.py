@@ -51,29 +51,40 @@ _VERSION_DIR = re.compile(r"^v(\d+)$")
 
 @dataclass(frozen=True)
 class Segment:
-    """A piece of the draft text; ``label``/``status`` set when a parser span covers it."""
+    """A piece of the draft text; ``tags`` are the ``(label, status)`` pairs of the parser
+    statements that cover exactly this span (one sentence can state several labels)."""
 
     text: str
-    label: str | None = None
-    status: str | None = None
+    tags: tuple[tuple[str, str], ...] = ()
+
+    @property
+    def status(self) -> str | None:
+        return self.tags[0][1] if self.tags else None
+
+    @property
+    def title(self) -> str:
+        return ", ".join(f"{label} ({status})" for label, status in self.tags)
 
 
 def draft_segments(text: str, result: AuditResult) -> list[Segment]:
     """The draft split at the parsed spans (findings and unmapped mentions), in text order.
 
-    Spans that overlap an earlier one are left out: the text is shown once, verbatim.
+    Statements with the same span are shown as one highlight with all their labels; a span that
+    overlaps an earlier one otherwise is left out, so the text is shown once, verbatim.
     """
-    spans = [(f.start, f.end, f.label.value, f.status.value) for f in result.draft.findings]
-    spans += [(u.start, u.end, f"unmapped: {u.term}", u.status.value)
-              for u in result.draft.unmapped_mentions]
+    spans: dict[tuple[int, int], list[tuple[str, str]]] = {}
+    for f in result.draft.findings:
+        spans.setdefault((f.start, f.end), []).append((f.label.value, f.status.value))
+    for u in result.draft.unmapped_mentions:
+        spans.setdefault((u.start, u.end), []).append((f"unmapped: {u.term}", u.status.value))
     out: list[Segment] = []
     pos = 0
-    for start, end, label, status in sorted(spans):
+    for (start, end), tags in sorted(spans.items()):
         if start < pos or end > len(text) or end <= start:
             continue
         if start > pos:
             out.append(Segment(text[pos:start]))
-        out.append(Segment(text[start:end], label, status))
+        out.append(Segment(text[start:end], tuple(tags)))
         pos = end
     if pos < len(text):
         out.append(Segment(text[pos:]))

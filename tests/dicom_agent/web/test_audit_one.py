@@ -114,3 +114,9 @@ def test_an_unavailable_model_is_reported(client: TestClient, web_agent: WebAgen
     web_agent.models = Models(broken, 60)
     r = client.post("/audit", data={"example": "clean-normal"})
     assert r.status_code == 400 and "weights not found" in r.text
+
+
+def test_one_sentence_with_two_labels_is_one_highlight_with_both(client: TestClient) -> None:
+    html = client.post("/audit", data={"example": "clean-normal"}).text
+    assert 'title="pleural_effusion (absent), pneumothorax (absent)">No pleural effusion or' \
+        ' pneumothorax<' in html

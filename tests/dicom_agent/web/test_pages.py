@@ -83,13 +83,14 @@ class TestStudyPage:
         assert picture.headers["content-type"] == "image/png" and picture.content[:4] == b"\x89PNG"
         marks = re.findall(r'<mark class="span span-(\w+)" title="([^"]+)">([^<]+)<', html)
         assert ("present", "pleural_effusion (present)", "Small right pleural effusion") in marks
+        assert ("absent", "lung_opacity_consolidation (absent)", "No consolidation") in marks
         assert DRAFT.split(".")[0] in html  # the text itself, verbatim
         flag_rows = rows(html, "flags")
         assert "URGENT" in flag_rows[0] and "pneumothorax" in flag_rows[0]
         timeline = " ".join(rows(html, "timeline"))
         assert "first instance received" in timeline and "audit job 1 done" in timeline
         timings = html.split('id="timings"', 1)[1].split("</table>", 1)[0]
-        assert "<th>decode</th>" in timings and "<th>model</th>" in timings
+        assert "<th>decode</th>" in timings and "<th>model</th>" in timings  # unit in the cell
         links = dict(re.findall(r'<a href="(/studies/[^"]+/files/[^"]+)">([^<]+)</a>', html))
         assert any(label == "audit.json" for label in links.values())
         sr = next(href for href, label in links.items() if label.startswith("sr "))
