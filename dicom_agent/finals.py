@@ -2,7 +2,8 @@
 
 When the signed final report of an audited study arrives later, dropped in ``paths.finals``
 (named and formatted like a draft: ``<AccessionNumber>.txt``, ``<StudyInstanceUID>.txt`` or
-the JSON form, read by the drafts inbox's machinery, :class:`FinalsReader`), it is parsed with
+the JSON form, or exported by the PACS as a DICOM SR file ``*.dcm`` whose TEXT items hold the
+report; read by the drafts inbox's machinery, :class:`FinalsReader`), it is parsed with
 the same draft parser as the drafts (``drafts.parser``) and compared with the study's latest
 ``audit.json``. Per positive label one :class:`~dicom_agent.state.AgreementRow` records:
 
@@ -25,8 +26,15 @@ from __future__ import annotations
 import logging
 import time
 from collections import defaultdict
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
+from io import BytesIO
+from pathlib import Path
 from typing import Any
+
+import pydicom
+from pydicom.dataset import Dataset
+from pydicom.errors import InvalidDicomError
 
 from cxr_auditor.drafts.base import DraftParser
 from cxr_auditor.eval.stats import BinaryCounts, Rate
@@ -40,7 +48,7 @@ from cxr_auditor.schema import (
     GroundingState,
 )
 from dicom_agent.config import AgentSettings
-from dicom_agent.inbox import DraftReader
+from dicom_agent.inbox import DraftReader, KeyKind, Reject, _Rejected, is_study_uid
 from dicom_agent.observe import Event, Metrics, event, study_ref
 from dicom_agent.outputs.layout import SIDECAR_NAME, read_result, study_dir
 from dicom_agent.state import AgreementRow, DraftOutcome, FinalState, StateDB
@@ -53,6 +61,7 @@ __all__ = [
     "WindowSummary",
     "agreement_rows",
     "grounding_profile",
+    "sr_report_text",
     "window_summary",
 ]
 
@@ -91,6 +100,45 @@ class FinalsReader(DraftReader):
     def _count(self, outcome: str) -> None:
         if self.metrics is not None:
             self.metrics.finals.labels(outcome).inc()
+
+    def _parse(self, path: Path, data: bytes) -> tuple[str, str, str, str | None]:
+        """A ``.dcm`` file is a report exported as a DICOM SR; the rest is read like a draft
+        (an empty or oversized file is refused the same way, ``data`` then being empty)."""
+        if path.suffix.lower() != ".dcm" or not data:
+            return super()._parse(path, data)
+        uid, text = sr_report_text(data)
+        return uid, KeyKind.STUDY_UID, text, None
+
+
+def _text_items(items: Sequence[Dataset]) -> Iterator[str]:
+    """TEXT values of a content tree, depth first in document order (PS3.3 C.17.3)."""
+    for item in items:
+        if item.get("ValueType") == "TEXT" and str(item.get("TextValue", "")).strip():
+            yield str(item.TextValue)
+        yield from _text_items(item.get("ContentSequence", []))
+
+
+def sr_report_text(data: bytes) -> tuple[str, str]:
+    """``(Study Instance UID, report text)`` of a DICOM SR file (PS3.10): the TEXT content
+    items (Text Value (0040,A160)) of its content tree, joined by line breaks.
+
+    Raises:
+        _Rejected: not a readable DICOM file, not an SR (Modality (0008,0060) ``SR``), no
+            valid Study Instance UID, or no text; the reason never quotes the file's content.
+    """
+    try:
+        ds = pydicom.dcmread(BytesIO(data))
+    except (InvalidDicomError, ValueError, OSError, EOFError):
+        raise _Rejected(Reject.UNSUPPORTED_TYPE, "a .dcm file must be a DICOM SR (PS3.10)") from None
+    if ds.get("Modality") != "SR":
+        raise _Rejected(Reject.UNSUPPORTED_TYPE, "a .dcm final report must be an SR (Modality SR)")
+    uid = str(ds.get("StudyInstanceUID", "")).strip()
+    if not is_study_uid(uid):
+        raise _Rejected(Reject.BAD_NAME, "the SR has no valid Study Instance UID")
+    text = "\n".join(_text_items(ds.get("ContentSequence", [])))
+    if not text.strip():
+        raise _Rejected(Reject.EMPTY, "the SR holds no TEXT content item")
+    return uid, text
 
 
 def grounding_profile(result: AuditResult) -> str:

@@ -205,3 +205,49 @@ def test_window_keeps_the_newest_rows_per_profile_and_label(
     rows = db.agreement_window(window)
     assert [r.final_id for r in rows] == list(range(5 - window, 5))
     assert json.dumps(window_summary(rows, window).as_dict())  # JSON-ready
+
+
+def _sr_file(path: Path, study_uid: str, texts: list[str], modality: str = "SR") -> None:
+    """A Basic Text SR (PS3.3 A.35.1) whose content tree holds ``texts`` in a container."""
+    from pydicom.dataset import Dataset, FileMetaDataset
+    from pydicom.uid import ExplicitVRLittleEndian, generate_uid
+
+    def item(**kw: object) -> Dataset:
+        ds = Dataset()
+        for key, value in kw.items():
+            setattr(ds, key, value)
+        return ds
+
+    ds = Dataset()
+    ds.file_meta = FileMetaDataset()
+    ds.file_meta.MediaStorageSOPClassUID = "1.2.840.10008.5.1.4.1.1.88.11"
+    ds.file_meta.MediaStorageSOPInstanceUID = generate_uid()
+    ds.file_meta.TransferSyntaxUID = ExplicitVRLittleEndian
+    ds.SOPClassUID = ds.file_meta.MediaStorageSOPClassUID
+    ds.SOPInstanceUID = ds.file_meta.MediaStorageSOPInstanceUID
+    ds.Modality = modality
+    ds.StudyInstanceUID = study_uid
+    ds.ValueType = "CONTAINER"
+    ds.ContentSequence = [
+        item(RelationshipType="CONTAINS", ValueType="CONTAINER", ContinuityOfContent="SEPARATE",
+             ContentSequence=[item(RelationshipType="CONTAINS", ValueType="TEXT", TextValue=t)
+                              for t in texts]),
+    ]
+    path.parent.mkdir(parents=True, exist_ok=True)
+    ds.save_as(path, enforce_file_format=True)
+
+
+def test_final_exported_as_an_sr_file(settings: AgentSettings) -> None:
+    monitor, db, metrics = _monitor(settings)
+    _study(db)
+    write_sidecar(settings.paths.out / UID, _audit(BRIGHT_ANSWER, None))
+    _sr_file(settings.paths.finals / "report.dcm", UID, ["FINDINGS: Left pneumothorax.",
+                                                         "IMPRESSION: Pneumothorax."])
+    _sr_file(settings.paths.finals / "image.dcm", UID, ["x"], modality="DX")
+    monitor.tick(now=0.0)
+    assert monitor.tick(now=10.0) == 1
+    (final,) = db.finals()
+    assert final.key == UID and final.text.startswith("FINDINGS: Left pneumothorax.\nIMPRESSION")
+    ptx = next(r for r in db.agreement_window(5) if r.label == "pneumothorax")
+    assert ptx.final_present and ptx.model_present
+    assert 'cxr_agent_finals_total{outcome="rejected_unsupported_type"} 1.0' in metrics.render().decode()
