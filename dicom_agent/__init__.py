@@ -2,8 +2,9 @@
 
 The package layout follows the data flow (ARCHITECTURE.md): ``scp`` (C-STORE listener) →
 ``spool`` (durable storage) → ``state`` (SQLite) → ``drafts`` / ``scheduler`` (pairing) →
-``worker`` (``pixels``, ``routing``, the :mod:`cxr_auditor` pipeline) → ``outputs`` (SR, GSPS,
-SC, JSON) → ``forward`` (C-STORE back to a research PACS). ``agent`` runs them together under
+``worker`` (the job loop: ``prepare`` routes and decodes a study with ``routing`` and
+``pixels``, ``registry`` holds the loaded :mod:`cxr_auditor` runners) → ``outputs`` (SR, GSPS,
+SC, JSON, in the out/ layout of ``outputs.layout``) → ``forward`` (C-STORE back to a research PACS). ``agent`` runs them together under
 ``cxr-agent serve``; ``cli`` and ``commands`` are the command line; ``config``, ``errors``,
 ``observe``, ``conformance`` and ``files`` serve them all.
 
@@ -24,6 +25,8 @@ __all__ = [
     "observe",
     "outputs",
     "pixels",
+    "prepare",
+    "registry",
     "routing",
     "scheduler",
     "scp",
