@@ -11,7 +11,6 @@ to the test's temporary folder. No browser is downloaded: the test is skipped wh
 from __future__ import annotations
 
 import os
-import shutil
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -127,4 +126,30 @@ def test_list_to_study_and_an_upload_audit(
     bars = driver.find_elements(By.CSS_SELECTOR, "#throughput rect.bar-done")  # type: ignore[attr-defined]
     assert len(bars) == 12
     full_page(driver, folder / "browser-queue.png")
-    assert not list((agent.root / "var").glob("uploads*")) or shutil.which("true")
+
+
+def test_health_and_metrics_of_a_running_agent(agent: AgentProcess) -> None:
+    """/readyz and the listener's counters in /metrics, from a real serve process."""
+    import httpx
+
+    from tests.agentproc import echo
+
+    study = make_study(2, accession="MET-1", size=256)
+    assert store(agent.port, study) == [0, 0]
+    assert echo(agent.port, called_aet="NOT-US") is None  # rejected: wrong called AE title
+    agent.drop_draft("MET-1.txt", "Small right pleural effusion. No pneumothorax.")
+    wait_until(lambda: agent.result(str(study[0].StudyInstanceUID)), timeout=120, what="audit",
+               alive=agent.check_alive)
+    samples = {}
+    for line in httpx.get(agent.health_url + "/metrics", timeout=10).text.splitlines():
+        if line and not line.startswith("#"):
+            name, _, value = line.rpartition(" ")
+            samples[name] = float(value)
+    pixel_bytes = sum(len(ds.PixelData) for ds in study)
+    assert samples["cxr_agent_bytes_received_total"] > pixel_bytes
+    assert samples["cxr_agent_associations_rejected_total"] == 1
+    assert samples["cxr_agent_associations_active"] == 0
+    assert samples['cxr_agent_flags_total{kind="urgent"}'] == 1
+    assert samples['cxr_agent_stage_seconds_count{stage="decode"}'] == 1
+    ready = httpx.get(agent.health_url + "/readyz", timeout=10)
+    assert ready.status_code == 200 and ready.json()["checks"]["model"]["ok"] is True
