@@ -9,7 +9,8 @@ ENV DEBIAN_FRONTEND=noninteractive \
     PYTHONUNBUFFERED=1 \
     PIP_NO_CACHE_DIR=1 \
     VIRTUAL_ENV=/opt/venv \
-    PATH=/opt/venv/bin:$PATH
+    PATH=/opt/venv/bin:$PATH \
+    HF_HOME=/data/hf-cache
 
 RUN apt-get update \
  && apt-get install -y --no-install-recommends python3 python3-venv python3-dev dcmtk ca-certificates \
@@ -28,11 +29,13 @@ RUN pip install --upgrade pip && pip install -e ".[models]"
 COPY docker/agent.yaml /etc/cxr-agent/agent.yaml
 
 RUN useradd --system --uid 10001 --create-home --home-dir /home/cxr cxr \
- && mkdir -p /data/spool /data/drafts /data/out /data/state /data/quarantine /data/profiles \
+ && mkdir -p /data/spool /data/drafts /data/out /data/state /data/quarantine /data/profiles /data/hf-cache \
  && chown -R cxr:cxr /data
 USER cxr
 
-VOLUME ["/data/spool", "/data/drafts", "/data/out", "/data/state"]
+# /data/hf-cache is the Hugging Face hub cache (HF_HOME): keep it on a volume so a new container
+# does not download the model again.
+VOLUME ["/data/spool", "/data/drafts", "/data/out", "/data/state", "/data/hf-cache"]
 # DICOM and health/metrics. EXPOSE publishes nothing: publish them on an interface of your
 # choice (compose.yaml uses the host's loopback; `docker run -p 127.0.0.1:8080:8080 ...`).
 EXPOSE 11112 8080

@@ -7,6 +7,7 @@ have, runs as root, or forgets the health check, volumes or ports.
 from __future__ import annotations
 
 import json
+import re
 import shlex
 from pathlib import Path
 
@@ -118,3 +119,31 @@ def test_compose_publishes_every_port_on_loopback_only() -> None:
     published = [p for s in services.values() for p in s.get("ports", [])]
     assert {p.split(":")[-1] for p in published} >= {"11112", "8080", "8042"}
     assert all(p.startswith("127.0.0.1:") for p in published), published
+
+
+def test_compose_passes_hf_token_and_keeps_the_hub_cache_on_a_volume() -> None:
+    """A recreated container must not download the model again, and gated models need a token."""
+    compose = yaml.safe_load((ROOT / "compose.yaml").read_text())
+    agent = compose["services"]["agent"]
+    assert agent["environment"]["HF_TOKEN"] == "${HF_TOKEN:-}"
+    dockerfile = (ROOT / "Dockerfile").read_text()
+    (hf_home,) = re.findall(r"HF_HOME=(\S+)", dockerfile)
+    mounts = {v.split(":")[1]: v.split(":")[0] for v in agent["volumes"]}
+    assert mounts[hf_home] in compose["volumes"]  # a named volume, not the container's layer
+    assert f'"{hf_home}"' in dockerfile.split("VOLUME", 1)[1].splitlines()[0]
+
+
+def test_vllm_recipes_serve_the_names_the_shipped_profiles_ask_for() -> None:
+    """The served model name must equal an OpenAI-backend profile's ``model`` (else HTTP 404)."""
+    from cxr_auditor.profiles import OpenAIProfile, load_profiles
+
+    wanted = {p.model for p in load_profiles().values() if isinstance(p, OpenAIProfile)}
+    command = yaml.safe_load((ROOT / "compose.yaml").read_text())["services"]["vllm"]["command"]
+    assert command[command.index("--served-model-name") + 1] in wanted
+    docs = (ROOT / "docs" / "models.md").read_text()
+    recipes = re.findall(r"vllm serve (\S+)(.*?)(?:\n\n|```)", docs.replace("\\\n", " "), re.S)
+    assert recipes
+    for model, rest in recipes:
+        served = re.search(r"--served-model-name (\S+)", rest)
+        assert (served.group(1) if served else model) in wanted
+        assert "--lora-modules" not in rest  # an adapter would be served under another name
