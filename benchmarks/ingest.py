@@ -8,6 +8,12 @@ storescp and Orthanc (default configuration) do not fsync.
 
     .venv/bin/python benchmarks/ingest.py --n 100
 
+``--memory`` measures instead the peak RSS of our listener process (VmHWM, reset with
+``/proc/<pid>/clear_refs`` after start-up) while it receives one 1 GB instance, then 16 of
+100 MB over 16 parallel associations (dcmtk ``storescu`` reads them from disk as it sends):
+
+    .venv/bin/python benchmarks/ingest.py --memory
+
 Results go to docs/benchmarks.md, "Ingest" (with the command and the machine it ran on).
 """
 
@@ -103,13 +109,16 @@ def _stop(proc: subprocess.Popen[bytes]) -> None:
 
 
 @contextmanager
-def receiver(kind: str, work: Path, workers: int = 1) -> Iterator[tuple[int, str, Path]]:
+def receiver(
+    kind: str, work: Path, workers: int = 1, max_instance_bytes: int = 512 * 1024 * 1024
+) -> Iterator[tuple[int, str, Path]]:
     """Start one receiver in its own process group; yields (port, called AE, storage dir)."""
     port = free_port()
     store = work / "store"
     store.mkdir(parents=True)
     if kind == "ours":
-        cmd = [sys.executable, __file__, "--serve-ours", str(work), str(port), str(workers)]
+        cmd = [sys.executable, __file__, "--serve-ours", str(work), str(port), str(workers),
+               str(max_instance_bytes)]
         aet, env = OUR_AET, os.environ
     elif kind == "storescp":
         # --fork: one process per association, as dcmtk recommends for concurrent senders.
@@ -171,7 +180,63 @@ def _count_received(kind: str, store: Path) -> int:
     return sum(1 for p in store.rglob(pattern) if p.is_file())
 
 
-def serve_ours(work: Path, port: int, workers: int) -> None:
+def write_big(path: Path, nbytes: int) -> Path:
+    """One DX instance whose Pixel Data is ``nbytes`` of zeros, written without holding it."""
+    import struct
+
+    from pydicom.filewriter import write_file_meta_info
+    from pynetdicom.dsutils import encode
+
+    from tests.builders import make_cxr
+
+    ds = make_cxr(rows=16, cols=16)
+    columns = 16384
+    ds.Rows, ds.Columns = nbytes // (2 * columns), columns
+    del ds.PixelData
+    header = encode(ds, False, True)
+    assert header is not None
+    pixel_len = ds.Rows * columns * 2
+    chunk = bytes(1 << 20)
+    with path.open("wb") as fh:
+        fh.write(b"\x00" * 128 + b"DICM")
+        write_file_meta_info(fh, ds.file_meta, enforce_standard=True)  # type: ignore[arg-type]
+        fh.write(header + b"\xe0\x7f\x10\x00OW\x00\x00" + struct.pack("<I", pixel_len))
+        for _ in range(pixel_len // len(chunk)):
+            fh.write(chunk)
+        fh.write(bytes(pixel_len % len(chunk)))
+    return path
+
+
+def _kib(pid: int, field: str) -> int:
+    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+        if line.startswith(f"{field}:"):
+            return int(line.split()[1])
+    raise RuntimeError(f"{field} not found for pid {pid}")
+
+
+def memory(base: Path) -> None:
+    """Peak RSS of our listener receiving 1 x 1 GB, then 16 x 100 MB in parallel."""
+    (base / "in").mkdir()
+    big = [write_big(base / "in" / "big.dcm", 1_000_000_000)]
+    many = [write_big(base / "in" / f"m{i:02d}.dcm", 100_000_000) for i in range(16)]
+    print(f"machine: {machine()}")
+    print(f"versions: {versions()}\n")
+    print("| load | wall s | RSS before MiB | peak RSS MiB |")
+    print("| --- | ---: | ---: | ---: |")
+    for label, files, assocs in (("1 x 1 GB, 1 association", big, 1),
+                                 ("16 x 100 MB, 16 associations", many, 16)):
+        work = base / f"mem-{assocs}"
+        with receiver("ours", work, 1, max_instance_bytes=2_000_000_000) as (port, aet, _):
+            pid = int((work / "listener.pid").read_text())
+            Path(f"/proc/{pid}/clear_refs").write_text("5")  # VmHWM := VmRSS
+            before = _kib(pid, "VmRSS")
+            seconds = send(files, port, aet, assocs)
+            peak = _kib(pid, "VmHWM")
+        shutil.rmtree(work, ignore_errors=True)
+        print(f"| {label} | {seconds:.1f} | {before / 1024:.0f} | {peak / 1024:.0f} |", flush=True)
+
+
+def serve_ours(work: Path, port: int, workers: int, max_instance_bytes: int) -> None:
     """Run our listener until SIGTERM (the benchmark's receiver process)."""
     import logging
     import threading
@@ -183,9 +248,11 @@ def serve_ours(work: Path, port: int, workers: int) -> None:
     logging.basicConfig(level=logging.WARNING)
     settings = load_settings(
         paths={**var_paths(work), "spool": work / "store"},
-        scp={"port": port, "min_free_bytes": 0, "workers": workers},
+        scp={"port": port, "min_free_bytes": 0, "workers": workers,
+             "max_instance_bytes": max_instance_bytes},
     )
     settings.ensure_folders()
+    (work / "listener.pid").write_text(str(os.getpid()))
     db = StateDB(settings.paths.state)
     listener = start_listener(settings, db)
     done = threading.Event()
@@ -220,14 +287,20 @@ def main() -> None:
     parser.add_argument("--receivers", default="ours,storescp,orthanc")
     parser.add_argument("--workdir", type=Path, default=None, help="default: a temp folder")
     parser.add_argument("--workers", type=int, default=1, help="our scp.workers")
-    parser.add_argument("--serve-ours", nargs=3, metavar=("WORKDIR", "PORT", "WORKERS"), help=argparse.SUPPRESS)
+    parser.add_argument("--memory", action="store_true", help="peak RSS run instead")
+    parser.add_argument("--serve-ours", nargs=4, help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.serve_ours:
-        serve_ours(Path(args.serve_ours[0]), int(args.serve_ours[1]), int(args.serve_ours[2]))
+        work, port, workers, max_bytes = args.serve_ours
+        serve_ours(Path(work), int(port), int(workers), int(max_bytes))
         return
     for binary in ("storescu", "echoscu", "storescp", "Orthanc"):
         if shutil.which(binary) is None:
             sys.exit(f"error: {binary} is not installed")
+    if args.memory:
+        with tempfile.TemporaryDirectory(dir=args.workdir, prefix="ingest-mem-") as tmp:
+            memory(Path(tmp))
+        return
 
     with tempfile.TemporaryDirectory(dir=args.workdir, prefix="ingest-bench-") as tmp:
         base = Path(tmp)

@@ -78,6 +78,7 @@ _LOCK_STRIPES = 64
 _DURABLE_DIRS_MAX = 4096
 _DEFER_BYTES = 64 * 1024  # values above this are checked for length and place, not loaded
 _INFLATE_CHUNK = 1 << 20
+_WRITEBACK_STEP = 4 << 20
 _UNDEFINED_LENGTH = 0xFFFFFFFF
 # PS3.5 A.1: Pixel Data (7FE0,0010) is OB or OW; a numeric VR there is a lie about the bytes.
 _PIXEL_DATA_VRS = frozenset({"OB", "OW"})
@@ -385,6 +386,8 @@ class IncomingFile:
         self.size = 0  # data set bytes received, written or not
         self.error: SpoolError | None = None
         self._hash = hashlib.sha256()
+        self._written = 0  # bytes in the file, File Meta included
+        self._flushed = 0  # bytes whose writeback was started
         folder = spool.root / INCOMING_DIR
         folder.mkdir(exist_ok=True)
         self.path = folder / f".{secrets.token_hex(8)}{TEMP_SUFFIX}"
@@ -425,6 +428,16 @@ class IncomingFile:
                 while view:
                     assert self._fd is not None
                     view = view[os.write(self._fd, view) :]
+            self._written += len(data)
+            if self._written - self._flushed >= _WRITEBACK_STEP:
+                # Start writeback of what is in (DONTNEED on dirty pages queues them and
+                # returns), so the fsync before the rename finds little left to write.
+                assert self._fd is not None
+                os.posix_fadvise(
+                    self._fd, self._flushed, self._written - self._flushed,
+                    os.POSIX_FADV_DONTNEED,
+                )
+                self._flushed = self._written
         except SpoolError as exc:
             self.error = exc
             self.discard()
