@@ -20,7 +20,7 @@ from pydicom.dataset import Dataset
 
 from cxr_auditor.render import render_overlay
 from cxr_auditor.schema import AuditResult
-from dicom_agent.config import AgentSettings
+from dicom_agent.config import AgentSettings, OutputSettings
 from dicom_agent.errors import OutputError
 from dicom_agent.files import atomic_write_bytes, atomic_write_text
 from dicom_agent.outputs.common import contributing_equipment, read_header
@@ -127,46 +127,56 @@ def write_outputs(
         )
 
     for index in sorted(set(headers) | set(display)):
-        source = headers.get(index)
-        image = display.get(index)
-        if enabled.gsps and source is not None:
-            writer.dicom(
-                f"gsps:{index}",
-                partial(
-                    build_gsps,
-                    result,
-                    index,
-                    source,
-                    window=image.window if image is not None else None,
-                    sop_instance_uid=instance_uid(result, f"gsps:{index}"),
-                    series_instance_uid=series_uid(str(source.StudyInstanceUID), "gsps"),
-                    series_number=enabled.series_number_gsps,
-                ),
-            )
-        if image is None or not (enabled.overlay_png or (enabled.secondary_capture and source)):
-            continue
-        picture = render_overlay(image.pixels, result, index)
-        if enabled.overlay_png:
-            atomic_write_bytes(writer.folder / f"overlay-{index}.png", _png(picture))
-        if enabled.secondary_capture and source is not None:
-            writer.dicom(
-                f"sc:{index}",
-                partial(
-                    build_sc,
-                    _rgb_array(picture),
-                    source,
-                    instance_number=result.result_version,
-                    sop_instance_uid=instance_uid(result, f"sc:{index}"),
-                    series_instance_uid=series_uid(str(source.StudyInstanceUID), "sc"),
-                    series_number=enabled.series_number_sc,
-                    contributing_equipment=contributing_equipment(result),
-                ),
-            )
+        _image_objects(writer, enabled, index, headers.get(index), display.get(index))
 
     final = result.model_copy(update={"outputs": writer.outputs})
     if enabled.json_sidecar:
         write_sidecar(study_dir, final)
     return final
+
+
+def _image_objects(
+    writer: _Writer,
+    enabled: OutputSettings,
+    index: int,
+    source: Dataset | None,
+    image: DisplayImage | None,
+) -> None:
+    """The per-image objects: GSPS on the source, overlay PNG and Secondary Capture."""
+    result = writer.result
+    if enabled.gsps and source is not None:
+        writer.dicom(
+            f"gsps:{index}",
+            partial(
+                build_gsps,
+                result,
+                index,
+                source,
+                window=image.window if image is not None else None,
+                sop_instance_uid=instance_uid(result, f"gsps:{index}"),
+                series_instance_uid=series_uid(str(source.StudyInstanceUID), "gsps"),
+                series_number=enabled.series_number_gsps,
+            ),
+        )
+    if image is None or not (enabled.overlay_png or (enabled.secondary_capture and source)):
+        return
+    picture = render_overlay(image.pixels, result, index)
+    if enabled.overlay_png:
+        atomic_write_bytes(writer.folder / f"overlay-{index}.png", _png(picture))
+    if enabled.secondary_capture and source is not None:
+        writer.dicom(
+            f"sc:{index}",
+            partial(
+                build_sc,
+                _rgb_array(picture),
+                source,
+                instance_number=result.result_version,
+                sop_instance_uid=instance_uid(result, f"sc:{index}"),
+                series_instance_uid=series_uid(str(source.StudyInstanceUID), "sc"),
+                series_number=enabled.series_number_sc,
+                contributing_equipment=contributing_equipment(result),
+            ),
+        )
 
 
 def _png(picture: Image.Image) -> bytes:
