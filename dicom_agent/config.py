@@ -184,6 +184,13 @@ class ForwardSettings(_Section):
 class HousekeepingSettings(_Section):
     spool_retention_days: float = Field(default=30.0, ge=0)
     results_retention_days: float = Field(default=365.0, ge=0)
+    failed_retention_days: float = Field(
+        default=30.0, ge=0, description="spool files of studies whose audit is dead-lettered"
+    )
+    unpaired_retention_days: float = Field(
+        default=30.0, ge=0, description="spool files of studies still waiting for a draft"
+    )
+    quarantine_retention_days: float = Field(default=30.0, ge=0)
     interval_seconds: float = Field(default=3600.0, gt=0)
 
 

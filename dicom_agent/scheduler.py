@@ -26,10 +26,11 @@ from apscheduler.schedulers.background import BackgroundScheduler
 
 from dicom_agent import forward
 from dicom_agent.config import AgentSettings, PairingSettings
+from dicom_agent.errors import StateError
 from dicom_agent.inbox import DraftReader
 from dicom_agent.observe import Event, event, study_ref
 from dicom_agent.outputs.layout import study_dir
-from dicom_agent.spool import expire_study
+from dicom_agent.spool import expire_quarantine, expire_study
 from dicom_agent.state import (
     DraftRow,
     DraftState,
@@ -213,6 +214,21 @@ def queue_audit(
     return job
 
 
+def reaudit_study(db: StateDB, study_uid: str, now: float) -> JobRow:
+    """Queue a new audit version of a received study with its current draft: ``cxr-agent
+    reaudit`` and the results browser's Re-audit and dead-job Retry.
+
+    Raises:
+        StateError: the study's images are gone (spool retention), so nothing can be audited.
+    """
+    if not db.instances_of_study(study_uid):
+        raise StateError(
+            "the study's images are gone (housekeeping.spool_retention_days); send it again"
+        )
+    draft = db.current_draft(study_uid)
+    return queue_audit(db, study_uid, draft.id if draft else None, Reason.REAUDIT, now)
+
+
 def housekeeping(db: StateDB, settings: AgentSettings, now: float) -> tuple[int, int]:
     """Remove spool files and result folders past retention, for audited studies only.
 
@@ -232,10 +248,28 @@ def housekeeping(db: StateDB, settings: AgentSettings, now: float) -> tuple[int,
         if expired(study.updated_at, now, hk.results_retention_days) and result_dir.is_dir():
             shutil.rmtree(result_dir)
             folders += 1
-    if files or folders:
+    # Studies that will not be audited on their own (dead-lettered, or never paired with a
+    # draft under no_draft_policy=wait) would otherwise fill the spool until C-STORE is refused.
+    stuck = (
+        (StudyState.FAILED, hk.failed_retention_days),
+        (StudyState.WAITING_DRAFT, hk.unpaired_retention_days),
+    )
+    for state, days in stuck:
+        for study in db.studies((state,)):
+            if expired(study.last_instance_at, now, days):
+                files += expire_study(
+                    db, spool_root, study.study_instance_uid, now - days * DAY_SECONDS, (state,)
+                )
+    quarantined = 0
+    if hk.quarantine_retention_days > 0:
+        quarantined = expire_quarantine(
+            settings.paths.quarantine, now - hk.quarantine_retention_days * DAY_SECONDS
+        )
+    if files or folders or quarantined:
         log.info(
-            "housekeeping removed %d spool files and %d result folders", files, folders,
-            extra=event(event=Event.HOUSEKEEPING_DONE, count=files + folders),
+            "housekeeping removed %d spool files, %d result folders, %d quarantined data sets",
+            files, folders, quarantined,
+            extra=event(event=Event.HOUSEKEEPING_DONE, count=files + folders + quarantined),
         )
     return files, folders
 

@@ -61,7 +61,7 @@ from dicom_agent.errors import (
     SpoolFullError,
 )
 from dicom_agent.files import atomic_copy, atomic_write_bytes, atomic_write_text, fsync_dir
-from dicom_agent.state import InstanceState, StateDB, StoreOutcome
+from dicom_agent.state import InstanceState, StateDB, StoreOutcome, StudyState
 
 logger = logging.getLogger(__name__)
 
@@ -756,10 +756,17 @@ def _open_stripe(root: Path, stripe: int) -> int:
     return os.open(folder / f"{stripe:02d}", os.O_RDWR | os.O_CREAT, 0o640)
 
 
-def expire_study(db: StateDB, spool_root: Path, study_uid: str, last_instance_before: float) -> int:
-    """Housekeeping: forget an audited study's instances and delete their spool files.
+def expire_study(
+    db: StateDB,
+    spool_root: Path,
+    study_uid: str,
+    last_instance_before: float,
+    states: tuple[StudyState, ...] = (StudyState.AUDITED,),
+) -> int:
+    """Housekeeping: forget a study's instances and delete their spool files.
 
-    The rows go first, in one transaction that re-checks the study is still audited and quiet
+    The rows go first, in one transaction that re-checks the study is still in ``states``
+    (audited by default; failed or waiting for a draft for their own retention) and quiet
     since ``last_instance_before`` (a late C-STORE re-opens it). Each file is then removed under
     the same stripe lock a store takes, and only if no new row for that SOP Instance UID was
     committed meanwhile: an instance acknowledged after the check is never deleted.
@@ -767,7 +774,7 @@ def expire_study(db: StateDB, spool_root: Path, study_uid: str, last_instance_be
     """
     root = spool_root.resolve()
     removed = 0
-    for row in db.take_expired_instances(study_uid, last_instance_before):
+    for row in db.take_expired_instances(study_uid, last_instance_before, states):
         path = Path(row.path).resolve()
         if not path.is_relative_to(root):  # never delete outside the spool
             continue
@@ -779,6 +786,24 @@ def expire_study(db: StateDB, spool_root: Path, study_uid: str, last_instance_be
                 removed += 1
         finally:
             os.close(fd)  # closing the descriptor releases the flock
+    return removed
+
+
+def expire_quarantine(quarantine_root: Path, modified_before: float) -> int:
+    """Housekeeping: delete quarantined data sets (and their reason files) last written before
+    ``modified_before`` (epoch seconds); returns the number of data sets removed."""
+    removed = 0
+    if not quarantine_root.is_dir():
+        return 0
+    for kept in quarantine_root.glob("*.bin"):
+        try:
+            if kept.stat().st_mtime >= modified_before:
+                continue
+        except FileNotFoundError:
+            continue
+        kept.with_name(kept.stem + REASON_SUFFIX).unlink(missing_ok=True)
+        kept.unlink(missing_ok=True)
+        removed += 1
     return removed
 
 

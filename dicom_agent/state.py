@@ -692,11 +692,14 @@ class StateDB:
         return [str(r["study_instance_uid"]) for r in rows]
 
     def take_expired_instances(
-        self, study_uid: str, last_instance_before: float
+        self,
+        study_uid: str,
+        last_instance_before: float,
+        states: tuple[StudyState, ...] = (StudyState.AUDITED,),
     ) -> list[InstanceRow]:
-        """Delete and return the instance rows of an audited study quiet since the cutoff.
+        """Delete and return the instance rows of a study in ``states`` quiet since the cutoff.
 
-        Returns nothing when the study is no longer audited or an instance arrived after the
+        Returns nothing when the study left those states or an instance arrived after the
         cutoff (both re-checked inside the transaction, so a late store wins).
         """
         with self.transaction() as conn:
@@ -706,7 +709,7 @@ class StateDB:
             ).fetchone()
             if (
                 study is None
-                or study["state"] != StudyState.AUDITED.value
+                or study["state"] not in {s.value for s in states}
                 or study["last_instance_at"] > last_instance_before
             ):
                 return []

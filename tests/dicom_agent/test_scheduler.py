@@ -6,6 +6,7 @@ The clock is always passed in: nothing here sleeps.
 from __future__ import annotations
 
 import logging
+import os
 from pathlib import Path
 
 import pytest
@@ -212,6 +213,39 @@ class TestHousekeeping:
         assert (s.paths.spool / "1.11.1.dcm").exists() and (s.paths.out / "1.11").exists()
         assert db.instances_of_study("1.10") == [] and len(db.instances_of_study("1.11")) == 1
 
+    def test_failed_and_unpaired_studies_and_old_quarantine_expire_on_their_own_clocks(
+        self, settings: AgentSettings
+    ) -> None:
+        s = settings.model_copy(update={"housekeeping": settings.housekeeping.model_copy(
+            update={"failed_retention_days": 1, "unpaired_retention_days": 3,
+                    "quarantine_retention_days": 1})})
+        db = StateDB(s.paths.state)
+        for uid, state in (("1.20", StudyState.FAILED), ("1.21", StudyState.WAITING_DRAFT),
+                           ("1.22", StudyState.QUEUED)):
+            f = s.paths.spool / f"{uid}.1.dcm"
+            f.write_bytes(b"x")
+            db.record_instance(
+                sop_instance_uid=uid + ".1", study_instance_uid=uid, series_instance_uid=uid + ".2",
+                sop_class_uid="1.2", modality="DX", transfer_syntax_uid=None, view_position="PA",
+                body_part="CHEST", accession_number=None, path=str(f), sha256=uid, size=1, now=0,
+            )
+            db.set_study_state(uid, state, 0, settled_at=0)
+        s.paths.quarantine.mkdir(parents=True, exist_ok=True)
+        old, new = s.paths.quarantine / "old.bin", s.paths.quarantine / "new.bin"
+        for kept, mtime in ((old, 0.0), (new, 2 * 86_400.0)):
+            kept.write_bytes(b"junk")
+            kept.with_name(kept.stem + ".reason.txt").write_text("reason: test\n")
+            os.utime(kept, (mtime, mtime))
+        # Day 2: the failed study is past its 1 day, the unpaired one not yet past 3 days.
+        assert housekeeping(db, s, 2 * 86_400) == (1, 0)
+        assert db.instances_of_study("1.20") == [] and not (s.paths.spool / "1.20.1.dcm").exists()
+        assert len(db.instances_of_study("1.21")) == 1
+        assert sorted(p.name for p in s.paths.quarantine.iterdir()) == ["new.bin", "new.reason.txt"]
+        # Day 4: the unpaired study goes too; a study with an audit queued never does.
+        assert housekeeping(db, s, 4 * 86_400) == (1, 0)
+        assert db.instances_of_study("1.21") == []
+        assert len(db.instances_of_study("1.22")) == 1 and (s.paths.spool / "1.22.1.dcm").exists()
+
     def test_an_instance_stored_during_housekeeping_is_never_deleted(
         self, settings: AgentSettings
     ) -> None:
@@ -229,8 +263,10 @@ class TestHousekeeping:
         db.set_study_state("1.12", StudyState.AUDITED, 0)
         taken = db.take_expired_instances
 
-        def take_then_a_store_lands(study_uid: str, cutoff: float) -> list[InstanceRow]:
-            rows = taken(study_uid, cutoff)
+        def take_then_a_store_lands(
+            study_uid: str, cutoff: float, states: tuple[StudyState, ...]
+        ) -> list[InstanceRow]:
+            rows = taken(study_uid, cutoff, states)
             f.write_bytes(b"new")  # the same SOP Instance re-sent and acknowledged meanwhile
             db.record_instance(
                 sop_instance_uid="1.12.1", study_instance_uid="1.12",
