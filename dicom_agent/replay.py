@@ -126,6 +126,7 @@ def replay_studies(
     manifest = {
         "disclaimer": DISCLAIMER,
         "profile": profile.name,
+        "prompt": profile.prompt,
         "parser": settings.drafts.parser,
         "started_at": started,
         "finished_at": time.time(),

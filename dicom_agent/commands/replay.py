@@ -11,7 +11,7 @@ from typing import Annotated
 import typer
 
 from cxr_auditor.errors import CxrAuditError
-from cxr_auditor.profiles import get_profile
+from cxr_auditor.profiles import get_profile, parse_profile
 from dicom_agent.commands import CONFIG_OPTION, fail, settings_or_fail
 from dicom_agent.conformance import is_valid_uid
 from dicom_agent.errors import AgentError
@@ -43,6 +43,11 @@ def replay(
         typer.Option("--out", help="Result folder (default: <paths.out>/../replay/"
                      "<profile>-<UTC time>)."),
     ] = None,
+    prompt: Annotated[
+        str | None,
+        typer.Option("--prompt", help="Run the profile with this pinned prompt instead of its own "
+                     "(a name in cxr_auditor.prompts, e.g. grounding, explain_my_xray)."),
+    ] = None,
     parser_name: Annotated[
         str | None, typer.Option("--parser", help="Draft parser (default: drafts.parser).")
     ] = None,
@@ -51,7 +56,7 @@ def replay(
     ] = None,
     config: Path | None = CONFIG_OPTION,
 ) -> None:
-    """Audit spooled studies again with another profile into a separate folder."""
+    """Audit spooled studies again with another profile or prompt into a separate folder."""
     from dicom_agent.registry import build_runner
     from dicom_agent.replay import replay_studies
     from dicom_agent.state import StateDB, StudyState
@@ -61,9 +66,13 @@ def replay(
     if not settings.paths.state.exists():
         fail(f"no state database at {settings.paths.state} (has the agent ever run here?)")
     stamp = time.strftime("%Y%m%dT%H%M%SZ", time.gmtime())
-    folder = out or settings.paths.out.parent / "replay" / f"{profile_name}-{stamp}"
+    run_name = f"{profile_name}+{prompt}" if prompt else profile_name
+    folder = out or settings.paths.out.parent / "replay" / f"{run_name}-{stamp}"
     try:
         profile = get_profile(profile_name, settings.paths.profiles)
+        if prompt is not None:  # validated like a profile file, so a bad name is one line
+            data = profile.model_dump(mode="json", exclude_none=True)
+            profile = parse_profile({**data, "prompt": prompt}, source="--prompt")
         if profile.task == "draft_parsing":
             fail(f"profile {profile.name!r} parses drafts; give a grounding or classification one")
         runner = build_runner(profile, parser_name or settings.drafts.parser, settings)

@@ -113,6 +113,15 @@ def test_replay_named_studies_and_a_missing_spool_file(tmp_path: Path) -> None:
     assert "gone from the spool" in body["failed"][gone]
 
 
+def test_replay_with_an_unknown_prompt_is_one_line(tmp_path: Path) -> None:
+    config = _config(tmp_path)
+    _spooled_study(tmp_path)
+    result = runner.invoke(app, ["replay", "--profile", "fake", "--prompt", "nope", "--config",
+                                 str(config)])
+    assert result.exit_code == 2 and "prompt must be one of" in result.stderr
+    assert "Traceback" not in result.output
+
+
 def test_replay_refuses_bad_uids_and_unknown_profiles(tmp_path: Path) -> None:
     config = _config(tmp_path)
     _spooled_study(tmp_path)
@@ -174,3 +183,14 @@ def test_replay_with_the_trained_tiny_grounder_and_diff_against_the_stand_in(
     # the stand-in also reports an effusion (patient's right); the tiny model does not
     assert body["counts"]["findings_removed"] == {"pleural_effusion:right": 1}
     assert body["counts"]["findings_added"] == {}
+    # the same model on the angiography prompt answers "The vessel is occluded.": no grounding
+    other = tmp_path / "other-prompt"
+    _invoke("replay", "--profile", "tiny-v2", "--prompt", "dsa_patency", "--out", str(other),
+            "--config", str(config))
+    assert json.loads((other / "replay.json").read_text())["prompt"] == "dsa_patency"
+    body = _invoke("diff", str(tiny), str(other))
+    assert body["studies"][uid]["grounding_state"] == ["ok", "failed"]
+    assert body["counts"]["findings_removed"] == {"pneumothorax:left": 1}
+    prompts = {json.loads((d / uid / "audit.json").read_text())["models"][0]["prompt_hash"]
+               for d in (tiny, other)}
+    assert len(prompts) == 2
