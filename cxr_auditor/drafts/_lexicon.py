@@ -76,7 +76,9 @@ _GAP_NORMAL = (
     r"(?:[\s,:/]+(?!not\b|enlarg|promin|large|border|upper(?!\s+mediastin)|top\b|high\b|mild|moder|sever|increas"
     r"|but\b|although\b|however\b|though\b|except\b)[a-z-]+){0,6}?[\s,:/]+"
 )
-_GAP_ENLARGED = r"(?:[\s,:]+(?!not\b|normal\b|border|upper\b|top\b)[a-z/-]+){0,12}?[\s,:]+"
+# A new heart subject ends the gap: "silhouette accentuated by technique, heart size mildly
+# enlarged" holds two statements.
+_GAP_ENLARGED = r"(?:[\s,:]+(?!not\b|normal\b|border|upper\b|top\b|heart\b)[a-z/-]+){0,12}?[\s,:]+"
 
 # Phrases with a status of their own; matched before the single terms.
 PHRASES: tuple[Entry, ...] = (
@@ -89,7 +91,8 @@ PHRASES: tuple[Entry, ...] = (
         r"(?: (?:or|and|/) (?:acute|active))? "
         # the organs as a list: "cardiac, pulmonary or pleural", "cardiopulmonary or thoracic"
         r"(?:(?:radiographic|cardiopulmonary|cardiothoracic|intrathoracic|thoracic|pulmonary"
-        r"|chest|cardiac|pleural|lung|osseous|bony|mediastinal),? (?:(?:or|and) )?)*"
+        # (only chest organs: "no acute osseous abnormality" is not a normal study)
+        r"|chest|cardiac|pleural|lung),? (?:(?:or|and) )?)*"
         r"(?:abnormalit(?:y|ies)|process(?:es)?|disease|findings?|pathology|changes?|issues?)",
         NF, fixed=PRESENT,
     ),
@@ -187,14 +190,6 @@ PHRASES: tuple[Entry, ...] = (
         r"no pleural abnormalit(?:y|ies)|(?:pleura|pleural spaces?):? (?:is |are |appear )?"
         r"(?:normal|unremarkable)",
         E, fixed=ABSENT,
-    ),
-    # A nodular or round opacity is a sign of a nodule, as blunting is of an effusion: a nodule
-    # on its own ("1.5 cm nodular opacity"), deferring to an explicit nodule in its clause
-    # ("nodular opacity which could represent a nodule"). Its "opacity" is a mention of its own.
-    _e(
-        r"(?:nodular|rounded|round|circular|spherical|nodule-like) (?:opacit(?:y|ies)"
-        r"|densit(?:y|ies))",
-        N, shape=True,
     ),
 )
 
@@ -359,7 +354,12 @@ TERMS: tuple[Entry, ...] = (
         r"|opacification"
         r"|infiltrat(?:e|es|ion|ive)|(?:broncho)?pneumonias?|pna\b|pneumonitis|haziness"
         r"|(?:(?:airspace|air-space|air space|alveolar) )?shadowing"
-        r"|(?:lung |pulmonary )?parenchymal abnormalit(?:y|ies)",
+        r"|(?:lung |pulmonary )?parenchymal abnormalit(?:y|ies)"
+        # a "density" only where its site is the lung: alone it is as often a hernia, a
+        # stent, a skin fold or a bone
+        r"|(?:(?:airspace|air-space|air space|alveolar|parenchymal|lung|pulmonary|basilar"
+        r"|(?:lung )?base|retrocardiac|perihilar|infrahilar|suprahilar|patchy|hazy|streaky"
+        r"|ill-defined|confluent) )densit(?:y|ies)",
         O,
     ),
     # A nodule or mass at a site outside the lung (bone, chest wall, breast, thyroid, abdomen):
@@ -378,6 +378,14 @@ TERMS: tuple[Entry, ...] = (
         r"|vertebr(?:a|ae|al)|spine|sternum|breast|chest\s+wall|shoulder|thyroid|neck|liver"
         r"|abdomen|kidneys?|spleen|soft\s+tissues?)\b)",
         ("extrapulmonary_lesion",),
+    ),
+    # A nodular or round opacity is a nodule described by its shape (the image label that marks
+    # it is nodule/mass, not opacity): a nodule on its own ("1.5 cm nodular opacity"), deferring
+    # to an explicit nodule in its clause ("nodular opacity which could represent a nodule").
+    _e(
+        r"(?:nodular|rounded|round|circular|spherical|nodule-like) (?:opacit(?:y|ies)"
+        r"|densit(?:y|ies))",
+        N, shape=True,
     ),
     # nodule / mass
     _e(
@@ -492,8 +500,9 @@ TRIGGERS: tuple[tuple[str, Trig], ...] = (
     (r"(?:is|are) (?:difficult|hard) to (?:entirely |completely )?(?:exclude|rule out)",
      Trig.POST_HEDGE),
     (r"(?:cannot|can not|can't|can’t|could not) (?:entirely |completely |definitely )?"
-     r"(?:exclude|rule out|r/o)|not exclude|(?:difficult|hard) to (?:entirely |completely )?"
-     r"(?:exclude|rule out)", Trig.PRE_HEDGE),
+     r"(?:exclude|rule out|r/o)|not exclude", Trig.PRE_HEDGE),
+    # "infiltrates difficult to exclude" looks back, "difficult to exclude infiltrates" forward
+    (r"(?:difficult|hard) to (?:entirely |completely )?(?:exclude|rule out)", Trig.BI_HEDGE),
     # comparative likelihood: what follows "than" is the less likely option
     (r"(?:more|less) likely than", Trig.PRE_HEDGE),
     (r"(?:(?:is|are) )?(?:much )?less likely", Trig.POST_HEDGE),

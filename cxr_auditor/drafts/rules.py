@@ -45,7 +45,7 @@ from cxr_auditor.schema import (
 
 logger = logging.getLogger(__name__)
 
-RULES_VERSION = "1.7"
+RULES_VERSION = "2.0"
 
 NOTE_INFERRED_NORMAL = "no_finding inferred from a normal heart and clear lungs"
 NOTE_NORMAL_OVERRIDDEN = "normal-study statement overridden by an asserted or hedged finding"
@@ -373,7 +373,7 @@ class _Sentence:
             before = self._last_before(trig)
         if kind in _BACKWARD:
             return before
-        is_versus = kind is lx.Trig.BI_HEDGE and self.low[trig.start] != "?"
+        is_versus = kind is lx.Trig.BI_HEDGE and self.low.startswith(("versus", "vs"), trig.start)
         # "blunting, ? pleural thickening or minimal effusion": a "?" that opens a comma piece
         # asks about what follows it
         asks_forward = (
@@ -602,8 +602,12 @@ def _assemble(text: str, mentions: list[_Mention], parser: str) -> DraftResult:
     chosen = {lab: _sided(_choose(c), c) for lab, c in labels.items()}
     chosen_unmapped = {term: _choose(c) for term, c in unmapped.items()}
     notes: list[str] = []
+    # a finding explained away as an artefact ("likely a nipple shadow") does not outweigh an
+    # explicit normal-study statement, though it still stops one being inferred (below)
     asserted = any(
-        chosen[lab].status is not _ABSENT for lab in POSITIVE_LABELS if lab in chosen
+        chosen[lab].status is not _ABSENT and not chosen[lab].withdrawn
+        for lab in POSITIVE_LABELS
+        if lab in chosen
     )
     normal = chosen.pop(Label.NO_FINDING, None)
     if normal is not None and asserted:

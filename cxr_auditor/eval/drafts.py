@@ -24,6 +24,10 @@ and set:
 in-house sets; name gold files (the real set included) and ``--parser`` (repeatable: ``rules``,
 ``negex``, or any ``task: draft_parsing`` profile) to choose. ``--detail`` adds per-label tables,
 ``--errors`` the disagreeing ids and labels (never text), ``--json`` everything as JSON.
+
+``--adjudicate FILE`` applies reviewed corrections to silver labels: JSON Lines of ``{"id",
+"label", "status"}`` (``uncertain`` makes the cell don't-care) for the cells where the report's
+text clearly disagrees with its label. Both parsers are scored against the same corrected gold.
 """
 
 from __future__ import annotations
@@ -174,6 +178,40 @@ def load_gold(path: Path) -> list[GoldReport]:
             if report is not None:
                 out.append(report)
     return out
+
+
+def adjudicate(gold: list[GoldReport], path: Path) -> tuple[list[GoldReport], int]:
+    """Apply reviewed cell corrections (see the module docstring); returns the corrected gold
+    and the number of cells changed. An id that is not in ``gold`` is ignored (another set's)."""
+    fixes: dict[str, dict[Label, DraftStatus]] = {}
+    with path.open(encoding="utf-8") as fh:
+        for lineno, line in enumerate(fh, 1):
+            if not line.strip():
+                continue
+            try:
+                rec = json.loads(line)
+                fixes.setdefault(str(rec["id"]), {})[Label(rec["label"])] = DraftStatus(
+                    rec["status"]
+                )
+            except (ValueError, KeyError, TypeError) as exc:
+                raise ValueError(f"{path}:{lineno}: not an adjudication ({exc})") from exc
+    out, changed = [], 0
+    for g in gold:
+        cells = fixes.get(g.id)
+        if not cells:
+            out.append(g)
+            continue
+        labels, dont_care = dict(g.labels), set(g.dont_care)
+        for lab, status in cells.items():
+            changed += 1
+            labels.pop(lab, None)
+            dont_care.discard(lab)
+            if status is DraftStatus.UNCERTAIN:
+                dont_care.add(lab)
+            else:
+                labels[lab] = status
+        out.append(GoldReport(g.id, g.text, labels, frozenset(dont_care)))
+    return out, changed
 
 
 def _gold_record(rec: dict[str, Any]) -> GoldReport | None:
@@ -337,6 +375,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     ap.add_argument("--json", action="store_true", help="print the figures as JSON")
     ap.add_argument("--detail", action="store_true", help="add a per-label table per run")
     ap.add_argument("--errors", action="store_true", help="list disagreements (id, label)")
+    ap.add_argument("--adjudicate", type=Path, metavar="FILE",
+                    help="reviewed corrections of silver cells (JSONL of id, label, status)")
     ap.add_argument(
         "--prefix", default="", help="only reports whose id starts with this (one batch: 'h4b1-')"
     )
@@ -352,6 +392,11 @@ def main(argv: Sequence[str] | None = None) -> int:
             (name, [g for g in load_gold(p) if g.id.startswith(args.prefix)])
             for name, p in named
         ]
+        if args.adjudicate:
+            corrected = [(name, adjudicate(gold, args.adjudicate)) for name, gold in sets]
+            for name, (_, changed) in corrected:
+                print(f"{name}: {changed} cells adjudicated", file=sys.stderr)
+            sets = [(name, gold) for name, (gold, _) in corrected]
         parsers = [build_parser(n) for n in args.parsers or DEFAULT_PARSERS]
     except (OSError, ValueError, KeyError, CxrAuditError) as exc:
         print(f"error: {exc}", file=sys.stderr)
