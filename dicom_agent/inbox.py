@@ -217,10 +217,10 @@ class DraftReader:
                 self._handle(Path(entry.path), cur, now, report)
             except OSError as exc:  # a move that failed: retried next poll, other drafts go on
                 self._seen.pop(name, None)
-                log.warning("draft could not be filed (%s); retrying", _os_reason(exc))
+                log.warning("%s could not be filed (%s); retrying", self.noun, _os_reason(exc))
             except Exception as exc:  # one bad file must never block the drafts behind it
                 self._seen.pop(name, None)
-                log.error("draft could not be handled (%s); retrying", type(exc).__name__)
+                log.error("%s could not be handled (%s); retrying", self.noun, type(exc).__name__)
         for gone in set(self._seen) - present:
             del self._seen[gone]
         return report
@@ -233,11 +233,12 @@ class DraftReader:
         except _Changed:
             self._seen.pop(path.name, None)
             report.retried += 1
-            log.info("draft changed while read; retrying", extra=event(event=Event.DRAFT_RETRY))
+            log.info("%s changed while read; retrying", self.noun,
+                     extra=event(event=Event.DRAFT_RETRY))
             self._count("retried")
             return
         except OSError as exc:  # the message would name the file, i.e. the accession number
-            log.warning("draft file could not be read (%s); retrying", _os_reason(exc))
+            log.warning("%s file could not be read (%s); retrying", self.noun, _os_reason(exc))
             return
         sha = hashlib.sha256(data).hexdigest()
         try:
@@ -364,7 +365,7 @@ class DraftReader:
         self._seen.pop(path.name, None)
         self._count(f"rejected_{rej.code}")
         log.warning(
-            "draft rejected (%s)", rej.code,
+            "%s rejected (%s)", self.noun, rej.code,
             extra=event(event=Event.DRAFT_REJECTED, reason=rej.code),
         )
 
