@@ -16,6 +16,8 @@ from pydicom.uid import (
     generate_uid,
 )
 
+from dicom_agent.demo import chest_phantom  # the demo's synthetic chest: one drawing for both
+
 SENTINEL_PATIENT_NAME = "SENTINEL^PHI^DONOTLOG"
 SENTINEL_PATIENT_ID = "PHI-SENTINEL-4711"
 SENTINEL_BIRTH_DATE = "19010203"
@@ -26,28 +28,6 @@ CR_STORAGE = "1.2.840.10008.5.1.4.1.1.1"
 SC_STORAGE = "1.2.840.10008.5.1.4.1.1.7"
 XA_STORAGE = "1.2.840.10008.5.1.4.1.1.12.1"
 CT_STORAGE = "1.2.840.10008.5.1.4.1.1.2"
-
-
-def chest_phantom(rows: int, cols: int, bits: int = 12, seed: int = 0) -> np.ndarray:
-    """A chest-like image in stored values (higher = more attenuation, MONOCHROME2 sense)."""
-    rng = np.random.default_rng(seed)
-    y, x = np.mgrid[0:rows, 0:cols].astype(np.float32)
-    yn, xn = y / rows, x / cols
-    img = np.full((rows, cols), 0.55, np.float32)  # soft tissue
-    for cx in (0.32, 0.68):  # lungs: dark
-        lung = ((xn - cx) / 0.17) ** 2 + ((yn - 0.48) / 0.33) ** 2 < 1
-        img[lung] = 0.18
-    heart = ((xn - 0.55) / 0.14) ** 2 + ((yn - 0.62) / 0.13) ** 2 < 1
-    img[heart] = 0.6
-    spine = np.abs(xn - 0.5) < 0.035
-    img[spine] = 0.8
-    for k in range(8):  # ribs
-        band = np.abs(yn - (0.22 + 0.07 * k) - 0.05 * np.abs(xn - 0.5)) < 0.008
-        img[band] = np.maximum(img[band], 0.45)
-    img[(yn > 0.95) | (xn < 0.03) | (xn > 0.97)] = 0.02  # collimation / air
-    img += rng.normal(0, 0.01, img.shape).astype(np.float32)
-    maxv = (1 << bits) - 1
-    return np.clip(img * maxv, 0, maxv).astype(np.uint16)
 
 
 def make_cxr(
