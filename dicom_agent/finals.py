@@ -48,6 +48,7 @@ from cxr_auditor.schema import (
     GroundingState,
 )
 from dicom_agent.config import AgentSettings
+from dicom_agent.errors import OutputError
 from dicom_agent.inbox import DraftReader, KeyKind, Reject, _Rejected, is_study_uid
 from dicom_agent.observe import Event, Metrics, event, study_ref
 from dicom_agent.outputs.layout import SIDECAR_NAME, read_result, study_dir
@@ -303,7 +304,12 @@ class Monitor:
             sidecar = study_dir(self.settings, uid) / SIDECAR_NAME
             if not sidecar.exists():
                 continue  # not audited yet: compared on a later tick
-            result = read_result(sidecar)
+            try:
+                result = read_result(sidecar)
+            except OutputError:  # one unreadable result must not hold up the other finals
+                log.warning("final report not compared: the study's result is unreadable",
+                            extra=event(study=study_ref(uid), reason="result_unreadable"))
+                continue
             (parsed,) = self._draft_parser().parse_many([final.text])
             rows = agreement_rows(result, parsed, final_id=final.id, study_uid=uid, now=now)
             self.db.record_agreements(final.id, uid, rows, now)

@@ -251,3 +251,24 @@ def test_final_exported_as_an_sr_file(settings: AgentSettings) -> None:
     ptx = next(r for r in db.agreement_window(5) if r.label == "pneumothorax")
     assert ptx.final_present and ptx.model_present
     assert 'cxr_agent_finals_total{outcome="rejected_unsupported_type"} 1.0' in metrics.render().decode()
+
+
+def test_unreadable_result_leaves_its_final_pending_and_others_go_on(settings: AgentSettings) -> None:
+    monitor, db, _ = _monitor(settings)
+    _study(db)
+    other = UID + "7"
+    db.record_instance(
+        sop_instance_uid=other + ".1", study_instance_uid=other, series_instance_uid=other + ".2",
+        sop_class_uid="1.2.840.10008.5.1.4.1.1.1", modality="CR", transfer_syntax_uid=None,
+        view_position="PA", body_part="CHEST", accession_number="ACC002", path="z",
+        sha256="2" * 64, size=1, now=2.0,
+    )
+    (settings.paths.out / UID).mkdir(parents=True)
+    (settings.paths.out / UID / "audit.json").write_text("{not json")
+    write_sidecar(settings.paths.out / other, _audit(BRIGHT_ANSWER, None))
+    _drop(settings.paths.finals, f"{ACCESSION}.txt", "Cardiomegaly.")
+    _drop(settings.paths.finals, "ACC002.txt", "Cardiomegaly.")
+    monitor.tick(now=0.0)
+    assert monitor.tick(now=10.0) == 1
+    assert sorted(f.state for f in db.finals()) == [FinalState.COMPARED.value,
+                                                     FinalState.PENDING.value]
