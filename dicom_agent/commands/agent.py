@@ -240,7 +240,8 @@ def reaudit(
     config: Path | None = CONFIG_OPTION,
 ) -> None:
     """Queue a new audit version of a study (a running agent picks it up)."""
-    from dicom_agent.scheduler import Reason, queue_audit
+    from dicom_agent.errors import StateError
+    from dicom_agent.scheduler import reaudit_study
     from dicom_agent.state import StateDB
 
     settings = settings_or_fail(config)
@@ -256,10 +257,10 @@ def reaudit(
                  f"{', '.join(short_uid(u) for u in matches)}): give the Study Instance UID")
         (study_uid,) = matches
         matched = "Study Instance UID" if study_uid == key else f"accession number (study {short_uid(study_uid)})"
-        if not db.instances_of_study(study_uid):
-            fail("the study's images are gone (housekeeping.spool_retention_days); send it again")
-        draft = db.current_draft(study_uid)
-        job = queue_audit(db, study_uid, draft.id if draft else None, Reason.REAUDIT, time.time())
+        try:
+            job = reaudit_study(db, study_uid, time.time())
+        except StateError as exc:
+            fail(str(exc))
     finally:
         db.close()
     typer.echo(f"matched by {matched}; queued audit job {job.id} (result version {job.result_version})")

@@ -3,7 +3,7 @@ timeline with per-stage timings, every result version, links to the JSON and DIC
 the actions re-audit, resend and retry a dead job.
 
 The actions call what the CLI commands call: ``reaudit`` queues through
-:func:`dicom_agent.scheduler.queue_audit`, ``resend`` queues the version's validated objects
+:func:`dicom_agent.scheduler.reaudit_study`, ``resend`` queues the version's validated objects
 through :func:`dicom_agent.forward.enqueue_forward` (the running agent's scheduler sends them,
 as ``cxr-agent resend --queue-only``), a dead forward job is re-queued by
 :meth:`StateDB.retry_dead_forward_jobs` (``cxr-agent forward retry``) and a dead audit job by
@@ -40,7 +40,7 @@ from dicom_agent.outputs.layout import (
     study_dir,
     version_dir,
 )
-from dicom_agent.scheduler import Reason, queue_audit
+from dicom_agent.scheduler import reaudit_study
 from dicom_agent.state import JobKind, JobRow, JobState
 from dicom_agent.web.context import FLAG_ORDER, AgentView, agent_of, render
 
@@ -253,20 +253,20 @@ def _back(uid: str, message: str) -> RedirectResponse:
     return RedirectResponse(f"/studies/{quote(uid)}?msg={quote(message)}", 303)
 
 
-def reaudit_study(agent: AgentView, uid: str) -> str:
-    """Queue a new audit version (as ``cxr-agent reaudit``); the message to show."""
+def _reaudit(agent: AgentView, uid: str) -> str:
+    """Queue a new audit version as ``cxr-agent reaudit`` does; the message to show."""
     if agent.db.study(uid) is None:
         return "unknown study: no instance of it was received"
-    if not agent.db.instances_of_study(uid):
-        return "the study's images are gone (housekeeping.spool_retention_days); send it again"
-    draft = agent.db.current_draft(uid)
-    job = queue_audit(agent.db, uid, draft.id if draft else None, Reason.REAUDIT, time.time())
+    try:
+        job = reaudit_study(agent.db, uid, time.time())
+    except StateError as exc:
+        return str(exc)
     return f"queued audit job {job.id} (result version {job.result_version})"
 
 
 def reaudit(request: Request) -> Response:
     uid = _study_uid(request)
-    return _back(uid, reaudit_study(agent_of(request), uid))
+    return _back(uid, _reaudit(agent_of(request), uid))
 
 
 def resend(request: Request) -> Response:
@@ -300,7 +300,7 @@ def retry_job(request: Request) -> Response:
     if job is None or job.state != JobState.DEAD.value:
         raise HTTPException(404, "no such dead job")
     if job.kind == JobKind.AUDIT.value:
-        message = reaudit_study(agent, job.study_instance_uid)
+        message = _reaudit(agent, job.study_instance_uid)
     else:  # as `cxr-agent forward retry ID`: due now, fresh attempt budget
         try:
             agent.db.retry_dead_forward_jobs([job.id], time.time())

@@ -137,6 +137,14 @@ class TestActions:
         job = web_agent.db.latest_audit_job(STUDY)
         assert job is not None and job.state == JobState.QUEUED.value and job.result_version == 2
 
+    def test_reaudit_after_the_images_expired_says_so(
+        self, client: TestClient, web_agent: WebAgent, audited: str
+    ) -> None:
+        assert web_agent.db.take_expired_instances(STUDY, time.time() + 1)
+        r = client.post(f"/studies/{STUDY}/reaudit")
+        assert "images are gone" in r.text
+        assert web_agent.db.latest_audit_job(STUDY).result_version == 1  # type: ignore[union-attr]
+
     def test_resend_without_a_research_destination_says_so(
         self, client: TestClient, audited: str
     ) -> None:
