@@ -2,8 +2,9 @@
 
 :mod:`cxr_auditor.chat.base` holds :class:`ChatRequest` and :class:`ChatBackend`;
 :mod:`cxr_auditor.chat.transformers` loads a model (and merges its adapter) in this process;
-:mod:`cxr_auditor.chat.openai` talks to an OpenAI-compatible server. Grounding, draft parsing
-and classification sit on top of this layer; it knows nothing of them.
+:mod:`cxr_auditor.chat.openai` talks to an OpenAI-compatible server; :mod:`cxr_auditor.chat.hub`
+says whether a profile's hub repository can be loaded here. Grounding, draft parsing and
+classification sit on top of this layer; it knows nothing of them.
 """
 
 from __future__ import annotations
