@@ -37,9 +37,11 @@ def throughput_bars(db: StateDB, now: float, height: float = 120.0) -> tuple[lis
     """Bars of audits done (and dead) per 5 minutes over the last hour, and the scale top."""
     buckets = int(WINDOW_SECONDS // BUCKET_SECONDS)
     since = now - WINDOW_SECONDS
-    counts = db.jobs_finished_per_bucket(since, BUCKET_SECONDS)
-    done = [counts.get((JobState.DONE.value, i), 0) for i in range(buckets)]
-    dead = [counts.get((JobState.DEAD.value, i), 0) for i in range(buckets)]
+    done, dead = [0] * buckets, [0] * buckets
+    for (state, index), n in db.jobs_finished_per_bucket(since, BUCKET_SECONDS).items():
+        # a job finished at this very instant falls one past the end: count it in the last bar
+        series = done if state == JobState.DONE.value else dead
+        series[min(index, buckets - 1)] += n
     top = max([d + x for d, x in zip(done, dead, strict=True)] + [1])
     width = 560.0 / buckets
     bars = []

@@ -177,3 +177,34 @@ class TestActions:
         r = client.post(f"/jobs/{job.id}/retry")
         assert "queued audit job" in r.text
         assert web_agent.db.latest_audit_job(STUDY).state == JobState.QUEUED.value  # type: ignore[union-attr]
+
+
+class TestQueue:
+    def test_depths_model_and_the_last_hour_chart(
+        self, client: TestClient, web_agent: WebAgent
+    ) -> None:
+        from dicom_agent.web.queue import throughput_bars
+
+        now = time.time()
+        for i, (minutes_ago, target) in enumerate(
+            [(2, JobState.DONE), (3, JobState.DONE), (4, JobState.DEAD), (32, JobState.DONE),
+             (90, JobState.DONE)]  # the last one is outside the hour
+        ):
+            uid = f"1.2.7.{i}"
+            web_agent.store(uid, f"Q{i}")
+            at = now - minutes_ago * 60
+            job = web_agent.db.queue_audit(uid, None, "draft", at)
+            web_agent.db.transition_job(job.id, JobState.RUNNING, at)
+            web_agent.db.transition_job(job.id, target, at, error="boom" if target is
+                                        JobState.DEAD else None)
+        bars, top = throughput_bars(web_agent.db, now)
+        assert len(bars) == 12 and top == 3
+        assert [(b.done, b.dead) for b in bars][-1] == (2, 1)  # the last 5 minutes
+        assert sum(b.done for b in bars) == 3 and sum(b.dead for b in bars) == 1
+        assert bars[-1].done_height == 80.0 and bars[-1].dead_height == 40.0  # of 120 for 3
+        html = client.get("/queue").text
+        assert "3 done, 1 dead" in html
+        assert html.count('class="bar-done"') == 12
+        assert ">done</th><td>4<" in html.replace("\n", "")  # depth: every done job
+        (dead,) = rows(html, "dead")
+        assert "boom" in dead
