@@ -11,11 +11,13 @@ from starlette.responses import Response
 from starlette.routing import Route
 
 from cxr_auditor.eval.stats import BinaryCounts
-from cxr_auditor.labels import display_name
+from cxr_auditor.labels import LABELS, display_name
 from dicom_agent.finals import window_summary
 from dicom_agent.web.context import agent_of, render
 
 NAV: tuple[str, str] | None = ("Monitoring", "/monitoring")
+
+_LABEL_ORDER = {label.value: i for i, label in enumerate(LABELS)}
 
 #: Rates are shown with their interval whatever the count (the window is small by design).
 _ALWAYS_INTERVAL = 10**9
@@ -32,7 +34,7 @@ def monitoring_page(request: Request) -> Response:
     window = agent.settings.monitoring.window_cases
     summary = window_summary(agent.db.agreement_window(window), window)
     rows = []
-    for key in sorted(summary.cases):
+    for key in sorted(summary.cases, key=lambda k: (k[0], _LABEL_ORDER.get(k[1], len(LABELS)))):
         model_sens, model_spec = _rates(summary.model.get(key))
         draft_sens, draft_spec = _rates(summary.draft.get(key))
         rows.append({
