@@ -199,8 +199,13 @@ class DemoAgent:
         return int(self.config["scp"]["port"])
 
     @property
+    def browser_url(self) -> str:
+        """The results browser (docs/browser.md) on the health port."""
+        return f"http://127.0.0.1:{self.config['health']['port']}/"
+
+    @property
     def health_url(self) -> str:
-        return f"http://127.0.0.1:{self.config['health']['port']}/healthz"
+        return self.browser_url + "healthz"
 
     def start(self, timeout: float) -> None:
         env = {k: v for k, v in os.environ.items() if not k.startswith("CXR_AGENT__")}
@@ -290,8 +295,18 @@ def _finished(out: Path, study: DemoStudy) -> bool:
     return True
 
 
-def run_demo(folder: Path, *, timeout: float = 180.0, say: Callable[[str], None] = print) -> list[DemoStudy]:
-    """Run the whole demo in ``folder``; return each study with its result and results folder."""
+def run_demo(
+    folder: Path,
+    *,
+    timeout: float = 180.0,
+    say: Callable[[str], None] = print,
+    then: Callable[[DemoAgent, list[DemoStudy]], None] | None = None,
+) -> list[DemoStudy]:
+    """Run the whole demo in ``folder``; return each study with its result and results folder.
+
+    ``then(agent, studies)`` runs after the audits, while the agent still serves (the command's
+    ``--serve``: browse the results until Ctrl-C); the agent is stopped afterwards in any case.
+    """
     prepare_folder(folder)
     config = demo_config(folder)
     agent = DemoAgent(folder, config)
@@ -329,6 +344,8 @@ def run_demo(folder: Path, *, timeout: float = 180.0, say: Callable[[str], None]
             link.symlink_to(Path("..") / "out" / study.study_uid / version.name, target_is_directory=True)
             study.results_dir = link
             say(f"audited {study.case.accession}: {flag_summary(study.result)}")
+        if then is not None:
+            then(agent, studies)
     finally:
         agent.stop()
     return studies
@@ -363,6 +380,8 @@ def how_to_open(folder: Path, studies: list[DemoStudy]) -> list[str]:
         f"  the structured report dsrdump {first}/sr.dcm",
         f"  the GSPS and the SC   dcmdump {first}/gsps-0.dcm ; dcmdump {first}/sc-0.dcm",
         f"  in a DICOM viewer     load {folder}/images/ together with {folder}/out/",
+        "  in the results browser  bash scripts/run.sh demo --serve (runs the demo again and keeps"
+        " its agent up)",
         f"  the agent's log       {folder}/agent.log",
     ]
     return lines

@@ -7,9 +7,11 @@ The demo must show every kind of flag, and its stand-in grounder must never pass
 from __future__ import annotations
 
 import json
+import signal
 import subprocess
 from pathlib import Path
 
+import httpx
 import pydicom
 import pytest
 from PIL import Image
@@ -33,9 +35,27 @@ def texts(ds: pydicom.Dataset) -> list[str]:
 
 def test_demo_shows_every_flag_kind_and_labels_the_stand_in_everywhere(tmp_path: Path) -> None:
     folder = tmp_path / "demo"
-    done = subprocess.run([CXR_AGENT, "demo", "--folder", str(folder)], capture_output=True, text=True,
-                          timeout=400, check=False, cwd=tmp_path)
-    assert done.returncode == 0, done.stdout + done.stderr
+    proc = subprocess.Popen([CXR_AGENT, "demo", "--serve", "--folder", str(folder)], cwd=tmp_path,
+                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    assert proc.stdout is not None
+    printed: list[str] = []
+    try:
+        for line in proc.stdout:  # until the demo serves its results browser (--serve)
+            printed.append(line)
+            if line.startswith("browse the results: "):
+                page = httpx.get(line.split()[3], timeout=10.0)
+                assert page.status_code == 200 and "DEMO-001" in page.text
+                break
+        else:
+            pytest.fail("".join(printed))
+    finally:
+        proc.send_signal(signal.SIGINT)  # Ctrl-C: the demo stops its agent and exits cleanly
+        rest, _ = proc.communicate(timeout=120)
+    assert proc.returncode == 0, "".join(printed) + rest
+    done = subprocess.CompletedProcess(proc.args, 0, "".join(printed) + rest, "")
+    assert "stopping the demo agent" in done.stdout
+    assert not list((folder / "state").glob("agent-status.json")) or json.loads(
+        (folder / "state" / "agent-status.json").read_text())["stopped"] is True
     results = folder / "results"
     kinds: dict[str, set[str]] = {}
     for case in ("DEMO-001", "DEMO-002", "DEMO-003", "DEMO-004"):
