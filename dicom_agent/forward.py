@@ -36,6 +36,7 @@ import ssl
 import threading
 import time
 from collections.abc import Callable
+from dataclasses import dataclass
 from pathlib import Path
 
 import pydicom
@@ -45,8 +46,9 @@ from pynetdicom import AE, evt
 from pynetdicom.association import Association
 
 from dicom_agent.config import AgentSettings, Destination, ForwardSettings
-from dicom_agent.errors import ForwardError, ForwardRefused, StateError
+from dicom_agent.errors import AgentError, ForwardError, ForwardRefused, OutputError, StateError
 from dicom_agent.observe import Event, event, study_ref
+from dicom_agent.outputs.layout import SIDECAR_NAME, objects_to_send, read_result, study_dir
 from dicom_agent.state import JobRow, JobState, StateDB, retry_delay
 
 logger = logging.getLogger(__name__)
@@ -244,6 +246,43 @@ def send_with_watchdog(dest: Destination, files: list[Path], forward: ForwardSet
         )
     if outcome and outcome[0] is not None:
         raise outcome[0]
+
+
+@dataclass(frozen=True)
+class Resend:
+    """What :func:`queue_resend` queued: the result version, its files, one job per destination."""
+
+    result_version: int
+    files: list[Path]
+    job_ids: list[int]
+
+
+def queue_resend(db: StateDB, settings: AgentSettings, study_uid: str) -> Resend:
+    """Queue a study's latest validated SR / GSPS / SC for every research destination: what
+    ``cxr-agent resend`` and the results browser's Resend do (the scheduler sends them).
+
+    Raises:
+        AgentError: no research destination, no readable ``audit.json``, or nothing validated
+            to send (the message says which).
+    """
+    destinations = [d for d in settings.forward.destinations if d.research]
+    if not destinations:
+        raise AgentError(
+            "no destination with research: true in forward.destinations; see docs/outputs.md"
+        )
+    folder = study_dir(settings, study_uid)
+    try:
+        result = read_result(folder / SIDECAR_NAME)
+    except OutputError:
+        raise AgentError(
+            f"no readable {SIDECAR_NAME} for this study under paths.out ({settings.paths.out})"
+        ) from None
+    files = objects_to_send(folder, result)
+    if not files:
+        raise AgentError(
+            f"result version {result.result_version} has no validated DICOM objects to send"
+        )
+    return Resend(result.result_version, files, enqueue_forward(db, study_uid, files, destinations))
 
 
 def enqueue_forward(

@@ -10,9 +10,8 @@ import typer
 
 from dicom_agent.commands import fail, settings_or_fail
 from dicom_agent.conformance import is_valid_uid
-from dicom_agent.errors import OutputError
-from dicom_agent.forward import drain_outbox, enqueue_forward
-from dicom_agent.outputs.layout import SIDECAR_NAME, objects_to_send, read_result, study_dir
+from dicom_agent.errors import AgentError
+from dicom_agent.forward import drain_outbox, queue_resend
 from dicom_agent.state import JobState, StateDB
 
 #: The commands of this module; :mod:`dicom_agent.cli` adds them to ``cxr-agent``.
@@ -34,21 +33,15 @@ def resend(
     if not is_valid_uid(study_uid):  # PS3.5 9.1; also keeps the path inside paths.out
         fail("STUDY_UID must be a DICOM UID (digits and dots, at most 64 characters)")
     settings = settings_or_fail(config)
-    destinations = [d for d in settings.forward.destinations if d.research]
-    if not destinations:
-        fail("no destination with research: true in forward.destinations; see docs/outputs.md")
-    folder = study_dir(settings, study_uid)
-    try:
-        result = read_result(folder / SIDECAR_NAME)
-    except OutputError:
-        fail(f"no readable {SIDECAR_NAME} for this study under paths.out ({settings.paths.out})")
-    files = objects_to_send(folder, result)
-    if not files:
-        fail(f"result version {result.result_version} has no validated DICOM objects to send")
     db = StateDB(settings.paths.state)
     try:
-        job_ids = enqueue_forward(db, study_uid, files, destinations)
-        typer.echo(f"queued {len(files)} objects of version {result.result_version} for {len(job_ids)} destination(s)")
+        try:
+            queued = queue_resend(db, settings, study_uid)
+        except AgentError as exc:
+            fail(str(exc))
+        job_ids = queued.job_ids
+        typer.echo(f"queued {len(queued.files)} objects of version {queued.result_version}"
+                   f" for {len(job_ids)} destination(s)")
         if queue_only:
             return
         drain_outbox(db, settings, time.time())

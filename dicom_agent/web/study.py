@@ -3,9 +3,9 @@ timeline with per-stage timings, every result version, links to the JSON and DIC
 the actions re-audit, resend and retry a dead job.
 
 The actions call what the CLI commands call: ``reaudit`` queues through
-:func:`dicom_agent.scheduler.reaudit_study`, ``resend`` queues the version's validated objects
-through :func:`dicom_agent.forward.enqueue_forward` (the running agent's scheduler sends them,
-as ``cxr-agent resend --queue-only``), a dead forward job is re-queued by
+:func:`dicom_agent.scheduler.reaudit_study`, ``resend`` queues the latest version's validated objects
+through :func:`dicom_agent.forward.queue_resend` (as ``cxr-agent resend --queue-only``; the
+running agent's scheduler sends them), a dead forward job is re-queued by
 :meth:`StateDB.retry_dead_forward_jobs` (``cxr-agent forward retry``) and a dead audit job by
 queueing a new audit.
 """
@@ -30,12 +30,11 @@ from starlette.routing import Route
 from cxr_auditor.render import COLOURS, KEY_NAMES, BoxStyle
 from cxr_auditor.schema import AuditResult
 from dicom_agent.conformance import is_valid_uid
-from dicom_agent.errors import OutputError, StateError
-from dicom_agent.forward import enqueue_forward
+from dicom_agent.errors import AgentError, OutputError, StateError
+from dicom_agent.forward import queue_resend
 from dicom_agent.outputs.layout import (
     SIDECAR_NAME,
     object_file_name,
-    objects_to_send,
     read_result,
     study_dir,
     version_dir,
@@ -273,20 +272,12 @@ def resend(request: Request) -> Response:
     """Queue the latest version's validated objects for every research destination."""
     agent = agent_of(request)
     uid = _study_uid(request)
-    destinations = [d for d in agent.settings.forward.destinations if d.research]
-    if not destinations:
-        return _back(uid, "no destination with research: true in forward.destinations")
-    folder = study_dir(agent.settings, uid)
     try:
-        result = read_result(folder / SIDECAR_NAME)
-    except OutputError:
-        return _back(uid, f"no readable {SIDECAR_NAME} for this study")
-    files = objects_to_send(folder, result)
-    if not files:
-        return _back(uid, f"result version {result.result_version} has no validated DICOM objects")
-    job_ids = enqueue_forward(agent.db, uid, files, destinations)
-    return _back(uid, f"queued {len(files)} objects of version {result.result_version}"
-                      f" for {len(job_ids)} destination(s)")
+        queued = queue_resend(agent.db, agent.settings, uid)
+    except AgentError as exc:
+        return _back(uid, str(exc))
+    return _back(uid, f"queued {len(queued.files)} objects of version {queued.result_version}"
+                      f" for {len(queued.job_ids)} destination(s)")
 
 
 def retry_job(request: Request) -> Response:
