@@ -187,6 +187,9 @@ def collect_status(
     try:
         body.update(status_counts(db))
         body["study_rows"], body["unfinished_studies"] = study_rows(db, settings, body["model"], now, limit)
+        if not running:  # nothing moves until an agent runs: say so on every row
+            for row in body["study_rows"]:
+                row["waits_for"] += " (no agent is running: start cxr-agent serve)"
         body["dead_letters"] = _dead_letters(db)
     finally:
         db.close()
