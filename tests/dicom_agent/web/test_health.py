@@ -2,8 +2,11 @@
 
 from __future__ import annotations
 
+import sys
 from pathlib import Path
+from types import SimpleNamespace
 
+import pytest
 from starlette.testclient import TestClient
 
 from dicom_agent.config import AgentSettings
@@ -85,3 +88,20 @@ def test_observe_result_counts_each_flag_and_strips_the_unit(
         assert f'cxr_agent_flags_total{{kind="{kind}"}} {float(kinds.count(kind))}' in text
     assert 'cxr_agent_stage_seconds_bucket{le="0.25",stage="grounding"} 1.0' in text
     assert 'cxr_agent_stage_seconds_bucket{le="0.1",stage="grounding"} 0.0' in text
+
+
+def test_gpu_memory_is_reported_when_torch_runs_on_a_gpu(
+    web_agent: WebAgent, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """No GPU here: a stand-in ``torch`` module answers as torch.cuda does with one device."""
+    cuda = SimpleNamespace(
+        is_available=lambda: True, device_count=lambda: 1,
+        memory_allocated=lambda index: 3 * 2**30, memory_reserved=lambda index: 4 * 2**30,
+    )
+    web_agent.metrics.refresh(web_agent.db)
+    assert "cxr_agent_gpu_memory_bytes{" not in web_agent.metrics.render().decode()
+    monkeypatch.setitem(sys.modules, "torch", SimpleNamespace(cuda=cuda))
+    web_agent.metrics.refresh(web_agent.db)
+    text = web_agent.metrics.render().decode()
+    assert 'cxr_agent_gpu_memory_bytes{device="cuda:0",kind="allocated"} 3.221225472e+09' in text
+    assert 'cxr_agent_gpu_memory_bytes{device="cuda:0",kind="reserved"} 4.294967296e+09' in text
