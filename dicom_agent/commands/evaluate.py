@@ -25,6 +25,8 @@ from cxr_auditor.schema import DISCLAIMER, AuditResult
 from dicom_agent.commands import CONFIG_OPTION, fail, settings_or_fail
 from dicom_agent.config import AgentSettings
 from dicom_agent.errors import AgentError
+from dicom_agent.inbox import safe_name
+from dicom_agent.outputs.sidecar import write_sidecar
 from dicom_agent.prepare import Draft, configured_for, instances_from_files, prepare_study
 from dicom_agent.progress import print_table, progress
 from dicom_agent.registry import AuditRunner, build_runner
@@ -98,6 +100,11 @@ def eval_command(
     json_out: Annotated[
         Path | None, typer.Option("--json-out", help="Also write the JSON report to this file.")
     ] = None,
+    results_dir: Annotated[
+        Path | None,
+        typer.Option("--results", help="Also write each image's AuditResult to "
+                     "DIR/<image>/audit.json, so two runs can be compared with `cxr-agent diff`."),
+    ] = None,
     config: Path | None = CONFIG_OPTION,
 ) -> None:
     """Score a profile on labelled images: JSON on stdout, tables on stderr (research only)."""
@@ -120,6 +127,9 @@ def eval_command(
         fail(str(exc).splitlines()[0])
     finally:
         runner.close()
+    if results_dir is not None:
+        for case, result in zip(cases, results, strict=True):
+            write_sidecar(results_dir / safe_name(case.image.replace("/", "_")), result)
     report = evaluate(zip(cases, results, strict=True), parse_urgent(settings.audit.urgent_labels))
     body = {
         "disclaimer": DISCLAIMER,

@@ -81,6 +81,23 @@ def test_fake_profile_known_figures(tmp_path: Path) -> None:
     assert out["audit_flags"]["cases"] == 1 and out["audit_flags"]["exact_match"]["value"] == 1.0
 
 
+def test_results_of_two_runs_compare_with_diff(tmp_path: Path) -> None:
+    images = _images(tmp_path / "img", white=255, black=0)
+    truth = _truth(tmp_path / "t.jsonl", {"image": "white.png", "labels": ["pneumothorax"]},
+                   {"image": "black.png", "labels": []})
+    for run, draft in (("a", None), ("b", "Left pneumothorax.")):
+        if draft:  # the second run audits the white image with a draft naming the pneumothorax
+            truth.write_text(truth.read_text().replace(
+                '"labels": ["pneumothorax"]}', f'"labels": ["pneumothorax"], "draft": "{draft}"}}'))
+        _eval("--images", str(images), "--truth", str(truth), "--profile", "fake",
+              "--results", str(tmp_path / run))
+    assert (tmp_path / "a" / "white.png" / "audit.json").exists()
+    result = runner.invoke(app, ["diff", str(tmp_path / "a"), str(tmp_path / "b")])
+    body = json.loads(result.stdout)
+    assert body["compared"] == 2 and body["changed"] == 1
+    assert body["studies"]["white.png"]["mode"] == ["image_only", "full"]
+
+
 def test_jsonl_images_are_their_own_truth_and_tables_go_to_stderr(tmp_path: Path) -> None:
     _images(tmp_path, black=0)
     cases = _truth(tmp_path / "cases.jsonl", {"image": "black.png", "labels": ["nodule_mass"]})
