@@ -109,7 +109,7 @@ class TestStatus:
         assert result.exit_code == 0, result.output
         out = result.output
         assert "agent: not running" in out
-        (failed_row,) = [ln for ln in out.splitlines() if " failed " in ln and "waits" not in ln]
+        (failed_row,) = [ln for ln in out.splitlines() if ln.startswith("  -") and " failed " in ln]
         assert "its audit failed (OutputError: disk full)" in failed_row
         assert "no agent is running" in failed_row
         assert "orphan drafts: 1" in out
