@@ -90,8 +90,14 @@ def test_replay_with_the_fake_profile_writes_known_results(tmp_path: Path) -> No
     config = _config(tmp_path)
     uid = _spooled_study(tmp_path)
     out = tmp_path / "replay-fake"
-    body = _invoke("replay", "--profile", "fake", "--out", str(out), "--config", str(config))
+    result = runner.invoke(app, ["replay", "--profile", "fake", "--out", str(out), "--config",
+                                 str(config)])
+    assert result.exit_code == 0, result.output
+    body = json.loads(result.stdout)
     assert body == {"out": str(out), "profile": "fake", "replayed": 1, "failed": {}}
+    # the summary table on stderr: studies and the flags raised, research-only caption
+    assert "studies replayed" in result.stderr and "flags missing" in result.stderr
+    assert "Research use only" in result.stderr
     # the bright phantom: pneumothorax + effusion; the draft denies the pneumothorax
     assert _flags(out, uid) == {("missing", "pneumothorax"), ("urgent", "pneumothorax")}
     assert (out / uid / "v1" / "audit.json").exists()
