@@ -237,6 +237,11 @@ class WebSettings(_Section):
     token: SecretStr | None = None
     username: str | None = None
     password: SecretStr | None = None
+    allow_without_login: bool = Field(
+        default=False,
+        description="pages without a login off loopback: only where the port is published on"
+        " the host's loopback alone (the container of compose.yaml)",
+    )
     show_patient_identity: bool = False
     keep_uploads: bool = False
     uploads: Path = Path("var/uploads")
@@ -285,6 +290,7 @@ class AgentSettings(BaseSettings):
             self.health.enabled
             and self.web.enabled
             and self.web.auth == "none"
+            and not self.web.allow_without_login
             and not is_loopback(self.health.host)
         ):
             raise ValueError(

@@ -117,6 +117,10 @@ def test_pages_off_loopback_need_a_login(monkeypatch: pytest.MonkeyPatch) -> Non
         load_settings()
     monkeypatch.setenv("CXR_AGENT__WEB__TOKEN", "t")
     assert load_settings().web.auth == "token"
+    monkeypatch.setenv("CXR_AGENT__WEB__AUTH", "none")
+    monkeypatch.setenv("CXR_AGENT__WEB__ALLOW_WITHOUT_LOGIN", "true")  # container: host loopback
+    assert load_settings().web.auth == "none"
+    monkeypatch.delenv("CXR_AGENT__WEB__ALLOW_WITHOUT_LOGIN")
     monkeypatch.setenv("CXR_AGENT__HEALTH__HOST", "::1")
     monkeypatch.setenv("CXR_AGENT__WEB__AUTH", "none")
     assert load_settings().health.host == "::1"
