@@ -129,14 +129,17 @@ def sr_report_text(data: bytes) -> tuple[str, str]:
     """
     try:
         ds = pydicom.dcmread(BytesIO(data))
-    except (InvalidDicomError, ValueError, OSError, EOFError):
+    except (InvalidDicomError, ValueError, OSError, EOFError, RecursionError):
         raise _Rejected(Reject.UNSUPPORTED_TYPE, "a .dcm file must be a DICOM SR (PS3.10)") from None
     if ds.get("Modality") != "SR":
         raise _Rejected(Reject.UNSUPPORTED_TYPE, "a .dcm final report must be an SR (Modality SR)")
     uid = str(ds.get("StudyInstanceUID", "")).strip()
     if not is_study_uid(uid):
         raise _Rejected(Reject.BAD_NAME, "the SR has no valid Study Instance UID")
-    text = "\n".join(_text_items(ds.get("ContentSequence", [])))
+    try:
+        text = "\n".join(_text_items(ds.get("ContentSequence", [])))
+    except RecursionError:  # a content tree nested deeper than the stack, within max_bytes
+        raise _Rejected(Reject.UNSUPPORTED_TYPE, "the SR content tree is nested too deeply") from None
     if not text.strip():
         raise _Rejected(Reject.EMPTY, "the SR holds no TEXT content item")
     return uid, text
