@@ -277,6 +277,19 @@ class Metrics:
         self.bytes_received = Counter(
             "cxr_agent_bytes_received", "Bytes of DICOM PDUs received by the listener", registry=r
         )
+        self.listener_events = Gauge(
+            "cxr_agent_listener_events",
+            "Listener events since start, by event: C-STORE outcomes (new, duplicate, replaced,"
+            " kept_first, malformed, too_large, out_of_resources, failed) and refusals"
+            " (pdu_too_long, connections_refused)",
+            ["event"],
+            registry=r,
+        )
+        self.spool_reserved = Gauge(
+            "cxr_agent_spool_reserved_bytes",
+            "Free space reserved by data sets being written to the spool right now",
+            registry=r,
+        )
         self.gpu_memory = Gauge(
             "cxr_agent_gpu_memory_bytes",
             "GPU memory held by this process's models (torch), by device; absent without a GPU",
@@ -294,11 +307,17 @@ class Metrics:
             self.studies.labels(sstate.value).set(counts["studies"].get(sstate.value, 0))
         self.orphans.set(counts["drafts"].get(DraftState.ORPHAN.value, 0))
         if self._listener_server is not None:
-            self.associations_active.set(len(self._listener_server.active_associations))
+            server = self._listener_server
+            self.associations_active.set(len(server.active_associations))
+            for name, value in server.counters.snapshot().items():
+                self.listener_events.labels(name).set(value)
+            self.spool_reserved.set(server.spool.reserved_bytes)
         self._refresh_gpu()
 
     def watch_listener(self, server: Any) -> None:
-        """Count rejected associations and received bytes of a pynetdicom association server.
+        """Count rejected associations and received bytes of the listener's server
+        (:class:`~dicom_agent.transport.ListenerServer`; its event counters and the spool's
+        reservation are read on every scrape).
 
         Binds to the server's events (PS3.8 A-ASSOCIATE-RJ, and every PDU's raw bytes), so the
         counters see exactly what the listener sees. Listener worker processes

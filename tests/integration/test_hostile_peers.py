@@ -126,6 +126,7 @@ def test_pdu_lengths_are_bounded_before_allocation(tmp_path: Path) -> None:
         assert echo(agent.port) == 0
         log = agent.log_text()
         assert log.count("above the") >= 2, agent.log_tail()
+        assert 'cxr_agent_listener_events{event="pdu_too_long"} 2.0' in agent.metrics()
     finally:
         agent.stop()
     # pynetdicom alone zero-filled both announced lengths: 4 GiB of RSS each.
@@ -285,6 +286,8 @@ def test_overwrite_policy_under_a_known_sop_instance_uid(tmp_path: Path, policy:
         assert [str(p) for p in files] == [row["path"]]
         kept = first if policy == "keep_first" else other
         assert row["study_instance_uid"] == kept.StudyInstanceUID
+        outcome = "kept_first" if policy == "keep_first" else "replaced"
+        assert f'cxr_agent_listener_events{{event="{outcome}"}} 1.0' in agent.metrics()
     finally:
         agent.stop()
 
@@ -341,6 +344,9 @@ def test_concurrent_stores_reserve_space_and_never_cross_the_floor(tmp_path: Pat
             free = shutil.disk_usage(fs).free
             assert free >= floor, f"free space {free} crossed the floor {floor}"
             assert not _temps(agent)
+            metrics = agent.metrics()
+            assert "cxr_agent_spool_reserved_bytes 0.0" in metrics  # every reservation released
+            assert 'cxr_agent_listener_events{event="out_of_resources"}' in metrics
         finally:
             agent.stop()
     print(f"8 concurrent senders, 96 MiB into 64 MiB with a 24 MiB floor: "
