@@ -105,3 +105,16 @@ def test_gpu_memory_is_reported_when_torch_runs_on_a_gpu(
     text = web_agent.metrics.render().decode()
     assert 'cxr_agent_gpu_memory_bytes{device="cuda:0",kind="allocated"} 3.221225472e+09' in text
     assert 'cxr_agent_gpu_memory_bytes{device="cuda:0",kind="reserved"} 4.294967296e+09' in text
+
+
+def test_with_the_pages_off_only_the_health_endpoints_answer(
+    web_agent: WebAgent, settings: AgentSettings
+) -> None:
+    from dicom_agent.web import create_app
+
+    settings.web.enabled = False
+    with TestClient(create_app(web_agent)) as client:
+        assert client.get("/healthz").status_code == 200
+        assert client.get("/metrics").status_code == 200
+        for path in ("/", "/studies", "/queue", "/audit", "/static/style.css"):
+            assert client.get(path).status_code == 404, path
