@@ -233,7 +233,8 @@ def check_data_set(
             implicit=transfer_syntax_uid == IMPLICIT_VR_LITTLE_ENDIAN,
             little=transfer_syntax_uid != EXPLICIT_VR_BIG_ENDIAN,
         )
-    inflated = path.parent / f"{path.stem}.inflated{TEMP_SUFFIX}"
+    # A dot name, so the start-up sweep removes it if a crash leaves it behind.
+    inflated = path.parent / f".{path.stem.lstrip('.')}.inflated{TEMP_SUFFIX}"
     try:
         with path.open("rb") as src, inflated.open("wb") as dst:
             src.seek(offset)
@@ -343,18 +344,22 @@ def file_meta_bytes(
     return buf.getvalue()
 
 
-def read_part10(path: Path) -> tuple[str, bytes]:
-    """(transfer syntax, data set bytes) of a Part 10 file, without decoding the data set."""
+def part10_layout(path: Path) -> tuple[str, int]:
+    """(transfer syntax, offset of the data set) of a Part 10 file, reading only its File Meta."""
     try:
         meta = read_file_meta_info(path)
         # Preamble and prefix (132 bytes), then the group length element itself (12 bytes,
         # PS3.10 7.1), then the rest of group 0002.
-        offset = 132 + 12 + int(meta.FileMetaInformationGroupLength)
-        transfer_syntax = str(meta.TransferSyntaxUID)
+        return str(meta.TransferSyntaxUID), 132 + 12 + int(meta.FileMetaInformationGroupLength)
     except OSError:
         raise
     except Exception as exc:  # pydicom raises many types on malformed input
         raise DicomInputError(f"file meta does not decode ({type(exc).__name__})") from exc
+
+
+def read_part10(path: Path) -> tuple[str, bytes]:
+    """(transfer syntax, data set bytes) of a Part 10 file, without decoding the data set."""
+    transfer_syntax, offset = part10_layout(path)
     with path.open("rb") as fh:
         fh.seek(offset)
         return transfer_syntax, fh.read()
@@ -363,6 +368,16 @@ def read_part10(path: Path) -> tuple[str, bytes]:
 def dataset_sha256(data_set: bytes) -> str:
     """SHA-256 of the data set bytes as sent (the File Meta we add is not part of it)."""
     return hashlib.sha256(data_set).hexdigest()
+
+
+def file_sha256(path: Path, offset: int) -> str:
+    """:func:`dataset_sha256` of the data set stored in ``path`` from ``offset``, in chunks."""
+    digest = hashlib.sha256()
+    with path.open("rb") as fh:
+        fh.seek(offset)
+        while chunk := fh.read(_INFLATE_CHUNK):
+            digest.update(chunk)
+    return digest.hexdigest()
 
 
 class IncomingFile:
@@ -838,13 +853,14 @@ def _record(
     )
 
 
-def reconcile(db: StateDB, spool_root: Path) -> int:
+def reconcile(db: StateDB, spool_root: Path, *, max_inflated_bytes: int = 1 << 30) -> int:
     """Start-up repair of the spool against the state DB; returns the number of rows rebuilt.
 
-    Deletes temp files left by a crash or an aborted transfer, and records every ``.dcm`` file
-    that has no row (crash between rename and commit) or was renamed over after its row was
-    last written (crash during a replacement). Files that cannot be read are logged and left.
-    Call it before the listener starts.
+    Deletes temp files left by a crash or an aborted transfer (``.incoming/`` included), and
+    records every ``.dcm`` file that has no row (crash between rename and commit) or was
+    renamed over after its row was last written (crash during a replacement), reading it as a
+    C-STORE is read (:func:`check_data_set`, in chunks: a 1 GB file costs no 1 GB of memory).
+    Files that cannot be read are logged and left. Call it before the listener starts.
     """
     root = Path(os.path.abspath(spool_root))
     if not root.is_dir():
@@ -862,19 +878,17 @@ def reconcile(db: StateDB, spool_root: Path) -> int:
             if row is None or row.path != key or path.stat().st_mtime <= row.updated_at:
                 continue
         try:
-            transfer_syntax, data_set = read_part10(path)
-            header = read_header(data_set, transfer_syntax)
-        except (DicomInputError, OSError) as exc:
-            logger.warning("spool file %s unreadable during reconcile: %s", path.name, exc)
+            transfer_syntax, offset = part10_layout(path)
+            header = check_data_set(
+                path, offset, transfer_syntax, max_inflated_bytes=max_inflated_bytes
+            )
+            digest = file_sha256(path, offset)
+        except (SpoolError, DicomInputError, OSError) as exc:
+            # The file name is a SOP Instance UID: never logged in clear text.
+            logger.warning("a spool file is unreadable during reconcile: %s", exc)
             continue
         outcome = _record(
-            db,
-            header,
-            transfer_syntax,
-            path,
-            dataset_sha256(data_set),
-            path.stat().st_size,
-            _default_state(header),
+            db, header, transfer_syntax, path, digest, path.stat().st_size, _default_state(header)
         )
         if outcome is not StoreOutcome.DUPLICATE:
             rebuilt += 1
