@@ -206,7 +206,11 @@ class Agent:
             self._dicom_claim = None
 
     def start(self) -> None:
-        rebuilt = spool.reconcile(self.db, self.settings.paths.spool)
+        rebuilt = spool.reconcile(
+            self.db,
+            self.settings.paths.spool,
+            max_inflated_bytes=self.settings.scp.max_instance_bytes,
+        )
         requeued = self.db.requeue_running()
         # A crash while outputs were written leaves temp files; their jobs were just
         # requeued and write everything again.
