@@ -176,6 +176,27 @@ _MIGRATIONS: list[str] = [
     CREATE INDEX agreements_window ON agreements(profile, label, id);
     CREATE INDEX agreements_study ON agreements(study_instance_uid);
     """,
+    # 5: the latest result of each study in brief (profile, and one row per flag kind), so the
+    # results browser filters by flag or profile with the same newest-first keyset paging as
+    # migration 3 (flags live in audit.json, which a filter cannot read 100,000 of).
+    """
+    CREATE TABLE study_results (
+        study_instance_uid TEXT PRIMARY KEY,
+        result_version INTEGER NOT NULL,
+        profile TEXT NOT NULL,
+        first_instance_at REAL NOT NULL,
+        updated_at REAL NOT NULL
+    );
+    CREATE INDEX study_results_profile
+        ON study_results(profile, first_instance_at, study_instance_uid);
+    CREATE TABLE study_flags (
+        study_instance_uid TEXT NOT NULL,
+        kind TEXT NOT NULL,
+        first_instance_at REAL NOT NULL,
+        PRIMARY KEY (study_instance_uid, kind)
+    );
+    CREATE INDEX study_flags_recent ON study_flags(kind, first_instance_at, study_instance_uid);
+    """,
 ]
 
 SCHEMA_VERSION = len(_MIGRATIONS)
