@@ -43,8 +43,11 @@ def demo(
         bool, typer.Option("--serve", help="Keep the agent running afterwards to browse the results.")
     ] = False,
 ) -> None:
-    """Start an agent with the stand-in grounder (not a model), send synthetic radiographs through
-    a real C-STORE association, drop drafts, wait for the audits and say how to open them."""
+    """The two-minute demo: its own agent, the stand-in grounder (not a model), synthetic images.
+
+    Starts an agent in FOLDER, drops drafts, sends synthetic radiographs through a real C-STORE
+    association, waits for the audits and says where each result is and how to open it.
+    """
     from dicom_agent.demo import how_to_open, run_demo
     from dicom_agent.errors import AgentError
 
