@@ -1,10 +1,12 @@
-"""Throughput of the rule-based draft parser on one CPU core.
+"""Throughput of the rule-based draft parser on one CPU core, beside the NegEx baseline.
 
-Parses every report of the development and holdout sets repeatedly for at least ``--seconds``
-and prints reports per second plus per-report latency percentiles. The process pins itself to
+Parses every report of the in-house sets (or of ``--reports FILE``, JSON Lines with a "text"
+field, such as a real report set kept outside the repository) repeatedly for at least
+``--seconds`` with each parser in turn, and prints reports per second, per-report latency
+percentiles and the ratio to the baseline measured in the same run. The process pins itself to
 one core where the OS allows it, so the figure is a single-core one. Tests never assert it.
 
-    .venv/bin/python benchmarks/draft_parser.py [--seconds 5]
+    .venv/bin/python benchmarks/draft_parser.py [--seconds 5] [--reports FILE]
 """
 
 from __future__ import annotations
@@ -17,6 +19,8 @@ import statistics
 import time
 from pathlib import Path
 
+from cxr_auditor.drafts.base import DraftParser
+from cxr_auditor.drafts.negex import NegExDraftParser
 from cxr_auditor.drafts.rules import RulesDraftParser
 
 DATA = Path(__file__).resolve().parents[1] / "tests" / "data"
@@ -33,10 +37,10 @@ SETS = (
 )
 
 
-def load_texts() -> list[str]:
+def load_texts(paths: list[Path]) -> list[str]:
     texts: list[str] = []
-    for name in SETS:
-        with (DATA / name).open(encoding="utf-8") as fh:
+    for path in paths:
+        with path.open(encoding="utf-8") as fh:
             texts += [json.loads(line)["text"] for line in fh if line.strip()]
     return texts
 
@@ -44,23 +48,31 @@ def load_texts() -> list[str]:
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__)
     ap.add_argument("--seconds", type=float, default=5.0, help="minimum measuring time")
+    ap.add_argument("--reports", type=Path, action="append",
+                    help="JSONL report file(s) to parse instead of the in-house sets")
     args = ap.parse_args()
     if hasattr(os, "sched_setaffinity"):
         os.sched_setaffinity(0, {min(os.sched_getaffinity(0))})
-    texts = load_texts()
+    texts = load_texts(args.reports or [DATA / name for name in SETS])
     print(f"machine: {platform.processor() or platform.machine()}, {os.cpu_count()} cpus, "
           f"python {platform.python_version()}, pinned to one core, "
           f"load average {os.getloadavg()[0]:.1f}")
-    measure("all reports", texts, args.seconds)
-    measure(f"full reports (>= {LONG} chars)", [t for t in texts if len(t) >= LONG], args.seconds)
+    for name, subset in (
+        ("all reports", texts),
+        (f"full reports (>= {LONG} chars)", [t for t in texts if len(t) >= LONG]),
+    ):
+        print(f"{name}: {len(subset)} distinct, mean {statistics.mean(map(len, subset)):.0f} chars")
+        rules = measure(RulesDraftParser(), subset, args.seconds)
+        baseline = measure(NegExDraftParser(), subset, args.seconds)
+        print(f"  rules / negex throughput (CPU time): {rules / baseline:.2f}")
 
 
 LONG = 250
 
 
-def measure(name: str, texts: list[str], seconds: float) -> None:
-    """Parse ``texts`` round after round for ``seconds``; print wall and CPU throughput."""
-    parser = RulesDraftParser()
+def measure(parser: DraftParser, texts: list[str], seconds: float) -> float:
+    """Parse ``texts`` round after round for ``seconds``; print wall and CPU throughput and
+    return the reports per second of CPU time."""
     for text in texts:  # warm the regex caches
         parser.parse(text)
     latencies: list[float] = []
@@ -72,10 +84,10 @@ def measure(name: str, texts: list[str], seconds: float) -> None:
             latencies.append(time.perf_counter() - t0)
     wall, cpu = time.perf_counter() - start, time.process_time() - cpu
     q = statistics.quantiles(latencies, n=100)
-    print(f"{name}: {len(texts)} distinct, mean {statistics.mean(map(len, texts)):.0f} chars")
-    print(f"  {len(latencies)} parsed: {len(latencies) / wall:,.0f} reports/s wall, "
-          f"{len(latencies) / cpu:,.0f} reports/s of CPU time")
-    print(f"  latency: p50 {q[49] * 1e6:.0f} us, p99 {q[98] * 1e6:.0f} us")
+    print(f"  {parser.name}: {len(latencies)} parsed: {len(latencies) / wall:,.0f} reports/s wall, "
+          f"{len(latencies) / cpu:,.0f} reports/s of CPU time; "
+          f"latency p50 {q[49] * 1e6:.0f} us, p99 {q[98] * 1e6:.0f} us")
+    return len(latencies) / cpu
 
 
 if __name__ == "__main__":
