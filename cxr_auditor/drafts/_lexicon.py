@@ -212,8 +212,11 @@ DEVICE_TERMS = frozenset(
         "valve_prosthesis",
     }
 )
-#: Unmapped terms that do not spoil an inferred normal study (hardware, age-related change).
-INCIDENTAL_TERMS = DEVICE_TERMS | {"degenerative_change", "aortic_atherosclerosis", "post_surgical"}
+#: Unmapped terms that do not spoil an inferred normal study (hardware, age-related change, a
+#: healed calcified granuloma: the CheXpert convention, and how real normal reports read).
+INCIDENTAL_TERMS = DEVICE_TERMS | {
+    "degenerative_change", "aortic_atherosclerosis", "post_surgical", "granuloma"
+}
 
 TERMS: tuple[Entry, ...] = (
     # outside the label space: specific multi-word phrases first

@@ -630,7 +630,7 @@ class TestNormalStudy:
         "text",
         [
             "Lungs are clear.",  # the heart is not commented on
-            "Heart size normal. Lungs clear. Calcified granuloma.",  # a finding outside the labels
+            "Heart size normal. Lungs clear. Left basal atelectasis.",  # a finding outside the labels
             "Heart size is upper limits of normal. Lungs clear.",  # hedged heart
         ],
     )
@@ -639,6 +639,10 @@ class TestNormalStudy:
 
     def test_devices_do_not_spoil_a_normal_study(self) -> None:
         assert statuses("ET tube in place. Lungs clear. Heart size normal.")[NF] == p
+
+    def test_a_calcified_granuloma_does_not_spoil_a_normal_study(self) -> None:
+        # rules 2.0: the CheXpert convention, and how real normal reports read
+        assert statuses("Heart size normal. Lungs clear. Calcified granuloma.")[NF] == p
 
     def test_positive_finding_overrides_normal_statement(self) -> None:
         text = "No acute cardiopulmonary process. Small left effusion."
