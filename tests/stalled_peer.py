@@ -52,6 +52,8 @@ class _Server:
         while not self._closed.is_set():
             try:
                 conn, _ = self._listener.accept()
+            except TimeoutError:
+                continue  # the timeout only lets close() be noticed
             except OSError:
                 return
             conn.settimeout(_SOCKET_TIMEOUT)
