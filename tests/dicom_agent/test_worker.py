@@ -42,7 +42,12 @@ def db(settings: AgentSettings) -> StateDB:
     return StateDB(settings.paths.state)
 
 
-def store(settings: AgentSettings, db: StateDB, study_uid: str, **kw: object) -> str:
+def store(
+    settings: AgentSettings, db: StateDB, study_uid: str, recorded_at: float | None = 0,
+    **kw: object,
+) -> str:
+    """Save a radiograph in the spool and record it; ``recorded_at`` None records it when the
+    file was written, as the listener does (a start-up spool check then leaves it alone)."""
     ds = make_cxr(rows=96, cols=80, study_uid=study_uid, accession="ACC-SENTINEL", **kw)  # type: ignore[arg-type]
     path = save(ds, settings.paths.spool / study_uid / f"{ds.SOPInstanceUID}.dcm")
     db.record_instance(
@@ -51,7 +56,7 @@ def store(settings: AgentSettings, db: StateDB, study_uid: str, **kw: object) ->
         modality=ds.Modality, transfer_syntax_uid=str(ds.file_meta.TransferSyntaxUID),
         view_position=ds.ViewPosition, body_part=ds.BodyPartExamined,
         accession_number=ds.AccessionNumber, path=str(path), sha256=ds.SOPInstanceUID, size=1,
-        now=0,
+        now=path.stat().st_mtime if recorded_at is None else recorded_at,
     )
     return str(ds.SOPInstanceUID)
 
@@ -437,7 +442,7 @@ def test_jobs_parked_for_the_model_drain_after_a_restart_with_a_working_model(
         raise ModelUnavailable("no weights for google/medgemma here")
 
     first = Agent(settings, auditor_factory=unavailable)
-    store(settings, first.db, "1.2.15.1")
+    store(settings, first.db, "1.2.15.1", recorded_at=None)
     job_id = queue(first.db, "1.2.15.1", time.time())
     first.start()
     try:
