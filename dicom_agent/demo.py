@@ -372,17 +372,15 @@ def how_to_open(folder: Path, studies: list[DemoStudy]) -> list[str]:
     for s in studies:
         lines.append(f"  {s.case.accession}: {s.results_dir}/  {flag_summary(s.result)}")
         lines.append(f"      shows: {s.case.shows}")
-    lines += [
-        "",
-        "Open them:",
-        f"  the audit (JSON)      python3 -m json.tool {first}/audit.json",
-        f"  the overlay picture   {first}/overlay-0.png  (any image viewer: xdg-open, open)",
-        f"  the structured report dsrdump {first}/sr.dcm",
-        f"  the GSPS and the SC   dcmdump {first}/gsps-0.dcm ; dcmdump {first}/sc-0.dcm",
-        f"  in a DICOM viewer     load {folder}/images/ together with {folder}/out/",
-        "  in the results browser  bash scripts/run.sh demo --serve (runs the demo again and keeps"
-        " its agent up)",
-        f"  the agent's log       {folder}/agent.log",
+    rows = [
+        ("the audit (JSON)", f"python3 -m json.tool {first}/audit.json"),
+        ("the overlay picture", f"{first}/overlay-0.png in any image viewer (xdg-open, open)"),
+        ("the structured report", f"dsrdump {first}/sr.dcm"),
+        ("the GSPS and the SC", f"dcmdump {first}/gsps-0.dcm; dcmdump {first}/sc-0.dcm"),
+        ("in a DICOM viewer", f"load {folder}/images/ together with {folder}/out/"),
+        ("in the results browser", "bash scripts/run.sh demo --serve (the demo again, its agent kept up)"),
+        ("the agent's log", f"{folder}/agent.log"),
     ]
+    lines += ["", "Open them:"] + [f"  {what:<24}{how}" for what, how in rows]
     return lines
 

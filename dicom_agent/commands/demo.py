@@ -59,5 +59,5 @@ def demo(
     except KeyboardInterrupt:
         fail("interrupted; the demo agent was stopped", code=130)
     if not serve:  # with --serve, _browse said it before serving
-        for line in how_to_open(folder, studies):
+        for line in how_to_open(folder.absolute(), studies):
             typer.echo(line)
