@@ -599,6 +599,8 @@ class StateDB:
         *,
         states: tuple[StudyState, ...] | None = None,
         prefix: str | None = None,
+        flag: str | None = None,
+        profile: str | None = None,
         before: tuple[float, str] | None = None,
         limit: int = 50,
     ) -> list[StudyRow]:
@@ -606,31 +608,85 @@ class StateDB:
 
         Keyset paging: ``before`` is the ``(first_instance_at, study_instance_uid)`` of the
         last row of the previous page, so a page costs the same at row 100,000 as at row 1
-        (indexes of migration 3). ``prefix`` matches the start of the Study Instance UID or
-        of the Accession Number (range scans on their indexes, no LIKE).
+        (indexes of migrations 3 and 5). ``prefix`` matches the start of the Study Instance UID
+        or of the Accession Number (range scans on their indexes, no LIKE). ``flag`` (a flag
+        kind) and ``profile`` filter on the latest result recorded by :meth:`record_result`;
+        the page then walks that table's index, newest first.
         """
+        # The table whose (first_instance_at, study_instance_uid) index orders the page.
+        if flag:
+            source = "study_flags k JOIN studies s USING (study_instance_uid)"
+        elif profile:
+            source = "study_results k JOIN studies s USING (study_instance_uid)"
+        else:
+            source = "studies s"
+        key = "k" if flag or profile else "s"
         clauses: list[str] = []
         params: list[Any] = []
+        if flag:
+            clauses.append("k.kind = ?")
+            params.append(flag)
+            if profile:
+                source += " JOIN study_results r USING (study_instance_uid)"
+                clauses.append("r.profile = ?")
+                params.append(profile)
+        elif profile:
+            clauses.append("k.profile = ?")
+            params.append(profile)
         if states:
-            clauses.append(f"state IN ({','.join('?' * len(states))})")
-            params += [s.value for s in states]
+            clauses.append(f"s.state IN ({','.join('?' * len(states))})")
+            params += [st.value for st in states]
         if prefix:
             end = prefix + "\U0010ffff"  # above every UTF-8 continuation of the prefix
             clauses.append(
-                "((study_instance_uid >= ? AND study_instance_uid < ?)"
-                " OR (accession_number >= ? AND accession_number < ?))"
+                "((s.study_instance_uid >= ? AND s.study_instance_uid < ?)"
+                " OR (s.accession_number >= ? AND s.accession_number < ?))"
             )
             params += [prefix, end, prefix, end]
         if before is not None:
-            clauses.append("(first_instance_at, study_instance_uid) < (?, ?)")
+            clauses.append(f"({key}.first_instance_at, {key}.study_instance_uid) < (?, ?)")
             params += list(before)
         where = f" WHERE {' AND '.join(clauses)}" if clauses else ""
         rows = self.query(
-            f"SELECT * FROM studies{where}"
-            " ORDER BY first_instance_at DESC, study_instance_uid DESC LIMIT ?",
+            f"SELECT s.* FROM {source}{where}"
+            f" ORDER BY {key}.first_instance_at DESC, {key}.study_instance_uid DESC LIMIT ?",
             (*params, limit),
         )
         return [StudyRow(**dict(r)) for r in rows]
+
+    def record_result(
+        self, study_uid: str, result_version: int, profile: str, flag_kinds: list[str],
+        now: float,
+    ) -> None:
+        """Keep the brief of a study's latest result (profile, flag kinds) for the browser's
+        filters; an older version than the one recorded changes nothing."""
+        with self.transaction() as conn:
+            study = conn.execute(
+                "SELECT first_instance_at FROM studies WHERE study_instance_uid = ?", (study_uid,)
+            ).fetchone()
+            current = conn.execute(
+                "SELECT result_version FROM study_results WHERE study_instance_uid = ?",
+                (study_uid,),
+            ).fetchone()
+            if study is None or (current is not None and current[0] > result_version):
+                return
+            first = study["first_instance_at"]
+            conn.execute(
+                "INSERT INTO study_results VALUES (?,?,?,?,?) ON CONFLICT(study_instance_uid)"
+                " DO UPDATE SET result_version=excluded.result_version,"
+                " profile=excluded.profile, updated_at=excluded.updated_at",
+                (study_uid, result_version, profile, first, now),
+            )
+            conn.execute("DELETE FROM study_flags WHERE study_instance_uid = ?", (study_uid,))
+            conn.executemany(
+                "INSERT INTO study_flags VALUES (?,?,?)",
+                [(study_uid, kind, first) for kind in sorted(set(flag_kinds))],
+            )
+
+    def result_profiles(self) -> list[str]:
+        """Profiles that produced a latest result (the browser's profile filter)."""
+        return [str(r["profile"]) for r in self.query(
+            "SELECT DISTINCT profile FROM study_results ORDER BY profile")]
 
     def jobs_of_study(self, study_uid: str) -> list[JobRow]:
         """Every job of a study (audit and forward), oldest first: the study page's timeline."""

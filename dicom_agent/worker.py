@@ -372,6 +372,9 @@ class Worker:
                 files = objects_to_send(folder, final)
                 if files:
                     forward.enqueue_forward(self.db, uid, files, self.settings.forward.destinations)
+            # the browser's flag and profile filters read this brief, not every audit.json
+            self.db.record_result(uid, final.result_version, prep.study.profile,
+                                  [f.kind.value for f in final.flags], self.clock())
             self.db.transition_job(job.id, JobState.DONE, self.clock())
             self._settled(job.id)
         except Exception as exc:

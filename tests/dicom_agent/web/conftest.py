@@ -80,6 +80,7 @@ class WebAgent:
 @pytest.fixture
 def web_agent(settings: AgentSettings) -> Iterator[WebAgent]:
     settings.web.uploads = settings.paths.spool.parent / "uploads"
+    settings.grounding.profile = "fake"  # the name the fake grounder reports in its results
     agent = WebAgent(settings)
     yield agent
     agent.models.close()

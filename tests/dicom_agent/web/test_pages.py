@@ -45,6 +45,33 @@ class TestStudiesList:
         assert "XYZ-2" in by_uid and "ABC-1" not in by_uid
         assert "no studies match" in client.get("/studies", params={"q": "9.9"}).text
 
+    def test_flag_and_profile_filters_use_the_latest_result(
+        self, client: TestClient, web_agent: WebAgent
+    ) -> None:
+        web_agent.store("1.2.6.1", "FLAGGED")  # bright: the fake finds a pneumothorax
+        web_agent.audit("1.2.6.1", "FLAGGED", "Small right pleural effusion.")
+        web_agent.store("1.2.6.2", "CLEAN", window=(3000.0, 1000.0))  # dark: no finding
+        web_agent.audit("1.2.6.2", "CLEAN", "No acute abnormality.")
+        web_agent.store("1.2.6.3", "NOT-YET")  # never audited
+
+        def listed(**params: str) -> list[str]:
+            html = client.get("/studies", params=params).text
+            return re.findall(r'class="study-link" href="[^"]+">([^<]+)<', html)
+
+        assert listed(flag="urgent") == ["FLAGGED"]
+        assert listed(flag="unsupported") == []
+        assert listed(profile="fake") == ["CLEAN", "FLAGGED"]  # newest first
+        assert listed(profile="fake", flag="missing") == ["FLAGGED"]
+        assert listed(profile="other") == []
+        assert listed() == ["NOT-YET", "CLEAN", "FLAGGED"]
+        assert 'option value="fake"' in client.get("/studies").text
+        # a re-audit whose draft now reports the pneumothorax: no longer MISSING (still URGENT)
+        web_agent.audit("1.2.6.1", "FLAGGED", "Right pleural effusion. Left pneumothorax.")
+        assert listed(flag="missing") == [] and listed(flag="urgent") == ["FLAGGED"]
+        # an older version arriving late does not overwrite the newer brief
+        web_agent.db.record_result("1.2.6.1", 1, "fake", ["missing"], time.time())
+        assert listed(flag="missing") == []
+
     def test_keyset_pages_cover_every_study_once(
         self, client: TestClient, web_agent: WebAgent, settings: AgentSettings
     ) -> None:

@@ -65,6 +65,45 @@ def plan(db: StateDB, sql: str) -> str:
     return " | ".join(str(r["detail"]) for r in db.query("EXPLAIN QUERY PLAN " + sql))
 
 
+@pytest.fixture
+def flagged(many: StateDB) -> StateDB:
+    """Every 50th study's latest result has an URGENT flag; every one has profile ``fake``."""
+    with many.transaction() as conn:
+        conn.executemany(
+            "INSERT INTO study_results VALUES (?,?,?,?,?)",
+            [(f"1.2.826.0.1.3680043.8.498.{i}", 1, "fake", 1e9 + i, 1e9 + i) for i in range(N)],
+        )
+        conn.executemany(
+            "INSERT INTO study_flags VALUES (?,?,?)",
+            [(f"1.2.826.0.1.3680043.8.498.{i}", "urgent", 1e9 + i) for i in range(0, N, 50)],
+        )
+    return many
+
+
+@pytest.mark.parametrize(("flag", "profile"), [("urgent", None), (None, "fake")])
+def test_flag_and_profile_filters_page_by_their_index(
+    flagged: StateDB, flag: str | None, profile: str | None
+) -> None:
+    first, first_steps, (sql,), first_s = measured(
+        flagged, lambda: flagged.studies_page(flag=flag, profile=profile, limit=50))
+    assert len(first) == 50
+    query_plan = plan(flagged, sql)
+    assert "TEMP B-TREE" not in query_plan
+    assert ("study_flags_recent" if flag else "study_results_profile") in query_plan
+    last = first[-1]
+    cursor = (last.first_instance_at, last.study_instance_uid)
+    for _ in range(30):  # walk 30 pages deep, then measure one more
+        page = flagged.studies_page(flag=flag, profile=profile, before=cursor, limit=50)
+        cursor = (page[-1].first_instance_at, page[-1].study_instance_uid)
+    deep, deep_steps, _, deep_s = measured(
+        flagged, lambda: flagged.studies_page(flag=flag, profile=profile, before=cursor, limit=50))
+    assert len(deep) == 50 and deep[0].first_instance_at < cursor[0]
+    assert deep_steps <= 2 * first_steps + 2
+    print(f"\n{N} studies, flag {flag} profile {profile}: first page {first_s * 1000:.2f} ms"
+          f" ({first_steps * 100} VM steps), page 32 {deep_s * 1000:.2f} ms"
+          f" ({deep_steps * 100} VM steps)")
+
+
 @pytest.mark.parametrize("states", [None, (StudyState.AUDITED,)])
 def test_a_deep_page_costs_what_the_first_page_costs(
     many: StateDB, states: tuple[StudyState, ...] | None
