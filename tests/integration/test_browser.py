@@ -94,6 +94,12 @@ def test_list_to_study_and_an_upload_audit(
     assert len(rows) == 2 and any("BRW-FLAG" in t and "URGENT" in t for t in texts)
     assert any("BRW-NORM" in t and "URGENT" not in t and "audited" in t for t in texts)
     full_page(driver, folder / "browser-studies.png")
+    from selenium.webdriver.support.ui import Select
+
+    Select(driver.find_element(By.ID, "flag-filter")).select_by_value("urgent")  # type: ignore[attr-defined]
+    driver.find_element(By.CSS_SELECTOR, "form.filters button").click()  # type: ignore[attr-defined]
+    shown = [r.text for r in driver.find_elements(By.CSS_SELECTOR, "#studies tbody tr")]  # type: ignore[attr-defined]
+    assert len(shown) == 1 and "BRW-FLAG" in shown[0]
 
     driver.find_element(By.LINK_TEXT, "BRW-FLAG").click()  # type: ignore[attr-defined]
     assert flagged_uid in driver.find_element(By.ID, "study-uid").text  # type: ignore[attr-defined]
