@@ -251,7 +251,12 @@ class _StreamingDIMSE(DIMSEServiceProvider):
 
     def _stream(self, message: C_STORE_RQ) -> None:
         command = message.command_set
-        context = self.assoc._accepted_cx[cast(int, message.context_id)]
+        context = self.assoc._accepted_cx.get(cast(int, message.context_id))
+        if context is None:  # PS3.8 9.3.5: a PDV on a context we did not accept
+            logger.warning("C-STORE from %s on an unaccepted presentation context", _peer(self))
+            self._abandon()
+            self.dul.event_queue.put("Evt19")
+            return
         try:
             incoming = self.spool.open_incoming(
                 str(command.AffectedSOPClassUID),
