@@ -174,10 +174,19 @@ def demo_config(folder: Path) -> dict[str, Any]:
 
 
 def prepare_folder(folder: Path) -> None:
-    """Clear a previous demo's folder (only one the demo made: it holds :data:`MARKER`)."""
+    """Clear a previous demo's folder (only one the demo made: it holds :data:`MARKER`).
+
+    Raises:
+        AgentError: the folder is someone else's, or a demo agent still runs in it (it holds the
+            state lock: ``demo --serve`` in another terminal).
+    """
+    from dicom_agent.agent import LOCK_FILE, StateLock
+
     if folder.exists() and any(folder.iterdir()):
         if not (folder / MARKER).exists():
             raise AgentError(f"{folder} exists and was not made by `cxr-agent demo`: choose another --folder")
+        if (folder / "state").is_dir():
+            StateLock(folder / "state" / LOCK_FILE).release()  # ConfigError while an agent holds it
         shutil.rmtree(folder)
     folder.mkdir(parents=True, exist_ok=True)
     (folder / MARKER).write_text("made by cxr-agent demo; cleared by the next one\n", encoding="utf-8")

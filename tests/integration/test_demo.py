@@ -45,6 +45,11 @@ def test_demo_shows_every_flag_kind_and_labels_the_stand_in_everywhere(tmp_path:
             if line.startswith("browse the results: "):
                 page = httpx.get(line.split()[3], timeout=10.0)
                 assert page.status_code == 200 and "DEMO-001" in page.text
+                # A second demo in the same folder must not clear it under the running one.
+                second = subprocess.run([CXR_AGENT, "demo", "--folder", str(folder)], capture_output=True,
+                                        text=True, timeout=120, check=False, cwd=tmp_path)
+                assert second.returncode == 2 and "another cxr-agent (pid" in second.stderr
+                assert (folder / "results" / "DEMO-001" / "audit.json").exists()
                 break
         else:
             pytest.fail("".join(printed))
