@@ -172,6 +172,19 @@ class TextFormatter(logging.Formatter):
 OWN_LOGGERS = ("dicom_agent", "cxr_auditor")
 
 
+class _SkippedRunFilter(logging.Filter):
+    """Drops apscheduler's "skipped: maximum number of running instances reached" warning.
+
+    Every interval job of the agent is coalesced with ``max_instances=1`` on purpose: a tick
+    that finds the previous run still going (an outbox drain waiting out a stalled PACS for
+    ``forward.network_timeout_seconds``) is meant to be skipped, and the warning repeated
+    every interval (five a second for the outbox in the tests) while saying nothing new.
+    """
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        return "maximum number of running instances" not in str(record.msg)
+
+
 def setup_logging(cfg: LoggingSettings, stream: Any = None) -> None:
     """Configure logging for ``serve``: our loggers at ``level``, all others (the root) at
     ``library_level`` (WARNING by default).
@@ -194,6 +207,9 @@ def setup_logging(cfg: LoggingSettings, stream: Any = None) -> None:
     # identifiers (patient data) are logged.
     pynetdicom_config.LOG_REQUEST_IDENTIFIERS = False
     pynetdicom_config.LOG_RESPONSE_IDENTIFIERS = False
+    apscheduler_log = logging.getLogger("apscheduler.scheduler")
+    if not any(isinstance(f, _SkippedRunFilter) for f in apscheduler_log.filters):
+        apscheduler_log.addFilter(_SkippedRunFilter())
 
 
 # -- metrics -----------------------------------------------------------------------------------

@@ -5,11 +5,13 @@ from __future__ import annotations
 import io
 import json
 import logging
+import threading
 from collections.abc import Iterator
 from pathlib import Path
 
 import pydicom
 import pytest
+from apscheduler.events import EVENT_JOB_MAX_INSTANCES
 
 from dicom_agent.config import LoggingSettings
 from dicom_agent.observe import (
@@ -69,6 +71,35 @@ class TestLogging:
             logging.getLogger(library).info("dataset dump")
         (line,) = logs.getvalue().splitlines()
         assert json.loads(line)["event"] == "study.settled"
+
+    def test_skipped_interval_runs_are_not_logged_other_scheduler_warnings_are(
+        self, logs: io.StringIO
+    ) -> None:
+        """A real BackgroundScheduler whose job outlasts its interval: the skipped ticks say
+        nothing; a job's own warning still gets through."""
+        from apscheduler.schedulers.background import BackgroundScheduler
+
+        setup_logging(LoggingSettings(), logs)
+        release, ran = threading.Event(), threading.Event()
+
+        def slow() -> None:
+            ran.set()
+            release.wait(5)
+
+        sched = BackgroundScheduler(job_defaults={"coalesce": True, "max_instances": 1})
+        sched.add_job(slow, "interval", seconds=0.05, id="slow")
+        sched.start()
+        try:
+            assert ran.wait(5)
+            skipped = threading.Event()
+            sched.add_listener(lambda _e: skipped.set(), EVENT_JOB_MAX_INSTANCES)
+            assert skipped.wait(5)  # apscheduler did skip a run while slow() held the slot
+        finally:
+            release.set()
+            sched.shutdown(wait=True)
+        logging.getLogger("apscheduler.scheduler").warning("Run time of job was missed")
+        assert "maximum number of running instances" not in logs.getvalue()
+        assert "Run time of job was missed" in logs.getvalue()
 
     @pytest.mark.parametrize("json_lines", [False, True])
     def test_uids_are_hashed_in_messages_and_tracebacks(
