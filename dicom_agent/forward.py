@@ -342,7 +342,7 @@ def _finish(
         )
     else:
         logger.warning(
-            "forward job failed; retry at %.0f", row.next_attempt_at,
+            "forward job failed; retry in %.0f s", row.next_attempt_at - now,
             extra=event(event=Event.JOB_RETRY, **fields),
         )
 
