@@ -127,3 +127,28 @@ class StallingProxy(_Server):
                 sink.sendall(chunk)
         except OSError:
             return
+
+
+class FullBacklog:
+    """A listening socket that never accepts, its backlog filled: the kernel drops further
+    SYNs, so a new ``connect`` neither succeeds nor fails until the caller's timeout."""
+
+    def __init__(self, fillers: int = 4) -> None:
+        self._listener = socket.create_server(("127.0.0.1", 0), backlog=0)
+        self.port = int(self._listener.getsockname()[1])
+        self._fillers: list[socket.socket] = []
+        for _ in range(fillers):
+            filler = socket.socket()
+            filler.setblocking(False)
+            filler.connect_ex(("127.0.0.1", self.port))
+            self._fillers.append(filler)
+
+    def close(self) -> None:
+        for sock in (*self._fillers, self._listener):
+            sock.close()
+
+    def __enter__(self) -> FullBacklog:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()

@@ -25,7 +25,7 @@ from dicom_agent.state import JobKind, JobState, StateDB
 from tests.conftest import free_port
 from tests.dicom_agent.outputs.studies import written_findings
 from tests.dicom_agent.storescp import Receiver
-from tests.stalled_peer import StalledPeer, StallingProxy
+from tests.stalled_peer import FullBacklog, StalledPeer, StallingProxy
 
 SR_CLASS = "1.2.840.10008.5.1.4.1.1.88.34"
 GSPS_CLASS = "1.2.840.10008.5.1.4.1.1.11.1"
@@ -318,6 +318,18 @@ class TestStalledPeers:
             job = self._drain(tmp_path, settings, result_files)
         assert (job.state, job.attempts) == ("queued", 1)
         assert "forward.job_timeout_seconds" in (job.last_error or "")
+
+    def test_connect_that_never_completes_is_bounded(
+        self, tmp_path: Path, result_files: list[Path]
+    ) -> None:
+        """SYNs dropped by a full listen backlog: without ``connection_timeout`` pynetdicom's
+        connect waits for the kernel's SYN retries (about two minutes)."""
+        with FullBacklog() as peer:
+            settings = self._settings(tmp_path, peer.port, connect_timeout_seconds=1,
+                                      acse_timeout_seconds=600)
+            job = self._drain(tmp_path, settings, result_files)
+        assert (job.state, job.attempts) == ("queued", 1)
+        assert "association failed" in (job.last_error or "")
 
     def test_down_destination_is_transient(self, tmp_path: Path, result_files: list[Path]) -> None:
         job = self._drain(tmp_path, self._settings(tmp_path, free_port()), result_files)
