@@ -251,7 +251,11 @@ def test_model_unavailable_keeps_receiving_and_drains_once_it_loads(tmp_path: Pa
         health = proc.healthz()
         assert health is not None and health["serving"] is True  # 200 while the model is away
         assert "audits wait" in health["message"]
-        assert "model: cxr-auditor-v2 unavailable" in proc.cli("status").stdout
+        text = proc.cli("status").stdout
+        assert "model: cxr-auditor-v2 unavailable: ModelUnavailable" in text
+        assert status["model"]["reason"].split()[-1] in text  # the whole reason, to its last word
+        (row,) = [ln for ln in text.splitlines() if ln.startswith("  ACC-M ")]
+        assert "queued" in row and "the model: profile cxr-auditor-v2 is unavailable" in row
         assert "model.unavailable" in proc.log_text()
         assert result(proc, study) is None
 
