@@ -176,9 +176,16 @@ def test_pairing_cases_end_to_end(agent: AgentProcess, tmp_path: Path) -> None:
     log = agent.log_text()
     for secret in (SENTINEL_PATIENT_NAME, SENTINEL_PATIENT_ID, "ACC-A", DRAFT_A, uid["A"]):
         assert secret not in log
-    events = [json.loads(line).get("event") for line in log.splitlines() if line.startswith("{")]
+    records = [json.loads(line) for line in log.splitlines() if line.startswith("{")]
+    events = [r.get("event") for r in records]
     assert {"draft.accepted", "draft.rejected", "draft.orphan", "study.settled", "study.reopened",
             "audit.done"} <= set(events)
+    # One study, one reference: every line about a draft names the study its draft.paired names.
+    paired = {r["draft_id"]: r["study"] for r in records if r.get("event") == "draft.paired"}
+    assert len(paired) >= 4
+    for r in records:
+        if r.get("draft_id") in paired and "study" in r:
+            assert r["study"] == paired[r["draft_id"]], r
     metrics = agent.metrics()
     assert 'cxr_agent_job_events_total{event="done"} 6.0' in metrics  # A1, A2, B, C1, C2, E
     assert 'cxr_agent_drafts_total{outcome="rejected_bad_json"} 1.0' in metrics
