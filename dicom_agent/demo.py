@@ -152,6 +152,7 @@ def study_images(case: DemoCase) -> list[Dataset]:
 
 
 def _free_port() -> int:
+    """A loopback port free now (the agent binds it a moment later, before any other work)."""
     with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
         s.bind(("127.0.0.1", 0))
         return int(s.getsockname()[1])
@@ -217,6 +218,7 @@ class DemoAgent:
         return self.browser_url + "healthz"
 
     def start(self, timeout: float) -> None:
+        """Start ``serve`` and wait until its health endpoint answers 200 (serving)."""
         env = {k: v for k, v in os.environ.items() if not k.startswith("CXR_AGENT__")}
         with self.log_path.open("ab") as log:
             self.proc = subprocess.Popen(
@@ -235,11 +237,13 @@ class DemoAgent:
             return False
 
     def check_alive(self) -> None:
+        """Raise AgentError, with the end of its log, when the agent process has exited."""
         if self.proc is None or self.proc.poll() is not None:
             tail = "\n".join(self.log_path.read_text(encoding="utf-8", errors="replace").splitlines()[-15:])
             raise AgentError(f"the demo agent exited; the end of {self.log_path}:\n{tail}")
 
     def stop(self) -> None:
+        """SIGTERM (a clean stop: the batch in hand is finished), SIGKILL after 30 s."""
         if self.proc is None or self.proc.poll() is not None:
             return
         self.proc.send_signal(signal.SIGTERM)
