@@ -8,17 +8,20 @@ and study keys from the DICOM header. A picture file is taken as display-ready g
 unknown orientation (no patient side is derived). A classification profile (``dsa-patency``)
 takes the route ``grounding.xa_profile`` names and fills ``classification`` instead of grounding.
 
-``doctor`` prints one line per check (``ok``, ``warn`` or ``FAIL``): dependencies, folders, and
+``doctor`` prints one line per check (``ok``, ``warn`` or ``FAIL``): dependencies, folders, ports
+(a test bind of the DICOM and HTTP ports: in use is a warning, no permission a failure), and
 for every configured profile whether it can load and, when not, why. It exits 1 when a check
 failed. ``--load`` really loads each model (slow, needs the memory).
 """
 
 from __future__ import annotations
 
+import errno
 import hashlib
 import importlib.util
 import os
 import shutil
+import socket
 from pathlib import Path
 from typing import Annotated
 
@@ -163,6 +166,39 @@ def _folder_checks(settings: AgentSettings) -> list[tuple[str, str]]:
     return out
 
 
+def _port_checks(settings: AgentSettings) -> list[tuple[str, str]]:
+    """Can ``serve`` bind its ports? A test bind of each (the DICOM port, the HTTP port).
+
+    A port in use is a warning, not a failure: it is most often this agent, already serving.
+    """
+    ports = [("scp.port", settings.scp.host, settings.scp.port)]
+    if settings.health.enabled:
+        ports.append(("health.port", settings.health.host, settings.health.port))
+    out = []
+    for key, host, port in ports:
+        what = f"port {key} {host}:{port}"
+        if port == 0:
+            out.append(_line("ok", what, "any free port"))
+            continue
+        family = socket.AF_INET6 if ":" in host else socket.AF_INET
+        with socket.socket(family, socket.SOCK_STREAM) as probe:
+            probe.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+            try:
+                probe.bind((host, port))
+            except OSError as exc:
+                if exc.errno == errno.EADDRINUSE:
+                    out.append(_line("warn", what, "in use (a running agent? see `cxr-agent"
+                                     f" status`); otherwise change {key}"))
+                elif exc.errno == errno.EACCES:
+                    out.append(_line("FAIL", what, "no permission: ports below 1024 need root or"
+                                     f" CAP_NET_BIND_SERVICE; change {key}"))
+                else:
+                    out.append(_line("FAIL", what, f"cannot bind: {exc.strerror}"))
+                continue
+        out.append(_line("ok", what, "free"))
+    return out
+
+
 _SEVERITY = {"ok": 0, "warn": 1, "FAIL": 2}
 
 
@@ -258,9 +294,9 @@ def doctor(
     ] = False,
     config: Path | None = _CONFIG,
 ) -> None:
-    """One line per check: dependencies, folders, and whether each profile can load."""
+    """One line per check: dependencies, folders, ports, and whether each profile can load."""
     settings = _settings(config)
-    lines = _dependency_checks() + _folder_checks(settings)
+    lines = _dependency_checks() + _folder_checks(settings) + _port_checks(settings)
     try:
         known = load_profiles(settings.paths.profiles)
     except CxrAuditError as exc:
