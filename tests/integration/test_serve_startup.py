@@ -10,6 +10,7 @@ from __future__ import annotations
 import socket
 import sqlite3
 import subprocess
+from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
@@ -30,7 +31,7 @@ def run_refused(agent: AgentProcess) -> subprocess.CompletedProcess[str]:
 
 
 @pytest.fixture
-def listening() -> socket.socket:
+def listening() -> Iterator[socket.socket]:
     """Another program's listening socket on a loopback port."""
     sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
     sock.settimeout(5.0)
