@@ -51,6 +51,9 @@ _PICKABLE_STUDIES = 10
 
 @dataclass(frozen=True)
 class Example:
+    """A built-in case: a synthetic picture (dark or bright, with or without a nodule) and a
+    draft."""
+
     name: str
     title: str
     draft: str
