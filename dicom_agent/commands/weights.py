@@ -32,8 +32,11 @@ def pull(
     config: Path | None = CONFIG_OPTION,
 ) -> None:
     """Download PROFILE's weights and adapter into the hub cache, with progress bars."""
-    from huggingface_hub import snapshot_download
-    from huggingface_hub.errors import GatedRepoError, HfHubHTTPError, LocalEntryNotFoundError
+    try:
+        from huggingface_hub import snapshot_download
+        from huggingface_hub.errors import GatedRepoError, HfHubHTTPError, LocalEntryNotFoundError
+    except ImportError:
+        fail("models pull needs huggingface_hub, part of the 'models' extra (bash scripts/setup.sh)")
 
     from cxr_auditor.chat.hub import check_weights, is_local_ref
     from cxr_auditor.errors import CxrAuditError
