@@ -270,7 +270,7 @@ def evaluate(gold: Iterable[GoldReport], parser: DraftParser | None = None) -> D
             want_pos, got_pos = want is DraftStatus.PRESENT, got is DraftStatus.PRESENT
             if got_pos and lab in listed and not want_pos:
                 metrics.negated_list_fp += 1
-                metrics.errors.append((g.id, lab.value, "negated-list", got.value))
+                metrics.errors.append((g.id, lab.value, "negated-list", "present"))
             if lab in g.dont_care:
                 continue
             counts = metrics.per_label[lab]
