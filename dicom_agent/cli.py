@@ -18,6 +18,7 @@ from dicom_agent.commands import (
     draft,
     evaluate,
     models,
+    monitoring,
     outputs,
     recovery,
     replay,
@@ -48,7 +49,9 @@ def version() -> None:
     typer.echo(_v("cxr-audit-agent"))
 
 
-for _group in (draft, agent, models, outputs, evaluate, replay, recovery, weights, demo):
+for _group in (
+    draft, agent, models, outputs, evaluate, replay, monitoring, recovery, weights, demo
+):
     app.add_typer(_group.app)  # no name: the group's commands join the top level
 
 

@@ -33,15 +33,31 @@ from rich.progress import (
 )
 from rich.table import Table
 
-__all__ = ["RESEARCH_LINE", "Bar", "print_summary", "print_table", "progress", "stderr_console"]
+__all__ = [
+    "PIPE_WIDTH",
+    "RESEARCH_LINE",
+    "Bar",
+    "print_summary",
+    "print_table",
+    "progress",
+    "stderr_console",
+]
 
 #: Caption of every summary table.
 RESEARCH_LINE = "Research use only: not a medical device, not for clinical use."
 
 
+#: Width of a table written to a pipe or a file: wide enough that a row stays on one line (a
+#: terminal uses its own width).
+PIPE_WIDTH = 200
+
+
 def stderr_console() -> Console:
     """The console the long commands draw on: stderr, so stdout stays machine-readable."""
-    return Console(stderr=True)
+    console = Console(stderr=True)
+    if not console.is_terminal:
+        console = Console(stderr=True, width=PIPE_WIDTH)
+    return console
 
 
 @dataclass

@@ -272,3 +272,26 @@ def test_unreadable_result_leaves_its_final_pending_and_others_go_on(settings: A
     assert monitor.tick(now=10.0) == 1
     assert sorted(f.state for f in db.finals()) == [FinalState.COMPARED.value,
                                                      FinalState.PENDING.value]
+
+
+def test_monitoring_command_prints_the_window(settings: AgentSettings, tmp_path: Path) -> None:
+    import yaml
+    from typer.testing import CliRunner
+
+    from dicom_agent.cli import app
+
+    monitor, db, _ = _monitor(settings)
+    _study(db)
+    write_sidecar(settings.paths.out / UID, _audit(BRIGHT_ANSWER, "No pneumothorax."))
+    _drop(settings.paths.finals, f"{ACCESSION}.txt", "Left pneumothorax.")
+    monitor.tick(now=0.0)
+    monitor.tick(now=10.0)
+    config = tmp_path / "agent.yaml"
+    config.write_text(yaml.safe_dump({"paths": {"state": str(settings.paths.state)}}))
+    result = CliRunner().invoke(app, ["monitoring", "--config", str(config)])
+    assert result.exit_code == 0, result.output
+    body = json.loads(result.stdout)
+    ptx = next(r for r in body["labels"] if r["label"] == "pneumothorax")
+    assert ptx["model_sensitivity"]["value"] == 1.0 and ptx["draft_sensitivity"]["value"] == 0.0
+    assert body["finals"]["compared"] == 1
+    assert "1.000 [0.21-1.00] n=1" in result.stderr and "Research use only" in result.stderr

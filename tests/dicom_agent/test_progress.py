@@ -47,3 +47,10 @@ def test_table_columns_and_empty_cells() -> None:
                 console=console)
     text = out.getvalue()
     assert "label" in text and "F1" in text and "0.80" in text and "None" not in text
+
+
+def test_tables_in_a_pipe_keep_each_row_on_one_line(capsys: object) -> None:
+    cells = ("1.000 [0.21-1.00] n=1",) * 6
+    print_table("wide", ("a", "b", "c", "d", "e", "f"), [cells])  # stderr is captured: no terminal
+    err = capsys.readouterr().err  # type: ignore[attr-defined]
+    assert any(line.count("n=1") == 6 for line in err.splitlines())
