@@ -23,6 +23,7 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from cxr_auditor.errors import CxrAuditError
 from cxr_auditor.eval.diff import DiffSummary
 from cxr_auditor.profiles import Profile
 from cxr_auditor.schema import DISCLAIMER, AuditResult, StudyKeys
@@ -117,8 +118,15 @@ def replay_studies(
                 log.warning("replay: study not prepared (%s)", type(exc).__name__,
                             extra={"study": study_ref(uid)})
         if batch:
-            results = runner.audit_batch([p.item for _, p in batch])
-            for (uid, _), result in zip(batch, results, strict=True):
+            try:
+                results = runner.audit_batch([p.item for _, p in batch])
+            except CxrAuditError as exc:  # the model failed this batch: the next one may pass
+                reason = f"{type(exc).__name__}: {exc}".splitlines()[0][:300]
+                report.failed.update({uid: reason for uid, _ in batch})
+                log.warning("replay: a batch of %d failed on the model (%s)", len(batch),
+                            type(exc).__name__)
+                results = []
+            for (uid, _), result in zip(batch, results, strict=False):
                 write_sidecar(out / uid, result)
                 report.replayed.append(uid)
                 report.flags.update(f.kind.value for f in result.flags)

@@ -119,6 +119,39 @@ def test_replay_named_studies_and_a_missing_spool_file(tmp_path: Path) -> None:
     assert "gone from the spool" in body["failed"][gone]
 
 
+def test_a_batch_the_model_fails_is_reported_and_the_next_goes_on(tmp_path: Path) -> None:
+    from cxr_auditor.errors import BackendError
+    from cxr_auditor.profiles import get_profile
+    from dicom_agent.config import load_settings
+    from dicom_agent.registry import build_runner
+    from dicom_agent.replay import replay_studies
+
+    settings = load_settings(_config(tmp_path))
+    first, second = _spooled_study(tmp_path), _spooled_study(tmp_path)
+    real = build_runner(get_profile("fake"), "rules", settings)
+    calls: list[int] = []
+
+    class FailsFirst:
+        def audit_batch(self, items: list[Any]) -> list[Any]:
+            calls.append(len(items))
+            if len(calls) == 1:
+                raise BackendError("server answered 503")
+            return real.audit_batch(items)
+
+        def close(self) -> None:
+            real.close()
+
+    db = StateDB(settings.paths.state)
+    report = replay_studies(settings, db, FailsFirst(), get_profile("fake"), tmp_path / "r",
+                            [first, second], batch_size=1)
+    db.close()
+    assert calls == [1, 1]
+    assert report.failed == {first: "BackendError: server answered 503"}
+    assert report.replayed == [second]
+    manifest = json.loads((tmp_path / "r" / "replay.json").read_text())
+    assert manifest["studies"] == 1 and list(manifest["failed"]) == [first]
+
+
 def test_replay_with_an_unknown_prompt_is_one_line(tmp_path: Path) -> None:
     config = _config(tmp_path)
     _spooled_study(tmp_path)
