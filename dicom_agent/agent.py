@@ -47,7 +47,7 @@ from dicom_agent.observe import (
 from dicom_agent.registry import AuditorFactory, Models, default_auditor_factory
 from dicom_agent.scheduler import Scheduler
 from dicom_agent.scp import Listener, start_listener
-from dicom_agent.state import DraftState, JobState, StateDB, StudyState
+from dicom_agent.state import QUEUE_TABLES, DraftState, JobState, StateDB, StudyState
 from dicom_agent.web import WebServer, create_app
 from dicom_agent.worker import Worker
 
@@ -338,7 +338,7 @@ STATUS_JOBS_SHOWN = 100
 def status_counts(db: StateDB) -> dict[str, Any]:
     """Queue depths, waiting studies, orphans, and the newest dead and retrying jobs (with their
     errors; at most :data:`STATUS_JOBS_SHOWN` each) from the DB."""
-    counts = db.counts()
+    counts = db.counts(QUEUE_TABLES)
     dead = [
         {
             "job_id": j.id,

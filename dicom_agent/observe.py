@@ -30,7 +30,7 @@ from pynetdicom import evt
 from cxr_auditor.schema import AuditResult
 from dicom_agent.config import LoggingSettings
 from dicom_agent.files import atomic_write_text
-from dicom_agent.state import DraftState, JobState, StateDB, StudyState
+from dicom_agent.state import QUEUE_TABLES, DraftState, JobState, StateDB, StudyState
 
 log = logging.getLogger(__name__)
 
@@ -316,7 +316,7 @@ class Metrics:
 
     def refresh(self, db: StateDB) -> None:
         """Update the gauges from the state database and the process (called on every scrape)."""
-        counts = db.counts()
+        counts = db.counts(QUEUE_TABLES)
         for state in JobState:
             self.jobs.labels(state.value).set(counts["jobs"].get(state.value, 0))
         for sstate in StudyState:

@@ -11,7 +11,7 @@ from starlette.requests import Request
 from starlette.responses import Response
 from starlette.routing import Route
 
-from dicom_agent.state import JobState, StateDB
+from dicom_agent.state import QUEUE_TABLES, JobState, StateDB
 from dicom_agent.web.context import agent_of, render
 
 NAV: tuple[str, str] | None = ("Queue", "/queue")
@@ -60,7 +60,7 @@ def throughput_bars(db: StateDB, now: float, height: float = 120.0) -> tuple[lis
 
 def queue_page(request: Request) -> Response:
     agent = agent_of(request)
-    counts = agent.db.counts()
+    counts = agent.db.counts(QUEUE_TABLES)
     bars, top = throughput_bars(agent.db, time.time())
     profile = agent.settings.grounding.profile
     models = agent.models.status()

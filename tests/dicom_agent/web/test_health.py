@@ -118,3 +118,16 @@ def test_with_the_pages_off_only_the_health_endpoints_answer(
         assert client.get("/metrics").status_code == 200
         for path in ("/", "/studies", "/queue", "/audit", "/static/style.css"):
             assert client.get(path).status_code == 404, path
+
+
+def test_the_frequent_counts_read_indexes_not_rows(web_agent: WebAgent) -> None:
+    """status, /healthz and /metrics count by state every few seconds under the DB lock: each
+    count must walk a state index (no instance rows, no draft texts)."""
+    from dicom_agent.state import QUEUE_TABLES
+
+    assert "instances" not in QUEUE_TABLES
+    for table in QUEUE_TABLES:
+        plan = " ".join(str(r["detail"]) for r in web_agent.db.query(
+            f"EXPLAIN QUERY PLAN SELECT state, COUNT(*) AS n FROM {table} GROUP BY state"))
+        assert "USING COVERING INDEX" in plan, (table, plan)
+    assert set(web_agent.db.counts(QUEUE_TABLES)) == set(QUEUE_TABLES)
