@@ -154,3 +154,46 @@ def test_the_list_page_at_100k(client: TestClient, many: StateDB) -> None:
     assert deep.count('class="study-link"') == 50 and "ACC000499" in deep
     print(f"\n/studies with {N} studies: first page {first_s * 1000:.0f} ms,"
           f" page after 99,500 rows {deep_s * 1000:.0f} ms (TestClient, no audit.json files)")
+
+
+@pytest.mark.slow
+def test_status_counts_at_100k_studies(many: StateDB) -> None:
+    """The heartbeat's counts (every 2 s) with 200,000 instances and 100,000 drafts and jobs:
+    printed for docs/browser.md; asserted without a clock (only QUEUE_TABLES are counted)."""
+    from dicom_agent.agent import status_counts
+
+    with many.transaction() as conn:
+        conn.executemany(
+            "INSERT INTO instances VALUES (?,?,?,?,?,?,?,?,?,?,?,?,?,?)",
+            [(f"1.3.{i}.{k}", f"1.2.826.0.1.3680043.8.498.{i}", "1.4", "1.2.840.10008.5.1.4.1.1.1.1",
+              "DX", "1.2.840.10008.1.2.1", "PA", "CHEST", f"/spool/{i}/{k}.dcm", "ab" * 32,
+              10_000_000, "stored", 1e9 + i, 1e9 + i) for i in range(N) for k in range(2)],
+        )
+        conn.executemany(
+            "INSERT INTO jobs (kind, study_instance_uid, state, attempts, next_attempt_at,"
+            " created_at, updated_at, result_version) VALUES ('audit', ?, 'done', 1, ?, ?, ?, 1)",
+            [(f"1.2.826.0.1.3680043.8.498.{i}", 1e9 + i, 1e9 + i, 1e9 + i) for i in range(N)],
+        )
+        conn.executemany(
+            "INSERT INTO drafts (key, key_kind, study_instance_uid, file_name, sha256, text,"
+            " state, received_at, updated_at) VALUES (?, 'accession', ?, ?, 'x', ?, 'paired',"
+            " ?, ?)",
+            [(f"ACC{i:06d}", f"1.2.826.0.1.3680043.8.498.{i}", f"ACC{i:06d}.txt",
+              "Small right pleural effusion. No pneumothorax. " * 4, 1e9 + i, 1e9 + i)
+             for i in range(N)],
+        )
+    statements: list[str] = []
+    many._conn.set_trace_callback(statements.append)
+    start = time.perf_counter()
+    try:
+        body = status_counts(many)
+    finally:
+        many._conn.set_trace_callback(None)
+    seconds = time.perf_counter() - start
+    assert body["jobs"]["done"] == N and body["drafts"]["paired"] == N
+    assert not any("FROM instances" in sql for sql in statements)
+    start = time.perf_counter()
+    many.counts(("instances",))
+    instances_s = time.perf_counter() - start
+    print(f"\nstatus_counts at {N} studies, {2 * N} instances, {N} drafts and jobs:"
+          f" {seconds * 1000:.0f} ms (counting instances too would add {instances_s * 1000:.0f} ms)")
