@@ -125,7 +125,9 @@ def state_rebuild(
             typer.echo(f"damaged database kept as {kept}")
         db = StateDB(path)
         try:
-            spool.reconcile(db, settings.paths.spool)
+            spool.reconcile(
+                db, settings.paths.spool, max_inflated_bytes=settings.scp.max_instance_bytes
+            )
             counts = db.counts()
         finally:
             db.close()
