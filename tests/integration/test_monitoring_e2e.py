@@ -6,14 +6,16 @@ on the monitoring page."""
 
 from __future__ import annotations
 
+import json
 import re
+import subprocess
 from pathlib import Path
 
 import httpx
 import pytest
 from pydicom.uid import generate_uid
 
-from tests.agentproc import running_agent, store, wait_until
+from tests.agentproc import CXR_AGENT, running_agent, store, wait_until
 from tests.builders import make_cxr
 
 pytestmark = [pytest.mark.integration, pytest.mark.slow]
@@ -69,3 +71,33 @@ def test_study_draft_final_agreement_in_metrics_and_page(tmp_path: Path) -> None
         assert "1.000 [0.21-1.00] n=1" in page
         # the final is kept in processed/, nothing is left in the folder
         assert (agent.path("finals") / "processed" / f"{accession}.txt").exists()
+
+
+def test_replay_of_a_served_study_with_the_same_profile_changes_nothing(tmp_path: Path) -> None:
+    """``replay`` beside a running ``serve``, on the studies it spooled and audited: the same
+    profile gives the same flags and findings (``diff`` reports no change), and a second study
+    whose spool file is gone is reported, not fatal."""
+    uids = [generate_uid(), generate_uid()]
+    with running_agent(tmp_path / "agent") as agent:
+        for n, uid in enumerate(uids):
+            agent.drop_draft(f"RPL{n}.txt", "Small right pleural effusion. No pneumothorax.")
+            ds = make_cxr(rows=128, cols=112, study_uid=uid, accession=f"RPL{n}",
+                          patient_orientation="L\\F")
+            assert store(agent.port, [ds]) == [0x0000]
+        for uid in uids:
+            wait_until(lambda u=uid: agent.result(u), timeout=TIMEOUT, what="the audits",
+                       alive=agent.check_alive)
+        for path in (agent.path("spool") / uids[1]).rglob("*"):
+            if path.is_file():
+                path.unlink()
+        out = tmp_path / "replayed"
+        done = agent.cli("replay", "--profile", "fake", "--out", str(out))
+        assert done.returncode == 0, done.stderr
+        body = json.loads(done.stdout)
+        assert body["replayed"] == 1 and list(body["failed"]) == [uids[1]]
+        diff = subprocess.run([CXR_AGENT, "diff", str(agent.path("out")), str(out)],
+                              capture_output=True, text=True, timeout=60, check=False)
+        assert diff.returncode == 0, diff.stderr
+        summary = json.loads(diff.stdout)
+        assert summary["compared"] == 1 and summary["changed"] == 0
+        assert summary["only_in_a"] == [uids[1]]
