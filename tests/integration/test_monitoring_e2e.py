@@ -2,7 +2,7 @@
 C-STORE, its draft in the drafts folder, the audit runs (the fake stand-in: pneumothorax on the
 patient's left and an effusion on the right of the bright phantom), then the signed final report
 lands in the finals folder; the agreement is recorded in the state DB and shown in /metrics and
-on the monitoring page."""
+on the monitoring page. And ``replay`` / ``diff`` on the studies such a ``serve`` spooled."""
 
 from __future__ import annotations
 
