@@ -221,6 +221,8 @@ def _print_status(body: dict[str, Any]) -> None:
         typer.echo(f"dead letter: {job['kind']} job {job['job_id']}, accession {job['accession_number'] or '-'}"
                    f" study {job['short_uid']}, after {job['attempts']} attempts: "
                    f"{' '.join((job['reason'] or 'no reason recorded').split())}")
+    if any(job["kind"] == "forward" for job in body["dead_letters"]):
+        typer.echo("dead forward jobs: `cxr-agent forward retry ID...` (or --all) sends them again")
 
 
 @app.command("status")

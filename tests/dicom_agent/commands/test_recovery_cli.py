@@ -76,6 +76,13 @@ class TestForwardRetry:
         job = StateDB(load_settings(config).paths.state).job(job_id)
         assert job is not None and (job.state, job.attempts) == ("done", 1)
 
+    def test_status_points_at_the_command(self, tmp_path: Path) -> None:
+        config = _config(tmp_path, free_port())
+        job_id = _dead_job(tmp_path, config)
+        outcome = runner.invoke(app, ["status", "--config", str(config)])
+        assert f"dead letter: forward job {job_id}" in outcome.output
+        assert "cxr-agent forward retry" in outcome.output
+
     def test_unknown_id_changes_nothing(self, tmp_path: Path) -> None:
         config = _config(tmp_path, free_port())
         job_id = _dead_job(tmp_path, config)
