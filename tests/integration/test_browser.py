@@ -134,6 +134,11 @@ def test_list_to_study_and_an_upload_audit(
     full_page(driver, folder / "browser-queue.png")
 
 
+#: The metric lines docs/browser.md quotes.
+EXCERPT = ("jobs{state=\"done\"}", "model_available", "audit_seconds_count", "stage_seconds_count",
+           "stage_seconds_sum", "flags_total", "associations", "bytes_received")
+
+
 def test_health_and_metrics_of_a_running_agent(agent: AgentProcess) -> None:
     """/readyz and the listener's counters in /metrics, from a real serve process."""
     import httpx
@@ -147,10 +152,14 @@ def test_health_and_metrics_of_a_running_agent(agent: AgentProcess) -> None:
     wait_until(lambda: agent.result(str(study[0].StudyInstanceUID)), timeout=120, what="audit",
                alive=agent.check_alive)
     samples = {}
+    excerpt = []
     for line in httpx.get(agent.health_url + "/metrics", timeout=10).text.splitlines():
         if line and not line.startswith("#"):
             name, _, value = line.rpartition(" ")
             samples[name] = float(value)
+            if not name.endswith("_created") and any(part in name for part in EXCERPT):
+                excerpt.append(line)
+    print("\n" + "\n".join(excerpt))  # the excerpt in docs/browser.md (-s shows it)
     pixel_bytes = sum(len(ds.PixelData) for ds in study)
     assert samples["cxr_agent_bytes_received_total"] > pixel_bytes
     assert samples["cxr_agent_associations_rejected_total"] == 1
