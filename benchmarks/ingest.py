@@ -53,6 +53,11 @@ class Run:
     total_bytes: int
     seconds: float
     received: int
+    cpu_seconds: float  # the receiver's, its reaped children (storescp --fork) included
+
+    @property
+    def cpu_ms_per_file(self) -> float:
+        return self.cpu_seconds * 1000 / self.files
 
     @property
     def files_per_s(self) -> float:
@@ -111,8 +116,9 @@ def _stop(proc: subprocess.Popen[bytes]) -> None:
 @contextmanager
 def receiver(
     kind: str, work: Path, workers: int = 1, max_instance_bytes: int = 512 * 1024 * 1024
-) -> Iterator[tuple[int, str, Path]]:
-    """Start one receiver in its own process group; yields (port, called AE, storage dir)."""
+) -> Iterator[tuple[int, str, Path, int]]:
+    """Start one receiver in its own process group; yields (port, called AE, storage dir,
+    process id)."""
     port = free_port()
     store = work / "store"
     store.mkdir(parents=True)
@@ -148,7 +154,7 @@ def receiver(
     )
     try:
         _wait_for_echo(port, aet, proc, timeout=60)
-        yield port, aet, store
+        yield port, aet, store, proc.pid
     finally:
         _stop(proc)
         log.close()
@@ -173,6 +179,13 @@ def send(files: list[Path], port: int, aet: str, associations: int) -> float:
         err = failed[0].stderr.read().decode(errors="replace") if failed[0].stderr else ""
         raise RuntimeError(f"storescu failed: {err[-500:]}")
     return seconds
+
+
+def cpu_seconds(pid: int) -> float:
+    """User + system CPU of a process and its reaped children (/proc/<pid>/stat, PS: proc(5))."""
+    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    utime, stime, cutime, cstime = (int(f) for f in fields[11:15])
+    return (utime + stime + cutime + cstime) / os.sysconf("SC_CLK_TCK")
 
 
 def _count_received(kind: str, store: Path) -> int:
@@ -226,8 +239,7 @@ def memory(base: Path) -> None:
     for label, files, assocs in (("1 x 1 GB, 1 association", big, 1),
                                  ("16 x 100 MB, 16 associations", many, 16)):
         work = base / f"mem-{assocs}"
-        with receiver("ours", work, 1, max_instance_bytes=2_000_000_000) as (port, aet, _):
-            pid = int((work / "listener.pid").read_text())
+        with receiver("ours", work, 1, max_instance_bytes=2_000_000_000) as (port, aet, _, pid):
             Path(f"/proc/{pid}/clear_refs").write_text("5")  # VmHWM := VmRSS
             before = _kib(pid, "VmRSS")
             seconds = send(files, port, aet, assocs)
@@ -252,7 +264,6 @@ def serve_ours(work: Path, port: int, workers: int, max_instance_bytes: int) -> 
              "max_instance_bytes": max_instance_bytes},
     )
     settings.ensure_folders()
-    (work / "listener.pid").write_text(str(os.getpid()))
     db = StateDB(settings.paths.state)
     listener = start_listener(settings, db)
     done = threading.Event()
@@ -313,15 +324,18 @@ def main() -> None:
         for kind in args.receivers.split(","):
             for assocs in sorted({1, args.parallel}):
                 work = base / f"{kind}-{assocs}"
-                with receiver(kind, work, args.workers) as (port, aet, store):
+                with receiver(kind, work, args.workers) as (port, aet, store, pid):
+                    cpu = cpu_seconds(pid)
                     seconds = send(files, port, aet, assocs)
                     received = _count_received(kind, store)
-                runs.append(Run(kind, assocs, len(files), total, seconds, received))
+                    cpu = cpu_seconds(pid) - cpu
+                runs.append(Run(kind, assocs, len(files), total, seconds, received, cpu))
                 shutil.rmtree(work, ignore_errors=True)
                 r = runs[-1]
                 print(
                     f"  {kind:9s} {assocs} assoc: {r.files_per_s:7.1f} files/s "
-                    f"{r.mb_per_s:7.1f} MB/s ({r.received} files on disk)",
+                    f"{r.mb_per_s:7.1f} MB/s {r.cpu_ms_per_file:6.1f} ms CPU/file "
+                    f"({r.received} files on disk)",
                     flush=True,
                 )
         print()
@@ -332,15 +346,15 @@ def table(runs: list[Run]) -> str:
     """The results as a Markdown table, with ours / storescp per association count."""
     ref = {r.associations: r for r in runs if r.receiver == "storescp"}
     lines = [
-        "| receiver | associations | files/s | MB/s | vs storescp |",
-        "| --- | ---: | ---: | ---: | ---: |",
+        "| receiver | associations | files/s | MB/s | vs storescp | receiver CPU ms/file |",
+        "| --- | ---: | ---: | ---: | ---: | ---: |",
     ]
     for r in runs:
         base = ref.get(r.associations)
         ratio = f"{r.files_per_s / base.files_per_s:.2f}" if base else "-"
         lines.append(
             f"| {r.receiver} | {r.associations} | {r.files_per_s:.1f} | {r.mb_per_s:.0f} "
-            f"| {ratio} |"
+            f"| {ratio} | {r.cpu_ms_per_file:.1f} |"
         )
     return "\n".join(lines)
 

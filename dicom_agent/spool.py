@@ -425,8 +425,8 @@ class IncomingFile:
     def flush(self) -> None:
         """Nothing to flush: :meth:`write` hands each fragment to the kernel at once."""
 
-    def write(self, data: bytes) -> int:
-        """Append one data set fragment (called by pynetdicom for each PDV)."""
+    def write(self, data: bytes | memoryview) -> int:
+        """Append one data set fragment (called for each PDV, by pynetdicom or the transport)."""
         self.size += len(data)
         if self.size > self.limit:
             self.discard()
@@ -436,7 +436,7 @@ class IncomingFile:
             self._put(data)
         return len(data)
 
-    def _put(self, data: bytes) -> None:
+    def _put(self, data: bytes | memoryview) -> None:
         try:
             with self.spool.reserve(len(data)):
                 view = memoryview(data)

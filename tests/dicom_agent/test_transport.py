@@ -1,7 +1,8 @@
 """Guards for the private pynetdicom hooks that dicom_agent/transport.py relies on.
 
-transport.py replaces ``DULServiceProvider._read_pdu_data`` with a bounded copy, re-classes the
-association's socket, DUL and DIMSE provider, and hands its spool file to pynetdicom's DIMSE
+transport.py replaces ``DULServiceProvider._read_pdu_data`` with a bounded copy (which also
+writes middle data set fragments straight to the spool file, doing DT-2's work), re-classes
+the association's socket, DUL and DIMSE provider, and hands its spool file to pynetdicom's DIMSE
 message through ``_data_set_file``. None of that is public API, so pyproject.toml pins the
 version and these tests fail loudly, naming what to re-read, when an upgrade changes any of it.
 The behaviour itself is tested over real associations in test_scp.py and
@@ -17,6 +18,7 @@ from typing import Any
 
 import pynetdicom
 import pytest
+from pynetdicom import fsm
 from pynetdicom.acse import ACSE
 from pynetdicom.association import Association
 from pynetdicom.dimse import DIMSEServiceProvider
@@ -36,6 +38,12 @@ FINGERPRINTS: list[tuple[Callable[..., Any], str, str]] = [
      "replaced whole by _BoundedDUL._read_pdu_data: port any upstream fix"),
     (DULServiceProvider._is_transport_event, "8725ed03bb8fbdef",
      "calls _read_pdu_data only when the socket is readable"),
+    (DULServiceProvider.run_reactor, "e3a10eb3a0931e48",
+     "sleeps a millisecond after a loop that queued no event; restarts the idle timer after "
+     "a transport event (_read_pdu_data reads fragments back to back for that reason)"),
+    (fsm.DT_2, "9ec543394e0b49eb",
+     "P-DATA-TF in Sta6 only hands the primitive to dimse.receive_primitive (take_fragments "
+     "does the same for middle data set fragments without the PDU objects)"),
     (DIMSEServiceProvider.receive_primitive, "5f99c86b14a15cef",
      "keeps the message in progress in self.message; resets it when complete"),
     (DIMSEMessage.decode_msg, "f51c777e841a76be",
