@@ -40,7 +40,7 @@ from dicom_agent.outputs.layout import (
     version_dir,
 )
 from dicom_agent.scheduler import reaudit_study
-from dicom_agent.state import JobKind, JobRow, JobState
+from dicom_agent.state import JobKind, JobRow, JobState, StudyRow
 from dicom_agent.web.context import FLAG_ORDER, AgentView, agent_of, render
 
 NAV: tuple[str, str] | None = None
@@ -123,8 +123,10 @@ def _patient_identity(agent: AgentView, study_uid: str) -> dict[str, str] | None
     return None
 
 
-def _timeline(agent: AgentView, study_uid: str) -> list[dict[str, Any]]:
-    study = agent.db.study(study_uid)
+def _timeline(
+    agent: AgentView, study: StudyRow | None, jobs: list[JobRow]
+) -> list[dict[str, Any]]:
+    """State changes in time order, each with the seconds since the one before."""
     events: list[dict[str, Any]] = []
     if study is not None:
         events.append({"at": study.first_instance_at, "what": "first instance received"})
@@ -132,11 +134,11 @@ def _timeline(agent: AgentView, study_uid: str) -> list[dict[str, Any]]:
             events.append({"at": study.last_instance_at, "what": "last instance received"})
         if study.settled_at:
             events.append({"at": study.settled_at, "what": "study settled"})
-    for draft in agent.db.drafts_of_study(study_uid):
+    for draft in agent.db.drafts_of_study(study.study_instance_uid) if study else []:
         events.append({"at": draft.received_at, "what": f"draft {draft.id} received",
                        "detail": f"by {draft.key_kind}"})
         events.append({"at": draft.updated_at, "what": f"draft {draft.id} {draft.state}"})
-    for job in agent.db.jobs_of_study(study_uid):
+    for job in jobs:
         reason = _reason(job)
         version = f" for version {job.result_version}" if job.result_version else ""
         events.append({"at": job.created_at, "what": f"{job.kind} job {job.id} queued{version}",
@@ -198,7 +200,7 @@ def study_page(request: Request) -> Response:
         request, "study.html",
         uid=uid, quid=quote(uid), study=study, result=result, versions=all_versions,
         chosen=chosen, segments=segments, draft_text=draft_text, flags=flags, files=files,
-        overlays=overlays, timeline=_timeline(agent, uid),
+        overlays=overlays, timeline=_timeline(agent, study, jobs),
         legend=[(f"rgb{COLOURS[s]}", KEY_NAMES[s]) for s in BoxStyle],
         instances=agent.db.instances_of_study(uid),
         dead_jobs=[j for j in jobs if j.state == JobState.DEAD.value],
