@@ -53,7 +53,7 @@ class Run:
     total_bytes: int
     seconds: float
     received: int
-    cpu_seconds: float  # the receiver's, its reaped children (storescp --fork) included
+    cpu_seconds: float  # the receiver's process group (storescp --fork children included)
 
     @property
     def cpu_ms_per_file(self) -> float:
@@ -181,11 +181,18 @@ def send(files: list[Path], port: int, aet: str, associations: int) -> float:
     return seconds
 
 
-def cpu_seconds(pid: int) -> float:
-    """User + system CPU of a process and its reaped children (/proc/<pid>/stat, PS: proc(5))."""
-    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
-    utime, stime, cutime, cstime = (int(f) for f in fields[11:15])
-    return (utime + stime + cutime + cstime) / os.sysconf("SC_CLK_TCK")
+def cpu_seconds(pgid: int) -> float:
+    """User + system CPU of every live process of a process group, plus the children they
+    reaped (``/proc/<pid>/stat``, proc(5)): storescp --fork runs one child per association."""
+    ticks = 0
+    for stat in Path("/proc").glob("[0-9]*/stat"):
+        try:
+            fields = stat.read_text().rsplit(")", 1)[1].split()
+        except OSError:  # exited meanwhile: its time is in its parent's reaped-children count
+            continue
+        if int(fields[2]) == pgid:  # field 5, pgrp
+            ticks += sum(int(f) for f in fields[11:15])  # utime, stime, cutime, cstime
+    return ticks / os.sysconf("SC_CLK_TCK")
 
 
 def _count_received(kind: str, store: Path) -> int:
