@@ -65,3 +65,5 @@ def test_run_passes_commands_to_cxr_agent_and_options_to_serve(copy: Path) -> No
     assert run(copy, "run.sh", "--config", "x.yaml") == ["cxr-agent serve --config x.yaml"]
     assert run(copy, "run.sh", "status", "--json") == ["cxr-agent status --json"]
     assert run(copy, "run.sh", "--demo") == ["cxr-agent demo"]
+    calls = run(copy, "run.sh", "--gpu", "status")  # the GPU set-up first, then the command
+    assert any("download.pytorch.org" in c for c in calls) and calls[-1] == "cxr-agent status"
