@@ -93,6 +93,13 @@ class StalledPeer(_Server):
         self.wait_closed()
 
 
+class SilentPeer(_Server):
+    """Accepts and never sends a byte (a TLS client waits for the ServerHello for ever)."""
+
+    def __init__(self) -> None:
+        super().__init__(lambda conn: self.wait_closed())
+
+
 class StallingProxy(_Server):
     """Relays to the SCP on ``upstream_port``; stalls mid-way through the SCP's PDU number
     ``stall_at`` (0 is the A-ASSOCIATE-AC), of which only the first 8 bytes get through."""

@@ -25,7 +25,7 @@ from dicom_agent.state import JobKind, JobState, StateDB
 from tests.conftest import free_port
 from tests.dicom_agent.outputs.studies import written_findings
 from tests.dicom_agent.storescp import Receiver
-from tests.stalled_peer import FullBacklog, StalledPeer, StallingProxy
+from tests.stalled_peer import FullBacklog, SilentPeer, StalledPeer, StallingProxy
 
 SR_CLASS = "1.2.840.10008.5.1.4.1.1.88.34"
 GSPS_CLASS = "1.2.840.10008.5.1.4.1.1.11.1"
@@ -328,6 +328,21 @@ class TestStalledPeers:
             settings = self._settings(tmp_path, peer.port, connect_timeout_seconds=1,
                                       acse_timeout_seconds=600)
             job = self._drain(tmp_path, settings, result_files)
+        assert (job.state, job.attempts) == ("queued", 1)
+        assert "association failed" in (job.last_error or "")
+
+    def test_tls_handshake_with_a_silent_peer_is_bounded(
+        self, tmp_path: Path, result_files: list[Path]
+    ) -> None:
+        """The handshake runs inside pynetdicom's connect, under ``connection_timeout``."""
+        with SilentPeer() as peer:
+            settings = self._settings(tmp_path, peer.port, connect_timeout_seconds=1,
+                                      acse_timeout_seconds=600, network_timeout_seconds=600)
+            tls = settings.forward.destinations[0].model_copy(
+                update={"tls": TLSSettings(enabled=True)})
+            settings.forward.destinations[0] = tls
+            job = self._drain(tmp_path, settings, result_files)
+            assert peer.connections == 1
         assert (job.state, job.attempts) == ("queued", 1)
         assert "association failed" in (job.last_error or "")
 
