@@ -118,13 +118,17 @@ def _waits_for(
 def study_rows(
     db: StateDB, settings: AgentSettings, model: dict[str, Any], now: float, limit: int
 ) -> tuple[list[dict[str, Any]], int]:
-    """The newest ``limit`` unfinished studies (not yet audited) and how many there are in all."""
+    """The newest ``limit`` unfinished studies (not yet audited) and how many there are in all.
+
+    One indexed page (:meth:`StateDB.studies_page`) and the state counts: never every study.
+    """
     from dicom_agent.state import StudyState
 
     waiting = (StudyState.RECEIVING, StudyState.WAITING_DRAFT, StudyState.QUEUED, StudyState.FAILED)
-    studies = db.studies(waiting)
+    counts = db.counts()["studies"]
+    studies = db.studies_page(states=waiting, limit=limit) if limit > 0 else []
     rows = []
-    for study in reversed(studies[-limit:] if limit > 0 else []):
+    for study in studies:
         job = db.latest_audit_job(study.study_instance_uid)
         rows.append({
             "accession_number": study.accession_number,
@@ -135,15 +139,17 @@ def study_rows(
             "age_seconds": round(now - study.first_instance_at, 1),
             "waits_for": _waits_for(study, job, settings, model, now),
         })
-    return rows, len(studies)
+    return rows, sum(counts.get(state.value, 0) for state in waiting)
 
 
 def _dead_letters(db: StateDB) -> list[dict[str, Any]]:
-    """Every dead job with its study (accession, short UID) and its whole reason."""
+    """The newest dead jobs (at most STATUS_JOBS_SHOWN) with their study (accession, short UID)
+    and their reason: the first line of the error, in full (the lines after it are a traceback)."""
+    from dicom_agent.agent import STATUS_JOBS_SHOWN
     from dicom_agent.state import JobState
 
     out = []
-    for job in db.jobs(JobState.DEAD):
+    for job in db.recent_jobs(JobState.DEAD, STATUS_JOBS_SHOWN):
         study = db.study(job.study_instance_uid)
         out.append({
             "job_id": job.id,
@@ -151,7 +157,7 @@ def _dead_letters(db: StateDB) -> list[dict[str, Any]]:
             "accession_number": study.accession_number if study else None,
             "short_uid": short_uid(job.study_instance_uid),
             "attempts": job.attempts,
-            "reason": _first_line(job.last_error),  # later lines are the traceback
+            "reason": _first_line(job.last_error),
         })
     return out
 
