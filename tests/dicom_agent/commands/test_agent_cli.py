@@ -174,6 +174,9 @@ class TestStatus:
         assert by_accession["ACC-MODEL"]["job_state"] == "waiting_model"
         assert by_accession["ACC-MODEL"]["study_instance_uid"] == UID + "3"
         assert body["unfinished_studies"] == 3
+        one = runner.invoke(app, ["status", "--studies", "1", "--config", str(config)]).output
+        assert "unfinished studies (1 newest of 3)" in one
+        assert len([ln for ln in one.splitlines() if ln.startswith("  ACC-")]) == 1
 
     def test_json_is_a_plain_flag_in_the_help(self) -> None:
         out = runner.invoke(app, ["status", "--help"], terminal_width=100).output
