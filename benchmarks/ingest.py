@@ -12,7 +12,7 @@ storescp and Orthanc (default configuration) do not fsync.
 ``/proc/<pid>/clear_refs`` after start-up) while it receives one 1 GB instance, then 16 of
 100 MB over 16 parallel associations (dcmtk ``storescu`` reads them from disk as it sends):
 
-    .venv/bin/python benchmarks/ingest.py --memory
+    .venv/bin/python benchmarks/ingest.py --memory [--whole-agent]
 
 Results go to docs/benchmarks.md, "Ingest" (with the command and the machine it ran on).
 """
@@ -234,25 +234,52 @@ def _kib(pid: int, field: str) -> int:
     raise RuntimeError(f"{field} not found for pid {pid}")
 
 
-def memory(base: Path) -> None:
-    """Peak RSS of our listener receiving 1 x 1 GB, then 16 x 100 MB in parallel."""
+def memory(base: Path, whole_agent: bool) -> None:
+    """Peak RSS of our listener receiving 1 x 1 GB, then 16 x 100 MB in parallel.
+
+    ``whole_agent``: the full ``cxr-agent serve`` process (scheduler, drafts, worker with the
+    ``fake`` grounder of the tests; audits wait for drafts, so only receiving is measured)
+    instead of the listener alone.
+    """
     (base / "in").mkdir()
     big = [write_big(base / "in" / "big.dcm", 1_000_000_000)]
     many = [write_big(base / "in" / f"m{i:02d}.dcm", 100_000_000) for i in range(16)]
     print(f"machine: {machine()}")
-    print(f"versions: {versions()}\n")
+    print(f"versions: {versions()}")
+    print(f"process: {'cxr-agent serve' if whole_agent else 'the listener alone'}\n")
     print("| load | wall s | RSS before MiB | peak RSS MiB |")
     print("| --- | ---: | ---: | ---: |")
     for label, files, assocs in (("1 x 1 GB, 1 association", big, 1),
                                  ("16 x 100 MB, 16 associations", many, 16)):
         work = base / f"mem-{assocs}"
-        with receiver("ours", work, 1, max_instance_bytes=2_000_000_000) as (port, aet, _, pid):
+        with _memory_receiver(work, whole_agent) as (port, aet, pid):
             Path(f"/proc/{pid}/clear_refs").write_text("5")  # VmHWM := VmRSS
             before = _kib(pid, "VmRSS")
             seconds = send(files, port, aet, assocs)
             peak = _kib(pid, "VmHWM")
         shutil.rmtree(work, ignore_errors=True)
         print(f"| {label} | {seconds:.1f} | {before / 1024:.0f} | {peak / 1024:.0f} |", flush=True)
+
+
+@contextmanager
+def _memory_receiver(work: Path, whole_agent: bool) -> Iterator[tuple[int, str, int]]:
+    limit = 2_000_000_000
+    if not whole_agent:
+        with receiver("ours", work, 1, max_instance_bytes=limit) as (port, aet, _, pid):
+            yield port, aet, pid
+        return
+    from tests.agentproc import AgentProcess
+
+    agent = AgentProcess(work, {
+        "scp": {"max_instance_bytes": limit},
+        "pairing": {"no_draft_policy": "wait", "draft_wait_seconds": 3600},
+        "logging": {"level": "WARNING"},
+    })
+    agent.start(timeout=120)
+    try:
+        yield agent.port, OUR_AET, agent.pid
+    finally:
+        agent.stop()
 
 
 def serve_ours(work: Path, port: int, workers: int, max_instance_bytes: int) -> None:
@@ -306,6 +333,8 @@ def main() -> None:
     parser.add_argument("--workdir", type=Path, default=None, help="default: a temp folder")
     parser.add_argument("--workers", type=int, default=1, help="our scp.workers")
     parser.add_argument("--memory", action="store_true", help="peak RSS run instead")
+    parser.add_argument("--whole-agent", action="store_true",
+                        help="with --memory: measure cxr-agent serve, not the listener alone")
     parser.add_argument("--serve-ours", nargs=4, help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.serve_ours:
@@ -317,7 +346,7 @@ def main() -> None:
             sys.exit(f"error: {binary} is not installed")
     if args.memory:
         with tempfile.TemporaryDirectory(dir=args.workdir, prefix="ingest-mem-") as tmp:
-            memory(Path(tmp))
+            memory(Path(tmp), args.whole_agent)
         return
 
     with tempfile.TemporaryDirectory(dir=args.workdir, prefix="ingest-bench-") as tmp:
