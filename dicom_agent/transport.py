@@ -193,7 +193,7 @@ class _BoundedDUL(DULServiceProvider):
             pdu_type, _, pdu_length = _PDU_HEADER.unpack(header)
             if pdu_type not in _KNOWN_PDU_TYPES:
                 logger.warning("unknown PDU type 0x%02X from %s: aborting", pdu_type, _peer(self))
-                self.event_queue.put("Evt19")
+                self._invalid()
                 return False
             limit = self.limits.pdu_max(pdu_type)
             if pdu_length > limit:
@@ -225,17 +225,25 @@ class _BoundedDUL(DULServiceProvider):
             pdu, event = self._decode_pdu(data)
         except Exception as exc:  # pynetdicom raises many types on malformed PDUs
             logger.warning("undecodable PDU from %s (%s): aborting", _peer(self), type(exc).__name__)
-            self.event_queue.put("Evt19")
+            self._invalid()
             return False
         self.event_queue.put(event)
         self._recv_pdu.put(pdu)
         return False
 
     def _closed(self) -> None:
-        """Evt17; before an A-ASSOCIATE-RQ also wake the acceptor thread, which would
-        otherwise wait ``acse_timeout`` for a request that cannot come and hold a slot."""
+        """Evt17 (transport closed)."""
+        self._end("Evt17")
+
+    def _invalid(self) -> None:
+        """Evt19 (invalid PDU: A-ABORT, PS3.8 9.2.3 AA-1/AA-8)."""
+        self._end("Evt19")
+
+    def _end(self, event: str) -> None:
+        # Before an A-ASSOCIATE-RQ also wake the acceptor thread, which would otherwise wait
+        # ``acse_timeout`` for a request that cannot come, holding a thread and a slot.
         before_request = self.state_machine.current_state == _AWAITING_ASSOCIATE_RQ
-        self.event_queue.put("Evt17")
+        self.event_queue.put(event)
         if before_request:
             self.to_user_queue.put(None)  # type: ignore[arg-type]  # run_reactor: "timed out"
 
@@ -248,7 +256,7 @@ class _BoundedDUL(DULServiceProvider):
         if self.state_machine.current_state == _AWAITING_ASSOCIATE_RQ:
             self._closed()
         else:
-            self.event_queue.put("Evt19")
+            self._invalid()
 
 
 class _StreamingDIMSE(DIMSEServiceProvider):
