@@ -376,3 +376,33 @@ def test_restart_sweeps_temp_files_of_transfers_cut_by_sigkill(tmp_path: Path) -
             t.join(30)
     finally:
         agent.stop()
+
+
+def test_retention_clears_unpaired_studies_and_the_quarantine(tmp_path: Path) -> None:
+    """Data that will never be audited does not stay for ever: a study waiting for a draft
+    that never comes and a quarantined data set are removed after their retention."""
+    days = 3.0 / 86_400  # three seconds
+    agent = AgentProcess(tmp_path, {
+        "scp": TIMEOUTS,
+        "pairing": {"no_draft_policy": "wait", "draft_wait_seconds": 3600},
+        "housekeeping": {"interval_seconds": 1, "unpaired_retention_days": days,
+                         "quarantine_retention_days": days},
+    })
+    bad = next(m for m in corpus() if m.name == "rows_length_odd").write(tmp_path / "in")
+    agent.start()
+    try:
+        assert store(agent.port, make_study(2, accession="NEVER1", size=64)) == [0, 0]
+        assert send_raw("127.0.0.1", agent.port, [bad], called_aet="CXRAUDIT") == {
+            bad.stem: 0xC210}
+        assert list(agent.path("quarantine").glob("*.bin"))
+        wait_until(lambda: agent.db_query(
+            "SELECT state FROM studies WHERE state='waiting_draft'"), timeout=30,
+            what="the study waiting for its draft", alive=agent.check_alive)
+        wait_until(lambda: not list(agent.path("spool").rglob("*.dcm"))
+                   and not list(agent.path("quarantine").iterdir()), timeout=60,
+                   what="retention to clear the spool and the quarantine",
+                   alive=agent.check_alive)
+        assert not agent.db_query("SELECT * FROM instances")
+        assert "housekeeping removed 2 spool files" in agent.log_text()
+    finally:
+        agent.stop()
