@@ -81,6 +81,7 @@ class ReceiveLimits:
 
     @classmethod
     def from_settings(cls, scp: SCPSettings) -> ReceiveLimits:
+        """The limits of ``scp.*`` settings (``max_pdu_bytes`` 0 means :data:`UNLIMITED_PDATA_MAX`)."""
         return cls(
             max_pdata_bytes=scp.max_pdu_bytes or UNLIMITED_PDATA_MAX,
             read_timeout_seconds=scp.read_timeout_seconds,
@@ -88,6 +89,7 @@ class ReceiveLimits:
         )
 
     def pdu_max(self, pdu_type: int) -> int:
+        """Longest PDU body (the PDU-length field, PS3.8 9.3.1) accepted for ``pdu_type``."""
         if pdu_type == _P_DATA_TF:
             return self.max_pdata_bytes
         if pdu_type in (_ASSOCIATE_RQ, _ASSOCIATE_AC, _ASSOCIATE_RJ):
