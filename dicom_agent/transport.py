@@ -143,6 +143,8 @@ class _AssociationSocket(AssociationSocket):
                 del buf[got:]
                 return buf
             got += n
+        # Sends (a C-STORE response, an A-ABORT) get the full timeout, not what was left here.
+        sock.settimeout(self.limits.read_timeout_seconds)
         return buf
 
     def _shutdown_socket(self) -> None:
