@@ -411,10 +411,12 @@ class IncomingFile:
 
     @property
     def name(self) -> str:
+        """The temp file's path (pynetdicom unlinks it after the handler, as its own)."""
         return str(self.path)
 
     @property
     def file(self) -> IncomingFile:
+        """Itself: pynetdicom calls ``file.flush()`` as on a NamedTemporaryFile."""
         return self
 
     @property
