@@ -1,12 +1,13 @@
 """How long the forwarder is held by a destination that stalls mid-PDU (docs/reliability.md).
 
-Two real peers on loopback (tests/stalled_peer.py): one stalls inside its A-ASSOCIATE-AC, one
-relays to a real SCP and stalls inside the C-STORE response. For each, one ``forward_files``
+Three real peers on loopback (tests/stalled_peer.py): one stalls inside its A-ASSOCIATE-AC, one
+relays to a real SCP and stalls inside the C-STORE response, one takes a TLS connection and
+never sends its ServerHello. For each, one ``forward_files``
 call of a study's SR, GSPS and SC is timed in a thread; after ``--give-up`` seconds the call is
 reported as still blocked and abandoned. ``--forward-py`` loads another copy of forward.py (for
 example the one before the timeouts: ``git show 7a8ebcd:dicom_agent/forward.py``).
 
-    python benchmarks/forward_stall.py [--network-timeout 1] [--forward-py FILE]
+    python benchmarks/forward_stall.py [--network-timeout 1] [--connect-timeout 10] [--forward-py FILE]
 """
 
 from __future__ import annotations
@@ -23,11 +24,11 @@ from types import ModuleType
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from dicom_agent import forward  # noqa: E402
-from dicom_agent.config import Destination, load_settings  # noqa: E402
+from dicom_agent.config import Destination, TLSSettings, load_settings  # noqa: E402
 from tests.conftest import free_port  # noqa: E402
 from tests.dicom_agent.outputs.studies import written_findings  # noqa: E402
 from tests.dicom_agent.storescp import Receiver  # noqa: E402
-from tests.stalled_peer import StalledPeer, StallingProxy  # noqa: E402
+from tests.stalled_peer import SilentPeer, StalledPeer, StallingProxy  # noqa: E402
 
 
 def _module(path: str | None) -> ModuleType:
@@ -43,6 +44,7 @@ def _module(path: str | None) -> ModuleType:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--network-timeout", type=float, default=60.0)
+    parser.add_argument("--connect-timeout", type=float, default=10.0)
     parser.add_argument("--acse-timeout", type=float, default=30.0)
     parser.add_argument("--dimse-timeout", type=float, default=60.0)
     parser.add_argument("--give-up", type=float, default=120.0)
@@ -52,16 +54,18 @@ def main() -> None:
     tmp = Path(tempfile.mkdtemp())
     settings = load_settings(paths={"out": tmp / "out"}, forward={
         "network_timeout_seconds": args.network_timeout,
+        "connect_timeout_seconds": args.connect_timeout,
         "acse_timeout_seconds": args.acse_timeout,
         "dimse_timeout_seconds": args.dimse_timeout,
     })
     files = written_findings(tmp, settings)[2]
     upstream = Receiver(free_port()).start()
     peers = {"stall in A-ASSOCIATE-AC": StalledPeer(),
-             "stall in C-STORE response": StallingProxy(upstream.port)}
+             "stall in C-STORE response": StallingProxy(upstream.port),
+             "TLS, no ServerHello": SilentPeer()}
     for name, peer in peers.items():
         dest = Destination(name="p", ae_title="RESEARCHPACS", host="127.0.0.1", port=peer.port,
-                           research=True)
+                           research=True, tls=TLSSettings(enabled=name.startswith("TLS")))
         outcome: list[str] = []
 
         def call(dest: Destination = dest, outcome: list[str] = outcome) -> None:
