@@ -215,6 +215,9 @@ def _print_status(body: dict[str, Any]) -> None:
     typer.echo("jobs: " + ", ".join(f"{k} {v}" for k, v in jobs.items()))
     typer.echo("studies: " + ", ".join(f"{k} {v}" for k, v in body["studies"].items()))
     typer.echo(f"orphan drafts: {body['orphan_drafts']}")
+    if body["drafts"].get("ambiguous"):
+        typer.echo(f"ambiguous drafts: {body['drafts']['ambiguous']} (each one's accession number"
+                   " is held by more than one study: resend it named by Study Instance UID)")
     rows = body["study_rows"]
     if rows:
         shown = f"{len(rows)} newest of {body['unfinished_studies']}" if len(rows) < body["unfinished_studies"] else "all"

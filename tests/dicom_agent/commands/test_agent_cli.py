@@ -117,6 +117,25 @@ class TestStatus:
         assert "traceback" not in out
         assert UID not in out and "ACC-SECRET" not in out and "ACC-ORPHAN" not in out
 
+    def test_status_counts_drafts_refused_as_ambiguous(self, config: Path) -> None:
+        from dicom_agent.scheduler import pair_drafts
+
+        db = state_db(config)
+        for study_uid in ("1.2.3.4.5.1", "1.2.3.4.5.2"):
+            db.record_instance(
+                sop_instance_uid=study_uid + ".9", study_instance_uid=study_uid,
+                series_instance_uid=study_uid + ".8", sop_class_uid="1.2.840.10008.5.1.4.1.1.1.1",
+                modality="DX", transfer_syntax_uid=None, view_position="PA", body_part="CHEST",
+                accession_number="ACC-TWICE", path=f"/n/{study_uid}.dcm", sha256=study_uid,
+                size=1, now=0.0,
+            )
+        db.record_draft(key="ACC-TWICE", key_kind="accession", file_name="ACC-TWICE.txt",
+                        sha256="1", text="x", author=None, now=1.0)
+        pair_drafts(db, 2.0, 3600.0)
+        db.close()
+        result = runner.invoke(app, ["status", "--config", str(config)])
+        assert "ambiguous drafts: 1 " in result.output
+
     def test_status_json_uses_the_heartbeat_of_a_running_agent(self, config: Path) -> None:
         db = state_db(config)
         seed(db)
