@@ -17,6 +17,7 @@ Use::
 
 from __future__ import annotations
 
+from collections import Counter
 from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass
@@ -33,6 +34,8 @@ from rich.progress import (
 )
 from rich.table import Table
 
+from cxr_auditor.schema import AuditResult
+
 __all__ = [
     "PIPE_WIDTH",
     "RESEARCH_LINE",
@@ -40,6 +43,7 @@ __all__ = [
     "print_summary",
     "print_table",
     "progress",
+    "result_rows",
     "stderr_console",
 ]
 
@@ -117,6 +121,25 @@ def print_table(
     for row in rows:
         table.add_row(*("" if cell is None else str(cell) for cell in row))
     (console or stderr_console()).print(table)
+
+
+def result_rows(result: AuditResult) -> list[tuple[str, object]]:
+    """The summary of one audit for :func:`print_summary`: images, grounding, findings, flags
+    (URGENT first), mode and stage timings. Labels and counts only, never draft text."""
+    skipped = Counter(s.get("reason", "?") for s in result.inputs.skipped_images)
+    flags = Counter(f.kind.value for f in result.flags)
+    rows: list[tuple[str, object]] = [
+        ("images audited", len(result.inputs.images)),
+        ("images skipped", ", ".join(f"{n} {why}" for why, n in sorted(skipped.items())) or 0),
+        ("grounding", result.grounding.state.value),
+        ("findings", ", ".join(sorted({f.label.value for f in result.grounding.findings})) or "-"),
+        ("mode", result.mode.value),
+    ]
+    rows += [(f"flags {kind}", flags[kind]) for kind in ("urgent", "missing", "unsupported",
+                                                          "laterality", "hedged") if flags[kind]]
+    rows += [(f"time {stage.removesuffix('_ms')}", f"{ms:.0f} ms")
+             for stage, ms in result.timings.items()]
+    return rows
 
 
 def print_summary(

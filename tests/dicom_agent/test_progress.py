@@ -54,3 +54,28 @@ def test_tables_in_a_pipe_keep_each_row_on_one_line(capsys: object) -> None:
     print_table("wide", ("a", "b", "c", "d", "e", "f"), [cells])  # stderr is captured: no terminal
     err = capsys.readouterr().err  # type: ignore[attr-defined]
     assert any(line.count("n=1") == 6 for line in err.splitlines())
+
+
+def test_result_rows_of_an_audit() -> None:
+    from PIL import Image
+
+    from cxr_auditor.drafts import get_parser
+    from cxr_auditor.geometry import Geometry
+    from cxr_auditor.grounding.base import ImageInput
+    from cxr_auditor.grounding.fake import BRIGHT_ANSWER, FakeGrounder
+    from cxr_auditor.pipeline import AuditItem, Auditor
+    from cxr_auditor.schema import ImageRef, StudyKeys
+    from dicom_agent.progress import result_rows
+
+    result = Auditor(FakeGrounder(BRIGHT_ANSWER), get_parser("rules")).audit(AuditItem(
+        images=[ImageInput(Image.new("RGB", (32, 32)), 0, Geometry.identity(32, 32), True)],
+        image_refs=[ImageRef(index=0, image_id="a", width=32, height=32)],
+        draft_text="No pneumothorax.", study=StudyKeys(),
+        skipped_images=[{"image_id": "b", "reason": "lateral_view"}],
+    ))
+    rows = dict(result_rows(result))
+    assert rows["images audited"] == 1 and rows["images skipped"] == "1 lateral_view"
+    assert rows["findings"] == "pleural_effusion, pneumothorax"
+    assert rows["flags urgent"] == 1 and rows["flags missing"] == 2
+    assert list(rows).index("flags urgent") < list(rows).index("flags missing")
+    assert str(rows["time grounding"]).endswith(" ms")
