@@ -256,6 +256,21 @@ class TestFailureClasses:
         assert (job.state, job.attempts) == ("dead", 1)
         assert "rejected (permanent)" in (job.last_error or "")
 
+    def test_peer_refusing_every_presentation_context_is_dead_at_once(
+        self, tmp_path: Path, result_files: list[Path]
+    ) -> None:
+        from pynetdicom import AE
+
+        ae = AE(ae_title="RESEARCHPACS")
+        ae.add_supported_context("1.2.840.10008.1.1")  # Verification only: no storage class
+        server = ae.start_server(("127.0.0.1", free_port()), block=False)
+        try:
+            job = self._drain_once(tmp_path, server.server_address[1], result_files)
+        finally:
+            server.shutdown()
+        assert (job.state, job.attempts) == ("dead", 1)
+        assert "refused every presentation context" in (job.last_error or "")
+
     def test_missing_result_file_is_dead_at_once(self, tmp_path: Path, receiver: Receiver) -> None:
         job = self._drain_once(tmp_path, receiver.port, [tmp_path / "gone.dcm"])
         assert (job.state, job.attempts) == ("dead", 1)
