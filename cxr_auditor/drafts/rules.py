@@ -23,6 +23,7 @@ Pipeline for one draft (CONTRACT.md "Draft parsing"; the rules and their reasons
 
 from __future__ import annotations
 
+import functools
 import itertools
 import logging
 import re
@@ -146,6 +147,15 @@ class _Mention:
     context: lx.Trig | None = None  # HISTORY or INDICATION when such a cue covers it
     withdrawn: bool = False  # hedged only by an artefact explanation
     laterality: Laterality | None = None
+
+    def moved(self, offset: int) -> _Mention:
+        """A copy ``offset`` characters further on (positional: the fastest copy)."""
+        s0, s1 = self.sentence
+        return _Mention(
+            self.targets, self.start + offset, self.end + offset, self.status, self.fixed,
+            self.indirect, self.shape, (s0 + offset, s1 + offset), self.rank, self.context,
+            self.withdrawn, self.laterality,
+        )
 
 
 @dataclass(frozen=True)
@@ -564,10 +574,10 @@ class RulesDraftParser(DraftParser):
                 # an indication asserts nothing; it is read only if a bare "None seen." answers it
                 question, previous = (start, end), []
                 continue
-            found = _Sentence(low, start, end, rank).resolve()
+            found = _sentence_mentions(low, start, end, rank)
             if not found and _ANSWER.match(low, start, end):
                 if question is not None:
-                    previous = _Sentence(low, *question, rank).resolve()
+                    previous = _sentence_mentions(low, *question, rank)
                     for m in previous:
                         m.context = lx.Trig.INDICATION
                     mentions.extend(previous)
@@ -582,6 +592,32 @@ class RulesDraftParser(DraftParser):
             len(text), len(result.findings), len(result.unmapped_mentions),
         )
         return result
+
+
+#: Sentences whose reading is kept. Real report sets repeat template sentences ("No
+#: pneumothorax.", "Heart size is normal."): about two thirds of the sentences of a real
+#: development set occur more than once.
+SENTENCE_CACHE_SIZE = 8192
+
+
+@functools.lru_cache(maxsize=SENTENCE_CACHE_SIZE)
+def _read_sentence(sentence: str, rank: int) -> tuple[_Mention, ...]:
+    """The resolved mentions of one lower-cased sentence, offsets relative to its start.
+
+    A sentence is read on its own text (its scopes never cross its ends), so the reading
+    depends on nothing else and is cached; callers get rebased copies, never these objects.
+    """
+    return tuple(_Sentence(sentence, 0, len(sentence), rank).resolve())
+
+
+def clear_sentence_cache() -> None:
+    """Forget every cached sentence reading (benchmarks measure a cold pass with it)."""
+    _read_sentence.cache_clear()
+
+
+def _sentence_mentions(low: str, start: int, end: int, rank: int) -> list[_Mention]:
+    """The resolved mentions of ``low[start:end]``, as fresh objects at their offsets."""
+    return [m.moved(start) for m in _read_sentence(low[start:end], rank)]
 
 
 def _assemble(text: str, mentions: list[_Mention], parser: str) -> DraftResult:
