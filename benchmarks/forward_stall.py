@@ -1,8 +1,9 @@
 """How long the forwarder is held by a destination that stalls mid-PDU (docs/reliability.md).
 
-Three real peers on loopback (tests/stalled_peer.py): one stalls inside its A-ASSOCIATE-AC, one
+Four real peers on loopback (tests/stalled_peer.py): one stalls inside its A-ASSOCIATE-AC, one
 relays to a real SCP and stalls inside the C-STORE response, one takes a TLS connection and
-never sends its ServerHello. For each, one ``forward_files``
+never sends its ServerHello, one accepts the association and stops reading (sent a 32 MiB
+radiograph instead of the results). For each, one ``forward_files``
 call of a study's SR, GSPS and SC is timed in a thread; after ``--give-up`` seconds the call is
 reported as still blocked and abandoned. ``--forward-py`` loads another copy of forward.py (for
 example the one before the timeouts: ``git show 7a8ebcd:dicom_agent/forward.py``).
@@ -25,6 +26,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from dicom_agent import forward  # noqa: E402
 from dicom_agent.config import Destination, TLSSettings, load_settings  # noqa: E402
+from tests.builders import make_cxr, save  # noqa: E402
 from tests.conftest import free_port  # noqa: E402
 from tests.dicom_agent.outputs.studies import written_findings  # noqa: E402
 from tests.dicom_agent.storescp import Receiver  # noqa: E402
@@ -62,16 +64,19 @@ def main() -> None:
     upstream = Receiver(free_port()).start()
     peers = {"stall in A-ASSOCIATE-AC": StalledPeer(),
              "stall in C-STORE response": StallingProxy(upstream.port),
-             "TLS, no ServerHello": SilentPeer()}
+             "TLS, no ServerHello": SilentPeer(),
+             "stops reading": StallingProxy(upstream.port, stall_at=None, deaf=True)}
+    big = save(make_cxr(rows=4096, cols=4096), tmp / "big.dcm")
     for name, peer in peers.items():
         dest = Destination(name="p", ae_title="RESEARCHPACS", host="127.0.0.1", port=peer.port,
                            research=True, tls=TLSSettings(enabled=name.startswith("TLS")))
         outcome: list[str] = []
 
-        def call(dest: Destination = dest, outcome: list[str] = outcome) -> None:
+        def call(dest: Destination = dest, outcome: list[str] = outcome, name: str = name) -> None:
             kwargs = {"forward": settings.forward} if module is forward else {}
             try:
-                module.forward_files(dest, files, calling_ae="CXRAUDIT", **kwargs)
+                sent = [big] if name == "stops reading" else files
+                module.forward_files(dest, sent, calling_ae="CXRAUDIT", **kwargs)
                 outcome.append("delivered")
             except Exception as exc:  # noqa: BLE001 - reported, not handled
                 outcome.append(f"{type(exc).__name__}: {exc}")

@@ -102,11 +102,17 @@ class SilentPeer(_Server):
 
 class StallingProxy(_Server):
     """Relays to the SCP on ``upstream_port``; stalls mid-way through the SCP's PDU number
-    ``stall_at`` (0 is the A-ASSOCIATE-AC), of which only the first 8 bytes get through."""
+    ``stall_at`` (0 is the A-ASSOCIATE-AC), of which only the first 8 bytes get through.
 
-    def __init__(self, upstream_port: int, stall_at: int = 1) -> None:
+    With ``deaf=True`` it relays the association both ways and then stops reading what the
+    client sends (a PACS that stopped reading): the client's sends block once the socket
+    buffers are full.
+    """
+
+    def __init__(self, upstream_port: int, stall_at: int | None = 1, deaf: bool = False) -> None:
         self._upstream_port = upstream_port
         self._stall_at = stall_at
+        self._deaf = deaf
         self.stalled = threading.Event()
         super().__init__(self._relay)
 
@@ -114,7 +120,12 @@ class StallingProxy(_Server):
         upstream = socket.create_connection(("127.0.0.1", self._upstream_port), timeout=5)
         upstream.settimeout(_SOCKET_TIMEOUT)
         self._sockets.append(upstream)
-        threading.Thread(target=self._pipe, args=(conn, upstream), daemon=True).start()
+        if self._deaf:
+            conn.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
+            threading.Thread(target=self._association_only, args=(conn, upstream),
+                             daemon=True).start()
+        else:
+            threading.Thread(target=self._pipe, args=(conn, upstream), daemon=True).start()
         try:
             for index in range(1 << 20):
                 pdu = _read_pdu(upstream)
@@ -125,6 +136,14 @@ class StallingProxy(_Server):
                 conn.sendall(pdu)
         except OSError:
             return
+        self.wait_closed()
+
+    def _association_only(self, source: socket.socket, sink: socket.socket) -> None:
+        try:
+            sink.sendall(_read_pdu(source))  # the A-ASSOCIATE-RQ, then nothing is read
+        except OSError:
+            return
+        self.stalled.set()
         self.wait_closed()
 
     @staticmethod

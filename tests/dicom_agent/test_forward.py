@@ -22,6 +22,7 @@ from dicom_agent.forward import (
     refused_for_good,
 )
 from dicom_agent.state import JobKind, JobState, StateDB
+from tests.builders import make_cxr, save
 from tests.conftest import free_port
 from tests.dicom_agent.outputs.studies import written_findings
 from tests.dicom_agent.storescp import Receiver
@@ -333,6 +334,21 @@ class TestStalledPeers:
             job = self._drain(tmp_path, settings, result_files)
         assert (job.state, job.attempts) == ("queued", 1)
         assert "forward.job_timeout_seconds" in (job.last_error or "")
+
+    def test_peer_that_stops_reading_is_bounded(
+        self, tmp_path: Path, receiver: Receiver
+    ) -> None:
+        """A 32 MiB object to a PACS that stopped reading: the send blocks once the socket
+        buffers are full; the socket timeout ends it (the DIMSE timer alone would not: the
+        association thread stays blocked in the send)."""
+        big = make_cxr(rows=4096, cols=4096)
+        path = save(big, tmp_path / "big.dcm")
+        with StallingProxy(receiver.port, stall_at=None, deaf=True) as proxy:
+            settings = self._settings(tmp_path, proxy.port, dimse_timeout_seconds=600)
+            job = self._drain(tmp_path, settings, [path])
+            assert proxy.stalled.is_set()
+        assert (job.state, job.attempts) == ("queued", 1)
+        assert receiver.received == []
 
     def test_connect_that_never_completes_is_bounded(
         self, tmp_path: Path, result_files: list[Path]
