@@ -10,7 +10,7 @@ import pytest
 
 from cxr_auditor.drafts import scope
 from cxr_auditor.drafts.negex import NegExDraftParser
-from cxr_auditor.drafts.rules import parse_draft
+from cxr_auditor.drafts.rules import clear_sentence_cache, parse_draft
 from cxr_auditor.labels import Label
 from cxr_auditor.schema import DraftStatus
 
@@ -187,3 +187,17 @@ def test_negex_baseline_is_sentence_scoped() -> None:
     assert got[P] is ABSENT and got[E] is ABSENT
     got = {f.label: f.status for f in negex.parse("Possible right effusion. No pneumothorax.").findings}
     assert got[E] is UNCERTAIN and got[P] is ABSENT
+
+
+def test_a_cached_sentence_reading_is_rebased_and_never_shared() -> None:
+    """Sentence readings are cached: the same sentence at another offset, or answered by a
+    following "None seen.", must come out as if read for the first time."""
+    clear_sentence_cache()
+    first = parse_draft("Assess for pneumothorax. None seen.")
+    again = parse_draft("Assess for pneumothorax. None seen.")
+    assert first == again and statuses("Assess for pneumothorax. None seen.")[P] is ABSENT
+    shifted = "Heart size is normal. Assess for pneumothorax."
+    assert P not in statuses(shifted)  # the earlier answer did not leak into the cached reading
+    moved = parse_draft("Lungs are clear. Small left pleural effusion.")
+    effusion = next(f for f in moved.findings if f.label is E)
+    assert effusion.span == "Small left pleural effusion" and effusion.start == 17
