@@ -42,6 +42,9 @@ def browser(tmp_path: Path) -> Iterator[object]:
         options.add_argument(flag)
     driver = webdriver.Chrome(service=Service(str(CHROMEDRIVER)), options=options)
     driver.set_page_load_timeout(60)
+    # a form post (the upload audit) may still be loading when the next lookup runs, above all
+    # on a loaded CI machine: lookups wait for their element instead of failing at once
+    driver.implicitly_wait(30)
     try:
         yield driver
     finally:
