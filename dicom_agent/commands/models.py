@@ -39,6 +39,7 @@ from dicom_agent.commands import fail
 from dicom_agent.config import AgentSettings, load_settings
 from dicom_agent.errors import AgentError, ConfigError
 from dicom_agent.prepare import Draft, configured_for, instances_from_files, prepare_study
+from dicom_agent.progress import print_summary, progress, result_rows
 from dicom_agent.registry import build_runner
 
 #: The commands of this module; :mod:`dicom_agent.cli` adds them to ``cxr-agent``.
@@ -95,24 +96,33 @@ def audit(
         if not path.is_file():
             fail(f"not a file: {path}")
     settings = configured_for(settings, profile)
-    try:
-        rows, pictures, study = instances_from_files(images)
-        prepared = prepare_study(
-            rows, settings, study=study, draft=study_draft, pictures=pictures,
-            fallback_profile=profile.name,
-        )
-    except AgentError as exc:
-        fail(str(exc))
-    try:
-        if prepared.profile != profile.name:  # routed to the other configured profile
-            profile = get_profile(prepared.profile, settings.paths.profiles)
-        runner = build_runner(profile, parser_name or settings.drafts.parser, settings)
+    # Three steps, each of which can take a while (many files; a model load; the model).
+    with progress(f"Auditing {len(images)} file(s)", total=3) as bar:
+        bar.note("reading and decoding")
         try:
-            (result,) = runner.audit_batch([prepared.item])
-        finally:
-            runner.close()
-    except CxrAuditError as exc:
-        fail(str(exc).splitlines()[0])
+            rows, pictures, study = instances_from_files(images)
+            prepared = prepare_study(
+                rows, settings, study=study, draft=study_draft, pictures=pictures,
+                fallback_profile=profile.name,
+            )
+        except AgentError as exc:
+            fail(str(exc))
+        bar.advance()
+        try:
+            if prepared.profile != profile.name:  # routed to the other configured profile
+                profile = get_profile(prepared.profile, settings.paths.profiles)
+            bar.note(f"loading {profile.name}")
+            runner = build_runner(profile, parser_name or settings.drafts.parser, settings)
+            bar.advance()
+            bar.note("on the model")
+            try:
+                (result,) = runner.audit_batch([prepared.item])
+            finally:
+                runner.close()
+            bar.advance()
+        except CxrAuditError as exc:
+            fail(str(exc).splitlines()[0])
+    print_summary(f"audit ({profile.name})", result_rows(result))
     typer.echo(result.to_json())
 
 

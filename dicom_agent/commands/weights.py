@@ -16,6 +16,7 @@ from typing import Annotated
 import typer
 
 from dicom_agent.commands import CONFIG_OPTION, fail, settings_or_fail
+from dicom_agent.progress import print_summary
 
 #: The commands of this module; :mod:`dicom_agent.cli` adds them to ``cxr-agent``.
 app = typer.Typer()
@@ -56,11 +57,13 @@ def pull(
     refs = [("model", profile.model, profile.revision)]
     if profile.adapter:
         refs.append(("adapter", profile.adapter, None))  # PEFT loads the adapter's default branch
+    pulled: list[tuple[str, object]] = []
     for what, ref, revision in refs:
         if is_local_ref(ref):
             if not Path(ref).expanduser().is_dir():
                 fail(f"{what} folder {ref} does not exist")
             typer.echo(f"{what}: local folder {ref}, nothing to download")
+            pulled.append((what, f"local folder {ref}"))
             continue
         check = check_weights(what, ref, profile.revision)
         if not check.loadable:
@@ -75,4 +78,6 @@ def pull(
             fail(f"{what}: download of {ref} failed ({type(exc).__name__}: {str(exc).splitlines()[0]});"
                  " run the command again to resume")
         typer.echo(f"{what}: {ref} in the hub cache at {path}")
+        pulled.append((what, f"{ref}{'@' + revision if revision else ''} -> {path}"))
+    print_summary(f"models pull {profile.name}", pulled)
     typer.echo(f"profile {profile.name} is ready to load: `cxr-agent doctor` checks it")

@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import io
+from pathlib import Path
 
+import pytest
 from rich.console import Console
 
 from dicom_agent.progress import print_summary, print_table, progress
@@ -79,3 +81,26 @@ def test_result_rows_of_an_audit() -> None:
     assert rows["flags urgent"] == 1 and rows["flags missing"] == 2
     assert list(rows).index("flags urgent") < list(rows).index("flags missing")
     assert str(rows["time grounding"]).endswith(" ms")
+
+
+def test_audit_command_ends_with_its_summary_table(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    import json
+
+    from typer.testing import CliRunner
+
+    from dicom_agent.cli import app
+    from tests.tinymodels import solid_image
+
+    monkeypatch.chdir(tmp_path)  # relative default folders stay in the test's folder
+    for key in ("CXR_AGENT_CONFIG", "CXR_AGENT__PATHS__PROFILES", "CXR_AGENT__GROUNDING__PROFILE"):
+        monkeypatch.delenv(key, raising=False)
+    picture = tmp_path / "white.png"
+    solid_image(255).save(picture)
+    result = CliRunner().invoke(app, ["audit", str(picture), "--profile", "fake", "--draft",
+                                      "No pneumothorax."])
+    assert result.exit_code == 0, result.output
+    assert json.loads(result.stdout)["grounding"]["state"] == "ok"  # stdout stays JSON only
+    assert "audit (fake)" in result.stderr and "images audited" in result.stderr
+    assert "flags urgent" in result.stderr and "Research use only" in result.stderr

@@ -96,6 +96,8 @@ def test_pull_downloads_model_and_adapter_then_doctor_finds_them(hub: FakeHub, e
     assert sorted(p.name for p in snapshots) == [
         "adapter_config.json", "adapter_model.safetensors", "config.json", "model.safetensors"]
     assert "profile open is ready to load" in done.stdout
+    # the summary table (stderr): what was pulled where
+    assert "models pull open" in done.stderr and "site/open-adapter ->" in done.stderr
 
     after = cli(env, "doctor", CXR_AGENT__GROUNDING__PROFILE="open", HF_ENDPOINT=hub.url)
     line = profile_line(after.stdout, "open")
