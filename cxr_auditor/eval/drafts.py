@@ -47,6 +47,7 @@ from cxr_auditor.drafts import get_parser
 from cxr_auditor.drafts.base import DraftParser
 from cxr_auditor.drafts.negex import NegExDraftParser
 from cxr_auditor.errors import CxrAuditError
+from cxr_auditor.eval.stats import BinaryCounts
 from cxr_auditor.labels import LABELS, Label
 from cxr_auditor.schema import DraftStatus
 
@@ -66,24 +67,10 @@ class GoldReport:
     dont_care: frozenset[Label] = frozenset()
 
 
-@dataclass
-class LabelCounts:
-    tp: int = 0
-    fp: int = 0
-    fn: int = 0
-
-    @property
-    def precision(self) -> float:
-        return self.tp / (self.tp + self.fp) if self.tp + self.fp else 1.0
-
-    @property
-    def recall(self) -> float:
-        return self.tp / (self.tp + self.fn) if self.tp + self.fn else 1.0
-
-    @property
-    def f1(self) -> float:
-        p, r = self.precision, self.recall
-        return 2 * p * r / (p + r) if p + r else 0.0
+def _scored(value: float | None) -> float:
+    """A figure with nothing to score (no gold and no predicted positive) counts as perfect, so
+    a label a set never mentions does not pull the six-label macro average down."""
+    return 1.0 if value is None else value
 
 
 @dataclass
@@ -101,8 +88,8 @@ class DraftMetrics:
     """Figures of one parser on one gold set."""
 
     reports: int = 0
-    per_label: dict[Label, LabelCounts] = field(
-        default_factory=lambda: {lab: LabelCounts() for lab in LABELS}
+    per_label: dict[Label, BinaryCounts] = field(
+        default_factory=lambda: {lab: BinaryCounts() for lab in LABELS}
     )
     status: _Ratio = field(default_factory=_Ratio)
     negation: _Ratio = field(default_factory=_Ratio)
@@ -114,12 +101,12 @@ class DraftMetrics:
 
     @property
     def macro_f1(self) -> float:
-        return sum(c.f1 for c in self.per_label.values()) / len(self.per_label)
+        return sum(_scored(c.f1) for c in self.per_label.values()) / len(self.per_label)
 
     @property
     def macro_f1_supported(self) -> float:
         """Mean F1 over the labels with at least one gold positive."""
-        scored = [c.f1 for c in self.per_label.values() if c.tp + c.fn]
+        scored = [_scored(c.f1) for c in self.per_label.values() if c.tp + c.fn]
         return sum(scored) / len(scored) if scored else 1.0
 
     @property
@@ -153,9 +140,9 @@ class DraftMetrics:
             "spurious_mentions": self.spurious,
             "per_label": {
                 lab.value: {
-                    "precision": round(c.precision, 4),
-                    "recall": round(c.recall, 4),
-                    "f1": round(c.f1, 4),
+                    "precision": round(_scored(c.precision.value), 4),
+                    "recall": round(_scored(c.recall.value), 4),
+                    "f1": round(_scored(c.f1), 4),
                     "support": c.tp + c.fn,
                 }
                 for lab, c in self.per_label.items()
@@ -273,10 +260,7 @@ def evaluate(gold: Iterable[GoldReport], parser: DraftParser | None = None) -> D
                 metrics.errors.append((g.id, lab.value, "negated-list", "present"))
             if lab in g.dont_care:
                 continue
-            counts = metrics.per_label[lab]
-            counts.tp += want_pos and got_pos
-            counts.fp += got_pos and not want_pos
-            counts.fn += want_pos and not got_pos
+            metrics.per_label[lab].add(want_pos, got_pos)
             if want is None:
                 if got is not None:
                     metrics.spurious += 1
@@ -301,7 +285,8 @@ def format_table(metrics: DraftMetrics) -> str:
     lines = [f"{'label':<28} {'P':>6} {'R':>6} {'F1':>6} {'support':>8}"]
     for lab, c in metrics.per_label.items():
         lines.append(
-            f"{lab.value:<28} {c.precision:6.3f} {c.recall:6.3f} {c.f1:6.3f} {c.tp + c.fn:8d}"
+            f"{lab.value:<28} {_scored(c.precision.value):6.3f} {_scored(c.recall.value):6.3f} "
+            f"{_scored(c.f1):6.3f} {c.tp + c.fn:8d}"
         )
     lines += [
         f"{'macro-F1':<28} {metrics.macro_f1:20.3f}",
@@ -333,7 +318,7 @@ def format_side_by_side(runs: Sequence[tuple[str, str, DraftMetrics]]) -> str:
     rows = [head, ["---"] * len(head)]
     for set_name, parser_name, m in runs:
         f1s = [
-            f"{c.f1:.3f}" if c.tp + c.fn else ("-" if not c.fp else f"fp {c.fp}")
+            f"{_scored(c.f1):.3f}" if c.tp + c.fn else ("-" if not c.fp else f"fp {c.fp}")
             for c in m.per_label.values()
         ]
         rows.append([

@@ -60,7 +60,7 @@ def test_counts_precision_recall_and_accuracies() -> None:
     m = evaluate(gold, parser)
     eff = m.per_label[Label.PLEURAL_EFFUSION]
     assert (eff.tp, eff.fp, eff.fn) == (1, 1, 0)
-    assert eff.precision == 0.5 and eff.recall == 1.0
+    assert eff.precision.value == 0.5 and eff.recall.value == 1.0
     assert m.negation.total == 2 and m.negation.right == 1  # ptx right, 2nd effusion wrong
     assert m.hedge.total == 1 and m.hedge.right == 0  # the opacity hedge was missed
     assert m.status.total == 4 and m.status.right == 2
