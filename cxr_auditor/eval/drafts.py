@@ -37,10 +37,10 @@ import json
 import re
 import sys
 import time
-from collections.abc import Iterable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
 from cxr_auditor.drafts import _lexicon as lx
 from cxr_auditor.drafts import get_parser
@@ -54,6 +54,8 @@ from cxr_auditor.schema import DraftStatus
 #: The in-house hand-labelled sets, used when no gold file is named (a source checkout).
 IN_HOUSE = Path(__file__).resolve().parents[2] / "tests" / "data"
 DEFAULT_PARSERS = ("rules", "negex")
+
+_R = TypeVar("_R")
 
 
 @dataclass(frozen=True)
@@ -150,46 +152,44 @@ class DraftMetrics:
         }
 
 
-def load_gold(path: Path) -> list[GoldReport]:
-    """Read a gold JSONL file (either form); a malformed line raises ValueError naming its line."""
-    out: list[GoldReport] = []
+def _records(path: Path, what: str, read: Callable[[dict[str, Any]], _R]) -> list[_R]:
+    """``read`` applied to each JSON line of ``path``; a malformed line raises ValueError naming
+    its line number and ``what`` it should have been."""
+    out: list[_R] = []
     with path.open(encoding="utf-8") as fh:
         for lineno, line in enumerate(fh, 1):
             if not line.strip():
                 continue
             try:
-                rec = json.loads(line)
-                report = _gold_record(rec)
+                out.append(read(json.loads(line)))
             except (ValueError, KeyError, TypeError, AttributeError) as exc:
-                raise ValueError(f"{path}:{lineno}: not a gold record ({exc})") from exc
-            if report is not None:
-                out.append(report)
+                raise ValueError(f"{path}:{lineno}: not {what} ({exc})") from exc
     return out
+
+
+def load_gold(path: Path) -> list[GoldReport]:
+    """Read a gold JSONL file (either form); a malformed line raises ValueError naming its line."""
+    return [g for g in _records(path, "a gold record", _gold_record) if g is not None]
 
 
 def adjudicate(gold: list[GoldReport], path: Path) -> tuple[list[GoldReport], int]:
     """Apply reviewed cell corrections (see the module docstring); returns the corrected gold
     and the number of cells changed. An id that is not in ``gold`` is ignored (another set's)."""
     fixes: dict[str, dict[Label, DraftStatus]] = {}
-    with path.open(encoding="utf-8") as fh:
-        for lineno, line in enumerate(fh, 1):
-            if not line.strip():
-                continue
-            try:
-                rec = json.loads(line)
-                fixes.setdefault(str(rec["id"]), {})[Label(rec["label"])] = DraftStatus(
-                    rec["status"]
-                )
-            except (ValueError, KeyError, TypeError) as exc:
-                raise ValueError(f"{path}:{lineno}: not an adjudication ({exc})") from exc
+    cells = _records(
+        path, "an adjudication",
+        lambda rec: (str(rec["id"]), Label(rec["label"]), DraftStatus(rec["status"])),
+    )
+    for rid, label, status in cells:
+        fixes.setdefault(rid, {})[label] = status
     out, changed = [], 0
     for g in gold:
-        cells = fixes.get(g.id)
-        if not cells:
+        fixed = fixes.get(g.id)
+        if not fixed:
             out.append(g)
             continue
         labels, dont_care = dict(g.labels), set(g.dont_care)
-        for lab, status in cells.items():
+        for lab, status in fixed.items():
             changed += 1
             labels.pop(lab, None)
             dont_care.discard(lab)
