@@ -16,7 +16,7 @@ import sys
 from pathlib import Path
 
 from cxr_auditor.grounding.fake import BRIGHT_ANSWER
-from tests.tinymodels import solid_image
+from tests.support.tinymodels import solid_image
 
 PTX_BOX, _ = (item["box_2d"] for item in json.loads(BRIGHT_ANSWER))
 

@@ -1,6 +1,6 @@
 """How long the forwarder is held by a destination that stalls mid-PDU (docs/reliability.md).
 
-Four real peers on loopback (tests/stalled_peer.py): one stalls inside its A-ASSOCIATE-AC, one
+Four real peers on loopback (tests/support/stalled_peer.py): one stalls inside its A-ASSOCIATE-AC, one
 relays to a real SCP and stalls inside the C-STORE response, one takes a TLS connection and
 never sends its ServerHello, one accepts the association and stops reading (sent a 32 MiB
 radiograph instead of the results). For each, one ``forward_files``
@@ -26,11 +26,11 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from dicom_agent import forward  # noqa: E402
 from dicom_agent.config import Destination, TLSSettings, load_settings  # noqa: E402
-from tests.builders import make_cxr, save  # noqa: E402
 from tests.conftest import free_port  # noqa: E402
-from tests.dicom_agent.outputs.studies import written_findings  # noqa: E402
-from tests.dicom_agent.storescp import Receiver  # noqa: E402
-from tests.stalled_peer import SilentPeer, StalledPeer, StallingProxy  # noqa: E402
+from tests.support.builders import make_cxr, save  # noqa: E402
+from tests.support.stalled_peer import SilentPeer, StalledPeer, StallingProxy  # noqa: E402
+from tests.support.storescp import Receiver  # noqa: E402
+from tests.support.studies import written_findings  # noqa: E402
 
 
 def _module(path: str | None) -> ModuleType:

@@ -72,7 +72,7 @@ def make_inputs(folder: Path, n: int, side: int) -> list[Path]:
     """N Explicit VR Little Endian DX files of ``side``² 16-bit pixels, two per study."""
     from pydicom.uid import generate_uid
 
-    from tests.builders import make_cxr
+    from tests.support.builders import make_cxr
 
     folder.mkdir(parents=True, exist_ok=True)
     ds = make_cxr(rows=side, cols=side)
@@ -207,7 +207,7 @@ def write_big(path: Path, nbytes: int) -> Path:
     from pydicom.filewriter import write_file_meta_info
     from pynetdicom.dsutils import encode
 
-    from tests.builders import make_cxr
+    from tests.support.builders import make_cxr
 
     ds = make_cxr(rows=16, cols=16)
     columns = 16384
@@ -268,7 +268,7 @@ def _memory_receiver(work: Path, whole_agent: bool) -> Iterator[tuple[int, str, 
         with receiver("ours", work, 1, max_instance_bytes=limit) as (port, aet, _, pid):
             yield port, aet, pid
         return
-    from tests.agentproc import AgentProcess
+    from tests.support.agentproc import AgentProcess
 
     agent = AgentProcess(work, {
         "scp": {"max_instance_bytes": limit},

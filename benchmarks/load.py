@@ -1,7 +1,7 @@
 """Load and soak benchmark of the whole running agent (ingest + pairing + audit + outputs).
 
 Starts ``cxr-agent serve`` as a subprocess in a temporary root (the same harness as the
-integration tests, :mod:`tests.agentproc`), with the deterministic ``fake`` grounder: the
+integration tests, :mod:`tests.support.agentproc`), with the deterministic ``fake`` grounder: the
 figures measure the agent's own plumbing (DICOM, spool, state, scheduling, pixels, SR/GSPS/SC/
 PNG/JSON outputs), not a model. Instances are small synthetic chest radiographs
 (``--size`` x ``--size``, 12 bits) sent by dcmtk ``storescu`` over ``--senders`` parallel
@@ -44,8 +44,8 @@ from pydicom.dataset import FileMetaDataset  # noqa: E402
 from pydicom.uid import generate_uid  # noqa: E402
 
 from benchmarks.machine import cpu_model  # noqa: E402
-from tests.agentproc import AgentProcess, storescu, wait_until  # noqa: E402
-from tests.builders import make_cxr  # noqa: E402
+from tests.support.agentproc import AgentProcess, storescu, wait_until  # noqa: E402
+from tests.support.builders import make_cxr  # noqa: E402
 
 
 @dataclass

@@ -15,8 +15,8 @@ from pathlib import Path
 
 from pydicom.uid import generate_uid
 
-from tests.agentproc import running_agent, store, wait_until
-from tests.builders import make_cxr
+from tests.support.agentproc import running_agent, store, wait_until
+from tests.support.builders import make_cxr
 
 #: (draft, signed final) per study; the stand-in finds a left pneumothorax and a right effusion.
 CASES = [

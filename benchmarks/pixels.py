@@ -37,8 +37,8 @@ from dicom_agent.pixels import (  # noqa: E402
     read_dataset,
     to_display,
 )
-from tests.builders import make_cxr, save  # noqa: E402
-from tests.compress import VARIANTS, compress  # noqa: E402
+from tests.support.builders import make_cxr, save  # noqa: E402
+from tests.support.compress import VARIANTS, compress  # noqa: E402
 
 SIZE = 896
 # (label, rows, cols): a 43 x 35 cm detector at ~0.14 mm, and a 2k square one

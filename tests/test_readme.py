@@ -26,8 +26,8 @@ import httpx
 import pytest
 from PIL import Image
 
-from tests.agentproc import wait_until
 from tests.conftest import free_port
+from tests.support.agentproc import wait_until
 
 pytestmark = [pytest.mark.slow, pytest.mark.integration]
 

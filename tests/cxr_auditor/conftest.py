@@ -1,6 +1,6 @@
-"""Tiny-model fixtures for the audit-core tests (see tests/conftest_models.py)."""
+"""Tiny-model fixtures for the audit-core tests (see tests/support/model_fixtures.py)."""
 
-from tests.conftest_models import (  # noqa: F401 - fixtures
+from tests.support.model_fixtures import (  # noqa: F401 - fixtures
     lora_adapter,
     projector_adapter,
     tiny_gemma,

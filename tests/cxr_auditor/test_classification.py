@@ -11,8 +11,8 @@ from cxr_auditor.errors import ProfileError
 from cxr_auditor.geometry import Geometry
 from cxr_auditor.grounding.base import ImageInput
 from cxr_auditor.profiles import get_profile, parse_profile
-from tests import tinymodels as tm
-from tests.conftest_models import ScriptedChat, tiny_profile
+from tests.support import tinymodels as tm
+from tests.support.model_fixtures import ScriptedChat, tiny_profile
 
 
 @pytest.mark.parametrize(

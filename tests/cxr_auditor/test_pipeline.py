@@ -313,7 +313,7 @@ class TestAuditor:
         """The LLM parser's chat backend holds a model or client: closing the auditor frees it."""
         from cxr_auditor.drafts.llm import LLMDraftParser
         from cxr_auditor.profiles import get_profile
-        from tests.conftest_models import ScriptedChat
+        from tests.support.model_fixtures import ScriptedChat
 
         closed: list[str] = []
 

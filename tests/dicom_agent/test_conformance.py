@@ -6,7 +6,7 @@ import pytest
 from pynetdicom.status import STORAGE_SERVICE_CLASS_STATUS
 
 from dicom_agent import conformance as dc
-from tests.builders import (
+from tests.support.builders import (
     CR_STORAGE,
     CT_STORAGE,
     DX_PRESENTATION,

@@ -22,11 +22,11 @@ from dicom_agent.forward import (
     refused_for_good,
 )
 from dicom_agent.state import JobKind, JobState, StateDB
-from tests.builders import make_cxr, save
 from tests.conftest import free_port
-from tests.dicom_agent.outputs.studies import written_findings
-from tests.dicom_agent.storescp import Receiver
-from tests.stalled_peer import FullBacklog, SilentPeer, StalledPeer, StallingProxy
+from tests.support.builders import make_cxr, save
+from tests.support.stalled_peer import FullBacklog, SilentPeer, StalledPeer, StallingProxy
+from tests.support.storescp import Receiver
+from tests.support.studies import written_findings
 
 SR_CLASS = "1.2.840.10008.5.1.4.1.1.88.34"
 GSPS_CLASS = "1.2.840.10008.5.1.4.1.1.11.1"

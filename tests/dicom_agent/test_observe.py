@@ -124,7 +124,7 @@ class TestLogging:
         """highdicom names the SOP Instance UID of each source data set at INFO while the SR,
         GSPS and SC are built: silent by default, hashed when libraries log at INFO."""
         from dicom_agent.config import load_settings
-        from tests.dicom_agent.outputs.studies import written_findings
+        from tests.support.studies import written_findings
 
         settings = load_settings(paths={"out": tmp_path / "out"})
         setup_logging(LoggingSettings(library_level=library_level), logs)

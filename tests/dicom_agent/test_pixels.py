@@ -38,7 +38,7 @@ from dicom_agent.pixels import (
     to_display,
     to_model_input,
 )
-from tests.builders import (
+from tests.support.builders import (
     SENTINEL_PATIENT_ID,
     SENTINEL_PATIENT_NAME,
     colour_pattern,
@@ -47,7 +47,7 @@ from tests.builders import (
     make_xa_run,
     save,
 )
-from tests.compress import VARIANTS, compress, have_dcmtk
+from tests.support.compress import VARIANTS, compress, have_dcmtk
 
 needs_dcmtk = pytest.mark.skipif(not have_dcmtk(), reason="dcmtk encoders not installed")
 

@@ -14,7 +14,7 @@ from dicom_agent.config import AgentSettings
 from dicom_agent.errors import AgentError
 from dicom_agent.prepare import Draft, instances_from_files, prepare_study
 from dicom_agent.state import StateDB
-from tests.builders import make_cxr, save
+from tests.support.builders import make_cxr, save
 
 UID = "1.2.826.0.1.88"
 

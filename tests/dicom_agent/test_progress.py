@@ -91,7 +91,7 @@ def test_audit_command_ends_with_its_summary_table(
     from typer.testing import CliRunner
 
     from dicom_agent.cli import app
-    from tests.tinymodels import solid_image
+    from tests.support.tinymodels import solid_image
 
     monkeypatch.chdir(tmp_path)  # relative default folders stay in the test's folder
     for key in ("CXR_AGENT_CONFIG", "CXR_AGENT__PATHS__PROFILES", "CXR_AGENT__GROUNDING__PROFILE"):

@@ -35,13 +35,13 @@ from dicom_agent.errors import ConfigError, StateError
 from dicom_agent.scp import Listener, start_listener
 from dicom_agent.spool import LOCKS_DIR
 from dicom_agent.state import InstanceState, StateDB
-from tests.builders import (
+from tests.conftest import free_port, var_paths
+from tests.support.builders import (
     CT_STORAGE,
     SENTINEL_PATIENT_ID,
     SENTINEL_PATIENT_NAME,
     make_cxr,
 )
-from tests.conftest import free_port, var_paths
 
 VERIFICATION = dc.VERIFICATION_SOP_CLASS
 OUR_AET = "CXRAUDIT"

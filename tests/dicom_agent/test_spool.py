@@ -25,7 +25,7 @@ from dicom_agent.conformance import (
 from dicom_agent.errors import DicomInputError, SpoolError, SpoolFullError, StateError
 from dicom_agent.spool import LOCKS_DIR, InstanceHeader, Spool, read_header, reconcile
 from dicom_agent.state import InstanceState, StateDB, StoreOutcome
-from tests.builders import CT_STORAGE, make_cxr
+from tests.support.builders import CT_STORAGE, make_cxr
 
 
 def _encoded(ds: Dataset, transfer_syntax: str = EXPLICIT_VR_LITTLE_ENDIAN) -> bytes:

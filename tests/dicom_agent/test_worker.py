@@ -19,7 +19,7 @@ from dicom_agent.registry import Models
 from dicom_agent.scheduler import Reason, queue_audit
 from dicom_agent.state import JobKind, JobState, StateDB, StudyState
 from dicom_agent.worker import Worker
-from tests.builders import SENTINEL_PATIENT_NAME, make_cxr, save
+from tests.support.builders import SENTINEL_PATIENT_NAME, make_cxr, save
 
 DARK = (3000.0, 1000.0)  # window that makes the phantom dark: the fake answers no_finding
 
@@ -356,7 +356,7 @@ def test_xa_study_goes_to_the_classification_profile(
     from cxr_auditor.classification import PatencyClassifier
     from cxr_auditor.pipeline import ClassificationAuditor
     from cxr_auditor.profiles import parse_profile
-    from tests.builders import make_xa_run
+    from tests.support.builders import make_xa_run
 
     s = settings.model_copy(update={"grounding": settings.grounding.model_copy(
         update={"xa_profile": "dsa-test"})})
@@ -436,7 +436,7 @@ def test_jobs_parked_for_the_model_drain_after_a_restart_with_a_working_model(
     import time
 
     from dicom_agent.agent import Agent
-    from tests.agentproc import wait_until
+    from tests.support.agentproc import wait_until
 
     def unavailable(name: str) -> Auditor:
         raise ModelUnavailable("no weights for google/medgemma here")

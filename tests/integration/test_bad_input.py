@@ -1,7 +1,7 @@
 """Bad input against the running agent: the listener never dies, memory stays bounded.
 
 DICOM: every file of pydicom's test-file collection that exists locally, then the mutation
-corpus of :mod:`tests.mutations` (truncations, wrong lengths and VRs, missing or absurd pixel
+corpus of :mod:`tests.support.mutations` (truncations, wrong lengths and VRs, missing or absurd pixel
 attributes, false transfer-syntax claims, non-CXR modalities, non-UID and path-shaped UIDs),
 sent byte-exact over C-STORE. Each file is either stored (and, outside the audit set,
 ignored) or refused with a specific status and a log line; a C-ECHO after every batch proves
@@ -23,8 +23,8 @@ import pytest
 from pydicom.data import get_testdata_files
 from pynetdicom.dsutils import split_dataset
 
-from tests.agentproc import AgentProcess, echo, running_agent, wait_until
-from tests.mutations import CONTEXT_REJECTED, NO_RESPONSE, corpus, send_raw, valid_reference
+from tests.support.agentproc import AgentProcess, echo, running_agent, wait_until
+from tests.support.mutations import CONTEXT_REJECTED, NO_RESPONSE, corpus, send_raw, valid_reference
 
 pytestmark = [pytest.mark.integration, pytest.mark.slow]
 

@@ -17,7 +17,7 @@ from pathlib import Path
 import pytest
 
 from dicom_agent.web.audit_one import EXAMPLES, example_picture
-from tests.agentproc import AgentProcess, make_study, running_agent, store, wait_until
+from tests.support.agentproc import AgentProcess, make_study, running_agent, store, wait_until
 
 pytestmark = pytest.mark.integration
 
@@ -146,7 +146,7 @@ def test_health_and_metrics_of_a_running_agent(agent: AgentProcess) -> None:
     """/readyz and the listener's counters in /metrics, from a real serve process."""
     import httpx
 
-    from tests.agentproc import echo
+    from tests.support.agentproc import echo
 
     study = make_study(2, accession="MET-1", size=256)
     assert store(agent.port, study) == [0, 0]

@@ -10,8 +10,8 @@ from pathlib import Path
 
 import pytest
 
-from tests.agentproc import AgentProcess, make_study, running_agent, store, wait_until
 from tests.integration.test_browser import browser, full_page, shots  # noqa: F401 - fixture
+from tests.support.agentproc import AgentProcess, make_study, running_agent, store, wait_until
 
 pytestmark = pytest.mark.integration
 

@@ -19,7 +19,7 @@ from PIL import Image
 from cxr_auditor.grounding.fake import STAND_IN
 from cxr_auditor.render import legend_lines
 from cxr_auditor.schema import AuditResult
-from tests.agentproc import CXR_AGENT
+from tests.support.agentproc import CXR_AGENT
 
 pytestmark = pytest.mark.integration
 

@@ -1,6 +1,6 @@
 """The running agent under faults: nothing acknowledged is lost, nothing is duplicated.
 
-Every scenario starts ``cxr-agent serve`` as a subprocess (:mod:`tests.agentproc`), hurts it
+Every scenario starts ``cxr-agent serve`` as a subprocess (:mod:`tests.support.agentproc`), hurts it
 (SIGKILL mid-send, mid-audit and mid-output; a destination PACS that is down; a disk under
 the free-space floor; a model backend that fails or hangs; peers that stall or abort) and
 checks the durable state afterwards through the spool, the state DB, ``out/`` and the CLI.
@@ -29,7 +29,7 @@ import pytest
 from pydicom import dcmread
 from pydicom.dataset import Dataset
 
-from tests.agentproc import (
+from tests.support.agentproc import (
     AgentProcess,
     StubModelServer,
     deep_merge,
@@ -38,8 +38,8 @@ from tests.agentproc import (
     store,
     wait_until,
 )
-from tests.mutations import corpus, send_raw
-from tests.orthanc import ORTHANC, OrthancServer, start_orthanc
+from tests.support.mutations import corpus, send_raw
+from tests.support.orthanc import ORTHANC, OrthancServer, start_orthanc
 
 pytestmark = [pytest.mark.integration, pytest.mark.slow]
 

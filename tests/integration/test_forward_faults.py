@@ -14,11 +14,11 @@ from typing import Any
 
 import pytest
 
-from tests.agentproc import AgentProcess, make_study, store, wait_until
 from tests.conftest import free_port
-from tests.dicom_agent.storescp import Receiver
-from tests.orthanc import ORTHANC, start_orthanc
-from tests.stalled_peer import StallingProxy
+from tests.support.agentproc import AgentProcess, make_study, store, wait_until
+from tests.support.orthanc import ORTHANC, start_orthanc
+from tests.support.stalled_peer import StallingProxy
+from tests.support.storescp import Receiver
 
 pytestmark = [
     pytest.mark.integration,

@@ -25,10 +25,10 @@ from pydicom.dataset import Dataset
 from pydicom.uid import DeflatedExplicitVRLittleEndian
 
 from dicom_agent.spool import INCOMING_DIR, file_meta_bytes
-from tests.agentproc import AgentProcess, echo, make_study, store, wait_until
 from tests.integration.test_faults import _partial_store
 from tests.integration.test_security import client_context, make_pki
-from tests.mutations import corpus, send_raw
+from tests.support.agentproc import AgentProcess, echo, make_study, store, wait_until
+from tests.support.mutations import corpus, send_raw
 
 pytestmark = [pytest.mark.integration, pytest.mark.slow]
 

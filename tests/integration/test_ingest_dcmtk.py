@@ -15,8 +15,8 @@ from dicom_agent.config import AgentSettings, load_settings
 from dicom_agent.scp import Listener, start_listener
 from dicom_agent.spool import read_part10
 from dicom_agent.state import StateDB
-from tests.builders import make_cxr, save
 from tests.conftest import free_port, var_paths
+from tests.support.builders import make_cxr, save
 
 pytestmark = [
     pytest.mark.integration,

@@ -15,8 +15,8 @@ import httpx
 import pytest
 from pydicom.uid import generate_uid
 
-from tests.agentproc import CXR_AGENT, running_agent, store, wait_until
-from tests.builders import make_cxr
+from tests.support.agentproc import CXR_AGENT, running_agent, store, wait_until
+from tests.support.builders import make_cxr
 
 pytestmark = [pytest.mark.integration, pytest.mark.slow]
 

@@ -11,8 +11,8 @@ import pytest
 
 from dicom_agent.config import AgentSettings, Destination
 from dicom_agent.forward import forward_files
-from tests.dicom_agent.outputs.studies import written_findings
-from tests.orthanc import ORTHANC, OrthancServer, start_orthanc
+from tests.support.orthanc import ORTHANC, OrthancServer, start_orthanc
+from tests.support.studies import written_findings
 
 pytestmark = [
     pytest.mark.integration,

@@ -1,6 +1,6 @@
 """A real PACS end to end: Orthanc sends studies to the agent, the results come back to it.
 
-Orthanc (``tests/orthanc.py``: loopback, its own config and storage) declares the agent as
+Orthanc (``tests/support/orthanc.py``: loopback, its own config and storage) declares the agent as
 the DICOM modality ``agent``; the agent declares Orthanc as its research destination. Synthetic
 radiographs go into Orthanc over REST (``POST /instances``), Orthanc is asked to send each
 study to the agent (``POST /modalities/agent/store``), drafts are dropped into the agent's
@@ -27,9 +27,9 @@ import pytest
 from pydicom import dcmread
 from pydicom.dataset import Dataset
 
-from tests.agentproc import AGENT_AET, AgentProcess, make_study, storescu, wait_until
-from tests.builders import save
-from tests.orthanc import Modality, OrthancServer, start_orthanc
+from tests.support.agentproc import AGENT_AET, AgentProcess, make_study, storescu, wait_until
+from tests.support.builders import save
+from tests.support.orthanc import Modality, OrthancServer, start_orthanc
 
 pytestmark = [pytest.mark.integration, pytest.mark.slow]
 

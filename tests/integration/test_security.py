@@ -18,7 +18,7 @@ from pathlib import Path
 
 import pytest
 
-from tests.agentproc import (
+from tests.support.agentproc import (
     SENDER_AET,
     AgentProcess,
     echo,
@@ -28,14 +28,14 @@ from tests.agentproc import (
     storescu,
     wait_until,
 )
-from tests.builders import (
+from tests.support.builders import (
     SENTINEL_BIRTH_DATE,
     SENTINEL_PATIENT_ID,
     SENTINEL_PATIENT_NAME,
     make_cxr,
     save,
 )
-from tests.mutations import corpus, send_raw
+from tests.support.mutations import corpus, send_raw
 
 pytestmark = [pytest.mark.integration, pytest.mark.slow]
 

@@ -11,7 +11,7 @@ pairing case at once, each on its own study:
 
 A second agent is SIGKILLed while audits are queued or running and restarted: every
 acknowledged instance is audited, each study exactly once per version. A third runs a real
-transformers grounder: the tiny Gemma 3 trained in a fixture (tests/conftest_models.py), so the
+transformers grounder: the tiny Gemma 3 trained in a fixture (tests/support/model_fixtures.py), so the
 flags come from what a model generated, parsed and compared.
 
 The fake grounder answers by brightness: the default phantom gets a pneumothorax (box on the
@@ -31,9 +31,9 @@ import pytest
 import yaml
 from pydicom.uid import generate_uid
 
-from tests.agentproc import AgentProcess, storescu, wait_until
-from tests.builders import SENTINEL_PATIENT_ID, SENTINEL_PATIENT_NAME, make_cxr, save
-from tests.conftest_models import tiny_profile, tiny_root, trained_gemma  # noqa: F401 - fixtures
+from tests.support.agentproc import AgentProcess, storescu, wait_until
+from tests.support.builders import SENTINEL_PATIENT_ID, SENTINEL_PATIENT_NAME, make_cxr, save
+from tests.support.model_fixtures import tiny_profile, tiny_root, trained_gemma  # noqa: F401 - fixtures
 
 pytestmark = [pytest.mark.integration, pytest.mark.slow]
 

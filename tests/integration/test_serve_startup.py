@@ -15,7 +15,7 @@ from pathlib import Path
 
 import pytest
 
-from tests.agentproc import AgentProcess, running_agent
+from tests.support.agentproc import AgentProcess, running_agent
 
 pytestmark = pytest.mark.integration
 

@@ -1,5 +1,5 @@
 """Tests of the OpenAI-compatible chat client (cxr_auditor.chat.openai), directly and through
-the OpenAI grounder, against tests/openai_server.py on loopback."""
+the OpenAI grounder, against tests/support/openai_server.py on loopback."""
 
 from __future__ import annotations
 
@@ -25,10 +25,10 @@ from cxr_auditor.labels import Label
 from cxr_auditor.profiles import OpenAIProfile, TransformersProfile, parse_profile
 from cxr_auditor.retry import AttemptSettings, attempt_settings
 from cxr_auditor.schema import GroundingState
-from tests import tinymodels as tm
 from tests.conftest import free_port
-from tests.conftest_models import tiny_profile
-from tests.openai_server import ChatServer
+from tests.support import tinymodels as tm
+from tests.support.model_fixtures import tiny_profile
+from tests.support.openai_server import ChatServer
 
 
 class _ByBrightness:

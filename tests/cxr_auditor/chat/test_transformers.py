@@ -13,8 +13,8 @@ from cxr_auditor.errors import ModelUnavailable
 from cxr_auditor.profiles import parse_profile
 from cxr_auditor.prompts import DSA_PATENCY_PROMPT, EXPLAIN_MY_XRAY_PROMPT
 from cxr_auditor.retry import attempt_settings
-from tests import tinymodels as tm
-from tests.conftest_models import transformers_profile
+from tests.support import tinymodels as tm
+from tests.support.model_fixtures import transformers_profile
 
 
 @pytest.mark.slow

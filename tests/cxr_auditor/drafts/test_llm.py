@@ -15,7 +15,7 @@ from cxr_auditor.labels import Label
 from cxr_auditor.profiles import TransformersProfile, get_profile, parse_profile
 from cxr_auditor.prompts import CORRECTIVE_SUFFIX
 from cxr_auditor.schema import DraftState, DraftStatus, Laterality
-from tests.conftest_models import ScriptedChat, tiny_profile
+from tests.support.model_fixtures import ScriptedChat, tiny_profile
 
 DRAFT = "Small left pleural effusion.\nNo pneumothorax."
 GOOD = (
@@ -78,7 +78,7 @@ class TestLLMDraftParser:
 
 class TestOpenAIDraftParser:
     def test_chat_llm_profile_over_http(self) -> None:
-        from tests.openai_server import ChatServer
+        from tests.support.openai_server import ChatServer
 
         chat = ScriptedChat(["<think>\nchecking</think>" + GOOD])
         server = ChatServer({"draft-parser": chat}).start()

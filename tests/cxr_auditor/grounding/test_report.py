@@ -14,8 +14,8 @@ from cxr_auditor.grounding.report import ReportParser
 from cxr_auditor.labels import Label
 from cxr_auditor.profiles import parse_profile
 from cxr_auditor.schema import GroundingState, Laterality
-from tests import tinymodels as tm
-from tests.conftest_models import GREY, tiny_profile
+from tests.support import tinymodels as tm
+from tests.support.model_fixtures import GREY, tiny_profile
 
 TWO_BOXES = (
     "FINDINGS: Left pleural effusion <loc0600><loc0600><loc0900><loc0900>. Small nodule in the "

@@ -17,8 +17,8 @@ from cxr_auditor.labels import Label
 from cxr_auditor.prompts import CORRECTIVE_SUFFIX
 from cxr_auditor.retry import AttemptSettings
 from cxr_auditor.schema import GroundingState
-from tests import tinymodels as tm
-from tests.conftest_models import GREY, transformers_profile
+from tests.support import tinymodels as tm
+from tests.support.model_fixtures import GREY, transformers_profile
 
 
 def _image(value: int, index: int = 0, size: int = tm.IMAGE_SIZE) -> ImageInput:

@@ -16,8 +16,8 @@ from typer.testing import CliRunner
 
 from cxr_auditor.grounding.fake import BRIGHT_ANSWER
 from dicom_agent.cli import app
-from tests import tinymodels as tm
-from tests.conftest_models import (  # noqa: F401 - fixtures
+from tests.support import tinymodels as tm
+from tests.support.model_fixtures import (  # noqa: F401 - fixtures
     tiny_profile,
     tiny_root,
     trained_gemma,

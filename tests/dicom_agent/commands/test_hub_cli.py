@@ -1,7 +1,7 @@
 """``models pull``, ``doctor`` and the loader ask the hub the same question, the same way.
 
 Against a local fake hub (no weights can be downloaded on the test machines; see
-tests/fakehub.py): ``models pull`` downloads a profile's model and adapter into the hub cache
+tests/support/fakehub.py): ``models pull`` downloads a profile's model and adapter into the hub cache
 with progress bars; a gated repository is one clear line in ``pull``, ``doctor`` and the loader
 alike; the check goes through ``HTTPS_PROXY`` as a download does (a recording proxy sees it).
 Each command runs as a subprocess, since huggingface_hub reads ``HF_ENDPOINT`` at import.
@@ -17,9 +17,9 @@ from pathlib import Path
 import pytest
 import yaml
 
-from tests.agentproc import CXR_AGENT
 from tests.conftest import free_port
-from tests.fakehub import FakeHub, RecordingProxy
+from tests.support.agentproc import CXR_AGENT
+from tests.support.fakehub import FakeHub, RecordingProxy
 
 pytestmark = pytest.mark.slow  # each command is a fresh process importing torch: ~5-30 s on 2 busy cores
 

@@ -14,9 +14,9 @@ import pytest
 from typer.testing import CliRunner
 
 from dicom_agent.cli import app
-from tests import tinymodels as tm
-from tests.builders import SENTINEL_PATIENT_NAME, make_cxr, save
-from tests.conftest_models import (  # noqa: F401 - fixtures
+from tests.support import tinymodels as tm
+from tests.support.builders import SENTINEL_PATIENT_NAME, make_cxr, save
+from tests.support.model_fixtures import (  # noqa: F401 - fixtures
     tiny_gemma,
     tiny_profile,
     tiny_root,

@@ -12,8 +12,8 @@ from dicom_agent.config import load_settings
 from dicom_agent.outputs.writer import write_outputs
 from dicom_agent.state import JobKind, StateDB
 from tests.conftest import free_port
-from tests.dicom_agent.outputs.studies import findings_result, make_study
-from tests.dicom_agent.storescp import Receiver
+from tests.support.storescp import Receiver
+from tests.support.studies import findings_result, make_study
 
 runner = CliRunner()
 

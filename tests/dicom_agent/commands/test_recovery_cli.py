@@ -15,9 +15,9 @@ from dicom_agent.cli import app
 from dicom_agent.config import load_settings
 from dicom_agent.forward import drain_outbox, enqueue_forward
 from dicom_agent.state import JobKind, JobState, StateDB
-from tests.builders import make_cxr, save
 from tests.conftest import free_port
-from tests.dicom_agent.storescp import Receiver
+from tests.support.builders import make_cxr, save
+from tests.support.storescp import Receiver
 
 runner = CliRunner()
 

@@ -19,9 +19,9 @@ from typer.testing import CliRunner
 
 from dicom_agent.cli import app
 from dicom_agent.state import StateDB, StudyState
-from tests.builders import make_cxr, save
 from tests.conftest import var_paths
-from tests.conftest_models import (  # noqa: F401 - fixtures
+from tests.support.builders import make_cxr, save
+from tests.support.model_fixtures import (  # noqa: F401 - fixtures
     tiny_profile,
     tiny_root,
     trained_gemma,

@@ -18,7 +18,7 @@ from cxr_auditor import render
 from cxr_auditor.render import BoxStyle
 from dicom_agent.outputs.gsps import CONTENT_LABEL, build_gsps
 from dicom_agent.outputs.validate import dciodvfy_errors, encode_validated
-from tests.dicom_agent.outputs.studies import Study, findings_result, make_study
+from tests.support.studies import Study, findings_result, make_study
 
 
 def _gsps(study: Study, window: tuple[float, float] | None = (2000.0, 3000.0)) -> Dataset:

@@ -9,7 +9,7 @@ import pytest
 from dicom_agent.config import AgentSettings
 from dicom_agent.outputs.layout import free_version, study_dir
 from dicom_agent.outputs.sidecar import write_sidecar
-from tests.dicom_agent.outputs.studies import findings_result, make_study, no_finding_result
+from tests.support.studies import findings_result, make_study, no_finding_result
 
 
 @pytest.mark.parametrize("uid", ["../etc", "1.2/3", "", "1.2.x"])

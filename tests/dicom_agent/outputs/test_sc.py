@@ -16,7 +16,7 @@ from dicom_agent.errors import OutputError
 from dicom_agent.outputs.common import contributing_equipment
 from dicom_agent.outputs.sc import build_sc
 from dicom_agent.outputs.validate import dciodvfy_errors, encode_validated
-from tests.dicom_agent.outputs.studies import Study, findings_result, make_study
+from tests.support.studies import Study, findings_result, make_study
 
 
 def _sc(study: Study, picture: np.ndarray | None = None) -> Dataset:

@@ -9,7 +9,7 @@ import pytest
 from dicom_agent.errors import OutputError
 from dicom_agent.outputs.layout import read_result
 from dicom_agent.outputs.sidecar import write_sidecar
-from tests.dicom_agent.outputs.studies import findings_result, make_study, no_finding_result
+from tests.support.studies import findings_result, make_study, no_finding_result
 
 
 class TestSidecar:

@@ -29,7 +29,7 @@ from dicom_agent.outputs.common import MANUFACTURER, referenced_frames
 from dicom_agent.outputs.sr import build_report_content, build_sr, library_entry_possible
 from dicom_agent.outputs.uids import instance_uid, series_uid
 from dicom_agent.outputs.validate import dciodvfy_errors, dsrdump_tree, encode_validated
-from tests.dicom_agent.outputs.studies import (
+from tests.support.studies import (
     Study,
     finding,
     findings_result,

@@ -6,7 +6,7 @@ import re
 from pathlib import Path
 
 from dicom_agent.outputs.uids import derive_uid, instance_uid, result_digest, series_uid
-from tests.dicom_agent.outputs.studies import findings_result, make_study, no_finding_result
+from tests.support.studies import findings_result, make_study, no_finding_result
 
 _UID = re.compile(r"^2\.25\.[1-9][0-9]*$")
 

@@ -8,7 +8,7 @@ import pytest
 
 from dicom_agent.errors import OutputError
 from dicom_agent.outputs.validate import dciodvfy_errors, dsrdump_tree, encode_validated
-from tests.builders import make_cxr, save
+from tests.support.builders import make_cxr, save
 
 
 class TestEncodeValidated:

@@ -17,8 +17,8 @@ from dicom_agent.outputs import validate
 from dicom_agent.outputs.layout import objects_to_send, read_result
 from dicom_agent.outputs.validate import dciodvfy_errors, dsrdump_tree
 from dicom_agent.outputs.writer import write_outputs
-from tests.builders import SENTINEL_PATIENT_ID, SENTINEL_PATIENT_NAME
-from tests.dicom_agent.outputs.studies import (
+from tests.support.builders import SENTINEL_PATIENT_ID, SENTINEL_PATIENT_NAME
+from tests.support.studies import (
     DRAFT,
     Study,
     failed_result,

@@ -21,7 +21,7 @@ from dicom_agent.scp import Listener
 from dicom_agent.state import StateDB, StudyState
 from dicom_agent.web import create_app
 from dicom_agent.worker import Worker
-from tests.builders import make_cxr, save
+from tests.support.builders import make_cxr, save
 
 #: The draft of the audited study: the effusion is in it, the pneumothorax is not.
 DRAFT = "Small right pleural effusion. No consolidation."

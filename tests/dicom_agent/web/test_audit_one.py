@@ -12,8 +12,8 @@ from starlette.testclient import TestClient
 
 from dicom_agent.config import AgentSettings
 from dicom_agent.web.audit_one import EXAMPLES, example_picture
-from tests.builders import make_cxr, save
 from tests.dicom_agent.web.conftest import WebAgent
+from tests.support.builders import make_cxr, save
 
 
 def raw_json(html: str) -> dict:  # type: ignore[type-arg]

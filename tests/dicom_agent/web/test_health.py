@@ -76,7 +76,7 @@ def test_metrics_flags_stage_latency_and_listener_counters(
 def test_observe_result_counts_each_flag_and_strips_the_unit(
     web_agent: WebAgent, tmp_path: Path
 ) -> None:
-    from tests.dicom_agent.outputs.studies import findings_result, make_study
+    from tests.support.studies import findings_result, make_study
 
     result = findings_result(make_study(tmp_path / "s"))
     result = result.model_copy(update={"timings": {"grounding_ms": 250.0}})

@@ -138,7 +138,7 @@ class TestStudyPage:
     def test_patient_identity_only_when_enabled(
         self, client: TestClient, settings: AgentSettings, audited: str
     ) -> None:
-        from tests.builders import SENTINEL_PATIENT_NAME
+        from tests.support.builders import SENTINEL_PATIENT_NAME
 
         assert SENTINEL_PATIENT_NAME not in client.get(f"/studies/{STUDY}").text
         settings.web.show_patient_identity = True

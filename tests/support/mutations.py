@@ -8,7 +8,7 @@ lengths, wrong VRs, missing or absurd pixel attributes, false transfer-syntax cl
 modalities, UIDs that are not UIDs (PS3.5 §9.1) and UIDs shaped like paths.
 
 The corpus is generated in the test run, never committed, and carries the sentinel identity of
-:mod:`tests.builders`, so log-leak checks cover these inputs too.
+:mod:`tests.support.builders`, so log-leak checks cover these inputs too.
 """
 
 from __future__ import annotations
@@ -34,7 +34,7 @@ from pydicom.uid import (
     SecondaryCaptureImageStorage,
 )
 
-from tests.builders import (
+from tests.support.builders import (
     SENTINEL_BIRTH_DATE,
     SENTINEL_PATIENT_ID,
     SENTINEL_PATIENT_NAME,

@@ -341,7 +341,7 @@ def make_study(images: int, *, accession: str, size: int = 128, **kw: Any) -> li
     """``images`` synthetic radiographs of one new study (one series), sentinel identity."""
     from pydicom.uid import generate_uid
 
-    from tests.builders import make_cxr
+    from tests.support.builders import make_cxr
 
     study_uid, series_uid = generate_uid(), generate_uid()
     out = []

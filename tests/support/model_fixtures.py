@@ -16,7 +16,7 @@ from cxr_auditor import prompts
 from cxr_auditor.chat import ChatRequest
 from cxr_auditor.profiles import TransformersProfile, parse_profile
 from cxr_auditor.retry import AttemptSettings
-from tests import tinymodels as tm
+from tests.support import tinymodels as tm
 
 #: Grey value of the image the trained model answers with :data:`REPORT_ANSWER`.
 GREY = 128

@@ -37,7 +37,7 @@ from dicom_agent.config import AgentSettings
 from dicom_agent.outputs.layout import objects_to_send
 from dicom_agent.outputs.writer import write_outputs
 from dicom_agent.pixels import DisplayImage, to_display
-from tests.builders import make_cxr, save
+from tests.support.builders import make_cxr, save
 
 MODEL_INPUT = 896
 

@@ -348,7 +348,7 @@ def builder_fingerprint(extra: str = "") -> str:
     import torch
     import transformers
 
-    import tests.tinymodels as me
+    import tests.support.tinymodels as me
 
     text = inspect.getsource(me) + torch.__version__ + transformers.__version__ + extra
     return hashlib.sha256(text.encode()).hexdigest()[:16]
