@@ -143,71 +143,77 @@ def compare(
     if grounding.state is not GroundingState.OK:
         return AuditMode.NO_FLAGS, [], [f"grounding_{grounding.state.value}:no_flags"]
 
-    image_labels: dict[Label, list[int]] = {}
-    for finding in grounding.findings:
-        if finding.label is not Label.NO_FINDING:
-            image_labels.setdefault(finding.label, []).append(finding.image_index)
-    image_labels = {label: sorted(set(idx)) for label, idx in image_labels.items()}
-
-    flags: list[Flag] = []
-    notes: list[str] = []
+    image_labels = _image_labels(grounding)
     if draft.state is not DraftState.PARSED:
         mode = AuditMode.IMAGE_ONLY
-        notes.append(f"draft_{draft.state.value}:image_only")
-        for label in urgent & image_labels.keys():
-            flags.append(_flag(FlagKind.URGENT, "image_only", label, image_labels[label]))
+        notes = [f"draft_{draft.state.value}:image_only"]
+        flags = [
+            _flag(FlagKind.URGENT, "image_only", label, image_labels[label])
+            for label in urgent & image_labels.keys()
+        ]
     else:
         mode = AuditMode.FULL
-        asserted = _first_by_label(draft, DraftStatus.PRESENT)
-        denied = _first_by_label(draft, DraftStatus.ABSENT)
-        hedged = _first_by_label(draft, DraftStatus.UNCERTAIN)
-        missing = image_labels.keys() - asserted.keys() - hedged.keys()
-        for label in missing:
-            variant = "denied" if label in denied else "omitted"
-            flags.append(
-                _flag(
-                    FlagKind.MISSING,
-                    variant,
-                    label,
-                    image_labels[label],
-                    denied.get(label),
-                    denied=label in denied,
-                )
-            )
-        if _partially_grounded(grounding):
-            # A view the model could not read might show what the draft asserts: no
-            # UNSUPPORTED from the views that were read alone (CONTRACT: failed -> no flags).
-            notes.append("grounding_partial:unsupported_not_computed")
-        else:
-            for label in asserted.keys() - image_labels.keys():
-                flags.append(_flag(FlagKind.UNSUPPORTED, "default", label, [], asserted[label]))
-        for label in urgent & image_labels.keys():
-            variant = "missed" if label in missing else "stated"
-            flags.append(
-                _flag(
-                    FlagKind.URGENT,
-                    variant,
-                    label,
-                    image_labels[label],
-                    asserted.get(label),
-                    missed=label in missing,
-                )
-            )
-        for label, statement in hedged.items():
-            seen = label in image_labels
-            flags.append(
-                _flag(
-                    FlagKind.HEDGED,
-                    "seen" if seen else "not_seen",
-                    label,
-                    image_labels.get(label, []),
-                    statement,
-                )
-            )
-        flags.extend(_laterality_flags(grounding, draft, image_labels))
-        notes.extend(
-            f"draft_present_and_absent:{label.value}"
-            for label in sorted(asserted.keys() & denied.keys(), key=_LABEL_ORDER.__getitem__)
-        )
+        flags, notes = _full_flags(grounding, draft, image_labels, urgent)
     flags.sort(key=lambda f: (_LABEL_ORDER[f.label], _KIND_ORDER[f.kind]))
     return mode, flags, notes
+
+
+def _image_labels(grounding: GroundingResult) -> dict[Label, list[int]]:
+    """Each positive label the grounding found, with the sorted indices of its images."""
+    found: dict[Label, set[int]] = {}
+    for finding in grounding.findings:
+        if finding.label is not Label.NO_FINDING:
+            found.setdefault(finding.label, set()).add(finding.image_index)
+    return {label: sorted(idx) for label, idx in found.items()}
+
+
+def _full_flags(
+    grounding: GroundingResult,
+    draft: DraftResult,
+    image_labels: dict[Label, list[int]],
+    urgent: frozenset[Label],
+) -> tuple[list[Flag], list[str]]:
+    """MISSING, UNSUPPORTED, URGENT, HEDGED and LATERALITY flags of a parsed draft, and notes."""
+    flags: list[Flag] = []
+    notes: list[str] = []
+    asserted = _first_by_label(draft, DraftStatus.PRESENT)
+    denied = _first_by_label(draft, DraftStatus.ABSENT)
+    hedged = _first_by_label(draft, DraftStatus.UNCERTAIN)
+    missing = image_labels.keys() - asserted.keys() - hedged.keys()
+    for label in missing:
+        variant = "denied" if label in denied else "omitted"
+        flags.append(
+            _flag(
+                FlagKind.MISSING, variant, label, image_labels[label], denied.get(label),
+                denied=label in denied,
+            )
+        )
+    if _partially_grounded(grounding):
+        # A view the model could not read might show what the draft asserts: no
+        # UNSUPPORTED from the views that were read alone (CONTRACT: failed -> no flags).
+        notes.append("grounding_partial:unsupported_not_computed")
+    else:
+        for label in asserted.keys() - image_labels.keys():
+            flags.append(_flag(FlagKind.UNSUPPORTED, "default", label, [], asserted[label]))
+    for label in urgent & image_labels.keys():
+        variant = "missed" if label in missing else "stated"
+        flags.append(
+            _flag(
+                FlagKind.URGENT, variant, label, image_labels[label], asserted.get(label),
+                missed=label in missing,
+            )
+        )
+    for label, statement in hedged.items():
+        seen = label in image_labels
+        flags.append(
+            _flag(
+                FlagKind.HEDGED, "seen" if seen else "not_seen", label,
+                image_labels.get(label, []), statement,
+            )
+        )
+    flags.extend(_laterality_flags(grounding, draft, image_labels))
+    notes.extend(
+        f"draft_present_and_absent:{label.value}"
+        for label in sorted(asserted.keys() & denied.keys(), key=_LABEL_ORDER.__getitem__)
+    )
+    return flags, notes

@@ -235,6 +235,12 @@ class Metrics:
         self.jobs = Gauge("cxr_agent_jobs", "Jobs by state", ["state"], registry=r)
         self.studies = Gauge("cxr_agent_studies", "Studies by state", ["state"], registry=r)
         self.orphans = Gauge("cxr_agent_orphan_drafts", "Drafts with no study", registry=r)
+        self._monitoring_metrics(r)
+        self._audit_metrics(r)
+        self._listener_metrics(r)
+        self._listener_server: Any = None
+
+    def _monitoring_metrics(self, r: CollectorRegistry) -> None:
         # Monitoring against final reports (dicom_agent.finals): rates over the sliding window
         # of the newest monitoring.window_cases agreements per profile and label.
         self.finals = Counter(
@@ -263,6 +269,8 @@ class Metrics:
             ["profile", "kind"],
             registry=r,
         )
+
+    def _audit_metrics(self, r: CollectorRegistry) -> None:
         self.model_available = Gauge(
             "cxr_agent_model_available", "1 when the grounding model is loaded", registry=r
         )
@@ -282,6 +290,8 @@ class Metrics:
         self.flags = Counter(
             "cxr_agent_flags", "Flags raised by finished audits, by kind", ["kind"], registry=r
         )
+
+    def _listener_metrics(self, r: CollectorRegistry) -> None:
         self.associations_active = Gauge(
             "cxr_agent_associations_active", "DICOM associations open now", registry=r
         )
@@ -312,7 +322,6 @@ class Metrics:
             ["device", "kind"],
             registry=r,
         )
-        self._listener_server: Any = None
 
     def refresh(self, db: StateDB) -> None:
         """Update the gauges from the state database and the process (called on every scrape)."""
