@@ -57,6 +57,18 @@ def agent(tmp_path: Path) -> Iterator[AgentProcess]:
         yield proc
 
 
+def click_to_next_page(driver: object, element: object) -> None:
+    """Click a link or submit button and wait until the browser has left the current page, so
+    the next lookups read the new page, never the old one (stale elements under load)."""
+    from selenium.webdriver.common.by import By
+    from selenium.webdriver.support import expected_conditions
+    from selenium.webdriver.support.ui import WebDriverWait
+
+    old_page = driver.find_element(By.TAG_NAME, "html")  # type: ignore[attr-defined]
+    element.click()  # type: ignore[attr-defined]
+    WebDriverWait(driver, 60).until(expected_conditions.staleness_of(old_page))
+
+
 def shots(tmp_path: Path) -> Path:
     folder = Path(os.environ.get("CXR_AGENT_SCREENSHOTS") or tmp_path / "shots")
     folder.mkdir(parents=True, exist_ok=True)
@@ -100,11 +112,11 @@ def test_list_to_study_and_an_upload_audit(
     from selenium.webdriver.support.ui import Select
 
     Select(driver.find_element(By.ID, "flag-filter")).select_by_value("urgent")  # type: ignore[attr-defined]
-    driver.find_element(By.CSS_SELECTOR, "form.filters button").click()  # type: ignore[attr-defined]
+    click_to_next_page(driver, driver.find_element(By.CSS_SELECTOR, "form.filters button"))
     shown = [r.text for r in driver.find_elements(By.CSS_SELECTOR, "#studies tbody tr")]  # type: ignore[attr-defined]
     assert len(shown) == 1 and "BRW-FLAG" in shown[0]
 
-    driver.find_element(By.LINK_TEXT, "BRW-FLAG").click()  # type: ignore[attr-defined]
+    click_to_next_page(driver, driver.find_element(By.LINK_TEXT, "BRW-FLAG"))
     assert flagged_uid in driver.find_element(By.ID, "study-uid").text  # type: ignore[attr-defined]
     overlay = driver.find_element(By.CSS_SELECTOR, "img.overlay")  # type: ignore[attr-defined]
     assert driver.execute_script("return arguments[0].naturalWidth", overlay) > 0  # type: ignore[attr-defined]
@@ -118,11 +130,11 @@ def test_list_to_study_and_an_upload_audit(
 
     picture = tmp_path / "upload.png"
     example_picture(EXAMPLES["missed-nodule"]).save(picture)
-    driver.find_element(By.LINK_TEXT, "Audit one image").click()  # type: ignore[attr-defined]
+    click_to_next_page(driver, driver.find_element(By.LINK_TEXT, "Audit one image"))
     driver.find_element(By.ID, "image").send_keys(str(picture))  # type: ignore[attr-defined]
     driver.find_element(By.ID, "draft").send_keys(  # type: ignore[attr-defined]
         "The lungs are clear. No pleural effusion or pneumothorax.")
-    driver.find_element(By.ID, "run").click()  # type: ignore[attr-defined]
+    click_to_next_page(driver, driver.find_element(By.ID, "run"))
     verdict = driver.find_element(By.ID, "verdict").text  # type: ignore[attr-defined]
     assert "URGENT" in verdict and "MISSING" in verdict
     shown = driver.find_element(By.ID, "overlay")  # type: ignore[attr-defined]
@@ -130,7 +142,7 @@ def test_list_to_study_and_an_upload_audit(
     assert "pneumothorax" in driver.find_element(By.ID, "findings").text  # type: ignore[attr-defined]
     full_page(driver, folder / "browser-audit.png")
 
-    driver.find_element(By.LINK_TEXT, "Queue").click()  # type: ignore[attr-defined]
+    click_to_next_page(driver, driver.find_element(By.LINK_TEXT, "Queue"))
     assert "2 done" in driver.find_element(By.TAG_NAME, "main").text  # type: ignore[attr-defined]
     bars = driver.find_elements(By.CSS_SELECTOR, "#throughput rect.bar-done")  # type: ignore[attr-defined]
     assert len(bars) == 12

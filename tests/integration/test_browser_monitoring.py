@@ -10,7 +10,12 @@ from pathlib import Path
 
 import pytest
 
-from tests.integration.test_browser import browser, full_page, shots  # noqa: F401 - fixture
+from tests.integration.test_browser import (  # noqa: F401 - browser is a fixture
+    browser,
+    click_to_next_page,
+    full_page,
+    shots,
+)
 from tests.support.agentproc import AgentProcess, make_study, running_agent, store, wait_until
 
 pytestmark = pytest.mark.integration
@@ -43,7 +48,7 @@ def test_monitoring_page_after_a_final_report(
                timeout=60, what="the compared final", alive=agent.check_alive)
 
     driver.get(agent.health_url + "/")  # type: ignore[attr-defined]
-    driver.find_element(By.LINK_TEXT, "Monitoring").click()  # type: ignore[attr-defined]
+    click_to_next_page(driver, driver.find_element(By.LINK_TEXT, "Monitoring"))
     assert "RESEARCH USE ONLY" in driver.find_element(By.ID, "research-banner").text  # type: ignore[attr-defined]
     rows = {r.find_elements(By.TAG_NAME, "td")[1].text: r.text  # type: ignore[attr-defined]
             for r in driver.find_elements(By.CSS_SELECTOR, "#agreement tbody tr")}  # type: ignore[attr-defined]
