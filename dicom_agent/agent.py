@@ -176,15 +176,17 @@ class Agent:
     def _bind_ports(self) -> None:
         """Bind the health port and claim the DICOM port before any state work or model load.
 
-        The health server binds here and serves from :meth:`start`. The DICOM port is claimed
-        with a bound socket held until the listener takes the port over in :meth:`start`: on
-        Linux a bind fails with EADDRINUSE while another socket listens there, so a taken port
-        is found now, in milliseconds, instead of after reconciliation and a model load.
+        The health server binds here and serves from :meth:`start`. The DICOM port is bound
+        here too, and the listener takes that very socket over in :meth:`start` (no window in
+        which another program could take the port): a taken port is found now, in
+        milliseconds, instead of after reconciliation and a model load.
         """
         scp, health = self.settings.scp, self.settings.health
         if scp.port:  # port 0 (tests) means "any free port": nothing can be taken
             claim = socket.socket(_family(scp.host), socket.SOCK_STREAM)
             claim.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+            if scp.workers > 1:  # the listener pool's processes bind the same port
+                claim.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT, 1)
             try:
                 claim.bind((scp.host, scp.port))
             except OSError as exc:
@@ -222,9 +224,11 @@ class Agent:
             extra=event(event=Event.STATE_RECONCILED, count=rebuilt + requeued),
         )
         scp = self.settings.scp
-        self._release_dicom_claim()  # the listener binds the claimed port now
+        bound, self._dicom_claim = self._dicom_claim, None  # the listener owns it from here
         try:
-            self.listener = start_listener(self.settings, self.db, on_stored=self._on_stored)
+            self.listener = start_listener(
+                self.settings, self.db, on_stored=self._on_stored, bound=bound
+            )
         except OSError as exc:
             raise ConfigError(_port_taken("scp.port", "CXR_AGENT__SCP__PORT", scp.host, scp.port, exc)) from exc
         self.metrics.watch_listener(self.listener.server)

@@ -16,6 +16,7 @@ the extra listener processes of ``scp.workers`` in :mod:`dicom_agent.listener_po
 from __future__ import annotations
 
 import logging
+import socket
 import threading
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -53,6 +54,7 @@ from dicom_agent.transport import (
     ReceiveLimits,
     RefusedDataSet,
     ReusePortServer,
+    on_bound_socket,
     server_ssl_context,
 )
 
@@ -341,11 +343,14 @@ def start_listener(
     *,
     free_space: FreeSpaceProbe | None = None,
     on_stored: OnStored | None = None,
+    bound: socket.socket | None = None,
 ) -> Listener:
     """Start the Verification/Storage SCP in background threads and return at once.
 
     ``free_space`` replaces the disk probe (tests); ``on_stored(study_uid)`` is called after
     each instance is durably stored (new or replaced; not for a duplicate or a kept first copy).
+    ``bound`` is a socket already bound to ``scp.host:scp.port`` (serve binds it before any
+    state work); the listener takes it over instead of binding again.
 
     With ``scp.workers`` > 1, ``workers - 1`` more listener processes bind the same port
     (:mod:`dicom_agent.listener_pool`) so associations use more than one core. They use the
@@ -355,7 +360,7 @@ def start_listener(
     scp = settings.scp
     if not scp.allowed_calling_aets:
         logger.warning("scp.allowed_calling_aets is empty: any calling AE title is accepted")
-    listener = _start_one(settings, db, free_space, on_stored)
+    listener = _start_one(settings, db, free_space, on_stored, bound)
     if scp.workers > 1:
         worker_settings = settings.model_copy(
             update={"scp": scp.model_copy(update={"port": listener.port})}
@@ -383,6 +388,7 @@ def _start_one(
     db: StateDB,
     free_space: FreeSpaceProbe | None,
     on_stored: OnStored | None,
+    bound: socket.socket | None = None,
 ) -> Listener:
     """One listening socket with its accept thread, in this process."""
     scp = settings.scp
@@ -410,6 +416,9 @@ def _start_one(
     ae.require_calling_aet = list(scp.allowed_calling_aets)
     ae.supported_contexts = presentation_contexts(scp.unknown_sop_class)
 
+    server_class = ReusePortServer if scp.workers > 1 else ListenerServer
+    if bound is not None:
+        server_class = on_bound_socket(server_class, bound)
     handlers: list[Any] = [
         (evt.EVT_C_ECHO, handle_echo),
         (evt.EVT_C_STORE, handle_store, [store_context]),
@@ -421,7 +430,7 @@ def _start_one(
             (scp.host, scp.port),
             ssl_context=ssl_context,
             evt_handlers=handlers,
-            server_class=ReusePortServer if scp.workers > 1 else ListenerServer,
+            server_class=server_class,
             request_handler=ListenerRequestHandler,
         ),
     )

@@ -36,7 +36,7 @@ import threading
 import time
 from dataclasses import dataclass, field
 from io import BytesIO
-from typing import Any, cast
+from typing import Any, ClassVar, cast
 
 from pynetdicom import AE, _handlers, evt
 from pynetdicom.association import Association
@@ -449,13 +449,21 @@ class ListenerServer(ThreadedAssociationServer):
     reuse_port = False
     request_queue_size = 128  # a burst of connects must not overflow the backlog (SYN drops)
     daemon_threads = True
+    #: A socket already bound to the port (serve binds its ports before any state work); the
+    #: server listens on it instead of binding a new one. See :func:`on_bound_socket`.
+    prebound: ClassVar[socket.socket | None] = None
     limits: ReceiveLimits
     spool: Spool
     counters: Counters
 
     def server_bind(self) -> None:
+        assert self.socket is not None
+        if self.prebound is not None:
+            self.socket.close()
+            self.socket = self.prebound
+            self.server_address = self.socket.getsockname()
+            return
         if self.reuse_port:
-            assert self.socket is not None
             self.socket.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT, 1)
         super().server_bind()
 
@@ -489,6 +497,13 @@ class ListenerServer(ThreadedAssociationServer):
 
 class ReusePortServer(ListenerServer):
     reuse_port = True
+
+
+def on_bound_socket(base: type[ListenerServer], sock: socket.socket) -> type[ListenerServer]:
+    """``base`` listening on ``sock``, a socket already bound to the listener's address (and,
+    for :class:`ReusePortServer`, bound with SO_REUSEPORT set). pynetdicom builds the server
+    from its class alone, so the socket travels as a class attribute of a subclass."""
+    return type(base.__name__, (base,), {"prebound": sock})
 
 
 def server_ssl_context(settings: SCPSettings) -> ssl.SSLContext | None:

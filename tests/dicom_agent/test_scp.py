@@ -548,6 +548,24 @@ class TestTLS:
             start_listener(settings, db)
 
 
+def test_the_listener_takes_over_a_socket_bound_before_state_work(tmp_path: Path) -> None:
+    """serve binds the DICOM port before any state work and hands that very socket to the
+    listener, so there is no moment in which another program could take the port."""
+    settings = _settings(tmp_path)
+    bound = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+    bound.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+    bound.bind((settings.scp.host, settings.scp.port))
+    db = StateDB(settings.paths.state)
+    listener = start_listener(settings, db, bound=bound)
+    try:
+        assert listener.server.socket is bound and listener.port == settings.scp.port
+        assert _echo(listener.port) == 0x0000
+    finally:
+        listener.stop()
+        db.close()
+    assert bound.fileno() == -1  # closed with the listener
+
+
 # -- robustness against pydicom's test-file collection ----------------------------------------
 
 _CLEAR_STATUSES = {
