@@ -29,6 +29,7 @@ __all__ = [
     "observe",
     "outputs",
     "pixels",
+    "ports",
     "prepare",
     "progress",
     "registry",

@@ -44,6 +44,7 @@ from dicom_agent.observe import (
     study_ref,
     write_heartbeat,
 )
+from dicom_agent.ports import bind_tcp
 from dicom_agent.registry import AuditorFactory, Models, default_auditor_factory
 from dicom_agent.scheduler import Scheduler
 from dicom_agent.scp import Listener, start_listener
@@ -86,10 +87,6 @@ def check_profile_names(settings: AgentSettings) -> None:
                 f"{key}: unknown profile {name!r}; known profiles: {', '.join(sorted(known))}"
                 " (config/profiles and paths.profiles)"
             )
-
-
-def _family(host: str) -> socket.AddressFamily:
-    return socket.AF_INET6 if ":" in host else socket.AF_INET
 
 
 def _port_taken(key: str, env: str, host: str, port: int, exc: OSError) -> str:
@@ -183,16 +180,11 @@ class Agent:
         """
         scp, health = self.settings.scp, self.settings.health
         if scp.port:  # port 0 (tests) means "any free port": nothing can be taken
-            claim = socket.socket(_family(scp.host), socket.SOCK_STREAM)
-            claim.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-            if scp.workers > 1:  # the listener pool's processes bind the same port
-                claim.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT, 1)
             try:
-                claim.bind((scp.host, scp.port))
+                # the listener pool's processes bind the same port (workers > 1)
+                self._dicom_claim = bind_tcp(scp.host, scp.port, reuse_port=scp.workers > 1)
             except OSError as exc:
-                claim.close()
                 raise ConfigError(_port_taken("scp.port", "CXR_AGENT__SCP__PORT", scp.host, scp.port, exc)) from exc
-            self._dicom_claim = claim
         if health.enabled:
             try:
                 self.health = WebServer(health)

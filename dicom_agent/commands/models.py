@@ -21,7 +21,6 @@ import hashlib
 import importlib.util
 import os
 import shutil
-import socket
 from pathlib import Path
 from typing import Annotated
 
@@ -38,6 +37,7 @@ from cxr_auditor.profiles import (
 from dicom_agent.commands import fail
 from dicom_agent.config import AgentSettings, load_settings
 from dicom_agent.errors import AgentError, ConfigError
+from dicom_agent.ports import bind_tcp
 from dicom_agent.prepare import Draft, configured_for, instances_from_files, prepare_study
 from dicom_agent.progress import print_summary, progress, result_rows
 from dicom_agent.registry import build_runner
@@ -190,21 +190,18 @@ def _port_checks(settings: AgentSettings) -> list[tuple[str, str]]:
         if port == 0:
             out.append(_line("ok", what, "any free port"))
             continue
-        family = socket.AF_INET6 if ":" in host else socket.AF_INET
-        with socket.socket(family, socket.SOCK_STREAM) as probe:
-            probe.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-            try:
-                probe.bind((host, port))
-            except OSError as exc:
-                if exc.errno == errno.EADDRINUSE:
-                    out.append(_line("warn", what, "in use (a running agent? see `cxr-agent"
-                                     f" status`); otherwise change {key}"))
-                elif exc.errno == errno.EACCES:
-                    out.append(_line("FAIL", what, "no permission: ports below 1024 need root or"
-                                     f" CAP_NET_BIND_SERVICE; change {key}"))
-                else:
-                    out.append(_line("FAIL", what, f"cannot bind: {exc.strerror}"))
-                continue
+        try:
+            bind_tcp(host, port).close()  # the bind serve does first
+        except OSError as exc:
+            if exc.errno == errno.EADDRINUSE:
+                out.append(_line("warn", what, "in use (a running agent? see `cxr-agent"
+                                 f" status`); otherwise change {key}"))
+            elif exc.errno == errno.EACCES:
+                out.append(_line("FAIL", what, "no permission: ports below 1024 need root or"
+                                 f" CAP_NET_BIND_SERVICE; change {key}"))
+            else:
+                out.append(_line("FAIL", what, f"cannot bind: {exc.strerror}"))
+            continue
         out.append(_line("ok", what, "free"))
     return out
 
