@@ -215,7 +215,7 @@ def _gold_record(rec: dict[str, Any]) -> GoldReport | None:
 
 
 # A negation cue, then a clause that joins alternatives with "or" / "nor" before any clause
-# end, terminator or verb: "no consolidation, pneumothorax or large pleural effusion".
+# end, terminator or verb: "no consolidation, pneumothorax or sizeable effusion".
 _NEG_LIST = re.compile(
     r"\b(?:no|without|negative for|free of|absence of)\b"
     r"(?P<list>(?:(?!\b(?:but|however|although|though|except|which|whereas|is|are|was|were"

@@ -68,7 +68,7 @@ EXAMPLES: dict[str, Example] = {
                 "Heart size is normal. The lungs are clear. No pleural effusion or pneumothorax.",
                 bright=False, nodule=False),
         Example("missed-nodule", "Missed nodule",
-                "The lungs are clear. No focal consolidation, pleural effusion or pneumothorax.",
+                "The lungs are clear. No pleural effusion, pneumothorax or focal consolidation.",
                 bright=True, nodule=True),
         Example("unsupported-claim", "Unsupported claim",
                 "Large right pleural effusion. No pneumothorax.", bright=False, nodule=False),

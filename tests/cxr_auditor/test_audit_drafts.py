@@ -26,8 +26,8 @@ E = Label.PLEURAL_EFFUSION
 O = Label.LUNG_OPACITY_CONSOLIDATION  # noqa: E741 - the label's usual one-letter name
 
 TEMPLATE_NORMAL = (
-    "FINDINGS: The cardiomediastinal silhouette is within normal limits. No focal consolidation, "
-    "pneumothorax or large pleural effusion. Visualized osseous structures are intact.\n"
+    "FINDINGS: The cardiomediastinal silhouette is of normal size. No focal airspace "
+    "consolidation, pneumothorax or large pleural effusion. Osseous structures are intact.\n"
     "IMPRESSION: No acute cardiopulmonary process."
 )
 

@@ -155,7 +155,7 @@ def test_silver_records_make_uncertain_cells_dont_care(tmp_path: Path) -> None:
 @pytest.mark.parametrize(
     ("text", "listed"),
     [
-        ("No consolidation, pneumothorax or large pleural effusion.", {"pneumothorax",
+        ("No consolidation, pneumothorax or sizeable pleural effusion.", {"pneumothorax",
                                                                         "pleural_effusion",
                                                                         "lung_opacity_consolidation"}),
         ("Without focal consolidation or effusion. Small right pneumothorax.",
