@@ -625,17 +625,6 @@ PUNCT_TRIGGERS: tuple[tuple[str, Trig], ...] = (
     (r";|\s-{1,2}\s", Trig.TERMINATOR),
 )
 
-#: Words that open a new assertion when they follow a comma inside a negation or hedge scope.
-SCOPE_BREAKERS = frozenset(
-    {
-        "small", "moderate", "moderately", "large", "mild", "mildly", "severe", "trace", "tiny",
-        "minimal", "new", "increased", "increasing", "persistent", "stable", "unchanged",
-        "there", "is", "are", "was", "were", "has", "have", "seen", "noted", "present",
-        "demonstrated", "identified", "left", "right", "bilateral", "massive", "enlarged", "the",
-    }
-)
-
-
 class SectionKind(Enum):
     """How much a report section counts; IGNORE sections hold no findings of this study."""
 
