@@ -63,16 +63,21 @@ class TLSSettings(_Section):
     require_client_cert: bool = True
 
 
-class SCPSettings(_Section):
+class _AssociationTimeouts(_Section):
+    """The waits of a DICOM association (pynetdicom's ACSE, DIMSE and network timeouts)."""
+
+    acse_timeout_seconds: float = Field(default=30.0, gt=0)
+    dimse_timeout_seconds: float = Field(default=60.0, gt=0)
+    network_timeout_seconds: float = Field(default=60.0, gt=0)
+
+
+class SCPSettings(_AssociationTimeouts):
     ae_title: str = "CXRAUDIT"
     host: str = "127.0.0.1"
     port: int = Field(default=11112, ge=0, le=65535)
     allowed_calling_aets: list[str] = Field(default_factory=list)
     max_associations: int = Field(default=16, ge=1)
     max_pdu_bytes: int = Field(default=1_048_576, ge=0)
-    acse_timeout_seconds: float = Field(default=30.0, gt=0)
-    dimse_timeout_seconds: float = Field(default=60.0, gt=0)
-    network_timeout_seconds: float = Field(default=60.0, gt=0)
     read_timeout_seconds: float = Field(
         default=30.0, gt=0, description="one PDU, or the TLS handshake, must arrive within this"
     )
@@ -163,7 +168,7 @@ class Destination(_Section):
     _ae = field_validator("ae_title")(classmethod(lambda cls, v: _check_ae(v)))
 
 
-class ForwardSettings(_Section):
+class ForwardSettings(_AssociationTimeouts):
     enabled: bool = False
     calling_ae_title: str = "CXRAUDIT"
     destinations: list[Destination] = Field(default_factory=list)
@@ -171,11 +176,9 @@ class ForwardSettings(_Section):
     retry_backoff_seconds: float = Field(default=30.0, ge=0)
     retry_backoff_max_seconds: float = Field(default=3600.0, ge=0)
     # pynetdicom's own defaults leave the TCP connect unbounded and the socket without a
-    # timeout once connected; every wait of the SCU is bounded by one of these.
+    # timeout once connected; every wait of the SCU is bounded by this or an association
+    # timeout (acse, dimse, network: :class:`_AssociationTimeouts`).
     connect_timeout_seconds: float = Field(default=10.0, gt=0)
-    acse_timeout_seconds: float = Field(default=30.0, gt=0)
-    dimse_timeout_seconds: float = Field(default=60.0, gt=0)
-    network_timeout_seconds: float = Field(default=60.0, gt=0)
     job_timeout_seconds: float = Field(
         default=900.0, gt=0, description="watchdog: a forward job still sending after this fails"
     )
