@@ -13,7 +13,7 @@ import math
 from dataclasses import dataclass
 from typing import Any
 
-__all__ = ["Z_95", "BinaryCounts", "Rate", "rate", "wilson_interval"]
+__all__ = ["Z_95", "BinaryCounts", "Rate", "wilson_interval"]
 
 #: Two-sided 95 % normal quantile.
 Z_95 = 1.959963984540054
@@ -68,10 +68,6 @@ class Rate:
             return f"{self.value:.3f}"
         lo, hi = self.interval or (0.0, 1.0)
         return f"{self.value:.3f} [{lo:.2f}-{hi:.2f}] n={self.n}"
-
-
-def rate(successes: int, n: int) -> Rate:
-    return Rate(successes, n)
 
 
 @dataclass
