@@ -80,10 +80,10 @@ def replay(
         fail(str(exc).splitlines()[0])
     db = StateDB(settings.paths.state)
     try:
-        total = len(uids) or len(db.studies((StudyState.AUDITED,)))
-        with progress("Replaying", total=total) as bar:
+        uids = uids or [s.study_instance_uid for s in db.studies((StudyState.AUDITED,))]
+        with progress("Replaying", total=len(uids)) as bar:
             report = replay_studies(
-                settings, db, runner, profile, folder, uids or None,
+                settings, db, runner, profile, folder, uids,
                 batch_size=batch_size or settings.worker.batch_size, advance=bar.advance,
             )
     except (AgentError, CxrAuditError) as exc:
