@@ -15,7 +15,6 @@ from __future__ import annotations
 
 import asyncio
 import logging
-import socket
 import threading
 from typing import Any
 
@@ -23,6 +22,7 @@ import uvicorn
 from uvicorn.protocols.http.h11_impl import H11Protocol
 
 from dicom_agent.config import HealthSettings
+from dicom_agent.ports import bind_tcp
 
 log = logging.getLogger(__name__)
 
@@ -76,11 +76,8 @@ class WebServer:
 
     def __init__(self, settings: HealthSettings) -> None:
         self.settings = settings
-        family = socket.AF_INET6 if ":" in settings.host else socket.AF_INET
-        sock = socket.socket(family, socket.SOCK_STREAM)
-        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        sock = bind_tcp(settings.host, settings.port)
         try:
-            sock.bind((settings.host, settings.port))
             sock.listen(128)
         except OSError:
             sock.close()
