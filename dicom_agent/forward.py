@@ -49,7 +49,7 @@ from dicom_agent.config import AgentSettings, Destination, ForwardSettings
 from dicom_agent.errors import AgentError, ForwardError, ForwardRefused, OutputError, StateError
 from dicom_agent.observe import Event, event, study_ref
 from dicom_agent.outputs.layout import SIDECAR_NAME, objects_to_send, read_result, study_dir
-from dicom_agent.state import JobRow, JobState, StateDB, retry_delay
+from dicom_agent.state import JobRow, JobState, StateDB
 
 logger = logging.getLogger(__name__)
 
@@ -304,11 +304,6 @@ def enqueue_forward(
             continue
         payloads.append(json.dumps({"destination": dest.name, "files": [str(p) for p in files]}))
     return db.queue_forward_jobs(study_uid, payloads, now) if payloads else []
-
-
-def backoff_seconds(attempts: int, forward: ForwardSettings) -> float:
-    """Delay before the next try after ``attempts`` failures: base doubling, capped."""
-    return retry_delay(attempts, forward.retry_backoff_seconds, forward.retry_backoff_max_seconds)
 
 
 def _claim(db: StateDB, job: JobRow, now: float) -> JobRow | None:

@@ -15,7 +15,6 @@ import pytest
 from dicom_agent.config import AgentSettings, Destination, TLSSettings, load_settings
 from dicom_agent.errors import ForwardError, StateError
 from dicom_agent.forward import (
-    backoff_seconds,
     drain_outbox,
     enqueue_forward,
     forward_files,
@@ -210,10 +209,6 @@ class TestOutbox:
         (job_id,) = enqueue_forward(db, "1.2.3", result_files, settings.forward.destinations)
         payload = json.loads(db.job(job_id).payload or "")  # type: ignore[union-attr]
         assert payload == {"destination": "research-pacs", "files": [str(p) for p in result_files]}
-
-    def test_backoff_doubles_to_the_cap(self) -> None:
-        forward = load_settings(forward={"retry_backoff_seconds": 5, "retry_backoff_max_seconds": 30}).forward
-        assert [backoff_seconds(n, forward) for n in range(1, 6)] == [5, 10, 20, 30, 30]
 
 
 class TestFailureClasses:
