@@ -129,7 +129,7 @@ def eval_command(
         runner.close()
     if results_dir is not None:
         for case, result in zip(cases, results, strict=True):
-            write_sidecar(results_dir / safe_name(case.image.replace("/", "_")), result)
+            write_sidecar(results_dir / safe_name(case.image), result)
     report = evaluate(zip(cases, results, strict=True), parse_urgent(settings.audit.urgent_labels))
     body = {
         "disclaimer": DISCLAIMER,
