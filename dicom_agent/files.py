@@ -54,7 +54,8 @@ def atomic_copy(path: Path, source: Path, offset: int = 0) -> Path:
 def remove_stale_temps(folder: Path) -> int:
     """Delete the temp files :func:`atomic_write_bytes` leaves when the process dies mid-write.
 
-    Their names are ``.<name>.<random>.tmp``. Call it at start-up, before anything writes under
+    Their names are ``.<name>.<random>.tmp`` (the spool's own temp files are dot names ending
+    ``.tmp`` too, swept by :func:`~dicom_agent.spool.reconcile` with this). Call it at start-up, before anything writes under
     ``folder``; returns the number removed.
     """
     removed = 0

@@ -60,7 +60,13 @@ from dicom_agent.errors import (
     SpoolError,
     SpoolFullError,
 )
-from dicom_agent.files import atomic_copy, atomic_write_bytes, atomic_write_text, fsync_dir
+from dicom_agent.files import (
+    atomic_copy,
+    atomic_write_bytes,
+    atomic_write_text,
+    fsync_dir,
+    remove_stale_temps,
+)
 from dicom_agent.state import InstanceState, StateDB, StoreOutcome, StudyState
 
 logger = logging.getLogger(__name__)
@@ -867,10 +873,7 @@ def reconcile(db: StateDB, spool_root: Path, *, max_inflated_bytes: int = 1 << 3
     root = Path(os.path.abspath(spool_root))
     if not root.is_dir():
         return 0
-    removed = 0
-    for tmp in root.rglob(f".*{TEMP_SUFFIX}"):
-        tmp.unlink(missing_ok=True)
-        removed += 1
+    removed = remove_stale_temps(root)  # TEMP_SUFFIX is its .tmp
     known = db.known_paths()
     rebuilt = 0
     for path in root.rglob(f"*{DICOM_SUFFIX}"):
