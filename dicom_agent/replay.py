@@ -35,7 +35,7 @@ from dicom_agent.outputs.layout import SIDECAR_NAME, read_result
 from dicom_agent.outputs.sidecar import write_sidecar
 from dicom_agent.prepare import Draft, PreparedStudy, configured_for, prepare_study
 from dicom_agent.registry import AuditRunner
-from dicom_agent.state import StateDB, StudyState
+from dicom_agent.state import StateDB
 
 log = logging.getLogger(__name__)
 
@@ -92,16 +92,17 @@ def replay_studies(
     runner: AuditRunner,
     profile: Profile,
     out: Path,
-    studies: Sequence[str] | None = None,
+    studies: Sequence[str],
     *,
     batch_size: int = 8,
     advance: Callable[[int], None] = lambda n: None,
 ) -> ReplayReport:
-    """Replay ``studies`` (default: every audited study) with ``runner``, the runner of
-    ``profile``, into ``out``. ``advance`` is told how many studies each batch finished.
+    """Replay ``studies`` (Study Instance UIDs; the command's default is every audited study)
+    with ``runner``, the runner of ``profile``, into ``out``. ``advance`` is told how many
+    studies each batch finished.
     """
     replay_settings = configured_for(settings, profile)
-    uids = list(studies) if studies else [s.study_instance_uid for s in db.studies((StudyState.AUDITED,))]
+    uids = list(studies)
     report = ReplayReport(profile.name, out)
     out.mkdir(parents=True, exist_ok=True)
     started = time.time()
