@@ -615,9 +615,23 @@ def clear_sentence_cache() -> None:
     _read_sentence.cache_clear()
 
 
+def sentence_cache_hit_rate() -> float:
+    """Share of sentence readings served from the cache since it was last cleared."""
+    info = _read_sentence.cache_info()
+    reads = info.hits + info.misses
+    return info.hits / reads if reads else 0.0
+
+
 def _sentence_mentions(low: str, start: int, end: int, rank: int) -> list[_Mention]:
-    """The resolved mentions of ``low[start:end]``, as fresh objects at their offsets."""
-    return [m.moved(start) for m in _read_sentence(low[start:end], rank)]
+    """The resolved mentions of ``low[start:end]``, as fresh objects at their offsets.
+
+    The cache key leaves out the blanks around the sentence (its offset moves instead), so
+    "No pneumothorax." reads once whether a report starts with it or a line break precedes it.
+    """
+    sentence = low[start:end]
+    stripped = sentence.lstrip()
+    offset = start + len(sentence) - len(stripped)
+    return [m.moved(offset) for m in _read_sentence(stripped.rstrip(), rank)]
 
 
 def _assemble(text: str, mentions: list[_Mention], parser: str) -> DraftResult:

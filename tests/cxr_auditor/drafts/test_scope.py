@@ -10,7 +10,7 @@ import pytest
 
 from cxr_auditor.drafts import scope
 from cxr_auditor.drafts.negex import NegExDraftParser
-from cxr_auditor.drafts.rules import clear_sentence_cache, parse_draft
+from cxr_auditor.drafts.rules import clear_sentence_cache, parse_draft, sentence_cache_hit_rate
 from cxr_auditor.labels import Label
 from cxr_auditor.schema import DraftStatus
 
@@ -201,3 +201,12 @@ def test_a_cached_sentence_reading_is_rebased_and_never_shared() -> None:
     moved = parse_draft("Lungs are clear. Small left pleural effusion.")
     effusion = next(f for f in moved.findings if f.label is E)
     assert effusion.span == "Small left pleural effusion" and effusion.start == 17
+
+
+def test_the_cache_hit_rate_counts_repeated_sentences() -> None:
+    clear_sentence_cache()
+    assert sentence_cache_hit_rate() == 0.0
+    parse_draft("No pneumothorax. Small left pleural effusion.")
+    assert sentence_cache_hit_rate() == 0.0
+    parse_draft("Heart size is normal. No pneumothorax.")
+    assert sentence_cache_hit_rate() == 0.25  # 1 of 4 readings repeated
