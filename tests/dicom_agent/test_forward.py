@@ -20,7 +20,7 @@ from dicom_agent.forward import (
     forward_files,
     refused_for_good,
 )
-from dicom_agent.state import JobKind, JobState, StateDB
+from dicom_agent.state import JobKind, JobRow, JobState, StateDB
 from tests.conftest import free_port
 from tests.support.builders import make_cxr, save
 from tests.support.stalled_peer import FullBacklog, SilentPeer, StalledPeer, StallingProxy
@@ -44,6 +44,16 @@ def _destination(port: int, research: bool = True) -> Destination:
     return Destination(
         name="research-pacs", ae_title="RESEARCHPACS", host="127.0.0.1", port=port, research=research
     )
+
+
+def _drain_failing(tmp_path: Path, settings: AgentSettings, files: list[Path]) -> JobRow:
+    """Queue ``files`` for the one destination and drain once, expecting nothing delivered."""
+    db = StateDB(tmp_path / "state.sqlite3")
+    (job_id,) = enqueue_forward(db, "1.2.3", files, settings.forward.destinations, now=0.0)
+    assert drain_outbox(db, settings, now=0.0) == 0
+    job = db.job(job_id)
+    assert job is not None
+    return job
 
 
 @pytest.fixture
@@ -220,12 +230,7 @@ class TestFailureClasses:
             paths={"state": tmp_path / "state.sqlite3", "out": tmp_path / "out"},
             forward={"enabled": True, "destinations": [dest.model_dump()], "max_attempts": 5},
         )
-        db = StateDB(tmp_path / "state.sqlite3")
-        (job_id,) = enqueue_forward(db, "1.2.3", files, settings.forward.destinations, now=0.0)
-        assert drain_outbox(db, settings, now=0.0) == 0
-        job = db.job(job_id)
-        assert job is not None
-        return job
+        return _drain_failing(tmp_path, settings, files)
 
     @pytest.mark.parametrize(("status", "state"), [(0xA900, "dead"), (0xC123, "dead"),
                                                    (0x0122, "dead"), (0xA700, "queued")])
@@ -291,19 +296,11 @@ class TestStalledPeers:
             },
         )
 
-    def _drain(self, tmp_path: Path, settings: AgentSettings, files: list[Path]):
-        db = StateDB(tmp_path / "state.sqlite3")
-        (job_id,) = enqueue_forward(db, "1.2.3", files, settings.forward.destinations, now=0.0)
-        assert drain_outbox(db, settings, now=0.0) == 0
-        job = db.job(job_id)
-        assert job is not None
-        return job
-
     def test_peer_stalling_inside_the_association_answer(
         self, tmp_path: Path, result_files: list[Path]
     ) -> None:
         with StalledPeer() as peer:
-            job = self._drain(tmp_path, self._settings(tmp_path, peer.port), result_files)
+            job = _drain_failing(tmp_path, self._settings(tmp_path, peer.port), result_files)
             assert peer.connections == 1
         assert (job.state, job.attempts) == ("queued", 1)
         assert "association failed" in (job.last_error or "")
@@ -312,7 +309,7 @@ class TestStalledPeers:
         self, tmp_path: Path, result_files: list[Path], receiver: Receiver
     ) -> None:
         with StallingProxy(receiver.port) as proxy:
-            job = self._drain(tmp_path, self._settings(tmp_path, proxy.port), result_files)
+            job = _drain_failing(tmp_path, self._settings(tmp_path, proxy.port), result_files)
             assert proxy.stalled.is_set()
         assert (job.state, job.attempts) == ("queued", 1)
         assert "no response" in (job.last_error or "")
@@ -326,7 +323,7 @@ class TestStalledPeers:
                 tmp_path, proxy.port, acse_timeout_seconds=600, dimse_timeout_seconds=600,
                 network_timeout_seconds=600, job_timeout_seconds=1,
             )
-            job = self._drain(tmp_path, settings, result_files)
+            job = _drain_failing(tmp_path, settings, result_files)
         assert (job.state, job.attempts) == ("queued", 1)
         assert "forward.job_timeout_seconds" in (job.last_error or "")
 
@@ -340,7 +337,7 @@ class TestStalledPeers:
         path = save(big, tmp_path / "big.dcm")
         with StallingProxy(receiver.port, stall_at=None, deaf=True) as proxy:
             settings = self._settings(tmp_path, proxy.port, dimse_timeout_seconds=600)
-            job = self._drain(tmp_path, settings, [path])
+            job = _drain_failing(tmp_path, settings, [path])
             assert proxy.stalled.is_set()
         assert (job.state, job.attempts) == ("queued", 1)
         assert receiver.received == []
@@ -353,7 +350,7 @@ class TestStalledPeers:
         with FullBacklog() as peer:
             settings = self._settings(tmp_path, peer.port, connect_timeout_seconds=1,
                                       acse_timeout_seconds=600)
-            job = self._drain(tmp_path, settings, result_files)
+            job = _drain_failing(tmp_path, settings, result_files)
         assert (job.state, job.attempts) == ("queued", 1)
         assert "association failed" in (job.last_error or "")
 
@@ -367,13 +364,13 @@ class TestStalledPeers:
             tls = settings.forward.destinations[0].model_copy(
                 update={"tls": TLSSettings(enabled=True)})
             settings.forward.destinations[0] = tls
-            job = self._drain(tmp_path, settings, result_files)
+            job = _drain_failing(tmp_path, settings, result_files)
             assert peer.connections == 1
         assert (job.state, job.attempts) == ("queued", 1)
         assert "association failed" in (job.last_error or "")
 
     def test_down_destination_is_transient(self, tmp_path: Path, result_files: list[Path]) -> None:
-        job = self._drain(tmp_path, self._settings(tmp_path, free_port()), result_files)
+        job = _drain_failing(tmp_path, self._settings(tmp_path, free_port()), result_files)
         assert (job.state, job.attempts) == ("queued", 1)
 
 
