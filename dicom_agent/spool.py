@@ -626,9 +626,10 @@ class Spool:
         header: InstanceHeader | None = None,
         source_ae_title: str | None = None,
     ) -> StoreResult:
-        """Store one whole data set held in memory: :meth:`open_incoming`, :meth:`check`,
-        :meth:`commit`. Raises :class:`DicomInputError` (malformed) and the errors of
-        :meth:`commit`."""
+        """Store one whole data set held in memory (the tests' way in; the listener streams):
+        :func:`read_header` (the header only, not every element as :meth:`check` reads),
+        :meth:`open_incoming`, :meth:`commit`. Raises :class:`DicomInputError` (malformed
+        header) and the errors of :meth:`commit`."""
         header = header or read_header(
             data_set, transfer_syntax_uid, max_inflated_bytes=self.max_instance_bytes
         )
