@@ -26,8 +26,9 @@ logger = logging.getLogger(__name__)
 _WORKER_START_SECONDS = 60.0
 _WORKER_STOP_SECONDS = 10.0
 
-#: ``serve(settings, stop)`` runs one listener in the worker until ``stop`` is set; it must be a
-#: module-level function (it is pickled by name into the spawned process).
+#: ``serve(settings, ready, stop)`` runs one listener in the worker, sets ``ready`` once it
+#: listens and serves until ``stop`` is set; it must be a module-level function (it is pickled
+#: by name into the spawned process).
 Serve = Callable[[AgentSettings, EventType, EventType], None]
 
 
