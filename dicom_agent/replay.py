@@ -33,8 +33,15 @@ from dicom_agent.errors import OutputError
 from dicom_agent.observe import study_ref
 from dicom_agent.outputs.layout import SIDECAR_NAME, read_result
 from dicom_agent.outputs.sidecar import write_sidecar
-from dicom_agent.prepare import Draft, PreparedStudy, configured_for, prepare_study
+from dicom_agent.prepare import (
+    Draft,
+    PreparedStudy,
+    configured_for,
+    prepare_study,
+    profile_routes,
+)
 from dicom_agent.registry import AuditRunner
+from dicom_agent.routing import ProfileRoutes
 from dicom_agent.state import StateDB
 
 log = logging.getLogger(__name__)
@@ -65,7 +72,10 @@ class ReplayReport:
         return rows
 
 
-def _prepare(db: StateDB, settings: AgentSettings, uid: str, profile: str) -> PreparedStudy:
+def _prepare(
+    db: StateDB, settings: AgentSettings, uid: str, profile: str,
+    routes: dict[str, ProfileRoutes],
+) -> PreparedStudy:
     if not is_valid_uid(uid):  # PS3.5 9.1: digits and dots, so it is a safe folder name
         raise ValueError("not a DICOM UID")
     study = db.study(uid)
@@ -80,6 +90,7 @@ def _prepare(db: StateDB, settings: AgentSettings, uid: str, profile: str) -> Pr
         instances,
         settings,
         study=StudyKeys(study_instance_uid=uid, accession_number=study.accession_number),
+        routes=routes,
         fallback_profile=profile,
         draft=Draft(draft.text, draft.file_name, draft.sha256) if draft else None,
         log_fields={"study": study_ref(uid)},
@@ -102,6 +113,7 @@ def replay_studies(
     studies each batch finished.
     """
     replay_settings = configured_for(settings, profile)
+    routes = profile_routes(replay_settings)  # read once per run, as the worker does per batch
     uids = list(studies)
     report = ReplayReport(profile.name, out)
     out.mkdir(parents=True, exist_ok=True)
@@ -110,7 +122,7 @@ def replay_studies(
         batch: list[tuple[str, PreparedStudy]] = []
         for uid in uids[start : start + batch_size]:
             try:
-                prepared = _prepare(db, replay_settings, uid, profile.name)
+                prepared = _prepare(db, replay_settings, uid, profile.name, routes)
                 if prepared.profile != profile.name:  # an XA run when replaying a CXR profile
                     raise LookupError(f"routed to profile {prepared.profile}")
                 batch.append((uid, prepared))

@@ -27,7 +27,13 @@ from dicom_agent.config import AgentSettings
 from dicom_agent.errors import AgentError
 from dicom_agent.inbox import safe_name
 from dicom_agent.outputs.sidecar import write_sidecar
-from dicom_agent.prepare import Draft, configured_for, instances_from_files, prepare_study
+from dicom_agent.prepare import (
+    Draft,
+    configured_for,
+    instances_from_files,
+    prepare_study,
+    profile_routes,
+)
 from dicom_agent.progress import print_table, progress
 from dicom_agent.registry import AuditRunner, build_runner
 
@@ -63,6 +69,7 @@ def run_cases(
     prepared as ``cxr-agent audit`` prepares a file (``settings`` configured for the profile).
     """
     results: list[AuditResult] = []
+    routes = profile_routes(settings)  # read once per run, not once per case
     with progress("Evaluating", total=len(cases)) as bar:
         for start in range(0, len(cases), batch_size):
             items = []
@@ -72,7 +79,7 @@ def run_cases(
                     fail(f"image {case.image!r} of the truth file: no such file under {root}")
                 rows, pictures, study = instances_from_files([path])
                 prepared = prepare_study(rows, settings, study=study, draft=Draft(case.draft),
-                                         pictures=pictures)
+                                         routes=routes, pictures=pictures)
                 items.append(prepared.item)
             results.extend(runner.audit_batch(items))
             bar.advance(len(items))
