@@ -32,6 +32,7 @@ from pynetdicom.dsutils import encode
 from dicom_agent import conformance as dc
 from dicom_agent.config import AgentSettings, load_settings
 from dicom_agent.errors import ConfigError, StateError
+from dicom_agent.ports import bind_tcp
 from dicom_agent.scp import Listener, start_listener
 from dicom_agent.spool import LOCKS_DIR
 from dicom_agent.state import InstanceState, StateDB
@@ -552,9 +553,7 @@ def test_the_listener_takes_over_a_socket_bound_before_state_work(tmp_path: Path
     """serve binds the DICOM port before any state work and hands that very socket to the
     listener, so there is no moment in which another program could take the port."""
     settings = _settings(tmp_path)
-    bound = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
-    bound.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-    bound.bind((settings.scp.host, settings.scp.port))
+    bound = bind_tcp(settings.scp.host, settings.scp.port)  # the bind serve does
     db = StateDB(settings.paths.state)
     listener = start_listener(settings, db, bound=bound)
     try:
