@@ -297,20 +297,17 @@ class Scheduler:
         self._sched = BackgroundScheduler(
             job_defaults={"coalesce": True, "max_instances": 1, "misfire_grace_time": None}
         )
-        self._add(self.poll_drafts, settings.drafts.poll_seconds, "drafts")
-        self._add(self.tick, settings.pairing.poll_seconds, "pairing")
-        self._add(self.housekeep, settings.housekeeping.interval_seconds, "housekeeping")
+        self.add_job(self.poll_drafts, settings.drafts.poll_seconds, "drafts")
+        self.add_job(self.tick, settings.pairing.poll_seconds, "pairing")
+        self.add_job(self.housekeep, settings.housekeeping.interval_seconds, "housekeeping")
         if settings.forward.enabled:
-            self._add(self.drain_forward, settings.pairing.poll_seconds, "forward")
+            self.add_job(self.drain_forward, settings.pairing.poll_seconds, "forward")
         if heartbeat is not None:
-            self._add(heartbeat, heartbeat_seconds, "heartbeat")
-
-    def _add(self, fn: Callable[[], object], seconds: float, name: str) -> None:
-        self._sched.add_job(_guarded(fn, name), "interval", seconds=seconds, id=name, name=name)
+            self.add_job(heartbeat, heartbeat_seconds, "heartbeat")
 
     def add_job(self, fn: Callable[[], object], seconds: float, name: str) -> None:
-        """One more guarded interval job (the finals monitor); call before :meth:`start`."""
-        self._add(fn, seconds, name)
+        """A guarded interval job (the agent adds the finals monitor); call before :meth:`start`."""
+        self._sched.add_job(_guarded(fn, name), "interval", seconds=seconds, id=name, name=name)
 
     @property
     def running(self) -> bool:
