@@ -1046,11 +1046,8 @@ class StateDB:
     ) -> JobRow:
         """Apply one job transition (see :data:`JOB_TRANSITIONS`) and its study side effects."""
         with self.transaction() as conn:
-            row = conn.execute("SELECT * FROM jobs WHERE id=?", (job_id,)).fetchone()
-            if row is None:
-                raise StateError(f"job {job_id} does not exist")
             return self._transition_job(
-                conn, JobRow(**dict(row)), target, now, error=error,
+                conn, self._job_for_update(conn, job_id), target, now, error=error,
                 next_attempt_at=next_attempt_at,
             )
 
@@ -1070,10 +1067,7 @@ class StateDB:
         ``permanent`` (retrying cannot help). The one retry-or-dead-letter rule of audit and
         forward jobs; the returned row's state says which happened."""
         with self.transaction() as conn:
-            row = conn.execute("SELECT * FROM jobs WHERE id=?", (job_id,)).fetchone()
-            if row is None:
-                raise StateError(f"job {job_id} does not exist")
-            job = JobRow(**dict(row))
+            job = self._job_for_update(conn, job_id)
             if permanent or job.attempts >= max_attempts:
                 return self._transition_job(conn, job, JobState.DEAD, now, error=error)
             delay = retry_delay(job.attempts, backoff_seconds, backoff_max_seconds)
@@ -1216,6 +1210,14 @@ class StateDB:
             for r in rows:
                 self._transition_job(conn, JobRow(**dict(r)), target, now, next_attempt_at=now)
             return len(rows)
+
+    @staticmethod
+    def _job_for_update(conn: sqlite3.Connection, job_id: int) -> JobRow:
+        """The job's row read inside the caller's transaction; StateError when there is none."""
+        row = conn.execute("SELECT * FROM jobs WHERE id=?", (job_id,)).fetchone()
+        if row is None:
+            raise StateError(f"job {job_id} does not exist")
+        return JobRow(**dict(row))
 
     @staticmethod
     def _transition_job(
