@@ -1148,9 +1148,8 @@ class StateDB:
 
     def finals_counts(self) -> dict[str, int]:
         """Final reports by state (every state present, 0 when none)."""
-        counts = {r["state"]: int(r["n"]) for r in self.query(
-            "SELECT state, COUNT(*) AS n FROM finals GROUP BY state")}
-        return {s.value: counts.get(s.value, 0) for s in FinalState}
+        counts = self.counts(("finals",))["finals"]
+        return {s.value: int(counts.get(s.value, 0)) for s in FinalState}
 
     def set_final_file_name(self, final_id: int, file_name: str) -> None:
         with self.transaction() as conn:
