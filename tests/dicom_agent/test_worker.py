@@ -441,24 +441,22 @@ def test_jobs_parked_for_the_model_drain_after_a_restart_with_a_working_model(
     def unavailable(name: str) -> Auditor:
         raise ModelUnavailable("no weights for google/medgemma here")
 
+    def run_until(agent: Agent, state: JobState, what: str) -> None:
+        agent.start()
+        try:
+            wait_until(lambda: agent.db.job(job_id).state == state.value,  # type: ignore[union-attr]
+                       timeout=30, what=what)
+        finally:
+            agent.stop()
+
     first = Agent(settings, auditor_factory=unavailable)
     store(settings, first.db, "1.2.15.1", recorded_at=None)
     job_id = queue(first.db, "1.2.15.1", time.time())
-    first.start()
-    try:
-        wait_until(lambda: first.db.job(job_id).state == JobState.WAITING_MODEL.value,  # type: ignore[union-attr]
-                   timeout=30, what="the job to wait for the model")
-    finally:
-        first.stop()
+    run_until(first, JobState.WAITING_MODEL, "the job to wait for the model")
 
     grounder = FakeGrounder.from_rule("mean_brightness")
     second = Agent(settings, auditor_factory=lambda name: Auditor(grounder, None))
-    second.start()
-    try:
-        wait_until(lambda: second.db.job(job_id).state == JobState.DONE.value,  # type: ignore[union-attr]
-                   timeout=30, what="the parked job to finish after the restart")
-    finally:
-        second.stop()
+    run_until(second, JobState.DONE, "the parked job to finish after the restart")
     assert sidecar(settings, "1.2.15.1")["result_version"] == 1
 
 
