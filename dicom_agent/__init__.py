@@ -1,7 +1,7 @@
 """dicom_agent: everything about where studies come from and where results go.
 
 The package layout follows the data flow (ARCHITECTURE.md): ``scp`` (C-STORE listener) →
-``spool`` (durable storage) → ``state`` (SQLite) → ``inbox`` (drafts) / ``scheduler`` (pairing) →
+``spool`` (durable storage, ``incoming`` writing a data set as it arrives) → ``state`` (SQLite) → ``inbox`` (drafts) / ``scheduler`` (pairing) →
 ``worker`` (the job loop: ``prepare`` routes and decodes a study with ``routing`` and
 ``pixels``, ``registry`` holds the loaded :mod:`cxr_auditor` runners) → ``outputs`` (SR, GSPS,
 SC, JSON, in the out/ layout of ``outputs.layout``) → ``forward`` (C-STORE back to a research
@@ -25,6 +25,7 @@ __all__ = [
     "finals",
     "forward",
     "inbox",
+    "incoming",
     "listener_pool",
     "observe",
     "outputs",

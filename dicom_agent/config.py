@@ -83,6 +83,12 @@ class SCPSettings(_AssociationTimeouts):
     )
     max_instance_bytes: int = Field(default=512 * 1024 * 1024, gt=0)
     min_free_bytes: int = Field(default=256 * 1024 * 1024, ge=0)
+    sync_step_bytes: int = Field(
+        default=1 << 20,
+        ge=0,
+        description="a data set being received is fdatasync'ed every this many bytes, so the "
+        "disk flush runs while the rest arrives (0: one fsync at the end, for spinning disks)",
+    )
     overwrite: Literal["keep_first", "replace"] = "keep_first"
     unknown_sop_class: Literal["reject", "ignore"] = "reject"
     workers: int = Field(default=1, ge=1, description="listener processes sharing the port")

@@ -43,8 +43,9 @@ from dicom_agent.errors import (
     SpoolFullError,
     StateError,
 )
+from dicom_agent.incoming import IncomingFile
 from dicom_agent.listener_pool import WorkerPool, start_workers
-from dicom_agent.spool import FreeSpaceProbe, IncomingFile, Spool
+from dicom_agent.spool import FreeSpaceProbe, Spool
 from dicom_agent.state import StateDB, StoreOutcome
 from dicom_agent.transport import (
     Counters,
@@ -159,6 +160,7 @@ def _store(event: Event, ctx: _StoreContext) -> int | Dataset:
 def _store_incoming(
     event: Event, ctx: _StoreContext, request: C_STORE, incoming: IncomingFile
 ) -> int | Dataset:
+    incoming.complete()  # the writer thread may still hold the last fragments
     if incoming.error is not None:
         return _out_of_resources(ctx, incoming.error)
     try:
@@ -401,6 +403,7 @@ def _start_one(
         free_space=free_space,
         max_instance_bytes=scp.max_instance_bytes,
         overwrite=scp.overwrite,
+        sync_step_bytes=scp.sync_step_bytes,
     )
     store_context = _StoreContext(spool, on_stored)
 

@@ -18,7 +18,6 @@ temp file (removed by :func:`reconcile`) or a renamed file without its row (rebu
 
 from __future__ import annotations
 
-import errno
 import fcntl
 import hashlib
 import logging
@@ -67,6 +66,7 @@ from dicom_agent.files import (
     fsync_dir,
     remove_stale_temps,
 )
+from dicom_agent.incoming import TEMP_SUFFIX, IncomingFile, spool_error
 from dicom_agent.state import InstanceState, StateDB, StoreOutcome, StudyState
 
 logger = logging.getLogger(__name__)
@@ -74,7 +74,6 @@ logger = logging.getLogger(__name__)
 FreeSpaceProbe = Callable[[Path], int]
 
 DICOM_SUFFIX = ".dcm"
-TEMP_SUFFIX = ".tmp"
 REASON_SUFFIX = ".reason.txt"
 LOCKS_DIR = ".locks"
 INCOMING_DIR = ".incoming"
@@ -84,7 +83,6 @@ _LOCK_STRIPES = 64
 _DURABLE_DIRS_MAX = 4096
 _DEFER_BYTES = 64 * 1024  # values above this are checked for length and place, not loaded
 _INFLATE_CHUNK = 1 << 20
-_WRITEBACK_STEP = 4 << 20
 _UNDEFINED_LENGTH = 0xFFFFFFFF
 # PS3.5 A.1: Pixel Data (7FE0,0010) is OB or OW; a numeric VR there is a lie about the bytes.
 _PIXEL_DATA_VRS = frozenset({"OB", "OW"})
@@ -386,112 +384,6 @@ def file_sha256(path: Path, offset: int) -> str:
     return digest.hexdigest()
 
 
-class IncomingFile:
-    """One data set being written to the spool while its P-DATA-TF PDUs arrive (PS3.8 Annex E).
-
-    The file is ``<spool>/.incoming/.<random>.tmp``: File Meta first (from the C-STORE request),
-    then each fragment as it comes, so memory per association stays at one PDU. Every write is
-    checked against ``scp.max_instance_bytes`` (:class:`InstanceTooLargeError`: the caller
-    aborts the association) and reserves its bytes against the free-space floor first; when
-    space runs out the file is dropped, the rest of the data set is counted but not written,
-    and :attr:`error` says why (answered 0xA700). pynetdicom's DIMSE message writes with
-    :meth:`write`, calls ``file.flush()`` and, after the C-STORE handler, :meth:`close` and an
-    unlink of :attr:`name` (by then the file has been renamed or removed).
-    """
-
-    def __init__(self, spool: Spool, meta: bytes, transfer_syntax_uid: str, limit: int) -> None:
-        self.spool = spool
-        self.transfer_syntax_uid = transfer_syntax_uid
-        self.limit = limit
-        self.offset = len(meta)
-        self.size = 0  # data set bytes received, written or not
-        self.error: SpoolError | None = None
-        self._hash = hashlib.sha256()
-        self._written = 0  # bytes in the file, File Meta included
-        self._flushed = 0  # bytes whose writeback was started
-        folder = spool.root / INCOMING_DIR
-        folder.mkdir(exist_ok=True)
-        self.path = folder / f".{secrets.token_hex(8)}{TEMP_SUFFIX}"
-        self._fd: int | None = os.open(self.path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o640)
-        self._put(meta)
-
-    @property
-    def name(self) -> str:
-        """The temp file's path (pynetdicom unlinks it after the handler, as its own)."""
-        return str(self.path)
-
-    @property
-    def file(self) -> IncomingFile:
-        """Itself: pynetdicom calls ``file.flush()`` as on a NamedTemporaryFile."""
-        return self
-
-    @property
-    def sha256(self) -> str:
-        """SHA-256 of the data set bytes as sent (the File Meta is not part of it)."""
-        return self._hash.hexdigest()
-
-    def flush(self) -> None:
-        """Nothing to flush: :meth:`write` hands each fragment to the kernel at once."""
-
-    def write(self, data: bytes | memoryview) -> int:
-        """Append one data set fragment (called for each PDV, by pynetdicom or the transport)."""
-        self.size += len(data)
-        if self.size > self.limit:
-            self.discard()
-            raise InstanceTooLargeError(f"data set exceeds scp.max_instance_bytes={self.limit}")
-        self._hash.update(data)
-        if self.error is None:
-            self._put(data)
-        return len(data)
-
-    def _put(self, data: bytes | memoryview) -> None:
-        try:
-            with self.spool.reserve(len(data)):
-                view = memoryview(data)
-                while view:
-                    assert self._fd is not None
-                    view = view[os.write(self._fd, view) :]
-            self._written += len(data)
-            if self._written - self._flushed >= _WRITEBACK_STEP:
-                # Start writeback of what is in (DONTNEED on dirty pages queues them and
-                # returns), so the fsync before the rename finds little left to write.
-                assert self._fd is not None
-                os.posix_fadvise(
-                    self._fd, self._flushed, self._written - self._flushed,
-                    os.POSIX_FADV_DONTNEED,
-                )
-                self._flushed = self._written
-        except SpoolError as exc:
-            self.error = exc
-            self.discard()
-        except OSError as exc:
-            self.error = _spool_error(exc)
-            self.discard()
-
-    def close(self) -> None:
-        """Close the descriptor (idempotent); the file stays until committed or discarded."""
-        if self._fd is not None:
-            os.close(self._fd)
-            self._fd = None
-
-    def sync(self) -> None:
-        """fsync the whole file, then close it: called before the rename."""
-        assert self._fd is not None
-        os.fsync(self._fd)
-        self.close()
-
-    def discard(self) -> None:
-        """Close and delete the file (idempotent)."""
-        self.close()
-        self.path.unlink(missing_ok=True)
-
-
-def _spool_error(exc: OSError) -> SpoolError:
-    if exc.errno in (errno.ENOSPC, errno.EDQUOT):
-        return SpoolFullError("spool file system is full")
-    return SpoolError(f"cannot write spool file: {exc.strerror}")
-
-
 class Spool:
     """Durable storage of received instances, plus the quarantine for bytes we cannot use.
 
@@ -509,6 +401,7 @@ class Spool:
         free_space: FreeSpaceProbe | None = None,
         max_instance_bytes: int = 1 << 30,
         overwrite: str = "keep_first",
+        sync_step_bytes: int = 1 << 20,
     ) -> None:
         self.root = Path(os.path.abspath(root))
         self.quarantine_root = Path(os.path.abspath(quarantine))
@@ -516,6 +409,7 @@ class Spool:
         self.min_free_bytes = min_free_bytes
         self.max_instance_bytes = max_instance_bytes
         self.overwrite = overwrite
+        self.sync_step_bytes = sync_step_bytes
         self._free_space = free_space or disk_free_bytes
         self._locks = [threading.Lock() for _ in range(_LOCK_STRIPES)]
         self._lock_files: dict[int, int] = {}
@@ -604,13 +498,23 @@ class Spool:
     ) -> IncomingFile:
         """Start writing a data set as it arrives; see :class:`IncomingFile`."""
         meta = file_meta_bytes(sop_class_uid, sop_instance_uid, transfer_syntax_uid, source_ae_title)
+        folder = self.root / INCOMING_DIR
         try:
-            return IncomingFile(self, meta, transfer_syntax_uid, self.max_instance_bytes)
+            folder.mkdir(exist_ok=True)
+            return IncomingFile(
+                folder,
+                meta,
+                transfer_syntax_uid,
+                limit=self.max_instance_bytes,
+                reserve=self.reserve,
+                sync_step=self.sync_step_bytes,
+            )
         except OSError as exc:
-            raise _spool_error(exc) from exc
+            raise spool_error(exc) from exc
 
     def check(self, incoming: IncomingFile) -> InstanceHeader:
         """Read every element of an arrived data set (:func:`check_data_set`); its header."""
+        incoming.complete()
         return check_data_set(
             incoming.path,
             incoming.offset,
@@ -655,6 +559,7 @@ class Spool:
         (floor reached or ENOSPC), :class:`SpoolError` (other I/O) or
         :class:`~dicom_agent.errors.StateError`; nothing of the new copy remains then.
         """
+        incoming.complete()
         if incoming.error is not None:
             raise incoming.error
         path = self.path_for(header)
@@ -710,7 +615,7 @@ class Spool:
             incoming.discard()
             if backup is not None:
                 os.replace(backup, path)
-            raise _spool_error(exc) from exc
+            raise spool_error(exc) from exc
         return backup
 
     def _ensure_dir(self, folder: Path) -> None:
@@ -749,6 +654,7 @@ class Spool:
     def quarantine_incoming(self, incoming: IncomingFile, reason: str) -> Path:
         """:meth:`quarantine` for an arrived data set: its bytes are copied from the spool file
         in chunks (the quarantine may be on another file system), then the spool file goes."""
+        incoming.complete()
         try:
             with self.reserve(incoming.size):
                 target = self._quarantine_name()

@@ -15,7 +15,7 @@ per accepted connection (PS3.8 9.3 for the PDU layout):
   would keep it waiting ``acse_timeout``), and only associations that sent an A-ASSOCIATE-RQ
   count against ``scp.max_associations``; connections still silent are capped separately;
 * each C-STORE data set is written to a spool file fragment by fragment as P-DATA-TF PDUs
-  arrive (:class:`~dicom_agent.spool.IncomingFile`), and past ``scp.max_instance_bytes`` the
+  arrive (:class:`~dicom_agent.incoming.IncomingFile`), and past ``scp.max_instance_bytes`` the
   association is aborted (A-ABORT, PS3.8 7.3.1) instead of reading on. Memory per association
   is a few PDUs whatever the instance size. Middle fragments go to the file straight from the
   PDU bytes, without pynetdicom's PDU objects and queued events (about a sixth of the
@@ -48,7 +48,8 @@ from pynetdicom.transport import AssociationSocket, RequestHandler, ThreadedAsso
 
 from dicom_agent.config import SCPSettings
 from dicom_agent.errors import ConfigError, InstanceTooLargeError, SpoolError
-from dicom_agent.spool import IncomingFile, Spool
+from dicom_agent.incoming import IncomingFile
+from dicom_agent.spool import Spool
 
 logger = logging.getLogger(__name__)
 
@@ -217,14 +218,17 @@ class _BoundedDUL(DULServiceProvider):
         if len(body) != pdu_length:
             self._closed()
             return False
-        data = header + body
         if (
             pdu_type == _P_DATA_TF
             and self.state_machine.current_state == _ASSOCIATED
             and cast(_StreamingDIMSE, self.assoc.dimse).take_fragments(body)
         ):
-            evt.trigger(self.assoc, evt.EVT_DATA_RECV, {"data": data})
+            # The whole PDU as one buffer is a copy of every byte received: built only for a
+            # handler that asks for it (the listener binds none).
+            if self.assoc.get_handlers(evt.EVT_DATA_RECV):
+                evt.trigger(self.assoc, evt.EVT_DATA_RECV, {"data": header + body})
             return True  # written to the spool file; no PDU object, no event, no queue
+        data = header + body
         try:
             pdu, event = self._decode_pdu(data)
         except Exception as exc:  # pynetdicom raises many types on malformed PDUs
@@ -268,7 +272,7 @@ class _StreamingDIMSE(DIMSEServiceProvider):
 
     Once a C-STORE-RQ command set is decoded, the message's ``_data_set_file`` (the hook of
     pynetdicom's own chunked receive, which would write to the system temp folder, unbounded)
-    becomes an :class:`~dicom_agent.spool.IncomingFile`; each later data set fragment is
+    becomes an :class:`~dicom_agent.incoming.IncomingFile`; each later data set fragment is
     written to it as its P-DATA-TF arrives. The C-STORE handler finds it as
     ``request._dataset_file``.
     """

@@ -23,7 +23,7 @@ from pydicom.uid import (
     ExplicitVRLittleEndian,
     ImplicitVRLittleEndian,
 )
-from pynetdicom import AE
+from pynetdicom import AE, evt
 from pynetdicom.association import Association
 from pynetdicom.dimse_messages import C_STORE_RQ
 from pynetdicom.dimse_primitives import C_STORE
@@ -203,6 +203,26 @@ class TestStore:
         assert row is not None
         assert (row.path, row.modality, row.state) == (str(path), modality, InstanceState.STORED)
         assert stored == [ds.StudyInstanceUID]
+
+    def test_data_recv_handlers_still_see_the_streamed_pdus(
+        self, start: Callable[..., Harness]
+    ) -> None:
+        # Middle fragments skip pynetdicom's PDU objects; a bound EVT_DATA_RECV handler must
+        # still get every P-DATA-TF (the listener binds none, so the copy is skipped then).
+        listener = start(max_pdu_bytes=16384)  # the sender cuts the data set to fit
+        ds = make_cxr(rows=256, cols=256)
+        seen: list[bytes] = []
+        assoc = _associate(listener.listener.port, [(str(ds.SOPClassUID), ExplicitVRLittleEndian)])
+        try:
+            _wait_until(lambda: bool(listener.listener.server.active_associations))
+            (server_side,) = listener.listener.server.active_associations
+            server_side.bind(evt.EVT_DATA_RECV, lambda event: seen.append(bytes(event.data)))
+            assert int(assoc.send_c_store(ds).Status) == dc.STATUS_SUCCESS
+        finally:
+            assoc.release()
+        p_data = [pdu for pdu in seen if pdu[0] == 0x04]
+        assert len(p_data) > 3  # command, first, middle and last data set fragments
+        assert sum(len(pdu) - 6 for pdu in p_data) > len(_sent_bytes(ds))
 
     def test_identical_duplicate_succeeds_with_one_file(self, listener: Harness) -> None:
         ds = make_cxr(rows=64, cols=64)
