@@ -33,6 +33,7 @@ __all__ = [
     "ports",
     "prepare",
     "progress",
+    "reactor",
     "registry",
     "replay",
     "routing",

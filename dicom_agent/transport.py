@@ -21,8 +21,10 @@ per accepted connection (PS3.8 9.3 for the PDU layout):
   PDU bytes, without pynetdicom's PDU objects and queued events (about a sixth of the
   listener's CPU per 10 MB image, docs/benchmarks.md).
 
-Everything else (TCP_NODELAY, large ``recv_into`` reads, optional TLS per PS3.15 B.1,
-SO_REUSEPORT when several listener processes share a port) is as before the split.
+Both threads of an association wait for work instead of polling every millisecond
+(:mod:`dicom_agent.reactor`). Everything else (TCP_NODELAY, large ``recv_into`` reads,
+optional TLS per PS3.15 B.1, SO_REUSEPORT when several listener processes share a port) is as
+before the split.
 """
 
 from __future__ import annotations
@@ -46,9 +48,11 @@ from pynetdicom.dul import DULServiceProvider
 from pynetdicom.pdu_primitives import P_DATA
 from pynetdicom.transport import AssociationSocket, RequestHandler, ThreadedAssociationServer
 
+from dicom_agent import reactor
 from dicom_agent.config import SCPSettings
 from dicom_agent.errors import ConfigError, InstanceTooLargeError, SpoolError
 from dicom_agent.incoming import IncomingFile
+from dicom_agent.reactor import WaitingDUL
 from dicom_agent.spool import Spool
 
 logger = logging.getLogger(__name__)
@@ -159,8 +163,9 @@ class _AssociationSocket(AssociationSocket):
         sock.close()
 
 
-class _BoundedDUL(DULServiceProvider):
-    """pynetdicom's DUL with the PDU length checked before the PDU body is read."""
+class _BoundedDUL(WaitingDUL):
+    """pynetdicom's DUL with the PDU length checked before the PDU body is read (and its
+    reactor waiting for work, :mod:`dicom_agent.reactor`)."""
 
     limits: ReceiveLimits
 
@@ -431,6 +436,7 @@ class ListenerRequestHandler(RequestHandler):
         cast(_BoundedDUL, assoc.dul).limits = limits
         assoc.dimse.__class__ = _StreamingDIMSE
         cast(_StreamingDIMSE, assoc.dimse).spool = self.server.spool
+        reactor.install(assoc)
         return assoc
 
 

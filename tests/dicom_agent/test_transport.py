@@ -3,7 +3,8 @@
 transport.py replaces ``DULServiceProvider._read_pdu_data`` with a bounded copy (which also
 writes middle data set fragments straight to the spool file, doing DT-2's work), re-classes
 the association's socket, DUL and DIMSE provider, and hands its spool file to pynetdicom's DIMSE
-message through ``_data_set_file``. None of that is public API, so pyproject.toml pins the
+message through ``_data_set_file``; reactor.py replaces both reactor loops with copies that
+wait for work instead of sleeping a millisecond. None of that is public API, so pyproject.toml pins the
 version and these tests fail loudly, naming what to re-read, when an upgrade changes any of it.
 The behaviour itself is tested over real associations in test_scp.py and
 tests/integration/test_hostile_peers.py.
@@ -39,8 +40,21 @@ FINGERPRINTS: list[tuple[Callable[..., Any], str, str]] = [
     (DULServiceProvider._is_transport_event, "8725ed03bb8fbdef",
      "calls _read_pdu_data only when the socket is readable"),
     (DULServiceProvider.run_reactor, "e3a10eb3a0931e48",
-     "sleeps a millisecond after a loop that queued no event; restarts the idle timer after "
-     "a transport event (_read_pdu_data reads fragments back to back for that reason)"),
+     "copied whole by reactor.WaitingDUL.run_reactor with its 1 ms sleep replaced by a wait: "
+     "port any upstream fix; restarts the idle timer after a transport event "
+     "(_read_pdu_data reads fragments back to back for that reason)"),
+    (DULServiceProvider.__init__, "c82dafa9438ddf70",
+     "creates event_queue, to_provider_queue and to_user_queue (reactor.install makes their "
+     "puts wake the waiting threads) and binds the original run_reactor as the thread's "
+     "target (WaitingDUL.run starts its own instead)"),
+    (DULServiceProvider.stop_dul, "28a7e0be126e7b30",
+     "sets _kill_thread, then waits for the DUL thread (WaitingDUL wakes it on that set)"),
+    (DULServiceProvider.kill_dul, "5ceccf8dd01c2072", "sets _kill_thread"),
+    (Association._run_reactor, "f28838c5559e462a",
+     "copied whole by reactor.WaitingAssociation._run_reactor with its 1 ms sleep replaced by "
+     "a wait: port any upstream fix"),
+    (Association.kill, "8f9713666a7f4cff",
+     "sets _kill (WaitingAssociation wakes its reactor on that set), then stops the DUL"),
     (fsm.DT_2, "9ec543394e0b49eb",
      "P-DATA-TF in Sta6 only hands the primitive to dimse.receive_primitive (take_fragments "
      "does the same for middle data set fragments without the PDU objects)"),
