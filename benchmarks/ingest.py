@@ -4,7 +4,9 @@ Sends N synthetic ~10 MB chest radiographs (two per study) over 1 and over P par
 associations to each receiver, all started here on loopback with fresh temporary storage and
 stopped by PID. dcmtk runs with ``TCP_NODELAY=1``. Prints files/s and MB/s per receiver and the
 ratio ours / storescp. Only our listener acknowledges durable data (fsync + state commit);
-storescp and Orthanc (default configuration) do not fsync.
+storescp and Orthanc (default configuration) do not fsync. The ``disk`` row is the ceiling of
+any receiver that does: no network and no receiver, the same files written by 1 and P threads
+the way the spool writes them (write, fsync, rename, folder fsync), in the same run.
 
     .venv/bin/python benchmarks/ingest.py --n 100
 
@@ -38,6 +40,7 @@ ROOT = Path(__file__).resolve().parent.parent
 if str(ROOT) not in sys.path:
     sys.path.insert(0, str(ROOT))
 
+from benchmarks.disk import write_durably  # noqa: E402
 from benchmarks.machine import cpu_model  # noqa: E402
 from tests.conftest import free_port, var_paths  # noqa: E402
 
@@ -195,6 +198,37 @@ def cpu_seconds(pgid: int) -> float:
     return ticks / os.sysconf("SC_CLK_TCK")
 
 
+def disk_only(files: list[Path], work: Path, threads: int) -> float:
+    """The disk's ceiling for a durable receiver, without the network: ``threads`` threads
+    write the same files the way the spool does (write, fsync, rename, folder fsync);
+    returns wall seconds. The files are read into memory first."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    work.mkdir(parents=True)
+    blobs = [p.read_bytes() for p in files]
+    start = time.perf_counter()
+    with ThreadPoolExecutor(threads) as pool:
+        list(pool.map(lambda i: write_durably(work, f"f{i}.dcm", blobs[i]), range(len(blobs))))
+    return time.perf_counter() - start
+
+
+def _run_one(
+    kind: str, work: Path, files: list[Path], total: int, assocs: int, workers: int
+) -> Run:
+    if kind == "disk":
+        cpu = time.process_time()
+        seconds = disk_only(files, work, assocs)
+        received = _count_received("ours", work)
+        cpu = time.process_time() - cpu
+    else:
+        with receiver(kind, work, workers) as (port, aet, store, pid):
+            cpu = cpu_seconds(pid)
+            seconds = send(files, port, aet, assocs)
+            received = _count_received(kind, store)
+            cpu = cpu_seconds(pid) - cpu
+    return Run(kind, assocs, len(files), total, seconds, received, cpu)
+
+
 def _count_received(kind: str, store: Path) -> int:
     pattern = "*.dcm" if kind == "ours" else "*"
     return sum(1 for p in store.rglob(pattern) if p.is_file())
@@ -329,7 +363,10 @@ def main() -> None:
     parser.add_argument("--n", type=int, default=100, help="files per run")
     parser.add_argument("--side", type=int, default=2236, help="image side (2236: ~10 MB)")
     parser.add_argument("--parallel", type=int, default=4, help="associations of the 2nd run")
-    parser.add_argument("--receivers", default="ours,storescp,orthanc")
+    parser.add_argument(
+        "--receivers", default="ours,storescp,orthanc,disk",
+        help="disk: no receiver, the same files written durably by as many threads",
+    )
     parser.add_argument("--workdir", type=Path, default=None, help="default: a temp folder")
     parser.add_argument("--workers", type=int, default=1, help="our scp.workers")
     parser.add_argument("--memory", action="store_true", help="peak RSS run instead")
@@ -360,12 +397,7 @@ def main() -> None:
         for kind in args.receivers.split(","):
             for assocs in sorted({1, args.parallel}):
                 work = base / f"{kind}-{assocs}"
-                with receiver(kind, work, args.workers) as (port, aet, store, pid):
-                    cpu = cpu_seconds(pid)
-                    seconds = send(files, port, aet, assocs)
-                    received = _count_received(kind, store)
-                    cpu = cpu_seconds(pid) - cpu
-                runs.append(Run(kind, assocs, len(files), total, seconds, received, cpu))
+                runs.append(_run_one(kind, work, files, total, assocs, args.workers))
                 shutil.rmtree(work, ignore_errors=True)
                 r = runs[-1]
                 print(
