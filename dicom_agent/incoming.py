@@ -32,7 +32,7 @@ from dicom_agent.errors import InstanceTooLargeError, SpoolError, SpoolFullError
 logger = logging.getLogger(__name__)
 
 TEMP_SUFFIX = ".tmp"
-QUEUE_BYTES = 4 << 20
+QUEUE_BYTES = 1 << 20
 """Fragments handed over but not yet written, per data set, before the sender waits."""
 _IOV_MAX = 512  # fragments per writev (Linux allows 1024)
 

@@ -117,10 +117,12 @@ def test_queued_bytes_are_bounded_while_the_disk_is_slow(
     monkeypatch.setattr(incoming_mod.os, "writev", slow_writev)
     handed: list[int] = []
 
+    piece = QUEUE_BYTES // 4
+
     def sender() -> None:
-        for _ in range(16):
-            f.write(b"x" * MIB)
-            handed.append(MIB)
+        for _ in range(64):
+            f.write(b"x" * piece)
+            handed.append(piece)
 
     thread = threading.Thread(target=sender)
     thread.start()
@@ -132,7 +134,7 @@ def test_queued_bytes_are_bounded_while_the_disk_is_slow(
     release.set()
     thread.join(10)
     f.sync()
-    assert f.path.stat().st_size == len(META) + 16 * MIB
+    assert f.path.stat().st_size == len(META) + 64 * piece
 
 
 def test_disk_full_while_writing_drops_the_file_and_counts_the_rest(
