@@ -16,6 +16,10 @@ the way the spool writes them (write, fsync, rename, folder fsync), in the same 
 
     .venv/bin/python benchmarks/ingest.py --memory [--whole-agent]
 
+``--idle`` measures the listener's CPU while 0, 4 and 16 associations are open and idle:
+
+    .venv/bin/python benchmarks/ingest.py --idle
+
 Results go to docs/benchmarks.md, "Ingest" (with the command and the machine it ran on).
 """
 
@@ -125,10 +129,10 @@ def receiver(
     port = free_port()
     store = work / "store"
     store.mkdir(parents=True)
-    if kind == "ours":
+    if kind in ("ours", "ours-nosync"):
         cmd = [sys.executable, __file__, "--serve-ours", str(work), str(port), str(workers),
                str(max_instance_bytes)]
-        aet, env = OUR_AET, os.environ
+        aet, env = OUR_AET, {**os.environ, "BENCH_NO_SYNC": "1" if kind == "ours-nosync" else ""}
     elif kind == "storescp":
         # --fork: one process per association, as dcmtk recommends for concurrent senders.
         cmd = ["storescp", "--fork", "+xa", "-od", str(store), "-aet", "STORESCP", str(port)]
@@ -230,7 +234,7 @@ def _run_one(
 
 
 def _count_received(kind: str, store: Path) -> int:
-    pattern = "*.dcm" if kind == "ours" else "*"
+    pattern = "*.dcm" if kind.startswith("ours") else "*"
     return sum(1 for p in store.rglob(pattern) if p.is_file())
 
 
@@ -326,6 +330,10 @@ def serve_ours(work: Path, port: int, workers: int, max_instance_bytes: int) -> 
     from dicom_agent.state import StateDB
 
     logging.basicConfig(level=logging.WARNING)
+    if os.environ.get("BENCH_NO_SYNC"):
+        # ours-nosync: what durability costs, measured by taking it away in this benchmark
+        # process only (never a setting of the agent).
+        os.fsync = os.fdatasync = lambda fd: None
     settings = load_settings(
         paths={**var_paths(work), "spool": work / "store"},
         scp={"port": port, "min_free_bytes": 0, "workers": workers,
@@ -339,6 +347,29 @@ def serve_ours(work: Path, port: int, workers: int, max_instance_bytes: int) -> 
     done.wait()
     listener.stop()
     db.close()
+
+
+def idle(work: Path, seconds: float = 3.0) -> None:
+    """CPU of our listener process while 0, 4 and 16 associations are open and idle."""
+    from pynetdicom import AE
+
+    print("| idle associations | listener CPU, % of a core |\n| ---: | ---: |")
+    with receiver("ours", work) as (port, aet, _, pid):
+        for count in (0, 4, 16):
+            ae = AE(ae_title="BENCH")
+            ae.add_requested_context("1.2.840.10008.1.1")  # Verification
+            assocs = [ae.associate("127.0.0.1", port, ae_title=aet) for _ in range(count)]
+            try:
+                if not all(a.is_established for a in assocs):
+                    raise RuntimeError("an idle association was not accepted")
+                time.sleep(1.0)
+                cpu = cpu_seconds(pid)
+                time.sleep(seconds)
+                share = (cpu_seconds(pid) - cpu) / seconds * 100
+                print(f"| {count} | {share:.1f} |", flush=True)
+            finally:
+                for assoc in assocs:
+                    assoc.release()
 
 
 def machine() -> str:
@@ -364,12 +395,15 @@ def main() -> None:
     parser.add_argument("--side", type=int, default=2236, help="image side (2236: ~10 MB)")
     parser.add_argument("--parallel", type=int, default=4, help="associations of the 2nd run")
     parser.add_argument(
-        "--receivers", default="ours,storescp,orthanc,disk",
-        help="disk: no receiver, the same files written durably by as many threads",
+        "--receivers", default="ours,ours-nosync,storescp,orthanc,disk",
+        help="ours-nosync: ours with fsync and fdatasync made no-ops in its process; "
+        "disk: no receiver, the same files written durably by as many threads",
     )
     parser.add_argument("--workdir", type=Path, default=None, help="default: a temp folder")
     parser.add_argument("--workers", type=int, default=1, help="our scp.workers")
     parser.add_argument("--memory", action="store_true", help="peak RSS run instead")
+    parser.add_argument("--idle", action="store_true",
+                        help="listener CPU with 0, 4 and 16 idle associations instead")
     parser.add_argument("--whole-agent", action="store_true",
                         help="with --memory: measure cxr-agent serve, not the listener alone")
     parser.add_argument("--serve-ours", nargs=4, help=argparse.SUPPRESS)
@@ -384,6 +418,10 @@ def main() -> None:
     if args.memory:
         with tempfile.TemporaryDirectory(dir=args.workdir, prefix="ingest-mem-") as tmp:
             memory(Path(tmp), args.whole_agent)
+        return
+    if args.idle:
+        with tempfile.TemporaryDirectory(dir=args.workdir, prefix="ingest-idle-") as tmp:
+            idle(Path(tmp))
         return
 
     with tempfile.TemporaryDirectory(dir=args.workdir, prefix="ingest-bench-") as tmp:
