@@ -3,11 +3,12 @@
 The association thread only hands each fragment over. Two threads of the data set do the
 rest while later fragments are still on the wire: a writer appends what was handed over to
 the temp file and feeds the SHA-256; a flusher ``fdatasync``s the file each time another
-``scp.sync_step_bytes`` are in. A disk flush costs about as much per MiB whenever it runs
-(on this project's VM, about 1.4 ms), so flushing step by step while the data arrives leaves
-the fsync before the rename at most a step or two: the peer no longer waits for the whole
-image's flush after its last byte (docs/benchmarks.md, "Ingest"). The flusher is a thread of
-its own because a flush blocks: in the writer it would stall the writes behind it.
+``scp.sync_step_bytes`` are in, and the rest once the writer is done, while the C-STORE handler
+reads the file back. A flush costs about as much per MiB whenever it runs, so flushing step by
+step while the data arrives leaves the fsync before the rename little to do: the peer no
+longer waits for the whole image's flush after its last byte (docs/benchmarks.md, "Ingest").
+The flusher is a thread of its own because a flush blocks: in the writer it would stall the
+writes behind it.
 
 Memory stays bounded: fragments waiting for the writer are at most :data:`QUEUE_BYTES` (plus
 the one being handed over); past that the association thread waits, and TCP flow control
