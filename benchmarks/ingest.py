@@ -309,7 +309,8 @@ def _memory_receiver(work: Path, whole_agent: bool) -> Iterator[tuple[int, str, 
     from tests.support.agentproc import AgentProcess
 
     agent = AgentProcess(work, {
-        "scp": {"max_instance_bytes": limit},
+        # 16 parallel senders from one address (the per-address default is 8).
+        "scp": {"max_instance_bytes": limit, "max_associations_per_address": 16},
         "pairing": {"no_draft_policy": "wait", "draft_wait_seconds": 3600},
         "logging": {"level": "WARNING"},
     })
@@ -337,6 +338,7 @@ def serve_ours(work: Path, port: int, workers: int, max_instance_bytes: int) -> 
     settings = load_settings(
         paths={**var_paths(work), "spool": work / "store"},
         scp={"port": port, "min_free_bytes": 0, "workers": workers,
+             "max_associations_per_address": 16,  # every sender is on loopback
              "max_instance_bytes": max_instance_bytes},
     )
     settings.ensure_folders()

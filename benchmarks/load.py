@@ -306,7 +306,8 @@ def main(argv: list[str] | None = None) -> int:
         {
             # Headroom: a sender's next association can arrive while its previous one is
             # still winding down, which pynetdicom counts against the limit.
-            "scp": {"max_associations": args.senders + 4},
+            "scp": {"max_associations": args.senders + 4,
+                    "max_associations_per_address": args.senders + 4},  # all on loopback
             "logging": {"level": "WARNING"},
             "pairing": {"draft_wait_seconds": 0},  # no drafts are sent: audit image-only at once
         },

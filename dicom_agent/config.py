@@ -77,6 +77,9 @@ class SCPSettings(_AssociationTimeouts):
     port: int = Field(default=11112, ge=0, le=65535)
     allowed_calling_aets: list[str] = Field(default_factory=list)
     max_associations: int = Field(default=16, ge=1)
+    max_associations_per_address: int = Field(
+        default=8, ge=1, description="associations one peer address may hold at once"
+    )
     max_pdu_bytes: int = Field(default=1_048_576, ge=0)
     read_timeout_seconds: float = Field(
         default=30.0, gt=0, description="one PDU, or the TLS handshake, must arrive within this"

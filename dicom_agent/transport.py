@@ -41,6 +41,7 @@ from io import BytesIO
 from typing import Any, ClassVar, cast
 
 from pynetdicom import AE, _handlers, evt
+from pynetdicom.acse import ACSE
 from pynetdicom.association import Association
 from pynetdicom.dimse import DIMSEServiceProvider
 from pynetdicom.dimse_messages import C_STORE_RQ
@@ -78,11 +79,13 @@ _PDV_LENGTH = struct.Struct(">L")
 
 @dataclass(frozen=True)
 class ReceiveLimits:
-    """What one accepted connection may cost: PDU sizes and how long one PDU may take."""
+    """What one accepted connection may cost: PDU sizes, how long one PDU may take, and how
+    many associations its peer address may hold at once."""
 
     max_pdata_bytes: int
     read_timeout_seconds: float
     max_silent_connections: int
+    max_per_address: int
 
     @classmethod
     def from_settings(cls, scp: SCPSettings) -> ReceiveLimits:
@@ -91,6 +94,7 @@ class ReceiveLimits:
             max_pdata_bytes=scp.max_pdu_bytes or UNLIMITED_PDATA_MAX,
             read_timeout_seconds=scp.read_timeout_seconds,
             max_silent_connections=scp.max_associations * SILENT_CONNECTIONS_PER_SLOT,
+            max_per_address=scp.max_associations_per_address,
         )
 
     def pdu_max(self, pdu_type: int) -> int:
@@ -436,8 +440,36 @@ class ListenerRequestHandler(RequestHandler):
         cast(_BoundedDUL, assoc.dul).limits = limits
         assoc.dimse.__class__ = _StreamingDIMSE
         cast(_StreamingDIMSE, assoc.dimse).spool = self.server.spool
+        assoc.acse.__class__ = _AddressLimitedACSE
         reactor.install(assoc)
         return assoc
+
+
+class _AddressLimitedACSE(ACSE):
+    """pynetdicom's ACSE with ``scp.max_associations_per_address`` checked before the rest of
+    the acceptor's negotiation, so that one host (a modality trickling data within every
+    timeout, or a hostile peer with an accepted AE title) cannot hold every association slot."""
+
+    def _negotiate_as_acceptor(self) -> None:
+        assoc = self.assoc
+        server = cast(ListenerServer, assoc._server)
+        address = assoc.requestor.address
+        # Associations that sent an A-ASSOCIATE-RQ (ListenerAE), this one included.
+        held = sum(1 for a in assoc.ae.active_associations if a.requestor.address == address)
+        if held <= server.limits.max_per_address:
+            super()._negotiate_as_acceptor()
+            return
+        logger.warning(
+            "association from %s rejected: %d already open from that address "
+            "(scp.max_associations_per_address=%d)",
+            address, held - 1, server.limits.max_per_address,
+        )
+        server.counters.count("per_address_limit")
+        # Rejected-transient, service-provider (presentation), local-limit-exceeded (PS3.8
+        # 9.3.4), as pynetdicom answers past maximum_associations.
+        self.send_reject(0x02, 0x03, 0x02)
+        evt.trigger(assoc, evt.EVT_REJECTED, {})
+        assoc.kill()
 
 
 class ListenerAE(AE):

@@ -110,12 +110,15 @@ def _associate(
     calling: str = "TESTSCU",
     called: str = OUR_AET,
     tls: tuple[ssl.SSLContext, str] | None = None,
+    source: str = "127.0.0.1",
 ) -> Association:
     ae = AE(ae_title=calling)
     ae.acse_timeout = ae.dimse_timeout = ae.network_timeout = 10
     for sop_class, syntax in contexts:
         ae.add_requested_context(sop_class, syntax)
-    return ae.associate("127.0.0.1", port, ae_title=called, tls_args=tls)
+    return ae.associate(
+        "127.0.0.1", port, ae_title=called, tls_args=tls, bind_address=(source, 0)
+    )
 
 
 def _store(port: int, datasets: list[Dataset], syntax: str = ExplicitVRLittleEndian) -> list[int]:
@@ -441,6 +444,31 @@ class TestAssociationPolicy:
         allowed = _associate(h.listener.port, cx, calling="MODALITY1")
         assert allowed.is_established
         allowed.release()
+
+    def test_one_address_cannot_hold_every_slot(self, start: Callable[..., Harness]) -> None:
+        h = start(max_associations=4, max_associations_per_address=2)
+        port, cx = h.listener.port, [(VERIFICATION, ImplicitVRLittleEndian)]
+        held = [_associate(port, cx) for _ in range(2)]  # e.g. a modality trickling data
+        try:
+            assert all(a.is_established for a in held)
+            third = _associate(port, cx)
+            assert third.is_rejected
+            rj = third.acceptor.primitive
+            assert rj is not None
+            # Rejected-transient, service-provider (presentation), local-limit-exceeded.
+            assert (rj.result, rj.result_source, rj.diagnostic) == (0x02, 0x03, 0x02)
+            other_host = _associate(port, cx, source="127.0.0.2")
+            assert other_host.is_established
+            assert int(other_host.send_c_echo().Status) == dc.STATUS_SUCCESS
+            other_host.release()
+        finally:
+            for assoc in held:
+                assoc.release()
+        _wait_until(lambda: not h.listener.server.active_associations)
+        again = _associate(port, cx)
+        assert again.is_established  # the address's slots came back with the releases
+        again.release()
+        assert h.listener.server.counters.snapshot().get("per_address_limit") == 1
 
     def test_unknown_sop_class_rejected_by_default(
         self, listener: Harness, caplog: pytest.LogCaptureFixture

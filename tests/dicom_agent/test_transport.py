@@ -73,6 +73,9 @@ FINGERPRINTS: list[tuple[Callable[..., Any], str, str]] = [
      "after the C-STORE handler: _dataset_file.close() and os.unlink(_dataset_file.name)"),
     (RequestHandler._create_association, "05c8d12b79863cdb",
      "creates socket, DUL and DIMSE provider that ListenerRequestHandler re-classes"),
+    (ACSE._negotiate_as_acceptor, "fffd360957c42a8e",
+     "an acceptor rejects with send_reject(), EVT_REJECTED and assoc.kill() "
+     "(_AddressLimitedACSE rejects past the per-address limit the same way, then delegates)"),
     (ACSE.negotiate_association, "a6f771214fa494c1",
      "counts ae.active_associations against maximum_associations (ListenerAE filters it)"),
 ]
@@ -125,7 +128,7 @@ def test_private_attributes_still_exist(owner: type, name: str) -> None:
 
 def test_pdu_limits_by_type() -> None:
     limits = ReceiveLimits(max_pdata_bytes=16384, read_timeout_seconds=1.0,
-                           max_silent_connections=4)
+                           max_silent_connections=4, max_per_address=2)
     assert limits.pdu_max(0x04) == 16384  # P-DATA-TF: what we announced
     assert limits.pdu_max(0x01) < 1 << 20  # A-ASSOCIATE-RQ: bounded before the AE check
     assert limits.pdu_max(0x07) < 4096  # A-ABORT has a 4-byte body

@@ -167,6 +167,51 @@ def test_stalled_and_vanishing_peers_never_hold_a_slot(tmp_path: Path) -> None:
         agent.stop()
 
 
+def test_peers_trickling_from_one_address_hold_only_their_share(tmp_path: Path) -> None:
+    """Associated peers that keep talking within every timeout (here a C-ECHO a second, under
+    the 5 s network timeout) are not dropped: one address may hold only
+    ``scp.max_associations_per_address`` of the slots, and another host still gets in."""
+    from pynetdicom import AE
+
+    agent = AgentProcess(tmp_path, {"scp": {**TIMEOUTS, "max_associations": 4,
+                                            "max_associations_per_address": 2}})
+    agent.start()
+    ae = AE(ae_title="TESTSCU")
+    ae.acse_timeout = ae.dimse_timeout = ae.network_timeout = SOCKET_TIMEOUT
+    ae.add_requested_context("1.2.840.10008.1.1")
+    stop = threading.Event()
+    trickling = []
+    talker: threading.Thread | None = None
+    try:
+        for _ in range(3):  # one more than the address may hold
+            assoc = ae.associate("127.0.0.1", agent.port, ae_title="CXRAUDIT")
+            if assoc.is_established:
+                trickling.append(assoc)
+
+        def keep_talking() -> None:
+            while not stop.wait(1.0):
+                for assoc in trickling:
+                    assoc.send_c_echo()
+
+        talker = threading.Thread(target=keep_talking)
+        talker.start()
+        assert len(trickling) == 2, "the address got more than its share of slots"
+        # Longer than the network timeout: the trickling peers are still associated...
+        stop.wait(7)
+        assert all(a.is_established for a in trickling)
+        # ...and a modality at another address stores while they hold their share.
+        study = make_study(2, accession="SHARE01", size=64)
+        assert store(agent.port, study, source="127.0.0.2") == [0, 0]
+        agent.check_alive()
+    finally:
+        stop.set()
+        if talker is not None:
+            talker.join()
+        for assoc in trickling:
+            assoc.release()
+        agent.stop()
+
+
 def test_half_tls_client_hello_is_dropped(tmp_path: Path) -> None:
     pki = make_pki(tmp_path / "pki")
     tls = {"enabled": True, "cert_file": str(pki["server_cert"]),

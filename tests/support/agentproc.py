@@ -386,12 +386,14 @@ def store(
     timeout: float = 30.0,
     on_status: Callable[[Dataset, int], None] | None = None,
     tls: ssl.SSLContext | None = None,
+    source: str | None = None,
 ) -> list[int | None]:
     """C-STORE (PS3.4 Annex B) each dataset over one association; statuses in order.
 
     A status is None when the association ended before the response arrived. ``on_status``
     is called as soon as each response is in, so a sender killed mid-run still has a record
-    of what was acknowledged.
+    of what was acknowledged. ``source``: the local address to send from (another loopback
+    address stands for another host).
     """
     from pynetdicom import AE
 
@@ -400,7 +402,8 @@ def store(
     for sop_class, ts in sorted({(d.SOPClassUID, d.file_meta.TransferSyntaxUID) for d in datasets}):
         ae.add_requested_context(sop_class, ts)
     assoc = ae.associate(host, port, ae_title=called_aet,
-                         tls_args=(tls, host) if tls is not None else None)
+                         tls_args=(tls, host) if tls is not None else None,
+                         bind_address=(source, 0) if source is not None else None)
     if not assoc.is_established:
         return [None] * len(datasets)
     out: list[int | None] = []
