@@ -207,10 +207,12 @@ class Agent:
         )
         requeued = self.db.requeue_running()
         # A crash while outputs were written leaves temp files; their jobs were just
-        # requeued and write everything again.
-        temps = remove_stale_temps(self.settings.paths.out)
-        if temps:
-            log.info("%d output temp files of a crashed run removed", temps)
+        # requeued and write everything again. A crash while a refused data set was copied
+        # to the quarantine leaves one there: that data set was never kept, nothing refers to it.
+        for folder in (self.settings.paths.out, self.settings.paths.quarantine):
+            temps = remove_stale_temps(folder) if folder.is_dir() else 0
+            if temps:
+                log.info("%d temp files of a crashed run removed from %s", temps, folder)
         log.info(
             "state reconciled: %d spool rows rebuilt, %d running jobs requeued", rebuilt, requeued,
             extra=event(event=Event.STATE_RECONCILED, count=rebuilt + requeued),

@@ -502,11 +502,16 @@ def test_sigkill_during_audit_and_output_writing_redoes_the_job_once(tmp_path: P
         agent.kill()
         version.mkdir(parents=True, exist_ok=True)
         (version / ".sr.dcm.k1ll3d.tmp").write_bytes(b"\x00" * 128 + b"DICM")
+        # The same for a refused data set being copied into the quarantine.
+        agent.path("quarantine").mkdir(parents=True, exist_ok=True)
+        quarantine_temp = agent.path("quarantine") / ".20261207T000000-k1ll3d.bin.ab12.tmp"
+        quarantine_temp.write_bytes(b"\x00" * 64)
         agent.start()
         wait_until(lambda: agent.result(uid), timeout=60, what="the result",
                    alive=agent.check_alive)
         wait_until(lambda: not _temp_files(agent.path("out")), timeout=10,
                    what="temp files under out/ to be cleaned", alive=agent.check_alive)
+        assert not quarantine_temp.exists()
         jobs = agent.db_query("SELECT state FROM jobs WHERE kind='audit'")
         problems = _output_problems(agent.path("out"))
         versions = agent.versions(uid)
