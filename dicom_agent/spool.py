@@ -38,7 +38,7 @@ from typing import Any, BinaryIO
 from pydicom.charset import convert_encodings
 from pydicom.dataelem import RawDataElement, convert_raw_data_element
 from pydicom.dataset import Dataset, FileMetaDataset
-from pydicom.filereader import data_element_generator, read_dataset, read_file_meta_info
+from pydicom.filereader import data_element_generator, read_file_meta_info
 from pydicom.filewriter import write_file_meta_info
 from pydicom.tag import BaseTag, Tag
 from pydicom.uid import UID
@@ -61,7 +61,6 @@ from dicom_agent.errors import (
 )
 from dicom_agent.files import (
     atomic_copy,
-    atomic_write_bytes,
     atomic_write_text,
     fsync_dir,
     remove_stale_temps,
@@ -161,35 +160,6 @@ def _header_of(ds: Dataset) -> InstanceHeader:
         view_position=_text(ds, "ViewPosition"),
         body_part=_text(ds, "BodyPartExamined"),
     )
-
-
-def read_header(
-    data_set: bytes, transfer_syntax_uid: str, *, max_inflated_bytes: int = 1 << 30
-) -> InstanceHeader:
-    """Parse the routing and state attributes from an encoded data set (no File Meta).
-
-    Stops before Pixel Data and reads only the attributes we need; a deflated data set
-    (PS3.5 A.5) is inflated up to ``max_inflated_bytes``. Raises :class:`DicomInputError` when
-    the data set cannot be decoded or lacks a valid SOP Class, SOP Instance, Study Instance or
-    Series Instance UID, :class:`InstanceTooLargeError` past the inflation cap.
-    """
-    if transfer_syntax_uid == DEFLATED_EXPLICIT_VR_LITTLE_ENDIAN:
-        inflated = BytesIO()
-        _inflate(BytesIO(data_set), inflated, max_inflated_bytes)
-        data_set = inflated.getvalue()
-    try:
-        ds = read_dataset(
-            BytesIO(data_set),
-            is_implicit_VR=transfer_syntax_uid == IMPLICIT_VR_LITTLE_ENDIAN,
-            is_little_endian=transfer_syntax_uid != EXPLICIT_VR_BIG_ENDIAN,
-            stop_when=lambda tag, vr, length: tag == _PIXEL_DATA,
-            specific_tags=_HEADER_TAGS,
-        )
-        return _header_of(ds)
-    except DicomInputError:
-        raise
-    except Exception as exc:  # pydicom raises many types on malformed input
-        raise DicomInputError(f"data set header does not decode ({type(exc).__name__})") from exc
 
 
 def _inflate(src: BinaryIO, dst: BinaryIO, limit: int) -> None:
@@ -319,20 +289,12 @@ def _check_items(items: Any, encoding: str | list[str] | None) -> None:
                 _check_items(elem.value, encoding)
 
 
-def encode_file_meta(
-    header: InstanceHeader, transfer_syntax_uid: str, source_ae_title: str | None
-) -> bytes:
-    """Preamble, ``DICM`` prefix and File Meta Information group (PS3.10 7.1) for an instance."""
-    return file_meta_bytes(
-        header.sop_class_uid, header.sop_instance_uid, transfer_syntax_uid, source_ae_title
-    )
-
-
 def file_meta_bytes(
     sop_class_uid: str, sop_instance_uid: str, transfer_syntax_uid: str, source_ae_title: str | None
 ) -> bytes:
-    """The File Meta of :func:`encode_file_meta` from the C-STORE request's UIDs (PS3.7 9.1.1),
-    written before the data set arrives; a data set that disagrees with them is refused."""
+    """Preamble, ``DICM`` prefix and File Meta Information group (PS3.10 7.1) from the C-STORE
+    request's UIDs (PS3.7 9.1.1), written before the data set arrives; a data set that
+    disagrees with them is refused."""
     meta = FileMetaDataset()
     meta.FileMetaInformationVersion = b"\x00\x01"
     meta.MediaStorageSOPClassUID = UID(sop_class_uid)
@@ -361,21 +323,8 @@ def part10_layout(path: Path) -> tuple[str, int]:
         raise DicomInputError(f"file meta does not decode ({type(exc).__name__})") from exc
 
 
-def read_part10(path: Path) -> tuple[str, bytes]:
-    """(transfer syntax, data set bytes) of a Part 10 file, without decoding the data set."""
-    transfer_syntax, offset = part10_layout(path)
-    with path.open("rb") as fh:
-        fh.seek(offset)
-        return transfer_syntax, fh.read()
-
-
-def dataset_sha256(data_set: bytes) -> str:
-    """SHA-256 of the data set bytes as sent (the File Meta we add is not part of it)."""
-    return hashlib.sha256(data_set).hexdigest()
-
-
 def file_sha256(path: Path, offset: int) -> str:
-    """:func:`dataset_sha256` of the data set stored in ``path`` from ``offset``, in chunks."""
+    """SHA-256 of the data set stored in ``path`` from ``offset`` (File Meta excluded), in chunks."""
     digest = hashlib.sha256()
     with path.open("rb") as fh:
         fh.seek(offset)
@@ -387,7 +336,7 @@ def file_sha256(path: Path, offset: int) -> str:
 class Spool:
     """Durable storage of received instances, plus the quarantine for bytes we cannot use.
 
-    Thread-safe: association threads call :meth:`store` concurrently. Stores of the same SOP
+    Thread-safe: association threads call :meth:`commit` concurrently. Stores of the same SOP
     Instance UID are serialised so the file on disk and the state row always agree.
     """
 
@@ -522,30 +471,6 @@ class Spool:
             max_inflated_bytes=self.max_instance_bytes,
         )
 
-    def store(
-        self,
-        data_set: bytes,
-        transfer_syntax_uid: str,
-        *,
-        header: InstanceHeader | None = None,
-        source_ae_title: str | None = None,
-    ) -> StoreResult:
-        """Store one whole data set held in memory (the tests' way in; the listener streams):
-        :func:`read_header` (the header only, not every element as :meth:`check` reads),
-        :meth:`open_incoming`, :meth:`commit`. Raises :class:`DicomInputError` (malformed
-        header) and the errors of :meth:`commit`."""
-        header = header or read_header(
-            data_set, transfer_syntax_uid, max_inflated_bytes=self.max_instance_bytes
-        )
-        incoming = self.open_incoming(
-            header.sop_class_uid, header.sop_instance_uid, transfer_syntax_uid, source_ae_title
-        )
-        try:
-            incoming.write(data_set)
-            return self.commit(incoming, header)
-        finally:
-            incoming.discard()
-
     def commit(self, incoming: IncomingFile, header: InstanceHeader) -> StoreResult:
         """Make an arrived, checked data set durable and record it; returns once both are done.
 
@@ -637,23 +562,16 @@ class Spool:
             if len(self._durable_dirs) > _DURABLE_DIRS_MAX:
                 self._durable_dirs.popitem(last=False)  # forgotten: probed again if reused
 
-    def quarantine(self, data: bytes, reason: str, transfer_syntax_uid: str | None = None) -> Path:
-        """Keep bytes we refused under ``paths.quarantine`` with a ``.reason.txt`` beside them.
-
-        The name is a timestamp and random token, never anything from the data. ``reason`` must
-        not contain PHI (callers pass our own messages, which name attributes, not values).
-        """
-        # Below the free-space floor nothing is kept: refused input must not be the way a
-        # peer fills the disk (raises SpoolFullError).
-        self.check_free_space(len(data))
-        target = self._quarantine_name()
-        atomic_write_bytes(target, data)
-        self._quarantine_reason(target, reason, transfer_syntax_uid)
-        return target
-
     def quarantine_incoming(self, incoming: IncomingFile, reason: str) -> Path:
-        """:meth:`quarantine` for an arrived data set: its bytes are copied from the spool file
-        in chunks (the quarantine may be on another file system), then the spool file goes."""
+        """Keep an arrived data set we refused under ``paths.quarantine``, with a
+        ``.reason.txt`` beside it; the spool file goes either way.
+
+        The bytes are copied from the spool file in chunks (the quarantine may be on another
+        file system). The name is a timestamp and random token, never anything from the data;
+        ``reason`` must not contain PHI (callers pass our own messages, which name attributes,
+        not values). Below the free-space floor nothing is kept (:class:`SpoolFullError`):
+        refused input must not be the way a peer fills the disk.
+        """
         incoming.complete()
         try:
             with self.reserve(incoming.size):

@@ -23,9 +23,10 @@ from dicom_agent.conformance import (
     IMPLICIT_VR_LITTLE_ENDIAN,
 )
 from dicom_agent.errors import DicomInputError, SpoolError, SpoolFullError, StateError
-from dicom_agent.spool import LOCKS_DIR, InstanceHeader, Spool, read_header, reconcile
+from dicom_agent.spool import LOCKS_DIR, InstanceHeader, Spool, reconcile
 from dicom_agent.state import InstanceState, StateDB, StoreOutcome
 from tests.support.builders import CT_STORAGE, make_cxr
+from tests.support.spooling import check_bytes, data_set_of, sha256, store
 
 
 def _encoded(ds: Dataset, transfer_syntax: str = EXPLICIT_VR_LITTLE_ENDIAN) -> bytes:
@@ -62,7 +63,7 @@ def _files(root: Path, pattern: str = "*") -> list[Path]:
     )
 
 
-class TestReadHeader:
+class TestCheckDataSet:
     @pytest.mark.parametrize(
         "transfer_syntax",
         [
@@ -73,10 +74,10 @@ class TestReadHeader:
         ],
     )
     def test_reads_routing_attributes_in_every_uncompressed_syntax(
-        self, transfer_syntax: str
+        self, tmp_path: Path, transfer_syntax: str
     ) -> None:
         ds = make_cxr(rows=64, cols=64, modality="CR", view_position="AP", accession="ACC42")
-        header = read_header(_encoded(ds, transfer_syntax), transfer_syntax)
+        header = check_bytes(tmp_path, _encoded(ds, transfer_syntax), transfer_syntax)
         assert header == InstanceHeader(
             sop_class_uid=ds.SOPClassUID,
             sop_instance_uid=ds.SOPInstanceUID,
@@ -88,26 +89,27 @@ class TestReadHeader:
             body_part="CHEST",
         )
 
-    def test_missing_study_uid_is_named(self) -> None:
+    def test_missing_study_uid_is_named(self, tmp_path: Path) -> None:
         ds = make_cxr(rows=16, cols=16)
         del ds.StudyInstanceUID
         with pytest.raises(DicomInputError, match="StudyInstanceUID is missing"):
-            read_header(_encoded(ds), EXPLICIT_VR_LITTLE_ENDIAN)
+            check_bytes(tmp_path, _encoded(ds), EXPLICIT_VR_LITTLE_ENDIAN)
 
-    def test_invalid_uid_is_refused_without_echoing_it(self) -> None:
+    def test_invalid_uid_is_refused_without_echoing_it(self, tmp_path: Path) -> None:
         ds = make_cxr(rows=16, cols=16)
         ds.SeriesInstanceUID = "../../evil"
         with pytest.raises(DicomInputError, match="SeriesInstanceUID is not a valid UID") as info:
-            read_header(_encoded(ds), EXPLICIT_VR_LITTLE_ENDIAN)
+            check_bytes(tmp_path, _encoded(ds), EXPLICIT_VR_LITTLE_ENDIAN)
         assert "evil" not in str(info.value)
 
-    def test_garbage_does_not_decode(self) -> None:
+    def test_garbage_does_not_decode(self, tmp_path: Path) -> None:
+        garbage = b"\x08\x00\x16\x00UI\xff\xff" + b"\x01" * 40
         with pytest.raises(DicomInputError):
-            read_header(b"\x08\x00\x16\x00UI\xff\xff" + b"\x01" * 40, EXPLICIT_VR_LITTLE_ENDIAN)
+            check_bytes(tmp_path, garbage, EXPLICIT_VR_LITTLE_ENDIAN)
 
-    def test_garbage_deflate_does_not_inflate(self) -> None:
+    def test_garbage_deflate_does_not_inflate(self, tmp_path: Path) -> None:
         with pytest.raises(DicomInputError, match="inflate"):
-            read_header(b"\xff\xfe not deflate", DEFLATED_EXPLICIT_VR_LITTLE_ENDIAN)
+            check_bytes(tmp_path, b"\xff\xfe not deflate", DEFLATED_EXPLICIT_VR_LITTLE_ENDIAN)
 
 
 class TestStore:
@@ -116,7 +118,7 @@ class TestStore:
     ) -> None:
         ds = make_cxr(rows=64, cols=64)
         data = _encoded(ds, IMPLICIT_VR_LITTLE_ENDIAN)
-        result = spool.store(data, IMPLICIT_VR_LITTLE_ENDIAN, source_ae_title="MODALITY1")
+        result = store(spool, ds, data, IMPLICIT_VR_LITTLE_ENDIAN, source_ae_title="MODALITY1")
         assert result.outcome is StoreOutcome.NEW
         expected = (
             spool.root / ds.StudyInstanceUID / ds.SeriesInstanceUID / f"{ds.SOPInstanceUID}.dcm"
@@ -142,9 +144,9 @@ class TestStore:
     def test_identical_duplicate_is_a_noop(self, spool: Spool) -> None:
         ds = make_cxr(rows=32, cols=32)
         data = _encoded(ds)
-        first = spool.store(data, EXPLICIT_VR_LITTLE_ENDIAN)
+        first = store(spool, ds, data, EXPLICIT_VR_LITTLE_ENDIAN)
         mtime = first.path.stat().st_mtime_ns
-        second = spool.store(data, EXPLICIT_VR_LITTLE_ENDIAN)
+        second = store(spool, ds, data, EXPLICIT_VR_LITTLE_ENDIAN)
         assert second.outcome is StoreOutcome.DUPLICATE
         assert first.path.stat().st_mtime_ns == mtime
         assert _files(spool.root) == [first.path]
@@ -152,7 +154,7 @@ class TestStore:
     def test_different_bytes_replace_the_stored_copy(self, spool: Spool, db: StateDB) -> None:
         spool.overwrite = "replace"
         ds = make_cxr(rows=32, cols=32, seed=1)
-        spool.store(_encoded(ds), EXPLICIT_VR_LITTLE_ENDIAN)
+        store(spool, ds, _encoded(ds), EXPLICIT_VR_LITTLE_ENDIAN)
         ds2 = make_cxr(
             rows=32,
             cols=32,
@@ -162,25 +164,25 @@ class TestStore:
             sop_uid=ds.SOPInstanceUID,
         )
         data2 = _encoded(ds2)
-        result = spool.store(data2, EXPLICIT_VR_LITTLE_ENDIAN)
+        result = store(spool, ds2, data2, EXPLICIT_VR_LITTLE_ENDIAN)
         assert result.outcome is StoreOutcome.REPLACED
         assert result.path.read_bytes().endswith(data2)
         assert _files(spool.root) == [result.path]
         row = db.instance(ds.SOPInstanceUID)
-        assert row is not None and row.sha256 == spool_mod.dataset_sha256(data2)
+        assert row is not None and row.sha256 == sha256(data2)
 
     def test_different_bytes_keep_the_first_copy_by_default(
         self, spool: Spool, db: StateDB
     ) -> None:
         ds = make_cxr(rows=32, cols=32, seed=1)
         first = _encoded(ds)
-        stored = spool.store(first, EXPLICIT_VR_LITTLE_ENDIAN).path
+        stored = store(spool, ds, first, EXPLICIT_VR_LITTLE_ENDIAN).path
         other_study = make_cxr(rows=32, cols=32, seed=2, sop_uid=ds.SOPInstanceUID)
-        result = spool.store(_encoded(other_study), EXPLICIT_VR_LITTLE_ENDIAN)
+        result = store(spool, other_study, _encoded(other_study), EXPLICIT_VR_LITTLE_ENDIAN)
         assert result.outcome is StoreOutcome.KEPT_FIRST and result.path == stored
         assert _files(spool.root) == [stored] and stored.read_bytes().endswith(first)
         row = db.instance(ds.SOPInstanceUID)
-        assert row is not None and row.sha256 == spool_mod.dataset_sha256(first)
+        assert row is not None and row.sha256 == sha256(first)
 
     def test_failed_commit_of_a_replacement_puts_the_old_copy_back(
         self, spool: Spool, db: StateDB, monkeypatch: pytest.MonkeyPatch
@@ -188,7 +190,7 @@ class TestStore:
         spool.overwrite = "replace"
         ds = make_cxr(rows=32, cols=32, seed=1)
         first = _encoded(ds)
-        path = spool.store(first, EXPLICIT_VR_LITTLE_ENDIAN).path
+        path = store(spool, ds, first, EXPLICIT_VR_LITTLE_ENDIAN).path
         again = make_cxr(
             rows=32, cols=32, seed=2, study_uid=ds.StudyInstanceUID,
             series_uid=ds.SeriesInstanceUID, sop_uid=ds.SOPInstanceUID,
@@ -199,23 +201,23 @@ class TestStore:
 
         monkeypatch.setattr(db, "record_instance", fail)
         with pytest.raises(StateError):
-            spool.store(_encoded(again), EXPLICIT_VR_LITTLE_ENDIAN)
+            store(spool, again, _encoded(again), EXPLICIT_VR_LITTLE_ENDIAN)
         assert _files(spool.root) == [path] and path.read_bytes().endswith(first)
         assert not [p for p in spool.root.rglob("*.tmp")]
 
     def test_replacement_in_another_series_removes_the_old_file(self, spool: Spool) -> None:
         spool.overwrite = "replace"
         ds = make_cxr(rows=32, cols=32, seed=1)
-        old = spool.store(_encoded(ds), EXPLICIT_VR_LITTLE_ENDIAN).path
+        old = store(spool, ds, _encoded(ds), EXPLICIT_VR_LITTLE_ENDIAN).path
         moved = make_cxr(rows=32, cols=32, seed=1, sop_uid=ds.SOPInstanceUID)
-        new = spool.store(_encoded(moved), EXPLICIT_VR_LITTLE_ENDIAN).path
+        new = store(spool, moved, _encoded(moved), EXPLICIT_VR_LITTLE_ENDIAN).path
         assert new != old
         assert _files(spool.root) == [new]
 
     def test_unknown_sop_class_is_stored_as_ignored(self, spool: Spool, db: StateDB) -> None:
         ds = make_cxr(rows=16, cols=16)
         ds.SOPClassUID = CT_STORAGE
-        spool.store(_encoded(ds), EXPLICIT_VR_LITTLE_ENDIAN)
+        store(spool, ds, _encoded(ds), EXPLICIT_VR_LITTLE_ENDIAN)
         row = db.instance(ds.SOPInstanceUID)
         assert row is not None and row.state == InstanceState.IGNORED
 
@@ -230,11 +232,11 @@ class TestStore:
         )
         ds = make_cxr(rows=32, cols=32)
         with pytest.raises(SpoolFullError):
-            spool.store(_encoded(ds), EXPLICIT_VR_LITTLE_ENDIAN)
+            store(spool, ds, _encoded(ds), EXPLICIT_VR_LITTLE_ENDIAN)
         assert _files(spool.root) == []
         assert db.instance(ds.SOPInstanceUID) is None
         free["bytes"] = 10**12
-        assert spool.store(_encoded(ds), EXPLICIT_VR_LITTLE_ENDIAN).outcome is StoreOutcome.NEW
+        assert store(spool, ds, _encoded(ds), EXPLICIT_VR_LITTLE_ENDIAN).outcome is StoreOutcome.NEW
 
     def test_enospc_during_write_leaves_no_temp_file(
         self, spool: Spool, db: StateDB, monkeypatch: pytest.MonkeyPatch
@@ -245,7 +247,7 @@ class TestStore:
         monkeypatch.setattr(spool_mod.os, "fsync", full)
         ds = make_cxr(rows=16, cols=16)
         with pytest.raises(SpoolFullError):
-            spool.store(_encoded(ds), EXPLICIT_VR_LITTLE_ENDIAN)
+            store(spool, ds, _encoded(ds), EXPLICIT_VR_LITTLE_ENDIAN)
         assert _files(spool.root) == []
         assert db.instance(ds.SOPInstanceUID) is None
 
@@ -255,9 +257,10 @@ class TestStore:
         def broken(src: object, dst: object) -> None:
             raise OSError(errno.EIO, os.strerror(errno.EIO))
 
+        ds = make_cxr(rows=16, cols=16)
         monkeypatch.setattr(spool_mod.os, "replace", broken)
         with pytest.raises(SpoolError) as info:
-            spool.store(_encoded(make_cxr(rows=16, cols=16)), EXPLICIT_VR_LITTLE_ENDIAN)
+            store(spool, ds, _encoded(ds), EXPLICIT_VR_LITTLE_ENDIAN)
         assert not isinstance(info.value, SpoolFullError)
         assert _files(spool.root) == []
 
@@ -275,13 +278,13 @@ class TestStore:
                 series_uid=ds.SeriesInstanceUID,
                 sop_uid=ds.SOPInstanceUID,
             )
-            versions.append(_encoded(v))
+            versions.append((v, _encoded(v)))
         with ThreadPoolExecutor(max_workers=6) as pool:
-            list(pool.map(lambda data: spool.store(data, EXPLICIT_VR_LITTLE_ENDIAN), versions))
+            list(pool.map(lambda v: store(spool, v[0], v[1], EXPLICIT_VR_LITTLE_ENDIAN), versions))
         row = db.instance(ds.SOPInstanceUID)
         assert row is not None
-        _, on_disk = spool_mod.read_part10(Path(row.path))
-        assert spool_mod.dataset_sha256(on_disk) == row.sha256
+        _, on_disk = data_set_of(Path(row.path))
+        assert sha256(on_disk) == row.sha256
         assert _files(spool.root) == [Path(row.path)]
 
     def test_path_components_must_be_uids(self, spool: Spool) -> None:
@@ -292,8 +295,11 @@ class TestStore:
 
 class TestQuarantine:
     def test_keeps_bytes_and_reason(self, spool: Spool) -> None:
-        kept = spool.quarantine(b"junk bytes", "SOPInstanceUID is missing", "1.2.840.10008.1.2")
-        assert kept.read_bytes() == b"junk bytes"
+        incoming = spool.open_incoming("1.2.3", "1.2.3.4", "1.2.840.10008.1.2", None)
+        incoming.write(b"junk bytes")
+        kept = spool.quarantine_incoming(incoming, "SOPInstanceUID is missing")
+        assert kept.read_bytes() == b"junk bytes"  # the data set as sent, not our File Meta
+        assert not incoming.path.exists()
         reasons = list(spool.quarantine_root.glob("*.reason.txt"))
         assert len(reasons) == 1
         text = reasons[0].read_text()
@@ -307,7 +313,7 @@ class TestReconcile:
     ) -> None:
         ds = make_cxr(rows=32, cols=32)
         data = _encoded(ds)
-        stored = spool.store(data, EXPLICIT_VR_LITTLE_ENDIAN).path
+        stored = store(spool, ds, data, EXPLICIT_VR_LITTLE_ENDIAN).path
         stale = stored.parent / ".leftover.abcd.tmp"
         stale.write_bytes(b"partial")
         # A fresh database: as if the crash came between rename and commit.
@@ -316,7 +322,7 @@ class TestReconcile:
         row = fresh.instance(ds.SOPInstanceUID)
         assert row is not None
         assert row.path == str(stored)
-        assert row.sha256 == spool_mod.dataset_sha256(data)
+        assert row.sha256 == sha256(data)
         assert row.study_instance_uid == ds.StudyInstanceUID
         assert not stale.exists()
         assert reconcile(fresh, spool.root) == 0
@@ -325,7 +331,7 @@ class TestReconcile:
         self, spool: Spool, db: StateDB
     ) -> None:
         ds = make_cxr(rows=32, cols=32, seed=1)
-        path = spool.store(_encoded(ds), EXPLICIT_VR_LITTLE_ENDIAN).path
+        path = store(spool, ds, _encoded(ds), EXPLICIT_VR_LITTLE_ENDIAN).path
         replacement = make_cxr(
             rows=32,
             cols=32,
@@ -335,8 +341,8 @@ class TestReconcile:
             sop_uid=ds.SOPInstanceUID,
         )
         new_data = _encoded(replacement)
-        meta = spool_mod.encode_file_meta(
-            read_header(new_data, EXPLICIT_VR_LITTLE_ENDIAN), EXPLICIT_VR_LITTLE_ENDIAN, None
+        meta = spool_mod.file_meta_bytes(
+            replacement.SOPClassUID, replacement.SOPInstanceUID, EXPLICIT_VR_LITTLE_ENDIAN, None
         )
         path.write_bytes(meta + new_data)  # crash after the rename, before the commit
         row = db.instance(ds.SOPInstanceUID)
@@ -344,7 +350,7 @@ class TestReconcile:
         os.utime(path, (row.updated_at + 5, row.updated_at + 5))
         assert reconcile(db, spool.root) == 1
         row = db.instance(ds.SOPInstanceUID)
-        assert row is not None and row.sha256 == spool_mod.dataset_sha256(new_data)
+        assert row is not None and row.sha256 == sha256(new_data)
 
     def test_unreadable_file_is_left_and_skipped(self, spool: Spool, db: StateDB) -> None:
         bad = spool.root / "1.2" / "1.3" / "1.4.dcm"

@@ -13,10 +13,10 @@ from pydicom import dcmread
 
 from dicom_agent.config import AgentSettings, load_settings
 from dicom_agent.scp import Listener, start_listener
-from dicom_agent.spool import read_part10
 from dicom_agent.state import StateDB
 from tests.conftest import free_port, var_paths
 from tests.support.builders import make_cxr, save
+from tests.support.spooling import data_set_of
 
 pytestmark = [
     pytest.mark.integration,
@@ -67,17 +67,17 @@ def test_storescu_uncompressed_and_jpeg_ls_arrive_byte_exact(
     made = _dcmtk("dcmcjpls", "--encode-lossless", save(make_cxr(rows=256, cols=256, seed=3),
                   tmp_path / "src.dcm"), jls)  # fmt: skip
     assert made.returncode == 0, made.stderr
-    assert read_part10(jls)[0] == "1.2.840.10008.1.2.4.80"  # JPEG-LS Lossless
+    assert data_set_of(jls)[0] == "1.2.840.10008.1.2.4.80"  # JPEG-LS Lossless
     sent = _dcmtk(
         "storescu", "-aet", "DCMTKSCU", "-aec", "CXRAUDIT", "--propose-jls-lossless", "--required",
         "127.0.0.1", listener.port, plain, jls,
     )  # fmt: skip
     assert sent.returncode == 0, sent.stderr
     for source in (plain, jls):
-        syntax, data_set = read_part10(source)
+        syntax, data_set = data_set_of(source)
         sop_uid = str(dcmread(source, stop_before_pixels=True).SOPInstanceUID)
         row = db.instance(sop_uid)
         assert row is not None, source.name
         assert row.transfer_syntax_uid == syntax
-        assert read_part10(Path(row.path)) == (syntax, data_set)
+        assert data_set_of(Path(row.path)) == (syntax, data_set)
     assert listener.stats == {"new": 2}
