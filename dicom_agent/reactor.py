@@ -95,23 +95,36 @@ def _waking(q: queue.Queue[Any], *wakes: Callable[[], None]) -> None:
     cast(_WakingQueue, q).wakes = wakes
 
 
+class _WakingFlag:
+    """A boolean instance attribute (kept where pynetdicom's ``__init__`` put it) whose being
+    set true also wakes the waiting loop through the instance's ``wake`` attribute (anything
+    with ``set()``): the loop then ends at once instead of at its next tick."""
+
+    def __init__(self, wake: str) -> None:
+        self._wake = wake
+        self._name = ""
+
+    def __set_name__(self, owner: type, name: str) -> None:
+        self._name = name
+
+    def __get__(self, obj: Any, objtype: type | None = None) -> Any:
+        if obj is None:
+            return self
+        return bool(obj.__dict__.get(self._name, False))
+
+    def __set__(self, obj: Any, value: bool) -> None:
+        obj.__dict__[self._name] = value
+        wake = obj.__dict__.get(self._wake)
+        if value and wake is not None:
+            wake.set()
+
+
 class WaitingDUL(DULServiceProvider):
     """pynetdicom's DUL with :meth:`run_reactor` waiting in ``poll(2)`` between events."""
 
     _wakeup: Wakeup
-
-    @property
-    def _kill_thread(self) -> bool:
-        return bool(self.__dict__.get("_kill_thread", False))
-
-    @_kill_thread.setter
-    def _kill_thread(self, value: bool) -> None:
-        # pynetdicom sets it from other threads (stop_dul, kill_dul) and then waits for
-        # this thread to end: wake it rather than let it finish a tick.
-        self.__dict__["_kill_thread"] = value
-        wakeup = self.__dict__.get("_wakeup")
-        if value and wakeup is not None:
-            wakeup.set()
+    # pynetdicom sets it from other threads (stop_dul, kill_dul), then waits for this one.
+    _kill_thread = _WakingFlag("_wakeup")
 
     def _wait_for_work(self) -> None:
         sock = self.socket.socket if self.socket is not None else None
@@ -181,17 +194,8 @@ class WaitingAssociation(Association):
     """pynetdicom's acceptor with :meth:`_run_reactor` waiting on :attr:`_wake`."""
 
     _wake: threading.Event
-
-    @property
-    def _kill(self) -> bool:
-        return bool(self.__dict__.get("_kill", False))
-
-    @_kill.setter
-    def _kill(self, value: bool) -> None:
-        self.__dict__["_kill"] = value
-        wake = self.__dict__.get("_wake")
-        if value and wake is not None:
-            wake.set()
+    # Set by kill() (from this thread or the server's) and by the DUL thread on a failure.
+    _kill = _WakingFlag("_wake")
 
     def _run_reactor(self) -> None:
         """pynetdicom 3.0.4's ``Association._run_reactor``; the one change is marked."""

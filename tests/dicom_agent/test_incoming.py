@@ -52,6 +52,17 @@ def _spool_threads() -> list[str]:
     return [t.name for t in threading.enumerate() if t.name.startswith("spool-")]
 
 
+def _before_each_write(monkeypatch: pytest.MonkeyPatch, before: Callable[[], object]) -> None:
+    """Run ``before`` ahead of every ``writev`` of the writer thread (a slow disk)."""
+    real = os.writev
+
+    def slow_writev(fd: int, buffers: list[memoryview]) -> int:
+        before()
+        return real(fd, buffers)
+
+    monkeypatch.setattr(incoming_mod.os, "writev", slow_writev)
+
+
 @pytest.fixture
 def flushes(monkeypatch: pytest.MonkeyPatch) -> list[int]:
     """Records the file size at every ``fdatasync`` (the flusher's calls)."""
@@ -107,14 +118,8 @@ def test_queued_bytes_are_bounded_while_the_disk_is_slow(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     release = threading.Event()
-    real = os.writev
-
-    def slow_writev(fd: int, buffers: list[memoryview]) -> int:
-        release.wait(10)
-        return real(fd, buffers)
-
     f = _open(tmp_path)  # the File Meta is written before the patch, by the constructor
-    monkeypatch.setattr(incoming_mod.os, "writev", slow_writev)
+    _before_each_write(monkeypatch, lambda: release.wait(10))
     handed: list[int] = []
 
     piece = QUEUE_BYTES // 4
@@ -205,15 +210,8 @@ def test_discard_while_the_writer_is_busy_stops_both_threads(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     started = threading.Event()
-    real = os.writev
-
-    def slow_writev(fd: int, buffers: list[memoryview]) -> int:
-        started.set()
-        time.sleep(0.05)
-        return real(fd, buffers)
-
     f = _open(tmp_path)
-    monkeypatch.setattr(incoming_mod.os, "writev", slow_writev)
+    _before_each_write(monkeypatch, lambda: (started.set(), time.sleep(0.05)))
     for _ in range(8):
         f.write(b"a" * (MIB // 2))
     assert started.wait(10)
