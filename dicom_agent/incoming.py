@@ -59,8 +59,9 @@ class IncomingFile:
     the file is unlinked, the rest of the data set is counted but not written, and
     :attr:`error` says why (answered 0xA700).
 
-    :meth:`complete` waits for both threads; :attr:`error`, :attr:`sha256` and the file's
-    contents are final after it (:meth:`sync`, :meth:`close` and :meth:`discard` call it).
+    :meth:`complete` waits for the writer: :attr:`sha256` and the file's contents are final
+    after it, and so is :attr:`error` but for a failure of the last flush, which :meth:`sync`
+    raises (it waits for the flusher too, as :meth:`close` and :meth:`discard` do).
     pynetdicom's DIMSE message writes with :meth:`write`, calls ``file.flush()`` and, after
     the C-STORE handler, :meth:`close` and an unlink of :attr:`name` (by then renamed or
     removed).

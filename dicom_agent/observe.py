@@ -307,7 +307,7 @@ class Metrics:
             "cxr_agent_listener_events",
             "Listener events since start, by event: C-STORE outcomes (new, duplicate, replaced,"
             " kept_first, malformed, too_large, out_of_resources, failed) and refusals"
-            " (pdu_too_long, connections_refused)",
+            " (pdu_too_long, connections_refused, per_address_limit)",
             ["event"],
             registry=r,
         )

@@ -319,7 +319,8 @@ class Listener:
     @property
     def stats(self) -> dict[str, int]:
         """Counters of this process since start: C-STORE outcomes (new, duplicate, ...) and
-        refusals (too_large, out_of_resources, pdu_too_long, connections_refused, ...)."""
+        refusals (too_large, out_of_resources, pdu_too_long, connections_refused,
+        per_address_limit, ...)."""
         return self.store_context.counters.snapshot()
 
     def stop(self) -> None:
