@@ -2,18 +2,19 @@
 
 An instance is kept exactly as the peer encoded it: the data set bytes are written unchanged
 behind a freshly built File Meta Information header (PS3.10 Section 7.1), so nothing is decoded
-and re-encoded. Only the header attributes the state row needs are parsed, stopping before the
-pixels. Layout::
+and re-encoded. Before it is kept, every element is read back (:func:`check_data_set`; pixels
+are checked for place, not decoded). Layout::
 
     <spool>/<StudyInstanceUID>/<SeriesInstanceUID>/<SOPInstanceUID>.dcm
 
 Directory names come only from UIDs that pass the PS3.5 9.1 syntax check, never from free text;
-the one other entry, ``.locks``, holds the lock files that serialise stores of one SOP Instance
-UID across listener processes.
-A store is durable before it returns: temp file in the destination folder, write, fsync, rename
-over the final name, fsync of the folder, then the state row is committed. A crash can leave a
-temp file (removed by :func:`reconcile`) or a renamed file without its row (rebuilt by
-:func:`reconcile`), never a half-written ``.dcm``.
+the two other entries are ``.incoming``, where data sets are written as they arrive
+(:mod:`dicom_agent.incoming`), and ``.locks``, whose lock files serialise stores of one SOP
+Instance UID across listener processes.
+A store is durable before it returns: the temp file is fsynced, renamed over the final name,
+the folder fsynced, then the state row is committed. A crash can leave a temp file (removed by
+:func:`reconcile`) or a renamed file without its row (rebuilt by :func:`reconcile`), never a
+half-written ``.dcm``.
 """
 
 from __future__ import annotations
@@ -101,8 +102,7 @@ _HEADER_KEYWORDS = (
     "ViewPosition",
     "BodyPartExamined",
 )
-_HEADER_TAGS: list[BaseTag | int] = [Tag(k) for k in _HEADER_KEYWORDS]
-_HEADER_TAG_SET = frozenset(int(t) for t in _HEADER_TAGS)
+_HEADER_TAG_SET = frozenset(int(Tag(k)) for k in _HEADER_KEYWORDS)
 
 
 def disk_free_bytes(folder: Path) -> int:

@@ -17,7 +17,8 @@ per accepted connection (PS3.8 9.3 for the PDU layout):
 * each C-STORE data set is written to a spool file fragment by fragment as P-DATA-TF PDUs
   arrive (:class:`~dicom_agent.incoming.IncomingFile`), and past ``scp.max_instance_bytes`` the
   association is aborted (A-ABORT, PS3.8 7.3.1) instead of reading on. Memory per association
-  is a few PDUs whatever the instance size. Middle fragments go to the file straight from the
+  is a few PDUs, plus at most :data:`~dicom_agent.incoming.QUEUE_BYTES` waiting for the data
+  set's writer thread, whatever the instance size. Middle fragments go to the file straight from the
   PDU bytes, without pynetdicom's PDU objects and queued events (about a sixth of the
   listener's CPU per 10 MB image, docs/benchmarks.md).
 
