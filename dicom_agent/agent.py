@@ -280,9 +280,9 @@ class Agent:
     # -- callbacks ----------------------------------------------------------------------------
 
     def _on_stored(self, study_uid: str) -> None:
+        # The listener has logged the instance.stored event; here only what the agent adds.
         self.metrics.instances_stored.labels("stored").inc()
         ref = study_ref(study_uid)
-        log.debug("instance stored", extra=event(event=Event.INSTANCE_STORED, study=ref))
         if self.db.latest_audit_job(study_uid) is not None:
             log.info(
                 "late instance: study receiving again, it will be re-audited",
