@@ -11,6 +11,7 @@ cases, 95 % Wilson intervals) are printed as JSON on stdout and as tables on std
 
 from __future__ import annotations
 
+import hashlib
 import json
 from pathlib import Path
 from typing import Annotated
@@ -39,6 +40,16 @@ from dicom_agent.registry import AuditRunner, build_runner
 
 #: The commands of this module; :mod:`dicom_agent.cli` adds them to ``cxr-agent``.
 app = typer.Typer()
+
+
+def result_folder(image: str) -> str:
+    """The folder of one image's results: its name when that is already a safe file name,
+    else the safe name plus a hash of the path as given (``a/b.png`` and ``a_b.png`` both
+    sanitise to ``a_b.png``). The same image gets the same folder in every run."""
+    name = safe_name(image)
+    if name == image:
+        return name
+    return f"{name}-{hashlib.sha256(image.encode('utf-8')).hexdigest()[:8]}"
 
 
 def _cases(images: Path, truth: Path | None) -> tuple[Path, list[TruthCase]]:
@@ -110,7 +121,9 @@ def eval_command(
     results_dir: Annotated[
         Path | None,
         typer.Option("--results", help="Also write each image's AuditResult to "
-                     "DIR/<image>/audit.json, so two runs can be compared with `cxr-agent diff`."),
+                     "DIR/<image>/audit.json, so two runs can be compared with `cxr-agent diff` "
+                     "(an image path that is not a plain file name gets a short hash of it "
+                     "appended, so a/b.png and a_b.png stay apart)."),
     ] = None,
     config: Path | None = CONFIG_OPTION,
 ) -> None:
@@ -136,7 +149,7 @@ def eval_command(
         runner.close()
     if results_dir is not None:
         for case, result in zip(cases, results, strict=True):
-            write_sidecar(results_dir / safe_name(case.image), result)
+            write_sidecar(results_dir / result_folder(case.image), result)
     report = evaluate(zip(cases, results, strict=True), parse_urgent(settings.audit.urgent_labels))
     body = {
         "disclaimer": DISCLAIMER,

@@ -98,6 +98,19 @@ def test_results_of_two_runs_compare_with_diff(tmp_path: Path) -> None:
     assert body["studies"]["white.png"]["mode"] == ["image_only", "full"]
 
 
+def test_results_of_images_whose_names_sanitise_alike_stay_apart(tmp_path: Path) -> None:
+    images = _images(tmp_path / "img", a_b=255)
+    _images(images / "a", b=0)  # "a/b.png" and "a_b.png" have the same safe name
+    truth = _truth(tmp_path / "t.jsonl", {"image": "a_b.png", "labels": []},
+                   {"image": "a/b.png", "labels": []})
+    _eval("--images", str(images), "--truth", str(truth), "--profile", "fake",
+          "--results", str(tmp_path / "r"))
+    folders = sorted(p.name for p in (tmp_path / "r").iterdir())
+    assert len(folders) == 2 and folders[0] == "a_b.png", folders
+    bodies = [(tmp_path / "r" / f / "audit.json").read_text() for f in folders]
+    assert "pneumothorax" in bodies[0] and "pneumothorax" not in bodies[1]  # bright vs dark
+
+
 def test_jsonl_images_are_their_own_truth_and_tables_go_to_stderr(tmp_path: Path) -> None:
     _images(tmp_path, black=0)
     cases = _truth(tmp_path / "cases.jsonl", {"image": "black.png", "labels": ["nodule_mass"]})
