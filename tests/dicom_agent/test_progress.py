@@ -8,6 +8,7 @@ from pathlib import Path
 import pytest
 from rich.console import Console
 
+from cxr_auditor.schema import AuditResult
 from dicom_agent.progress import print_summary, print_table, progress
 
 
@@ -58,7 +59,8 @@ def test_tables_in_a_pipe_keep_each_row_on_one_line(capsys: object) -> None:
     assert any(line.count("n=1") == 6 for line in err.splitlines())
 
 
-def test_result_rows_of_an_audit() -> None:
+def _fake_audit() -> AuditResult:
+    """A real audit by the fake grounder: a bright image, "No pneumothorax." as the draft."""
     from PIL import Image
 
     from cxr_auditor.drafts import get_parser
@@ -67,20 +69,34 @@ def test_result_rows_of_an_audit() -> None:
     from cxr_auditor.grounding.fake import BRIGHT_ANSWER, FakeGrounder
     from cxr_auditor.pipeline import AuditItem, Auditor
     from cxr_auditor.schema import ImageRef, StudyKeys
-    from dicom_agent.progress import result_rows
 
-    result = Auditor(FakeGrounder(BRIGHT_ANSWER), get_parser("rules")).audit(AuditItem(
+    return Auditor(FakeGrounder(BRIGHT_ANSWER), get_parser("rules")).audit(AuditItem(
         images=[ImageInput(Image.new("RGB", (32, 32)), 0, Geometry.identity(32, 32), True)],
         image_refs=[ImageRef(index=0, image_id="a", width=32, height=32)],
         draft_text="No pneumothorax.", study=StudyKeys(),
         skipped_images=[{"image_id": "b", "reason": "lateral_view"}],
     ))
-    rows = dict(result_rows(result))
+
+
+def test_result_rows_of_an_audit() -> None:
+    from dicom_agent.progress import result_rows
+
+    rows = dict(result_rows(_fake_audit()))
     assert rows["images audited"] == 1 and rows["images skipped"] == "1 lateral_view"
     assert rows["findings"] == "pleural_effusion, pneumothorax"
     assert rows["flags urgent"] == 1 and rows["flags missing"] == 2
     assert list(rows).index("flags urgent") < list(rows).index("flags missing")
     assert str(rows["time grounding"]).endswith(" ms")
+
+
+def test_result_rows_show_every_flag_kind() -> None:
+    from cxr_auditor.schema import Flag, FlagKind, Label
+    from dicom_agent.progress import result_rows
+
+    every = [Flag(kind=kind, label=Label.PNEUMOTHORAX, rationale="test") for kind in FlagKind]
+    rows = dict(result_rows(_fake_audit().model_copy(update={"flags": every})))
+    assert {k for k in rows if k.startswith("flags ")} == {f"flags {k.value}" for k in FlagKind}
+    assert next(k for k in rows if k.startswith("flags ")) == "flags urgent"
 
 
 def test_audit_command_ends_with_its_summary_table(
