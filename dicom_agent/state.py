@@ -829,26 +829,13 @@ class StateDB:
         one stays current until :meth:`pair_draft` pairs the new version, so a job prepared in
         between still sees a draft (never a spurious image-only audit).
         """
-        with self.transaction() as conn:
-            current = conn.execute(
-                "SELECT id, sha256 FROM drafts WHERE key = ? AND state != ?"
-                " ORDER BY id DESC LIMIT 1",
-                (key, DraftState.SUPERSEDED.value),
-            ).fetchone()
-            if current is not None and current["sha256"] == sha256:
-                return DraftOutcome.DUPLICATE, int(current["id"])
-            conn.execute(
-                "UPDATE drafts SET state=?, updated_at=? WHERE key=? AND state IN (?,?)",
-                (DraftState.SUPERSEDED.value, now, key, DraftState.PENDING.value,
-                 DraftState.ORPHAN.value),
-            )
-            cur = conn.execute(
-                "INSERT INTO drafts (key, key_kind, file_name, sha256, text, author, state,"
-                " received_at, updated_at) VALUES (?,?,?,?,?,?,?,?,?)",
-                (key, key_kind, file_name, sha256, text, author, DraftState.PENDING.value, now,
-                 now),
-            )
-            return DraftOutcome.NEW, int(cur.lastrowid or 0)
+        return self._record_report_text(
+            "drafts",
+            {"key": key, "key_kind": key_kind, "file_name": file_name, "sha256": sha256,
+             "text": text, "author": author},
+            replaced=(DraftState.PENDING, DraftState.ORPHAN),
+            now=now,
+        )
 
     def draft(self, draft_id: int) -> DraftRow | None:
         rows = self.query("SELECT * FROM drafts WHERE id = ?", (draft_id,))
@@ -899,8 +886,46 @@ class StateDB:
 
     def set_draft_file_name(self, draft_id: int, file_name: str) -> None:
         """Point a draft row at its file as named in ``processed/`` (after a collision)."""
+        self._set_file_name("drafts", draft_id, file_name)
+
+    def _record_report_text(
+        self,
+        table: str,
+        row: dict[str, str | None],
+        *,
+        replaced: tuple[DraftState, ...] | tuple[FinalState, ...],
+        now: float,
+    ) -> tuple[DraftOutcome, int]:
+        """Insert a report text ``row`` (drafts or finals) as pending unless the key's current
+        row has the same SHA-256; rows of the key in ``replaced`` become superseded. Both
+        tables spell their pending and superseded states the same."""
+        superseded = DraftState.SUPERSEDED.value
         with self.transaction() as conn:
-            conn.execute("UPDATE drafts SET file_name=? WHERE id=?", (file_name, draft_id))
+            current = conn.execute(
+                f"SELECT id, sha256 FROM {table} WHERE key = ? AND state != ?"
+                " ORDER BY id DESC LIMIT 1",
+                (row["key"], superseded),
+            ).fetchone()
+            if current is not None and current["sha256"] == row["sha256"]:
+                return DraftOutcome.DUPLICATE, int(current["id"])
+            conn.execute(
+                f"UPDATE {table} SET state=?, updated_at=? WHERE key=?"
+                f" AND state IN ({','.join('?' * len(replaced))})",
+                (superseded, now, row["key"], *(s.value for s in replaced)),
+            )
+            values: dict[str, object] = {
+                **row, "state": DraftState.PENDING.value, "received_at": now, "updated_at": now
+            }
+            cur = conn.execute(
+                f"INSERT INTO {table} ({', '.join(values)})"
+                f" VALUES ({','.join('?' * len(values))})",
+                tuple(values.values()),
+            )
+            return DraftOutcome.NEW, int(cur.lastrowid or 0)
+
+    def _set_file_name(self, table: str, row_id: int, file_name: str) -> None:
+        with self.transaction() as conn:
+            conn.execute(f"UPDATE {table} SET file_name=? WHERE id=?", (file_name, row_id))
 
     def studies_to_schedule(self) -> list[StudyRow]:
         """Studies the scheduler must look at: not yet audited, or paired with a draft that
@@ -1127,24 +1152,13 @@ class StateDB:
     ) -> tuple[DraftOutcome, int]:
         """Record a final report for ``key``; the same bytes as the key's current one are a
         no-op. An amended final leaves the compared one current until it is compared itself."""
-        with self.transaction() as conn:
-            current = conn.execute(
-                "SELECT id, sha256 FROM finals WHERE key = ? AND state != ?"
-                " ORDER BY id DESC LIMIT 1",
-                (key, FinalState.SUPERSEDED.value),
-            ).fetchone()
-            if current is not None and current["sha256"] == sha256:
-                return DraftOutcome.DUPLICATE, int(current["id"])
-            conn.execute(
-                "UPDATE finals SET state=?, updated_at=? WHERE key=? AND state=?",
-                (FinalState.SUPERSEDED.value, now, key, FinalState.PENDING.value),
-            )
-            cur = conn.execute(
-                "INSERT INTO finals (key, key_kind, file_name, sha256, text, state, received_at,"
-                " updated_at) VALUES (?,?,?,?,?,?,?,?)",
-                (key, key_kind, file_name, sha256, text, FinalState.PENDING.value, now, now),
-            )
-            return DraftOutcome.NEW, int(cur.lastrowid or 0)
+        return self._record_report_text(
+            "finals",
+            {"key": key, "key_kind": key_kind, "file_name": file_name, "sha256": sha256,
+             "text": text},
+            replaced=(FinalState.PENDING,),
+            now=now,
+        )
 
     def finals_counts(self) -> dict[str, int]:
         """Final reports by state (every state present, 0 when none)."""
@@ -1152,8 +1166,8 @@ class StateDB:
         return {s.value: int(counts.get(s.value, 0)) for s in FinalState}
 
     def set_final_file_name(self, final_id: int, file_name: str) -> None:
-        with self.transaction() as conn:
-            conn.execute("UPDATE finals SET file_name=? WHERE id=?", (file_name, final_id))
+        """Point a final's row at its file as named in ``processed/`` (after a collision)."""
+        self._set_file_name("finals", final_id, file_name)
 
     def finals(self, state: FinalState | None = None) -> list[FinalRow]:
         where, params = _state_in((state,) if state else None)
