@@ -109,12 +109,13 @@ def _drop(folder: Path, name: str, text: str) -> None:
     (folder / name).write_text(text)
 
 
-def _study(db: StateDB) -> None:
+def _study(db: StateDB, uid: str = UID, accession: str = ACCESSION, now: float = 1.0) -> None:
+    """One stored chest instance of study ``uid``."""
     db.record_instance(
-        sop_instance_uid=UID + ".1", study_instance_uid=UID, series_instance_uid=UID + ".2",
+        sop_instance_uid=uid + ".1", study_instance_uid=uid, series_instance_uid=uid + ".2",
         sop_class_uid="1.2.840.10008.5.1.4.1.1.1", modality="CR", transfer_syntax_uid=None,
-        view_position="PA", body_part="CHEST", accession_number=ACCESSION, path="x",
-        sha256="0" * 64, size=1, now=1.0,
+        view_position="PA", body_part="CHEST", accession_number=accession, path=uid,
+        sha256="0" * 64, size=1, now=now,
     )
 
 
@@ -176,13 +177,7 @@ def test_identical_final_is_a_duplicate_and_bad_one_rejected(settings: AgentSett
 def test_accession_held_by_two_studies_is_not_compared(settings: AgentSettings) -> None:
     monitor, db, _ = _monitor(settings)
     _study(db)
-    other = UID + "9"
-    db.record_instance(
-        sop_instance_uid=other + ".1", study_instance_uid=other, series_instance_uid=other + ".2",
-        sop_class_uid="1.2.840.10008.5.1.4.1.1.1", modality="CR", transfer_syntax_uid=None,
-        view_position="PA", body_part="CHEST", accession_number=ACCESSION, path="y",
-        sha256="1" * 64, size=1, now=2.0,
-    )
+    _study(db, UID + "9", ACCESSION, now=2.0)
     write_sidecar(settings.paths.out / UID, _audit(BRIGHT_ANSWER, None))
     _drop(settings.paths.finals, f"{ACCESSION}.txt", "Cardiomegaly.")
     monitor.tick(now=0.0)
@@ -257,12 +252,7 @@ def test_unreadable_result_leaves_its_final_pending_and_others_go_on(settings: A
     monitor, db, _ = _monitor(settings)
     _study(db)
     other = UID + "7"
-    db.record_instance(
-        sop_instance_uid=other + ".1", study_instance_uid=other, series_instance_uid=other + ".2",
-        sop_class_uid="1.2.840.10008.5.1.4.1.1.1", modality="CR", transfer_syntax_uid=None,
-        view_position="PA", body_part="CHEST", accession_number="ACC002", path="z",
-        sha256="2" * 64, size=1, now=2.0,
-    )
+    _study(db, other, "ACC002", now=2.0)
     (settings.paths.out / UID).mkdir(parents=True)
     (settings.paths.out / UID / "audit.json").write_text("{not json")
     write_sidecar(settings.paths.out / other, _audit(BRIGHT_ANSWER, None))
