@@ -105,13 +105,23 @@ class TestDecide:
             assert decide(study(state), draft(5), job(5), 1, PAIRING).action is Action.NOTHING
 
 
-def _instance(db: StateDB, study_uid: str, sop: str, now: float, accession: str = "ACC1") -> None:
+def _instance(
+    db: StateDB, study_uid: str, sop: str, now: float, accession: str | None = "ACC1",
+    path: str | None = None,
+) -> None:
     db.record_instance(
         sop_instance_uid=sop, study_instance_uid=study_uid, series_instance_uid=study_uid + ".1",
         sop_class_uid="1.2.840.10008.5.1.4.1.1.1.1", modality="DX", transfer_syntax_uid=None,
-        view_position="PA", body_part="CHEST", accession_number=accession, path=f"/n/{sop}.dcm",
-        sha256=sop, size=1, now=now,
+        view_position="PA", body_part="CHEST", accession_number=accession,
+        path=path or f"/n/{sop}.dcm", sha256=sop, size=1, now=now,
     )
+
+
+def _spooled(settings: AgentSettings, db: StateDB, study_uid: str) -> None:
+    """One instance of ``study_uid`` recorded at time 0, its file in the spool."""
+    f = settings.paths.spool / f"{study_uid}.1.dcm"
+    f.write_bytes(b"x")
+    _instance(db, study_uid, study_uid + ".1", now=0, accession=None, path=str(f))
 
 
 class TestScheduleStudies:
@@ -195,13 +205,7 @@ class TestHousekeeping:
             update={"spool_retention_days": 1, "results_retention_days": 1})})
         db = StateDB(s.paths.state)
         for uid, done in (("1.10", True), ("1.11", False)):
-            f = s.paths.spool / f"{uid}.1.dcm"
-            f.write_bytes(b"x")
-            db.record_instance(
-                sop_instance_uid=uid + ".1", study_instance_uid=uid, series_instance_uid=uid + ".2",
-                sop_class_uid="1.2", modality="DX", transfer_syntax_uid=None, view_position="PA",
-                body_part="CHEST", accession_number=None, path=str(f), sha256=uid, size=1, now=0,
-            )
+            _spooled(s, db, uid)
             (s.paths.out / uid).mkdir(parents=True)
             db.set_study_state(uid, StudyState.WAITING_DRAFT, 0, settled_at=0)
             job = db.queue_audit(uid, None, "image_only", 0)
@@ -222,13 +226,7 @@ class TestHousekeeping:
         db = StateDB(s.paths.state)
         for uid, state in (("1.20", StudyState.FAILED), ("1.21", StudyState.WAITING_DRAFT),
                            ("1.22", StudyState.QUEUED)):
-            f = s.paths.spool / f"{uid}.1.dcm"
-            f.write_bytes(b"x")
-            db.record_instance(
-                sop_instance_uid=uid + ".1", study_instance_uid=uid, series_instance_uid=uid + ".2",
-                sop_class_uid="1.2", modality="DX", transfer_syntax_uid=None, view_position="PA",
-                body_part="CHEST", accession_number=None, path=str(f), sha256=uid, size=1, now=0,
-            )
+            _spooled(s, db, uid)
             db.set_study_state(uid, state, 0, settled_at=0)
         s.paths.quarantine.mkdir(parents=True, exist_ok=True)
         old, new = s.paths.quarantine / "old.bin", s.paths.quarantine / "new.bin"
