@@ -407,11 +407,6 @@ class Spool:
             raise DicomInputError("instance UIDs are not valid for a file name (PS3.5 9.1)")
         return self.root / parts[0] / parts[1] / (parts[2] + DICOM_SUFFIX)
 
-    def check_free_space(self, incoming_bytes: int) -> None:
-        """Raise :class:`SpoolFullError` when storing ``incoming_bytes`` would cross the floor."""
-        with self.reserve(incoming_bytes):
-            pass
-
     @contextmanager
     def reserve(self, nbytes: int) -> Iterator[None]:
         """Hold ``nbytes`` of free space while they are written, or raise :class:`SpoolFullError`.
