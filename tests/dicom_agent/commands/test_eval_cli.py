@@ -14,7 +14,7 @@ from typing import Any
 import pytest
 from typer.testing import CliRunner
 
-from cxr_auditor.grounding.fake import BRIGHT_ANSWER
+from benchmarks import eval_example
 from dicom_agent.cli import app
 from tests.support import tinymodels as tm
 from tests.support.model_fixtures import (  # noqa: F401 - fixtures
@@ -25,7 +25,7 @@ from tests.support.model_fixtures import (  # noqa: F401 - fixtures
 )
 
 runner = CliRunner()
-PTX_BOX, EFF_BOX = (item["box_2d"] for item in json.loads(BRIGHT_ANSWER))
+REPO = Path(__file__).resolve().parents[3]
 
 
 @pytest.fixture(autouse=True)
@@ -53,32 +53,30 @@ def _eval(*args: str) -> dict[str, Any]:
     return json.loads(result.stdout)
 
 
-def test_fake_profile_known_figures(tmp_path: Path) -> None:
-    """Bright images get pneumothorax + effusion at known boxes, dark ones no finding."""
-    images = _images(tmp_path / "img", white=255, white2=255, black=0)
-    truth = _truth(
-        tmp_path / "truth.jsonl",
-        {"image": "white.png", "labels": ["pneumothorax", "pleural_effusion"],
-         "boxes": [{"label": "pneumothorax", "box_2d": PTX_BOX},
-                   {"label": "pleural_effusion", "box_2d": [0.6, 0.23, 0.92, 0.57]}],
-         "draft": "No pneumothorax.",
-         "flags": [{"kind": "missing", "label": "pneumothorax"},
-                   {"kind": "urgent", "label": "pneumothorax"},
-                   {"kind": "missing", "label": "pleural_effusion"}]},
-        {"image": "white2.png", "labels": []},
-        {"image": "black.png", "labels": []},
-    )
-    out = _eval("--images", str(images), "--truth", str(truth), "--profile", "fake",
-                "--batch-size", "2")
-    assert out["cases"] == 3 and out["profile"] == "fake" and "RESEARCH" in out["disclaimer"]
-    ptx = out["presence"]["pneumothorax"]
-    assert (ptx["tp"], ptx["fp"], ptx["fn"], ptx["tn"]) == (1, 1, 0, 1)
-    assert ptx["precision"]["value"] == 0.5 and ptx["recall"]["value"] == 1.0
-    assert out["urgent_recall"]["value"] == 1.0 and out["urgent_recall"]["n"] == 1
-    loc = out["localisation"]
+def _quoted_rows() -> list[str]:
+    """The table rows docs/evaluation.md quotes for its example."""
+    doc = (REPO / "docs" / "evaluation.md").read_text(encoding="utf-8")
+    example = doc.split("### Example", 1)[1].split("\nRead with the intervals", 1)[0]
+    return [line for line in example.splitlines() if line.startswith("│")]
+
+
+def test_docs_example_figures(tmp_path: Path) -> None:
+    """The command docs/evaluation.md runs prints the rows it quotes (fake stand-in, bright
+    images: pneumothorax + effusion at known boxes, dark ones: no finding), in batches too."""
+    eval_example.main(tmp_path / "ex")
+    result = runner.invoke(app, ["eval", "--images", str(tmp_path / "ex"), "--truth",
+                                 str(tmp_path / "ex" / "truth.jsonl"), "--profile", "fake",
+                                 "--batch-size", "2"])
+    assert result.exit_code == 0, result.output
+    rows = _quoted_rows()
+    for first in ("│ pneumothorax ", "│ mean IoU ", "│ cases exactly right "):  # all 3 tables
+        assert any(row.startswith(first) for row in rows), first
+    missing = [row for row in rows if row not in result.stderr]
+    assert not missing, result.stderr
+    out = json.loads(result.stdout)
+    assert out["cases"] == 5 and out["profile"] == "fake" and "RESEARCH" in out["disclaimer"]
     # the effusion truth is shifted by half the box width: IoU = 0.17 / (0.34 + 0.34 - 0.17) = 1/3
-    assert loc["truth_boxes"] == 2 and loc["iou0.3"]["hits"] == 2 and loc["iou0.5"]["hits"] == 1
-    assert out["audit_flags"]["cases"] == 1 and out["audit_flags"]["exact_match"]["value"] == 1.0
+    assert out["localisation"]["mean_iou"] == pytest.approx(2 / 3, abs=1e-3)
 
 
 def test_results_of_two_runs_compare_with_diff(tmp_path: Path) -> None:
