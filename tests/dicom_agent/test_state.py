@@ -12,6 +12,7 @@ from dicom_agent.state import (
     SCHEMA_VERSION,
     DraftOutcome,
     DraftState,
+    FinalState,
     JobState,
     StateDB,
     StoreOutcome,
@@ -90,6 +91,38 @@ class TestDrafts:
         assert newer[0] is DraftOutcome.NEW and newer[1] != first[1]
         states = {d.id: d.state for d in db.drafts()}
         assert states == {first[1]: "superseded", newer[1]: "pending"}
+
+    def test_a_new_version_supersedes_unpaired_drafts_only_and_renames_land(
+        self, db: StateDB
+    ) -> None:
+        kw = {"key": "ACC1", "key_kind": "accession", "file_name": "ACC1.txt", "text": "t",
+              "author": "dr"}
+        _, orphan = db.record_draft(sha256="a", now=1, **kw)
+        db.set_draft_state(orphan, DraftState.ORPHAN, 2)
+        _, newer = db.record_draft(sha256="b", now=3, **kw)
+        assert db.draft(orphan).state == DraftState.SUPERSEDED.value  # type: ignore[union-attr]
+        db.pair_draft(newer, STUDY, 4)
+        _, newest = db.record_draft(sha256="c", now=5, **kw)
+        assert db.draft(newer).state == DraftState.PAIRED.value  # type: ignore[union-attr]
+        db.set_draft_file_name(newest, "ACC1.c.txt")
+        row = db.draft(newest)
+        assert row is not None and (row.file_name, row.author) == ("ACC1.c.txt", "dr")
+
+    def test_an_amended_final_supersedes_a_pending_one_not_a_compared_one(
+        self, db: StateDB
+    ) -> None:
+        kw = {"key": "ACC1", "key_kind": "accession", "file_name": "ACC1.txt", "text": "t"}
+        _, pending = db.record_final(sha256="a", now=1, **kw)
+        assert db.record_final(sha256="a", now=2, **kw) == (DraftOutcome.DUPLICATE, pending)
+        _, compared = db.record_final(sha256="b", now=3, **kw)
+        db.record_agreements(compared, STUDY, [], 4)
+        _, amended = db.record_final(sha256="c", now=5, **kw)
+        db.set_final_file_name(amended, "ACC1.c.txt")
+        assert [(f.id, f.state, f.file_name) for f in db.finals()] == [
+            (pending, FinalState.SUPERSEDED.value, "ACC1.txt"),
+            (compared, FinalState.COMPARED.value, "ACC1.txt"),
+            (amended, FinalState.PENDING.value, "ACC1.c.txt"),
+        ]
 
     def test_pairing_by_accession_supersedes_older_drafts_of_the_study(self, db: StateDB) -> None:
         add_instance(db)
