@@ -11,6 +11,7 @@ from PIL import Image
 
 from cxr_auditor.drafts import get_parser
 from cxr_auditor.eval.grounding import (
+    TruthBox,
     TruthCase,
     TruthError,
     evaluate,
@@ -51,6 +52,18 @@ def _audit(answer: str, draft: str | None = None) -> AuditResult:
         study=StudyKeys(),
     )
     return auditor.audit(item)
+
+
+def _boxed_case(
+    image: str, truth: list[float], predicted: list[float], label: Label = Label.PNEUMOTHORAX,
+    predicted_label: Label | None = None,
+) -> tuple[TruthCase, AuditResult]:
+    """One image with one truth box of ``label`` and one predicted box (of ``predicted_label``,
+    default the same label); both boxes normalised on the source image."""
+    box = TruthBox.model_validate({"label": label, "box_2d": truth})
+    case = TruthCase(image=image, labels=[label], boxes=[box])
+    answer = _answer(((predicted_label or label).value, _model_box(predicted)))
+    return case, _audit(answer)
 
 
 def _box(y0: float, x0: float, y1: float, x1: float) -> Box:
@@ -109,14 +122,7 @@ def test_boxes_are_matched_within_each_image_never_across() -> None:
     """Image A has its truth on the right and its prediction on the left, image B the other
     way round: pooled matching would pair each prediction with the other image's truth."""
     right, left = [0.1, 0.6, 0.5, 0.9], [0.1, 0.1, 0.5, 0.4]
-    cases = [
-        (TruthCase(image="a", labels=[Label.PNEUMOTHORAX],
-                   boxes=[{"label": "pneumothorax", "box_2d": right}]),
-         _audit(_answer(("pneumothorax", _model_box(left))))),
-        (TruthCase(image="b", labels=[Label.PNEUMOTHORAX],
-                   boxes=[{"label": "pneumothorax", "box_2d": left}]),
-         _audit(_answer(("pneumothorax", _model_box(right))))),
-    ]
+    cases = [_boxed_case("a", right, left), _boxed_case("b", left, right)]
     loc = evaluate(cases).as_dict()["localisation"]
     assert loc["truth_boxes"] == 2 and loc["predicted_boxes"] == 2
     assert loc["matched"] == 0 and loc["mean_iou"] == 0.0
@@ -126,16 +132,12 @@ def test_boxes_are_matched_within_each_image_never_across() -> None:
 def test_localisation_thresholds_and_mean_iou() -> None:
     truth_box = [0.2, 0.2, 0.6, 0.6]
     half = [0.2, 0.4, 0.6, 0.8]  # overlaps the truth by a third of their union
+    nodule = Label.NODULE_MASS
     cases = [
-        (TruthCase(image="a", labels=[Label.NODULE_MASS],
-                   boxes=[{"label": "nodule_mass", "box_2d": truth_box}]),
-         _audit(_answer(("nodule_mass", _model_box(truth_box))))),
-        (TruthCase(image="b", labels=[Label.NODULE_MASS],
-                   boxes=[{"label": "nodule_mass", "box_2d": truth_box}]),
-         _audit(_answer(("nodule_mass", _model_box(half))))),
-        (TruthCase(image="c", labels=[Label.NODULE_MASS],  # a box of another label never counts
-                   boxes=[{"label": "nodule_mass", "box_2d": truth_box}]),
-         _audit(_answer(("pleural_effusion", _model_box(truth_box))))),
+        _boxed_case("a", truth_box, truth_box, nodule),
+        _boxed_case("b", truth_box, half, nodule),
+        # a box of another label never counts
+        _boxed_case("c", truth_box, truth_box, nodule, Label.PLEURAL_EFFUSION),
     ]
     loc = evaluate(cases).as_dict()["localisation"]
     assert loc["iou0.3"]["hits"] == 2 and loc["iou0.5"]["hits"] == 1
