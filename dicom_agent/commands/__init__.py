@@ -27,6 +27,12 @@ TyperOption.display_type_rich = _flag_display  # type: ignore[method-assign]
 
 #: The ``--config`` option every command that reads settings takes.
 CONFIG_OPTION = typer.Option(None, "--config", help="YAML file over the embedded defaults.")
+#: ``--profile`` of the commands that audit with a chosen profile or the configured one.
+PROFILE_OPTION = typer.Option(None, "--profile", help="Model profile (default: grounding.profile).")
+#: ``--parser`` of the commands that audit drafts.
+PARSER_OPTION = typer.Option(None, "--parser", help="Draft parser (default: drafts.parser).")
+#: ``--batch-size`` of the commands that audit many studies.
+BATCH_SIZE_OPTION = typer.Option(None, "--batch-size", min=1, help="Default: worker.batch_size.")
 
 
 def fail(message: str, code: int = 2) -> NoReturn:

@@ -23,7 +23,14 @@ from cxr_auditor.eval.grounding import TruthCase, TruthError, evaluate, load_tru
 from cxr_auditor.labels import parse_urgent
 from cxr_auditor.profiles import get_profile
 from cxr_auditor.schema import DISCLAIMER, AuditResult
-from dicom_agent.commands import CONFIG_OPTION, fail, settings_or_fail
+from dicom_agent.commands import (
+    BATCH_SIZE_OPTION,
+    CONFIG_OPTION,
+    PARSER_OPTION,
+    PROFILE_OPTION,
+    fail,
+    settings_or_fail,
+)
 from dicom_agent.config import AgentSettings
 from dicom_agent.errors import AgentError
 from dicom_agent.inbox import safe_name
@@ -106,15 +113,9 @@ def eval_command(
         Path | None,
         typer.Option("--truth", help="Truth JSONL (default: --images when it is JSONL)."),
     ] = None,
-    profile_name: Annotated[
-        str | None, typer.Option("--profile", help="Model profile (default: grounding.profile).")
-    ] = None,
-    parser_name: Annotated[
-        str | None, typer.Option("--parser", help="Draft parser (default: drafts.parser).")
-    ] = None,
-    batch_size: Annotated[
-        int | None, typer.Option("--batch-size", min=1, help="Default: worker.batch_size.")
-    ] = None,
+    profile_name: str | None = PROFILE_OPTION,
+    parser_name: str | None = PARSER_OPTION,
+    batch_size: int | None = BATCH_SIZE_OPTION,
     json_out: Annotated[
         Path | None, typer.Option("--json-out", help="Also write the JSON report to this file.")
     ] = None,

@@ -34,9 +34,15 @@ from cxr_auditor.profiles import (
     get_profile,
     load_profiles,
 )
-from dicom_agent.commands import fail
-from dicom_agent.config import AgentSettings, load_settings
-from dicom_agent.errors import AgentError, ConfigError
+from dicom_agent.commands import (
+    CONFIG_OPTION,
+    PARSER_OPTION,
+    PROFILE_OPTION,
+    fail,
+    settings_or_fail,
+)
+from dicom_agent.config import AgentSettings
+from dicom_agent.errors import AgentError
 from dicom_agent.ports import bind_tcp
 from dicom_agent.prepare import Draft, configured_for, instances_from_files, prepare_study
 from dicom_agent.progress import print_summary, progress, result_rows
@@ -44,16 +50,6 @@ from dicom_agent.registry import build_runner
 
 #: The commands of this module; :mod:`dicom_agent.cli` adds them to ``cxr-agent``.
 app = typer.Typer()
-
-_CONFIG = typer.Option(None, "--config", help="YAML file over the embedded defaults.")
-
-
-def _settings(config: Path | None) -> AgentSettings:
-    try:
-        return load_settings(config)
-    except ConfigError as exc:
-        fail(str(exc).splitlines()[0])
-
 
 def _draft(draft_file: Path | None, draft: str | None) -> Draft:
     if draft_file is None:
@@ -73,18 +69,14 @@ def audit(
         Path | None, typer.Option("--draft-file", help="Draft report text file.")
     ] = None,
     draft: Annotated[str | None, typer.Option("--draft", help="Draft report text.")] = None,
-    profile_name: Annotated[
-        str | None, typer.Option("--profile", help="Model profile (default: grounding.profile).")
-    ] = None,
-    parser_name: Annotated[
-        str | None, typer.Option("--parser", help="Draft parser (default: drafts.parser).")
-    ] = None,
-    config: Path | None = _CONFIG,
+    profile_name: str | None = PROFILE_OPTION,
+    parser_name: str | None = PARSER_OPTION,
+    config: Path | None = CONFIG_OPTION,
 ) -> None:
     """Audit IMAGE... as one study and print the AuditResult JSON (research use only)."""
     if draft_file is not None and draft is not None:
         fail("give --draft-file or --draft, not both")
-    settings = _settings(config)
+    settings = settings_or_fail(config)
     try:
         profile = get_profile(profile_name or settings.grounding.profile, settings.paths.profiles)
     except CxrAuditError as exc:
@@ -299,10 +291,10 @@ def doctor(
     load: Annotated[
         bool, typer.Option("--load", help="Really load each in-process model (slow).")
     ] = False,
-    config: Path | None = _CONFIG,
+    config: Path | None = CONFIG_OPTION,
 ) -> None:
     """One line per check: dependencies, folders, ports, and whether each profile can load."""
-    settings = _settings(config)
+    settings = settings_or_fail(config)
     lines = _dependency_checks() + _folder_checks(settings) + _port_checks(settings)
     try:
         known = load_profiles(settings.paths.profiles)

@@ -12,7 +12,13 @@ import typer
 
 from cxr_auditor.errors import CxrAuditError
 from cxr_auditor.profiles import get_profile, parse_profile
-from dicom_agent.commands import CONFIG_OPTION, fail, settings_or_fail
+from dicom_agent.commands import (
+    BATCH_SIZE_OPTION,
+    CONFIG_OPTION,
+    PARSER_OPTION,
+    fail,
+    settings_or_fail,
+)
 from dicom_agent.conformance import is_valid_uid
 from dicom_agent.errors import AgentError
 from dicom_agent.progress import print_summary, print_table, progress
@@ -48,12 +54,8 @@ def replay(
         typer.Option("--prompt", help="Run the profile with this pinned prompt instead of its own "
                      "(a name in cxr_auditor.prompts, e.g. grounding, explain_my_xray)."),
     ] = None,
-    parser_name: Annotated[
-        str | None, typer.Option("--parser", help="Draft parser (default: drafts.parser).")
-    ] = None,
-    batch_size: Annotated[
-        int | None, typer.Option("--batch-size", min=1, help="Default: worker.batch_size.")
-    ] = None,
+    parser_name: str | None = PARSER_OPTION,
+    batch_size: int | None = BATCH_SIZE_OPTION,
     config: Path | None = CONFIG_OPTION,
 ) -> None:
     """Audit spooled studies again with another profile or prompt into a separate folder."""

@@ -143,6 +143,16 @@ class TestAudit:
 
 
 class TestDoctor:
+    def test_bad_config_prints_one_line_per_key_and_exits_2(self, tmp_path: Path) -> None:
+        """doctor names every bad key, as serve does (it printed only the first)."""
+        bad = tmp_path / "bad.yaml"
+        bad.write_text("scp:\n  port: 70000\nbogus: 1\n")
+        result = runner.invoke(app, ["doctor", "--config", str(bad)])
+        assert result.exit_code == 2
+        lines = [ln for ln in result.stderr.splitlines() if ln.startswith("error:")]
+        assert len(lines) == 2, result.stderr
+        assert any("scp.port" in ln for ln in lines) and any("bogus" in ln for ln in lines)
+
     def test_configured_profiles_and_checks_one_line_each(self) -> None:
         result = runner.invoke(app, ["doctor"])
         lines = result.stdout.splitlines()
