@@ -214,14 +214,18 @@ def _gold_record(rec: dict[str, Any]) -> GoldReport | None:
     return GoldReport(id=str(rec["id"]), text=str(rec["text"]), labels=labels)
 
 
+# Words that end a negated list: a terminator or a verb.
+_LIST_END = (
+    r"but|however|although|though|except|which|whereas|is|are|was|were|there|has|have|seen"
+    r"|noted|present|identified"
+)
 # A negation cue, then a clause that joins alternatives with "or" / "nor" before any clause
-# end, terminator or verb: "no consolidation, pneumothorax or sizeable effusion".
+# end, terminator or verb: "no consolidation, pneumothorax or sizeable effusion". After the "or"
+# the last member also ends at a comma, "and" or "with" (a new statement follows).
 _NEG_LIST = re.compile(
     r"\b(?:no|without|negative for|free of|absence of)\b"
-    r"(?P<list>(?:(?!\b(?:but|however|although|though|except|which|whereas|is|are|was|were"
-    r"|there|has|have|seen|noted|present|identified)\b)[^.;:!?\n])*?\b(?:or|nor)\b"
-    r"(?:(?!\b(?:but|however|although|though|except|which|whereas|is|are|was|were|there|has"
-    r"|have|seen|noted|present|identified|and|with)\b)[^.;:!?\n,])*)"
+    rf"(?P<list>(?:(?!\b(?:{_LIST_END})\b)[^.;:!?\n])*?\b(?:or|nor)\b"
+    rf"(?:(?!\b(?:{_LIST_END}|and|with)\b)[^.;:!?\n,])*)"
 )
 
 
