@@ -28,12 +28,7 @@ from tests.support.model_fixtures import (  # noqa: F401 - fixtures
 runner = CliRunner()
 
 
-@pytest.fixture(autouse=True)
-def _isolated(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
-    """Relative default folders land in tmp_path; no site settings leak in."""
-    monkeypatch.chdir(tmp_path)
-    for key in ("CXR_AGENT_CONFIG", "CXR_AGENT__PATHS__PROFILES", "CXR_AGENT__GROUNDING__PROFILE"):
-        monkeypatch.delenv(key, raising=False)
+pytestmark = pytest.mark.usefixtures("isolated_cli")
 
 
 def _png(folder: Path, value: int, name: str) -> Path:
