@@ -78,8 +78,12 @@ MAX_VERSUS_GAP = 4
 #: A piece longer than this many words without a closing conjunction is a new statement: list
 #: members in reports are short noun phrases ("large right pleural effusion").
 MAX_MEMBER_WORDS = 6
+#: A cue among a piece's first this many words opens a new statement ("..., possible effusion");
+#: one further on stays inside the list ("..., or consolidation to suggest pneumonia").
+HEAD_WORDS = 2
 
 _WORD = re.compile(r"[a-z][a-z/'-]*")
+_NONBLANK = re.compile(r"\S+")
 
 
 def _words(low: str, start: int, end: int) -> list[str]:
@@ -112,12 +116,11 @@ def is_member(words: Sequence[str], *, opens_with_cue: bool, closed: bool) -> bo
     return not (body and body[0] in ASSERTIVE)
 
 
-def forward_end(
-    low: str, start: int, limit: int, cue_starts: Sequence[int], head_words: int = 2
-) -> int:
+def forward_end(low: str, start: int, limit: int, cue_starts: Sequence[int]) -> int:
     """Where a forward cue's scope ends: the first comma (from ``start``, up to ``limit``) whose
     following piece is not a list member. ``cue_starts`` (sorted) are the offsets of other cues
-    in the sentence: a cue among the first ``head_words`` words of a piece opens a new statement.
+    in the sentence: a cue among the first :data:`HEAD_WORDS` words of a piece opens a new
+    statement.
     """
     closed = closes_list(low, start, limit)
     pos = low.find(",", start, limit)
@@ -125,7 +128,7 @@ def forward_end(
         nxt = low.find(",", pos + 1, limit)
         piece_end = limit if nxt == -1 else nxt
         words = _words(low, pos + 1, piece_end)
-        head = _head_end(low, pos + 1, piece_end, head_words)
+        head = _head_end(low, pos + 1, piece_end)
         i = bisect_left(cue_starts, pos + 1)
         opens_with_cue = i < len(cue_starts) and cue_starts[i] < head
         if not is_member(words, opens_with_cue=opens_with_cue, closed=closed):
@@ -163,9 +166,10 @@ def versus_reaches(low: str, mention_end: int, versus_start: int) -> bool:
     return len(gap) <= MAX_VERSUS_GAP and not any(w in PHRASE_BREAKERS for w in gap)
 
 
-def _head_end(low: str, start: int, end: int, n: int) -> int:
-    """The offset just after the first ``n`` words of ``low[start:end]``."""
-    for found, m in enumerate(re.finditer(r"\S+", low[start:end]), 1):
-        if found == n:
-            return start + m.end()
+def _head_end(low: str, start: int, end: int) -> int:
+    """The offset just after the first :data:`HEAD_WORDS` words of ``low[start:end]`` (``end``
+    when it has fewer)."""
+    for found, m in enumerate(_NONBLANK.finditer(low, start, end), 1):
+        if found == HEAD_WORDS:
+            return m.end()
     return end
