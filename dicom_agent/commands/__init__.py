@@ -45,6 +45,14 @@ def warn(message: str) -> None:
     print(f"warning: {message}", file=sys.stderr)
 
 
+def state_or_fail(settings: AgentSettings) -> Path:
+    """``paths.state`` of a command that reads what an agent recorded; exit code 2 when there is
+    no database yet (opening it would create an empty one)."""
+    if not settings.paths.state.exists():
+        fail(f"no state database at {settings.paths.state} (has the agent ever run here?)")
+    return settings.paths.state
+
+
 def settings_or_fail(config: Path | None) -> AgentSettings:
     """Load settings; each bad key is one ``error:`` line on stderr, then exit code 2."""
     try:

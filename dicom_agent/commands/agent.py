@@ -10,7 +10,7 @@ from typing import TYPE_CHECKING, Any
 
 import typer
 
-from dicom_agent.commands import CONFIG_OPTION, fail, settings_or_fail
+from dicom_agent.commands import CONFIG_OPTION, fail, settings_or_fail, state_or_fail
 from dicom_agent.config import AgentSettings
 from dicom_agent.errors import ConfigError
 
@@ -170,8 +170,7 @@ def collect_status(
     from dicom_agent.state import StateDB
 
     now = time.time() if now is None else now
-    if not settings.paths.state.exists():
-        fail(f"no state database at {settings.paths.state} (has the agent ever run here?)")
+    state = state_or_fail(settings)
     beat = _read_heartbeat(settings)
     running = (
         beat is not None
@@ -189,7 +188,7 @@ def collect_status(
             "profile": settings.grounding.profile, "state": "unknown (agent not running)"
         },
     }
-    db = StateDB(settings.paths.state)
+    db = StateDB(state)
     try:
         body.update(status_counts(db))
         body["study_rows"], body["unfinished_studies"] = study_rows(db, settings, body["model"], now, limit)
@@ -258,10 +257,7 @@ def reaudit(
     from dicom_agent.scheduler import reaudit_study
     from dicom_agent.state import StateDB
 
-    settings = settings_or_fail(config)
-    if not settings.paths.state.exists():
-        fail(f"no state database at {settings.paths.state}")
-    db = StateDB(settings.paths.state)
+    db = StateDB(state_or_fail(settings_or_fail(config)))
     try:
         matches = db.studies_for_key(key)
         if not matches:

@@ -10,7 +10,7 @@ from typing import Annotated
 
 import typer
 
-from dicom_agent.commands import CONFIG_OPTION, fail, settings_or_fail
+from dicom_agent.commands import CONFIG_OPTION, settings_or_fail, state_or_fail
 from dicom_agent.progress import print_table
 
 #: The commands of this module; :mod:`dicom_agent.cli` adds them to ``cxr-agent``.
@@ -38,10 +38,8 @@ def monitoring(
     from dicom_agent.state import StateDB
 
     settings = settings_or_fail(config)
-    if not settings.paths.state.exists():
-        fail(f"no state database at {settings.paths.state} (has the agent ever run here?)")
     size = window or settings.monitoring.window_cases
-    db = StateDB(settings.paths.state)
+    db = StateDB(state_or_fail(settings))
     try:
         body = window_summary(db.agreement_window(size), size).as_dict()
         body["finals"] = db.finals_counts()

@@ -18,6 +18,7 @@ from dicom_agent.commands import (
     PARSER_OPTION,
     fail,
     settings_or_fail,
+    state_or_fail,
 )
 from dicom_agent.conformance import is_valid_uid
 from dicom_agent.errors import AgentError
@@ -65,8 +66,7 @@ def replay(
 
     settings = settings_or_fail(config)
     uids = _uids(studies)
-    if not settings.paths.state.exists():
-        fail(f"no state database at {settings.paths.state} (has the agent ever run here?)")
+    state = state_or_fail(settings)  # before a model is loaded for nothing
     stamp = time.strftime("%Y%m%dT%H%M%SZ", time.gmtime())
     run_name = f"{profile_name}+{prompt}" if prompt else profile_name
     folder = out or settings.paths.out.parent / "replay" / f"{run_name}-{stamp}"
@@ -80,7 +80,7 @@ def replay(
         runner = build_runner(profile, parser_name or settings.drafts.parser, settings)
     except CxrAuditError as exc:
         fail(str(exc).splitlines()[0])
-    db = StateDB(settings.paths.state)
+    db = StateDB(state)
     try:
         uids = uids or [s.study_instance_uid for s in db.studies((StudyState.AUDITED,))]
         with progress("Replaying", total=len(uids)) as bar:
