@@ -344,6 +344,8 @@ def run_demo(
         say(f"dropped {sum(s.case.draft is not None for s in studies)} drafts into {drafts}")
         from pydicom import dcmread
 
+        from dicom_agent.outputs.layout import version_dir
+
         images = [dcmread(p) for s in studies for p in s.images]
         send_images(agent.port, images)
         say(f"sent {len(images)} synthetic radiographs of {len(studies)} studies over one C-STORE association")
@@ -351,10 +353,11 @@ def run_demo(
         for study in studies:
             wait_for(lambda s=study: _finished(out, s), timeout, f"the audit of {study.case.accession}",  # type: ignore[misc]
                      agent.check_alive)
-            version = latest_version(out / study.study_uid)
+            assert study.result is not None  # _finished read it: the latest version's sidecar
             link = folder / "results" / study.case.accession
             link.parent.mkdir(exist_ok=True)
-            link.symlink_to(Path("..") / "out" / study.study_uid / version.name, target_is_directory=True)
+            version = version_dir(Path("..") / "out" / study.study_uid, study.result["result_version"])
+            link.symlink_to(version, target_is_directory=True)
             study.results_dir = link
             say(f"audited {study.case.accession}: {flag_summary(study.result)}")
         if then is not None:
@@ -362,14 +365,6 @@ def run_demo(
     finally:
         agent.stop()
     return studies
-
-
-def latest_version(study_dir: Path) -> Path:
-    """The newest ``v<N>/`` folder of a study's results (docs/outputs.md: the out/ layout)."""
-    versions = [p for p in study_dir.glob("v*") if p.name[1:].isdigit() and (p / "audit.json").exists()]
-    if not versions:
-        raise AgentError(f"no result version under {study_dir}")
-    return max(versions, key=lambda p: int(p.name[1:]))
 
 
 def flag_summary(result: dict[str, Any] | None) -> str:
