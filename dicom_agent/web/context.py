@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import time
+from collections import Counter
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Protocol
 
@@ -24,13 +25,10 @@ if TYPE_CHECKING:
 
 TEMPLATES = Path(__file__).resolve().parent / "templates"
 
-#: Flag kinds in the order their badges are shown: URGENT first.
+#: Flag kinds in the order their badges are shown: URGENT first, then every other kind the
+#: schema has (the order of the command line's summary), so a new kind is shown, not a crash.
 FLAG_ORDER: tuple[FlagKind, ...] = (
-    FlagKind.URGENT,
-    FlagKind.MISSING,
-    FlagKind.UNSUPPORTED,
-    FlagKind.LATERALITY,
-    FlagKind.HEDGED,
+    FlagKind.URGENT, *(kind for kind in FlagKind if kind is not FlagKind.URGENT)
 )
 
 
@@ -99,10 +97,8 @@ def flag_counts(result: AuditResult | None) -> list[tuple[str, int]]:
     """``(kind, count)`` of the result's flags, URGENT first, kinds with no flag left out."""
     if result is None:
         return []
-    counts = {kind: 0 for kind in FLAG_ORDER}
-    for flag in result.flags:
-        counts[flag.kind] = counts.get(flag.kind, 0) + 1
-    return [(kind.value, n) for kind, n in counts.items() if n]
+    counts = Counter(flag.kind for flag in result.flags)
+    return [(kind.value, counts[kind]) for kind in FLAG_ORDER if counts[kind]]
 
 
 def result_profile(result: AuditResult | None) -> str | None:
