@@ -40,7 +40,7 @@ from dicom_agent.outputs.layout import (
     version_dir,
 )
 from dicom_agent.scheduler import reaudit_study
-from dicom_agent.state import JobKind, JobRow, JobState, StudyRow
+from dicom_agent.state import InstanceRow, JobKind, JobRow, JobState, StudyRow
 from dicom_agent.web.context import FLAG_ORDER, AgentView, agent_of, render
 
 NAV: tuple[str, str] | None = None
@@ -108,11 +108,13 @@ def _study_uid(request: Request) -> str:
     return str(uid)
 
 
-def _patient_identity(agent: AgentView, study_uid: str) -> dict[str, str] | None:
-    """Patient's Name and ID from the first stored instance, only when the config allows."""
+def _patient_identity(
+    agent: AgentView, instances: list[InstanceRow]
+) -> dict[str, str] | None:
+    """Patient's Name and ID from the first readable instance, only when the config allows."""
     if not agent.settings.web.show_patient_identity:
         return None
-    for instance in agent.db.instances_of_study(study_uid):
+    for instance in instances:
         try:
             ds = pydicom.dcmread(
                 instance.path, stop_before_pixels=True, specific_tags=["PatientName", "PatientID"]
@@ -181,6 +183,7 @@ def study_page(request: Request) -> Response:
         except OutputError:
             result = None
     jobs = agent.db.jobs_of_study(uid)
+    instances = agent.db.instances_of_study(uid)
     segments: list[Segment] = []
     draft_text = None
     if result is not None:
@@ -202,9 +205,9 @@ def study_page(request: Request) -> Response:
         chosen=chosen, segments=segments, draft_text=draft_text, flags=flags, files=files,
         overlays=overlays, timeline=_timeline(agent, study, jobs),
         legend=[(f"rgb{COLOURS[s]}", KEY_NAMES[s]) for s in BoxStyle],
-        instances=agent.db.instances_of_study(uid),
+        instances=instances,
         dead_jobs=[j for j in jobs if j.state == JobState.DEAD.value],
-        identity=_patient_identity(agent, uid),
+        identity=_patient_identity(agent, instances),
         message=request.query_params.get("msg"),
         can_resend=any(d.research for d in agent.settings.forward.destinations),
     )
