@@ -3,6 +3,7 @@
 Five solid pictures (three bright, two dark: the ``fake`` stand-in answers a left pneumothorax
 and a right effusion on a bright image, no finding on a dark one) and ``truth.jsonl`` with one
 boxed case, one labelled draft case and two labels the stand-in gets wrong. Research use only.
+``tests/dicom_agent/commands/test_eval_cli.py`` runs it and checks the rows the docs quote.
 
     .venv/bin/python -m benchmarks.eval_example /tmp/eval-example
     .venv/bin/cxr-agent eval --images /tmp/eval-example --truth /tmp/eval-example/truth.jsonl \\
