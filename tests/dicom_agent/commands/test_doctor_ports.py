@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import socket
-from pathlib import Path
 
 import pytest
 from typer.testing import CliRunner
@@ -15,9 +14,7 @@ runner = CliRunner()
 
 
 @pytest.fixture(autouse=True)
-def _isolated(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
-    monkeypatch.chdir(tmp_path)
-    monkeypatch.delenv("CXR_AGENT_CONFIG", raising=False)
+def _fake_profile(isolated_cli: None, monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setenv("CXR_AGENT__GROUNDING__PROFILE", "fake")
 
 
