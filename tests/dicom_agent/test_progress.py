@@ -3,9 +3,7 @@
 from __future__ import annotations
 
 import io
-from pathlib import Path
 
-import pytest
 from rich.console import Console
 
 from cxr_auditor.schema import AuditResult
@@ -97,26 +95,3 @@ def test_result_rows_show_every_flag_kind() -> None:
     rows = dict(result_rows(_fake_audit().model_copy(update={"flags": every})))
     assert {k for k in rows if k.startswith("flags ")} == {f"flags {k.value}" for k in FlagKind}
     assert next(k for k in rows if k.startswith("flags ")) == "flags urgent"
-
-
-def test_audit_command_ends_with_its_summary_table(
-    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
-) -> None:
-    import json
-
-    from typer.testing import CliRunner
-
-    from dicom_agent.cli import app
-    from tests.support.tinymodels import solid_image
-
-    monkeypatch.chdir(tmp_path)  # relative default folders stay in the test's folder
-    for key in ("CXR_AGENT_CONFIG", "CXR_AGENT__PATHS__PROFILES", "CXR_AGENT__GROUNDING__PROFILE"):
-        monkeypatch.delenv(key, raising=False)
-    picture = tmp_path / "white.png"
-    solid_image(255).save(picture)
-    result = CliRunner().invoke(app, ["audit", str(picture), "--profile", "fake", "--draft",
-                                      "No pneumothorax."])
-    assert result.exit_code == 0, result.output
-    assert json.loads(result.stdout)["grounding"]["state"] == "ok"  # stdout stays JSON only
-    assert "audit (fake)" in result.stderr and "images audited" in result.stderr
-    assert "flags urgent" in result.stderr and "Research use only" in result.stderr

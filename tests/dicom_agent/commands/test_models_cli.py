@@ -73,6 +73,14 @@ class TestAudit:
             {"image_id": lateral.SOPInstanceUID, "reason": "lateral_view"}
         ]
 
+    def test_ends_with_its_summary_table_on_stderr(self, tmp_path: Path) -> None:
+        result = runner.invoke(app, ["audit", str(_png(tmp_path, 255, "white.png")),
+                                     "--profile", "fake", "--draft", "No pneumothorax."])
+        assert result.exit_code == 0, result.output
+        assert json.loads(result.stdout)["grounding"]["state"] == "ok"  # stdout stays JSON only
+        assert "audit (fake)" in result.stderr and "images audited" in result.stderr
+        assert "flags urgent" in result.stderr and "Research use only" in result.stderr
+
     def test_draft_file_is_hashed_and_named(self, tmp_path: Path) -> None:
         draft = tmp_path / "draft.txt"
         draft.write_text("No acute cardiopulmonary abnormality.\n")
