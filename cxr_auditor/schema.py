@@ -147,6 +147,13 @@ class FlagKind(StrEnum):
     LATERALITY = "laterality"
 
 
+#: The order flags are shown in (badges, summaries): URGENT first, then every other kind in
+#: declaration order, so a kind added here is shown everywhere without another list to update.
+FLAG_ORDER: tuple[FlagKind, ...] = (
+    FlagKind.URGENT, *(kind for kind in FlagKind if kind is not FlagKind.URGENT)
+)
+
+
 class Flag(_Model):
     """One comparator flag. ``denied`` only on MISSING, ``missed`` only on URGENT."""
 

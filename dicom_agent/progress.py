@@ -34,7 +34,7 @@ from rich.progress import (
 )
 from rich.table import Table
 
-from cxr_auditor.schema import AuditResult, FlagKind
+from cxr_auditor.schema import FLAG_ORDER, AuditResult
 
 __all__ = [
     "PIPE_WIDTH",
@@ -135,9 +135,7 @@ def result_rows(result: AuditResult) -> list[tuple[str, object]]:
         ("findings", ", ".join(sorted({f.label.value for f in result.grounding.findings})) or "-"),
         ("mode", result.mode.value),
     ]
-    # URGENT first, then every other kind the schema has, so a new kind cannot go unshown.
-    kinds = [FlagKind.URGENT, *(k for k in FlagKind if k is not FlagKind.URGENT)]
-    rows += [(f"flags {kind.value}", flags[kind.value]) for kind in kinds if flags[kind.value]]
+    rows += [(f"flags {kind.value}", flags[kind.value]) for kind in FLAG_ORDER if flags[kind.value]]
     rows += [(f"time {stage.removesuffix('_ms')}", f"{ms:.0f} ms")
              for stage, ms in result.timings.items()]
     return rows

@@ -32,13 +32,13 @@ from starlette.routing import Route
 
 from cxr_auditor.errors import CxrAuditError
 from cxr_auditor.render import render_overlay
-from cxr_auditor.schema import AuditResult, StudyKeys
+from cxr_auditor.schema import FLAG_ORDER, AuditResult, StudyKeys
 from dicom_agent.conformance import is_valid_uid
 from dicom_agent.errors import AgentError
 from dicom_agent.files import atomic_write_text
 from dicom_agent.prepare import Draft, instances_from_files, prepare_study
 from dicom_agent.state import InstanceRow
-from dicom_agent.web.context import FLAG_ORDER, AgentView, agent_of, render
+from dicom_agent.web.context import AgentView, agent_of, render
 from dicom_agent.web.study import draft_segments
 
 NAV: tuple[str, str] | None = ("Audit one image", "/audit")

@@ -12,7 +12,7 @@ from starlette.requests import Request
 from starlette.responses import HTMLResponse
 
 from cxr_auditor.render import BANNER_TEXT
-from cxr_auditor.schema import AuditResult, FlagKind
+from cxr_auditor.schema import FLAG_ORDER, AuditResult
 from dicom_agent.config import AgentSettings
 from dicom_agent.errors import OutputError
 from dicom_agent.outputs.layout import SIDECAR_NAME, read_result, study_dir
@@ -25,11 +25,6 @@ if TYPE_CHECKING:
 
 TEMPLATES = Path(__file__).resolve().parent / "templates"
 
-#: Flag kinds in the order their badges are shown: URGENT first, then every other kind the
-#: schema has (the order of the command line's summary), so a new kind is shown, not a crash.
-FLAG_ORDER: tuple[FlagKind, ...] = (
-    FlagKind.URGENT, *(kind for kind in FlagKind if kind is not FlagKind.URGENT)
-)
 
 
 class AgentView(Protocol):

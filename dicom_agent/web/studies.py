@@ -17,9 +17,9 @@ from starlette.requests import Request
 from starlette.responses import Response
 from starlette.routing import Route
 
+from cxr_auditor.schema import FLAG_ORDER
 from dicom_agent.state import DraftState, StateDB, StudyRow, StudyState
 from dicom_agent.web.context import (
-    FLAG_ORDER,
     agent_of,
     flag_counts,
     latest_result,

@@ -28,7 +28,7 @@ from starlette.responses import FileResponse, RedirectResponse, Response
 from starlette.routing import Route
 
 from cxr_auditor.render import COLOURS, KEY_NAMES, BoxStyle
-from cxr_auditor.schema import AuditResult
+from cxr_auditor.schema import FLAG_ORDER, AuditResult
 from dicom_agent.conformance import is_valid_uid
 from dicom_agent.errors import AgentError, OutputError, StateError
 from dicom_agent.forward import queue_resend
@@ -41,7 +41,7 @@ from dicom_agent.outputs.layout import (
 )
 from dicom_agent.scheduler import reaudit_study
 from dicom_agent.state import InstanceRow, JobKind, JobRow, JobState, StudyRow
-from dicom_agent.web.context import FLAG_ORDER, AgentView, agent_of, render
+from dicom_agent.web.context import AgentView, agent_of, render
 
 NAV: tuple[str, str] | None = None
 
