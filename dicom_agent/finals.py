@@ -80,6 +80,8 @@ class FinalsReader(DraftReader):
     noun = "final report"
     accepted_event = Event.FINAL_ACCEPTED
     duplicate_event = Event.FINAL_DUPLICATE
+    rejected_event = Event.FINAL_REJECTED
+    retry_event = Event.FINAL_RETRY
 
     def __init__(
         self, settings: AgentSettings, db: StateDB, metrics: Metrics | None = None

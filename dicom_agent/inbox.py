@@ -178,6 +178,8 @@ class DraftReader:
     noun = "draft"
     accepted_event = Event.DRAFT_ACCEPTED
     duplicate_event = Event.DRAFT_DUPLICATE
+    rejected_event = Event.DRAFT_REJECTED
+    retry_event = Event.DRAFT_RETRY
 
     def __init__(self, settings: AgentSettings, db: StateDB, metrics: Metrics | None = None):
         self.folder = settings.paths.drafts
@@ -234,7 +236,7 @@ class DraftReader:
             self._seen.pop(path.name, None)
             report.retried += 1
             log.info("%s changed while read; retrying", self.noun,
-                     extra=event(event=Event.DRAFT_RETRY))
+                     extra=event(event=self.retry_event))
             self._count("retried")
             return
         except OSError as exc:  # the message would name the file, i.e. the accession number
@@ -366,7 +368,7 @@ class DraftReader:
         self._count(f"rejected_{rej.code}")
         log.warning(
             "%s rejected (%s)", self.noun, rej.code,
-            extra=event(event=Event.DRAFT_REJECTED, reason=rej.code),
+            extra=event(event=self.rejected_event, reason=rej.code),
         )
 
     def _count(self, outcome: str) -> None:

@@ -65,6 +65,8 @@ class Event(StrEnum):
     SCHEDULER_ERROR = "scheduler.error"
     FINAL_ACCEPTED = "final.accepted"
     FINAL_DUPLICATE = "final.duplicate"
+    FINAL_REJECTED = "final.rejected"
+    FINAL_RETRY = "final.retry"
     FINAL_COMPARED = "final.compared"
 
 

@@ -5,6 +5,7 @@ agreement rows, the running window and its gauges, with audits run through the r
 from __future__ import annotations
 
 import json
+import logging
 from pathlib import Path
 
 import pytest
@@ -158,7 +159,10 @@ def test_amended_final_replaces_the_study_rows(settings: AgentSettings) -> None:
     assert not next(r for r in rows if r.label == "pneumothorax").final_present
 
 
-def test_identical_final_is_a_duplicate_and_bad_one_rejected(settings: AgentSettings) -> None:
+def test_identical_final_is_a_duplicate_and_bad_one_rejected(
+    settings: AgentSettings, caplog: pytest.LogCaptureFixture
+) -> None:
+    caplog.set_level(logging.INFO, logger="dicom_agent")
     monitor, db, metrics = _monitor(settings)
     for name, text in [(f"{ACCESSION}.txt", "Cardiomegaly."), ("bad name!.txt", "x")]:
         _drop(settings.paths.finals, name, text)
@@ -172,6 +176,8 @@ def test_identical_final_is_a_duplicate_and_bad_one_rejected(settings: AgentSett
     text = metrics.render().decode()
     assert 'cxr_agent_finals_total{outcome="duplicate"} 1.0' in text
     assert 'cxr_agent_finals_total{outcome="rejected_bad_name"} 1.0' in text
+    events = {getattr(r, "event", None) for r in caplog.records}
+    assert "final.rejected" in events and "draft.rejected" not in events
 
 
 def test_accession_held_by_two_studies_is_not_compared(settings: AgentSettings) -> None:
