@@ -40,7 +40,7 @@ from dicom_agent.pixels import (
     to_model_input,
 )
 from dicom_agent.routing import ProfileRoutes, route_study
-from dicom_agent.state import InstanceRow, InstanceState
+from dicom_agent.state import DraftRow, InstanceRow, InstanceState, StudyRow
 
 log = logging.getLogger(__name__)
 
@@ -57,6 +57,18 @@ class Draft:
 
     def __repr__(self) -> str:  # the text and file name can carry PHI
         return f"Draft(text={self.text is not None}, [secure])"
+
+    @classmethod
+    def of(cls, row: DraftRow | None) -> Draft | None:
+        """The stored draft a study is paired with (None: no draft)."""
+        return cls(row.text, row.file_name, row.sha256) if row is not None else None
+
+
+def stored_study_keys(study_uid: str, study: StudyRow | None) -> StudyKeys:
+    """The keys of a study the agent stored (accession number from its row, when it has one)."""
+    return StudyKeys(
+        study_instance_uid=study_uid, accession_number=study.accession_number if study else None
+    )
 
 
 @dataclass

@@ -26,7 +26,7 @@ from pathlib import Path
 from cxr_auditor.errors import CxrAuditError
 from cxr_auditor.eval.diff import DiffSummary
 from cxr_auditor.profiles import Profile
-from cxr_auditor.schema import DISCLAIMER, AuditResult, StudyKeys
+from cxr_auditor.schema import DISCLAIMER, AuditResult
 from dicom_agent.config import AgentSettings
 from dicom_agent.conformance import is_valid_uid
 from dicom_agent.errors import OutputError
@@ -39,6 +39,7 @@ from dicom_agent.prepare import (
     configured_for,
     prepare_study,
     profile_routes,
+    stored_study_keys,
 )
 from dicom_agent.registry import AuditRunner
 from dicom_agent.routing import ProfileRoutes
@@ -89,10 +90,10 @@ def _prepare(
     return prepare_study(
         instances,
         settings,
-        study=StudyKeys(study_instance_uid=uid, accession_number=study.accession_number),
+        study=stored_study_keys(uid, study),
         routes=routes,
         fallback_profile=profile,
-        draft=Draft(draft.text, draft.file_name, draft.sha256) if draft else None,
+        draft=Draft.of(draft),
         log_fields={"study": study_ref(uid)},
     )
 

@@ -35,13 +35,19 @@ from dataclasses import dataclass, field
 from typing import Any, TypeVar
 
 from cxr_auditor.errors import ModelUnavailable
-from cxr_auditor.schema import AuditResult, StudyKeys
+from cxr_auditor.schema import AuditResult
 from dicom_agent import forward
 from dicom_agent.config import AgentSettings
 from dicom_agent.observe import Event, Metrics, event, study_ref
 from dicom_agent.outputs.layout import free_version, objects_to_send, study_dir
 from dicom_agent.outputs.writer import write_outputs
-from dicom_agent.prepare import Draft, PreparedStudy, prepare_study, profile_routes
+from dicom_agent.prepare import (
+    Draft,
+    PreparedStudy,
+    prepare_study,
+    profile_routes,
+    stored_study_keys,
+)
 from dicom_agent.registry import AuditRunner, Models
 from dicom_agent.routing import ProfileRoutes
 from dicom_agent.state import JobRow, JobState, StateDB
@@ -258,11 +264,8 @@ class Worker:
             prep.study = prepare_study(
                 self.db.instances_of_study(uid),
                 self.settings,
-                study=StudyKeys(
-                    study_instance_uid=uid,
-                    accession_number=study.accession_number if study else None,
-                ),
-                draft=Draft(draft.text, draft.file_name, draft.sha256) if draft else None,
+                study=stored_study_keys(uid, study),
+                draft=Draft.of(draft),
                 result_version=job.result_version or 1,
                 routes=routes,
                 log_fields={"job_id": job.id, "study": study_ref(uid)},
