@@ -19,7 +19,6 @@ import json
 import os
 import shutil
 import signal
-import socket
 import subprocess
 import sys
 import time
@@ -36,6 +35,7 @@ from pydicom.uid import ExplicitVRLittleEndian, generate_uid
 from dicom_agent import conformance as dc
 from dicom_agent.errors import AgentError
 from dicom_agent.files import atomic_write_text
+from dicom_agent.ports import free_loopback_port
 
 #: Written into a demo folder; only a folder holding it is ever cleared by the next demo.
 MARKER = ".cxr-agent-demo"
@@ -151,17 +151,10 @@ def study_images(case: DemoCase) -> list[Dataset]:
 # -- the agent ------------------------------------------------------------------------------
 
 
-def _free_port() -> int:
-    """A loopback port free now (the agent binds it a moment later, before any other work)."""
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
-
-
 def demo_config(folder: Path) -> dict[str, Any]:
     """The demo agent's settings: everything under ``folder``, free ports, short waits."""
     return {
-        "scp": {"ae_title": AGENT_AET, "host": "127.0.0.1", "port": _free_port(),
+        "scp": {"ae_title": AGENT_AET, "host": "127.0.0.1", "port": free_loopback_port(),
                 "allowed_calling_aets": [DEMO_AET]},
         "paths": {name: str(folder / name) for name in ("spool", "drafts", "out", "quarantine")}
         | {"state": str(folder / "state" / "agent.sqlite3")},
@@ -169,7 +162,7 @@ def demo_config(folder: Path) -> dict[str, Any]:
                     "poll_seconds": 0.5},
         "drafts": {"stable_seconds": 0.5, "poll_seconds": 0.5},
         "grounding": {"profile": "fake"},
-        "health": {"enabled": True, "host": "127.0.0.1", "port": _free_port()},
+        "health": {"enabled": True, "host": "127.0.0.1", "port": free_loopback_port()},
         "logging": {"level": "INFO"},
     }
 

@@ -30,3 +30,10 @@ def bind_tcp(host: str, port: int, *, reuse_port: bool = False) -> socket.socket
         sock.close()
         raise
     return sock
+
+
+def free_loopback_port() -> int:
+    """A TCP port free on loopback now; whoever binds it next should do so at once."""
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])

@@ -3,13 +3,13 @@
 from __future__ import annotations
 
 import os
-import socket
 from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
 
 from dicom_agent.config import AgentSettings, load_settings
+from dicom_agent.ports import free_loopback_port
 
 if os.environ.get("PYTEST_XDIST_WORKER"):
     # One torch/OpenMP thread per xdist worker (set before anything imports torch): with one
@@ -20,9 +20,7 @@ if os.environ.get("PYTEST_XDIST_WORKER"):
 
 def free_port() -> int:
     """A free TCP port on loopback (each xdist worker asks the OS, so no collisions)."""
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
+    return free_loopback_port()
 
 
 def var_paths(var: Path) -> dict[str, Path]:
