@@ -49,6 +49,15 @@ def version_dir(study_dir: Path, result_version: int) -> Path:
     return study_dir / f"v{result_version}"
 
 
+def version_numbers(study_dir: Path) -> list[int]:
+    """The result versions that have a folder (``v<N>``) under ``study_dir``, ascending."""
+    if not study_dir.is_dir():
+        return []
+    return sorted(
+        int(p.name[1:]) for p in study_dir.iterdir() if p.name[1:].isdigit() and p.name[0] == "v"
+    )
+
+
 def object_file_name(kind: str) -> str:
     """File name of an output kind: ``sr`` → ``sr.dcm``, ``gsps:0`` → ``gsps-0.dcm``."""
     base, _, index = kind.partition(":")
@@ -90,8 +99,9 @@ def free_version(
     """
     if not _holds_other_audit(study_dir, result):
         return result
-    taken = [int(p.name[1:]) for p in study_dir.glob("v*") if p.name[1:].isdigit()]
-    return result.model_copy(update={"result_version": renumber(max(taken) + 1)})
+    return result.model_copy(
+        update={"result_version": renumber(max(version_numbers(study_dir)) + 1)}
+    )
 
 
 def previous_sr(study_dir: Path, result_version: int) -> Dataset | None:

@@ -13,7 +13,6 @@ queueing a new audit.
 from __future__ import annotations
 
 import json
-import re
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -38,6 +37,7 @@ from dicom_agent.outputs.layout import (
     read_result,
     study_dir,
     version_dir,
+    version_numbers,
 )
 from dicom_agent.scheduler import reaudit_study
 from dicom_agent.state import InstanceRow, JobKind, JobRow, JobState, StudyRow
@@ -45,7 +45,6 @@ from dicom_agent.web.context import AgentView, agent_of, render
 
 NAV: tuple[str, str] | None = None
 
-_VERSION_DIR = re.compile(r"^v(\d+)$")
 
 
 @dataclass(frozen=True)
@@ -92,13 +91,10 @@ def draft_segments(text: str, result: AuditResult) -> list[Segment]:
 
 def versions(folder: Path) -> list[int]:
     """Result versions with a sidecar in the study folder, newest first."""
-    found = []
-    if folder.is_dir():
-        for child in folder.iterdir():
-            match = _VERSION_DIR.match(child.name)
-            if match and (child / SIDECAR_NAME).is_file():
-                found.append(int(match.group(1)))
-    return sorted(found, reverse=True)
+    return [
+        n for n in reversed(version_numbers(folder))
+        if (version_dir(folder, n) / SIDECAR_NAME).is_file()
+    ]
 
 
 def _study_uid(request: Request) -> str:
